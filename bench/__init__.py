@@ -1,0 +1,1 @@
+"""fastlayers.bench: benchmark suites, FLOP counts, the machine's peak, the CLI."""

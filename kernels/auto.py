@@ -1,0 +1,31 @@
+"""The auto-dispatch table: which implementation ``implementation=None`` runs.
+
+One row per kernel, keyed by ``(platform, dtype name)`` (``"*"`` matches any dtype),
+each an ordered tuple: auto takes the first entry that supports the call. Platforms
+are ``fastlayers.kernels.dispatch.PLATFORMS``. The figures beside each row are
+GFLOP/s from ``fastlayers bench`` on the machine named; rerun it to check yours.
+
+Why CPU rows differ by platform: TensorFlow runs its CPU matmuls on Eigen unless
+oneDNN is on (the default only on CPUs with AVX512-VNNI/BF16 or AMX;
+``TF_ENABLE_ONEDNN_OPTS=1`` elsewhere). XLA's CPU dot beats Eigen's, and only a
+CPU with bfloat16 instructions makes bfloat16 faster than float32.
+
+GPU rows are not measured here (no GPU on the machines this table was made on);
+they follow TensorFlow's own fused matmul + bias + activation kernels (cuBLASLt
+epilogues, grappler's remapper), which the graph path reaches.
+"""
+
+AUTO = {
+    "dense": {
+        # 2-core AMD EPYC (Zen 3, AVX2), TF 2.21, Dense(4096, relu) on 4096x1024:
+        # Eigen graph 86 (float32) / 80 (bfloat16); XLA 143-151 / 141-160.
+        ("cpu", "*"): ("xla", "graph", "reference"),
+        # same machine with oneDNN on: float32 graph 170, XLA 161-169; bfloat16 has
+        # no instructions here, so graph casts operands to float32 (see the bench).
+        ("cpu-onednn", "*"): ("graph", "xla", "reference"),
+        # AVX-512 BF16 EPYC: float32 graph ~200 vs XLA ~160; bfloat16 graph ~400 vs
+        # XLA ~170 (XLA upcasts bfloat16 dots to float32 on CPU).
+        ("cpu-onednn-bf16", "*"): ("graph", "xla", "reference"),
+        ("gpu", "*"): ("graph", "xla", "reference"),
+    },
+}

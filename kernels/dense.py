@@ -1,0 +1,116 @@
+"""Dense: ``activation(x · kernel + bias)``.
+
+Shape letters: ``x [..., K]``, ``kernel [K, N]``, ``bias [N]``, output ``[..., N]``;
+``M`` is the product of the leading axes of ``x`` (the rows of the matmul).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from fastlayers.kernels import dispatch
+from fastlayers.kernels.auto import AUTO
+from fastlayers.kernels.precision import accumulation_dtype, check_floating
+
+
+def dense_reference(x, kernel, bias=None, *, activation=None):
+    """The spec: contract in the accumulation dtype, add bias, activate, cast back."""
+    acc = accumulation_dtype(x.dtype)
+    y = tf.tensordot(tf.cast(x, acc), tf.cast(kernel, acc), axes=1)  # [..., K]·[K, N]
+    if bias is not None:
+        y = y + tf.cast(bias, acc)
+    if activation is not None:
+        y = activation(y)
+    return tf.cast(y, x.dtype)
+
+
+def _acts_on_last_axis_only(activation) -> bool:
+    # Keras's built-in activations are elementwise or act on the last axis (softmax),
+    # so they may run on the [M, N] matmul output, where grappler fuses them into the
+    # matmul's epilogue. A user's function may look at other axes: it gets [..., N].
+    return getattr(activation, "__module__", "").startswith("keras.")
+
+
+def dense_compiled(x, kernel, bias=None, *, activation=None):
+    """The graph/XLA algorithm: one 2-D MatMul → BiasAdd → activation chain.
+
+    That chain is the pattern grappler's remapper fuses into a single ``_FusedMatMul``
+    (oneDNN on CPU, cuBLASLt on GPU), and XLA fuses the epilogue into one loop.
+    Float16/bfloat16 operands are cast to float32 first unless the platform's matmul
+    accumulates them in float32 natively.
+    """
+    native = dispatch.native_low_precision_matmul(dispatch.platform_of(x), x.dtype)
+    operand_dtype = x.dtype if native else accumulation_dtype(x.dtype)
+    features, units = kernel.shape
+    rank = x.shape.rank
+    rows = x if rank == 2 else tf.reshape(x, [-1, features])  # [M, K]
+    y = tf.matmul(tf.cast(rows, operand_dtype), tf.cast(kernel, operand_dtype))
+    if bias is not None:
+        y = tf.nn.bias_add(y, tf.cast(bias, operand_dtype))
+    fuse_activation = activation is not None and _acts_on_last_axis_only(activation)
+    if fuse_activation:
+        y = activation(y)
+    if rank != 2:
+        y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [units]], axis=0))
+        y.set_shape(x.shape[:-1].concatenate([units]))
+    if activation is not None and not fuse_activation:
+        y = activation(y)
+    return tf.cast(y, x.dtype)
+
+
+DENSE = dispatch.Kernel(
+    "dense", dense_reference, dense_compiled, auto=AUTO["dense"]
+)
+
+
+def _check_dense_inputs(x, kernel, bias):
+    dtype = check_floating("x", x)
+    if x.shape.rank is not None and x.shape.rank < 2:
+        raise ValueError(
+            "`x` must have rank 2 or more ([..., K]). "
+            f"Received: x.shape={tuple(x.shape)}"
+        )
+    if kernel.shape.rank != 2:
+        raise ValueError(
+            f"`kernel` must have rank 2 ([K, N]). Received: kernel.shape={tuple(kernel.shape)}"
+        )
+    features = x.shape[-1]
+    if features is not None and kernel.shape[0] is not None and features != kernel.shape[0]:
+        raise ValueError(
+            f"The last axis of `x` ({features}) must equal the first axis of `kernel` "
+            f"({kernel.shape[0]}). Received: x.shape={tuple(x.shape)}, "
+            f"kernel.shape={tuple(kernel.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (kernel.shape[1],):
+        raise ValueError(
+            f"`bias` must have shape ({kernel.shape[1]},), one value per unit. "
+            f"Received: bias.shape={tuple(bias.shape)}"
+        )
+    for name, t in (("kernel", kernel), ("bias", bias)):
+        if t is not None and t.dtype != dtype:
+            raise TypeError(
+                f"`{name}` must have the dtype of `x` ({dtype.name}). "
+                f"Received: {name}.dtype={t.dtype.name}"
+            )
+
+
+def dense(x, kernel, bias=None, *, activation=None, implementation=None):
+    """``activation(x · kernel + bias)`` with float32 accumulation.
+
+    Args:
+        x: ``[..., K]`` floating tensor.
+        kernel: ``[K, N]`` tensor of the dtype of ``x``.
+        bias: optional ``[N]`` tensor of the dtype of ``x``.
+        activation: optional callable applied to the pre-activation.
+        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
+
+    Returns:
+        ``[..., N]`` tensor of the dtype of ``x``.
+    """
+    dispatch.check_implementation(implementation)
+    x = tf.convert_to_tensor(x)
+    kernel = tf.convert_to_tensor(kernel)
+    bias = None if bias is None else tf.convert_to_tensor(bias)
+    _check_dense_inputs(x, kernel, bias)
+    chosen = DENSE.select(implementation, platform=dispatch.platform_of(x), dtype=x.dtype)
+    return DENSE.run(chosen, x, kernel, bias, activation=activation)

@@ -1,0 +1,184 @@
+"""Implementation dispatch shared by every fastlayers kernel.
+
+A kernel has one eager **reference** implementation (plain TF ops, the spec) and one
+compiled algorithm that runs two ways: ``"graph"`` (``tf.function``; grappler and
+oneDNN fusions on CPU) and ``"xla"`` (``tf.function(jit_compile=True)``).
+``implementation=None`` (auto) takes the first implementation from the kernel's row
+of the auto table (``fastlayers.kernels.auto``) that supports the call.
+
+An implementation that cannot take a call says why, as a list of readable reasons.
+An explicit request that cannot run raises a ValueError naming those reasons; only
+auto moves on to the next entry of its row, and never past the end of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import tensorflow as tf
+
+IMPLEMENTATIONS = ("reference", "graph", "xla")
+
+# Platforms the auto table distinguishes. On CPU the choice depends on which
+# matmul library TensorFlow runs: Eigen (TF's default on CPUs without
+# AVX512-VNNI/BF16/AMX), oneDNN, or oneDNN on a CPU with native bfloat16 dot products.
+PLATFORMS = ("cpu", "cpu-onednn", "cpu-onednn-bf16", "gpu")
+
+
+def check_implementation(implementation):
+    """Returns ``implementation`` if it names an implementation or is None; else raises."""
+    if implementation is None or implementation in IMPLEMENTATIONS:
+        return implementation
+    choices = ", ".join(["None"] + [repr(name) for name in IMPLEMENTATIONS])
+    raise ValueError(
+        "Received an invalid value for `implementation`, expected one of "
+        f"{choices}. Received: implementation={implementation!r}"
+    )
+
+
+def onednn_enabled() -> bool:
+    """Whether TensorFlow's oneDNN CPU kernels are on in this process."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:  # the private module moved: fall back on TF's documented switch
+        return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "0").lower() in ("1", "true")
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether the CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        return False
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_platform() -> str:
+    """The auto-table platform name of this process's CPU (fixed once TF is loaded)."""
+    if not onednn_enabled():
+        return "cpu"
+    return "cpu-onednn-bf16" if cpu_has_native_bfloat16() else "cpu-onednn"
+
+
+def platform_of(x) -> str:
+    """The platform a tensor's computation runs on: a ``PLATFORMS`` entry."""
+    device = getattr(x, "device", "") or ""
+    if device:
+        device_type = tf.DeviceSpec.from_string(device).device_type
+    else:  # a symbolic tensor not yet placed: TF places it on a GPU when one is visible
+        device_type = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+    return "gpu" if device_type == "GPU" else cpu_platform()
+
+
+def native_low_precision_matmul(platform: str, dtype: tf.DType) -> bool:
+    """Whether a float16/bfloat16 matmul on ``platform`` already accumulates in float32.
+
+    cuBLAS accumulates half-precision products in float32, and so does oneDNN's
+    bfloat16 matmul where the CPU has bfloat16 instructions. Elsewhere the compiled
+    paths cast operands to float32 themselves, which on these CPUs is also faster.
+    """
+    if platform == "gpu":
+        return dtype in (tf.float16, tf.bfloat16)
+    return platform == "cpu-onednn-bf16" and dtype == tf.bfloat16
+
+
+class Kernel:
+    """One kernel: its reference, its compiled algorithm, and its dispatch rules.
+
+    Args:
+        name: short name, used in errors, the auto table and profiler scopes
+            (``fastlayers/<name>/<implementation>``).
+        reference: the eager spec, ``reference(*tensors, **options)``.
+        compiled: the algorithm run by ``"graph"`` and ``"xla"``, with the same
+            signature; defaults to ``reference``.
+        auto: the auto table's row: a mapping from ``(platform, dtype name)`` to an
+            ordered tuple of implementations; ``(platform, "*")`` matches any dtype.
+        not_supported_reasons: optional
+            ``fn(implementation, platform=..., dtype=..., **options) -> list[str]``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        reference: Callable,
+        compiled: Callable | None = None,
+        *,
+        auto: dict[tuple[str, str], Sequence[str]],
+        not_supported_reasons: Callable[..., list[str]] | None = None,
+    ):
+        self.name = name
+        self.reference = reference
+        self.compiled = compiled or reference
+        self.auto = dict(auto)
+        self._reasons = not_supported_reasons
+        # reduce_retracing: a second input shape traces a shape-generic graph instead
+        # of one graph per batch size. XLA still compiles one program per shape.
+        self._functions = {
+            "graph": tf.function(self.compiled, reduce_retracing=True),
+            "xla": tf.function(self.compiled, jit_compile=True, reduce_retracing=True),
+        }
+
+    def candidates(self, platform: str, dtype: tf.DType) -> tuple[str, ...]:
+        """The auto table's ordered preferences for this platform and dtype."""
+        for key in ((platform, dtype.name), (platform, "*")):
+            if key in self.auto:
+                return tuple(self.auto[key])
+        return IMPLEMENTATIONS[::-1]
+
+    def not_supported_reasons(self, implementation, *, platform, dtype, **options) -> list[str]:
+        """Why ``implementation`` cannot take this call; empty when it can."""
+        if self._reasons is None:
+            return []
+        return list(self._reasons(implementation, platform=platform, dtype=dtype, **options))
+
+    def select(self, implementation, *, platform: str, dtype: tf.DType, **options) -> str:
+        """Resolves ``implementation`` (None = auto) for one call, or raises ValueError."""
+        check_implementation(implementation)
+        if implementation is not None:
+            reasons = self.not_supported_reasons(
+                implementation, platform=platform, dtype=dtype, **options
+            )
+            if reasons:
+                raise ValueError(
+                    f"implementation={implementation!r} cannot run kernel {self.name!r} "
+                    f"for dtype {dtype.name} on {platform}: " + "; ".join(reasons)
+                )
+            return implementation
+        refused = []
+        for candidate in self.candidates(platform, dtype):
+            reasons = self.not_supported_reasons(
+                candidate, platform=platform, dtype=dtype, **options
+            )
+            if not reasons:
+                return candidate
+            refused.append(f"{candidate!r}: " + "; ".join(reasons))
+        raise ValueError(
+            f"No implementation of kernel {self.name!r} supports dtype {dtype.name} on "
+            f"{platform}. Refused: " + " | ".join(refused)
+        )
+
+    def run(self, implementation: str, *tensors, **options):
+        """Runs a resolved implementation under the profiler scope ``fastlayers/<name>/<impl>``."""
+        scope = f"fastlayers/{self.name}/{implementation}"
+        with tf.name_scope(scope):
+            if implementation == "reference":
+                return self.reference(*tensors, **options)
+            if implementation == "graph" and not tf.executing_eagerly():
+                # Already inside a graph: inline the ops so grappler fuses them with
+                # their neighbours; a nested function call would only be inlined later.
+                return self.compiled(*tensors, **options)
+            if tf.executing_eagerly():
+                with tf.profiler.experimental.Trace(scope):
+                    return self._functions[implementation](*tensors, **options)
+            return self._functions[implementation](*tensors, **options)
