@@ -41,7 +41,11 @@ def dense_compiled(x, kernel, bias=None, *, activation=None):
     """
     native = dispatch.native_low_precision_matmul(dispatch.platform_of(x), x.dtype)
     operand_dtype = x.dtype if native else accumulation_dtype(x.dtype)
-    features, units = kernel.shape
+    # reduce_retracing may relax static sizes to None: fall back on dynamic ones
+    features, units = (
+        static if static is not None else dynamic
+        for static, dynamic in zip(kernel.shape, tf.unstack(tf.shape(kernel)))
+    )
     rank = x.shape.rank
     rows = x if rank == 2 else tf.reshape(x, [-1, features])  # [M, K]
     y = tf.matmul(tf.cast(rows, operand_dtype), tf.cast(kernel, operand_dtype))
@@ -52,7 +56,7 @@ def dense_compiled(x, kernel, bias=None, *, activation=None):
         y = activation(y)
     if rank != 2:
         y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [units]], axis=0))
-        y.set_shape(x.shape[:-1].concatenate([units]))
+        y.set_shape(x.shape[:-1].concatenate([kernel.shape[1]]))
     if activation is not None and not fuse_activation:
         y = activation(y)
     return tf.cast(y, x.dtype)

@@ -123,10 +123,14 @@ class Kernel:
         self.auto = dict(auto)
         self._reasons = not_supported_reasons
         # reduce_retracing: a second input shape traces a shape-generic graph instead
-        # of one graph per batch size. XLA still compiles one program per shape.
+        # of one graph per batch size (XLA still compiles one program per shape), so
+        # compiled code must not assume static sizes. Kernels write their control
+        # flow with explicit TF ops, so autograph has nothing to convert.
         self._functions = {
-            "graph": tf.function(self.compiled, reduce_retracing=True),
-            "xla": tf.function(self.compiled, jit_compile=True, reduce_retracing=True),
+            "graph": tf.function(self.compiled, reduce_retracing=True, autograph=False),
+            "xla": tf.function(
+                self.compiled, jit_compile=True, reduce_retracing=True, autograph=False
+            ),
         }
 
     def candidates(self, platform: str, dtype: tf.DType) -> tuple[str, ...]:

@@ -47,12 +47,6 @@ class Linear(FastLayer):
 
     def build(self, input_shape):
         input_dim = input_shape[-1]
-        if self.input_dim is not None and input_dim != self.input_dim:
-            raise ValueError(
-                f"Layer {self.name!r} was constructed with input_dim={self.input_dim}, "
-                f"but received an input whose last axis is {input_dim}. "
-                f"Received: input_shape={tuple(input_shape)}"
-            )
         self.w = self.add_weight(
             name="w", shape=(input_dim, self.units), initializer="random_normal"
         )
