@@ -15,6 +15,16 @@ they follow TensorFlow's own fused matmul + bias + activation kernels (cuBLASLt
 epilogues, grappler's remapper), which the graph path reaches.
 """
 
+# The row a user's kernel or CompiledLayer gets when it declares none: the dense
+# row's reasoning holds for any matmul-bound code (XLA beats Eigen; oneDNN and GPU
+# libraries beat XLA), and every path computes the same function.
+DEFAULT = {
+    ("cpu", "*"): ("xla", "graph", "reference"),
+    ("cpu-onednn", "*"): ("graph", "xla", "reference"),
+    ("cpu-onednn-bf16", "*"): ("graph", "xla", "reference"),
+    ("gpu", "*"): ("graph", "xla", "reference"),
+}
+
 AUTO = {
     "dense": {
         # 2-core AMD EPYC (Zen 3, AVX2), TF 2.21, Dense(4096, relu) on 4096x1024:

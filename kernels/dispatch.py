@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
+from fastlayers.kernels.auto import DEFAULT
+
 IMPLEMENTATIONS = ("reference", "graph", "xla")
 
 # Platforms the auto table distinguishes. On CPU the choice depends on which
@@ -106,6 +108,9 @@ class Kernel:
             ordered tuple of implementations; ``(platform, "*")`` matches any dtype.
         not_supported_reasons: optional
             ``fn(implementation, platform=..., dtype=..., **options) -> list[str]``.
+        upcast: run float16/bfloat16 calls in float32 and cast floating results
+            back, which gives a function written without care for precision the
+            float32 accumulation the precision contract asks for.
     """
 
     def __init__(
@@ -116,10 +121,11 @@ class Kernel:
         *,
         auto: dict[tuple[str, str], Sequence[str]],
         not_supported_reasons: Callable[..., list[str]] | None = None,
+        upcast: bool = False,
     ):
         self.name = name
-        self.reference = reference
-        self.compiled = compiled or reference
+        self.reference = _upcasting(reference) if upcast else reference
+        self.compiled = _upcasting(compiled or reference) if upcast else compiled or reference
         self.auto = dict(auto)
         self._reasons = not_supported_reasons
         # reduce_retracing: a second input shape traces a shape-generic graph instead
@@ -186,3 +192,92 @@ class Kernel:
                 with tf.profiler.experimental.Trace(scope):
                     return self._functions[implementation](*tensors, **options)
             return self._functions[implementation](*tensors, **options)
+
+    def __call__(self, *tensors, implementation=None, **options):
+        """Runs the kernel: the implementation is selected for the first floating tensor."""
+        check_implementation(implementation)
+        tensors = tf.nest.map_structure(_as_tensor, tensors)
+        leaders = [t for t in tf.nest.flatten(tensors) if isinstance(t, tf.Tensor) and t.dtype.is_floating]
+        if not leaders:
+            raise TypeError(
+                f"Kernel {self.name!r} needs at least one floating tensor argument. "
+                f"Received: {tensors!r}"
+            )
+        x = leaders[0]
+        chosen = self.select(implementation, platform=platform_of(x), dtype=x.dtype, **options)
+        return self.run(chosen, *tensors, **options)
+
+
+def _as_tensor(value):
+    if isinstance(value, (tf.Tensor, tf.Variable)) or hasattr(value, "__array__"):
+        return tf.convert_to_tensor(value)
+    return value
+
+
+def _cast_floating(structure, dtype):
+    return tf.nest.map_structure(
+        lambda t: tf.cast(t, dtype) if isinstance(t, tf.Tensor) and t.dtype.is_floating else t,
+        structure,
+    )
+
+
+def _upcasting(fn: Callable) -> Callable:
+    """``fn`` run in float32 when its first floating argument is float16/bfloat16."""
+
+    @functools.wraps(fn)
+    def upcast(*tensors, **options):
+        floating = [
+            t for t in tf.nest.flatten(tensors) if isinstance(t, tf.Tensor) and t.dtype.is_floating
+        ]
+        dtype = floating[0].dtype if floating else None
+        if dtype not in (tf.float16, tf.bfloat16):
+            return fn(*tensors, **options)
+        return _cast_floating(fn(*_cast_floating(tensors, tf.float32), **options), dtype)
+
+    return upcast
+
+
+def kernel(
+    name: str | None = None,
+    *,
+    compiled: Callable | None = None,
+    auto: dict[tuple[str, str], Sequence[str]] | None = None,
+    not_supported_reasons: Callable[..., list[str]] | None = None,
+    upcast: bool = False,
+):
+    """Declares a kernel from its reference function; the result dispatches like ours.
+
+    Example:
+
+    ```python
+    @fastlayers.kernels.kernel(upcast=True)
+    def scaled_tanh(x, scale=1.0):
+        return scale * tf.tanh(x)
+
+    y = scaled_tanh(x, scale=2.0, implementation="xla")
+    ```
+
+    Args:
+        name: the kernel's name in errors and profiler scopes (default: the
+            function's name).
+        compiled: a hand-written faster algorithm with the reference's signature,
+            run by ``"graph"`` and ``"xla"``; by default they compile the reference.
+        auto: the auto row, ``{(platform, dtype name or "*"): (implementation, ...)}``;
+            by default ``fastlayers.kernels.auto.DEFAULT``.
+        not_supported_reasons: ``fn(implementation, platform=, dtype=, **options)``
+            returning why an implementation cannot take a call.
+        upcast: run float16/bfloat16 calls in float32 (see ``Kernel``).
+    """
+    def declare(reference: Callable) -> Kernel:
+        declared = Kernel(
+            name or reference.__name__,
+            reference,
+            compiled,
+            auto=auto or DEFAULT,
+            not_supported_reasons=not_supported_reasons,
+            upcast=upcast,
+        )
+        functools.update_wrapper(declared, reference, updated=())
+        return declared
+
+    return declare

@@ -4,8 +4,8 @@ Write ``from fastlayers import layers`` and ``layers.Dense(64, activation="relu"
 exactly as with ``from keras import layers``.
 """
 
-from fastlayers.layers.base import FastLayer
+from fastlayers.layers.base import CompiledLayer, FastLayer
 from fastlayers.layers.dense import Dense
 from fastlayers.layers.linear import Linear
 
-__all__ = ["Dense", "FastLayer", "Linear"]
+__all__ = ["CompiledLayer", "Dense", "FastLayer", "Linear"]

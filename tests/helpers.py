@@ -1,24 +1,14 @@
-"""Names the test modules share (fixtures live in conftest.py)."""
+"""Names the test modules share (fixtures live in conftest.py).
 
-import ml_dtypes
-import numpy as np
+The dtype lists and checks are fastlayers.testing's, the ones users run too.
+"""
+
 import pytest
 import tensorflow as tf
 
-POLICIES = ("float32", "mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
-IMPLEMENTATIONS = (None, "reference", "graph", "xla")
-COMPILED = ("graph", "xla")
-NUMPY_DTYPES = {
-    "float16": np.float16,
-    "bfloat16": ml_dtypes.bfloat16,
-    "float32": np.float32,
-    "float64": np.float64,
-}
+from fastlayers.testing import COMPILED, IMPLEMENTATIONS, NUMPY_DTYPES, POLICIES, round_to
 
-
-def round_to(x, dtype):
-    """``x`` rounded to ``dtype`` and widened to float64, as a kernel receives it."""
-    return np.asarray(x).astype(NUMPY_DTYPES[tf.as_dtype(dtype).name]).astype(np.float64)
+__all__ = ["COMPILED", "DEVICES", "IMPLEMENTATIONS", "NUMPY_DTYPES", "POLICIES", "gpu_available", "round_to"]
 
 
 def gpu_available() -> bool:

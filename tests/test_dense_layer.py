@@ -3,10 +3,9 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from helpers import COMPILED, IMPLEMENTATIONS, round_to
+from helpers import IMPLEMENTATIONS, round_to
 
-from fastlayers import layers
+from fastlayers import layers, testing
 from fastlayers.kernels.precision import tolerance
 
 
@@ -113,33 +112,17 @@ def test_trains_in_a_functional_model(implementation, jit_compile, rng):
     assert np.all(model.layers[1].kernel.numpy() >= 0)  # the constraint was applied
 
 
-@pytest.mark.parametrize("implementation", COMPILED)
-def test_layer_gradients_match_the_reference(policy, implementation, rng):
-    x = tf.constant(rng.standard_normal((5, 8)), tf.float32)
-
-    def grads(impl):
-        keras.utils.set_random_seed(3)
-        layer = layers.Dense(4, activation="sigmoid", bias_initializer="random_normal",
-                             implementation=impl)
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(tf.cast(layer(x), tf.float32) ** 2)
-        return tape.gradient(loss, layer.trainable_weights)
-
-    for actual, expected in zip(grads(implementation), grads("reference")):
-        tolerance(policy.compute_dtype, grad=True).check(actual, expected)
+def test_layer_gradients_match_the_reference(rng):
+    testing.assert_gradients_match_reference(
+        lambda **kw: layers.Dense(4, activation="sigmoid", bias_initializer="random_normal", **kw),
+        rng.standard_normal((5, 8)),
+    )
 
 
 def test_saves_and_loads_a_keras_file_in_safe_mode(tmp_path, rng):
-    inputs = keras.Input((3,))
-    outputs = layers.Dense(4, activation="relu", implementation="graph")(inputs)
-    model = keras.Model(inputs, outputs)
-    x = rng.standard_normal((2, 3)).astype("float32")
-    path = tmp_path / "dense.keras"
-    model.save(path)
-    loaded = keras.saving.load_model(path, safe_mode=True)
-    assert type(loaded.layers[1]) is layers.Dense
-    assert loaded.layers[1].implementation == "graph"
-    np.testing.assert_array_equal(loaded(x), model(x))
+    layer = layers.Dense(4, activation="relu", implementation="graph", kernel_regularizer="l2")
+    loaded = testing.assert_keras_round_trip(layer, rng.standard_normal((2, 3)), tmp_path)
+    assert loaded.layers[-1].implementation == "graph"
 
 
 @pytest.mark.parametrize(

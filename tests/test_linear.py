@@ -3,10 +3,8 @@
 import keras
 import numpy as np
 import pytest
-from helpers import IMPLEMENTATIONS, round_to
 
-from fastlayers import layers
-from fastlayers.kernels.precision import tolerance
+from fastlayers import layers, testing
 
 
 def test_the_tutorial_example():
@@ -25,15 +23,18 @@ def test_weights_are_created_on_first_call_without_input_dim():
     assert all(w.trainable for w in layer.weights)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_matches_numpy_under_every_policy(policy, implementation, rng):
-    layer = layers.Linear(5, implementation=implementation)
-    x = rng.standard_normal((3, 2, 4)).astype("float32")
-    y = layer(x)
-    compute = policy.compute_dtype
-    assert y.dtype == compute and layer.w.dtype == policy.variable_dtype
-    w, b = (round_to(v.numpy(), compute) for v in (layer.w, layer.b))
-    tolerance(compute).check(np.asarray(y, np.float64), np.tensordot(round_to(x, compute), w, 1) + b)
+def test_matches_numpy_under_every_policy_and_implementation(rng):
+    def oracle(x, weights):
+        w, b = weights
+        return np.tensordot(x, w, axes=1) + b
+
+    testing.assert_layer_matches(lambda **kw: layers.Linear(5, **kw), oracle,
+                                 rng.standard_normal((3, 2, 4)))
+
+
+def test_gradients_match_the_reference(rng):
+    testing.assert_gradients_match_reference(lambda **kw: layers.Linear(5, **kw),
+                                             rng.standard_normal((3, 4)))
 
 
 def test_input_dim_disagreeing_with_the_input():
@@ -53,18 +54,14 @@ def test_rank_one_input_is_refused():
         layers.Linear(2)(np.ones(3, "float32"))
 
 
-def test_config_output_shape_and_keras_file_round_trip(tmp_path, rng):
-    for layer in (layers.Linear(3, input_dim=4, implementation="xla"), layers.Linear(3)):
-        config = layer.get_config()
-        assert config["units"] == 3 and "implementation" in config
-        assert layers.Linear.from_config(config).get_config() == config
-        assert layer.compute_output_shape((None, 6, 4)) == (None, 6, 3)
-
-        model = keras.Sequential([keras.Input((4,)), layer])
-        x = rng.standard_normal((2, 4)).astype("float32")
-        model.save(tmp_path / "linear.keras")
-        loaded = keras.saving.load_model(tmp_path / "linear.keras", safe_mode=True)
-        np.testing.assert_array_equal(loaded(x), model(x))
+@pytest.mark.parametrize("input_dim", [4, None])
+def test_config_output_shape_and_keras_file_round_trip(input_dim, tmp_path, rng):
+    layer = layers.Linear(3, input_dim=input_dim, implementation="xla")
+    config = layer.get_config()
+    assert config["units"] == 3 and config["input_dim"] == input_dim
+    assert layers.Linear.from_config(config).get_config() == config
+    assert layer.compute_output_shape((None, 6, 4)) == (None, 6, 3)
+    testing.assert_keras_round_trip(layer, rng.standard_normal((2, 4)), tmp_path)
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])

@@ -1,0 +1,194 @@
+"""fastlayers.testing: the checks fastlayers' own tests run, for your layers and kernels.
+
+Every check compares against a numpy oracle you write in float64, using the one
+tolerance table (``fastlayers.kernels.precision.TOLERANCES``) keyed by the dtype the
+computation ran in, across implementations and Keras dtype policies.
+
+Example (in your own pytest suite):
+
+```python
+from fastlayers import testing
+
+def test_my_dense(tmp_path):
+    def oracle(x, weights):
+        kernel, bias = weights
+        return np.maximum(x @ kernel + bias, 0)
+
+    x = np.random.default_rng(0).standard_normal((4, 8))
+    testing.assert_layer_matches(lambda **kw: MyDense(3, "relu", **kw), oracle, x)
+    testing.assert_gradients_match_reference(lambda **kw: MyDense(3, "relu", **kw), x)
+    testing.assert_keras_round_trip(MyDense(3, "relu"), x, tmp_path)
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+
+import keras
+import ml_dtypes
+import numpy as np
+import tensorflow as tf
+
+from fastlayers.kernels.precision import tolerance
+
+POLICIES = ("float32", "mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
+IMPLEMENTATIONS = (None, "reference", "graph", "xla")
+COMPILED = ("graph", "xla")
+DTYPES = ("float16", "bfloat16", "float32")
+NUMPY_DTYPES = {
+    "float16": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+    "float32": np.float32,
+    "float64": np.float64,
+}
+
+__all__ = [
+    "COMPILED",
+    "DTYPES",
+    "IMPLEMENTATIONS",
+    "POLICIES",
+    "assert_gradients_match_reference",
+    "assert_kernel_matches",
+    "assert_keras_round_trip",
+    "assert_layer_matches",
+    "dtype_policy",
+    "round_to",
+]
+
+
+def round_to(x, dtype):
+    """``x`` rounded to ``dtype`` and widened to float64: what a kernel in ``dtype`` sees."""
+    return np.asarray(x).astype(NUMPY_DTYPES[tf.as_dtype(dtype).name]).astype(np.float64)
+
+
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Sets Keras's global dtype policy for a block, restoring the previous one after."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield keras.config.dtype_policy()
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _check(actual, expected, dtype, *, grad=False, what="output"):
+    actual_flat, expected_flat = tf.nest.flatten(actual), tf.nest.flatten(expected)
+    assert len(actual_flat) == len(expected_flat), (
+        f"{what}: {len(actual_flat)} results, the oracle gave {len(expected_flat)}"
+    )
+    for i, (a, e) in enumerate(zip(actual_flat, expected_flat)):
+        a = np.asarray(tf.cast(a, tf.float64) if isinstance(a, tf.Tensor) else a, np.float64)
+        assert a.shape == np.shape(e), f"{what}[{i}]: shape {a.shape}, oracle {np.shape(e)}"
+        tolerance(dtype, grad=grad).check(a, e, what=f"{what}[{i}]")
+
+
+def assert_kernel_matches(
+    kernel, oracle, *inputs, dtypes=DTYPES, implementations=IMPLEMENTATIONS, **options
+):
+    """Every implementation of ``kernel`` in every dtype equals ``oracle`` within tolerance.
+
+    Args:
+        kernel: a fastlayers kernel (built-in or from ``fastlayers.kernels.kernel``).
+        oracle: ``oracle(*inputs, **options)`` in numpy float64.
+        *inputs: numpy arrays; each is rounded to the dtype before both calls.
+        dtypes: dtypes to run in.
+        implementations: implementations to run.
+        **options: passed to the kernel and the oracle.
+    """
+    for dtype in dtypes:
+        rounded = [round_to(x, dtype) for x in inputs]
+        expected = oracle(*rounded, **options)
+        for implementation in implementations:
+            actual = kernel(
+                *[tf.constant(x, dtype) for x in rounded],
+                implementation=implementation,
+                **options,
+            )
+            _check(actual, expected, dtype, what=f"{dtype} implementation={implementation!r}")
+
+
+def assert_layer_matches(
+    make_layer, oracle, inputs, *, policies=POLICIES, implementations=IMPLEMENTATIONS
+):
+    """A layer equals its numpy oracle under every policy and implementation.
+
+    Args:
+        make_layer: ``make_layer(implementation=...)`` returns a new layer.
+        oracle: ``oracle(inputs, weights)`` in numpy float64, where ``inputs`` has
+            the structure given here and ``weights`` lists ``layer.weights``, both
+            rounded to the policy's compute dtype.
+        inputs: a numpy array, or a list of them for multi-input layers.
+        policies: Keras dtype policies to run under.
+        implementations: implementations to run.
+    """
+    for policy in policies:
+        with dtype_policy(policy):
+            for implementation in implementations:
+                layer = make_layer(implementation=implementation)
+                outputs = layer(tf.nest.map_structure(lambda x: np.asarray(x, "float32"), inputs))
+                compute = layer.compute_dtype
+                for output in tf.nest.flatten(outputs):
+                    assert output.dtype == compute, (
+                        f"{policy}: output dtype {output.dtype.name}, compute dtype {compute}"
+                    )
+                weights = [round_to(w.numpy(), compute) for w in layer.weights]
+                expected = oracle(tf.nest.map_structure(lambda x: round_to(x, compute), inputs), weights)
+                _check(outputs, expected, compute,
+                       what=f"policy={policy} implementation={implementation!r}")
+
+
+def assert_gradients_match_reference(
+    make_layer, inputs, *, policies=POLICIES, implementations=COMPILED, seed=0
+):
+    """Gradients of each compiled path equal the reference's, for weights and inputs.
+
+    Each layer is built after ``keras.utils.set_random_seed(seed)``, so every
+    implementation starts from the same weights; the loss is the sum of squares of
+    the outputs in float32.
+    """
+
+    def gradients(implementation):
+        keras.utils.set_random_seed(seed)
+        layer = make_layer(implementation=implementation)
+        x = tf.nest.map_structure(lambda a: tf.constant(a, tf.float32), inputs)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            outputs = layer(x)
+            loss = tf.add_n([tf.reduce_sum(tf.cast(o, tf.float32) ** 2) for o in tf.nest.flatten(outputs)])
+        return layer.compute_dtype, tape.gradient(loss, [layer.trainable_weights, x])
+
+    for policy in policies:
+        with dtype_policy(policy):
+            compute, expected = gradients("reference")
+            for implementation in implementations:
+                _, actual = gradients(implementation)
+                _check(actual, expected, compute, grad=True,
+                       what=f"gradients policy={policy} implementation={implementation!r}")
+
+
+def assert_keras_round_trip(layer, inputs, directory):
+    """A model holding ``layer`` saves to ``.keras`` and loads with ``safe_mode=True`` unchanged.
+
+    Args:
+        layer: an unbuilt or built layer instance.
+        inputs: a numpy array (or list of them) of the layer's input, batch axis first.
+        directory: where the ``.keras`` file is written (e.g. pytest's ``tmp_path``).
+
+    Returns:
+        The loaded model.
+    """
+    arrays = tf.nest.map_structure(lambda x: np.asarray(x, "float32"), inputs)
+    symbolic = tf.nest.map_structure(lambda x: keras.Input(x.shape[1:]), arrays)
+    model = keras.Model(symbolic, layer(symbolic))
+    path = pathlib.Path(directory) / f"{layer.name}.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    restored = next(l for l in loaded.layers if l.name == layer.name)
+    assert type(restored) is type(layer), f"loaded {type(restored).__name__}"
+    assert restored.get_config() == layer.get_config()
+    for actual, expected in zip(tf.nest.flatten(loaded(arrays)), tf.nest.flatten(model(arrays))):
+        np.testing.assert_array_equal(np.asarray(actual), np.asarray(expected))
+    return loaded
