@@ -1,0 +1,125 @@
+"""Property tests: random shapes, dtypes and implementations against the reference and numpy.
+
+Seeded and bounded; ``-m slow`` runs the long sweep.
+"""
+
+import keras
+import ml_dtypes
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import COMPILED, NUMPY_DTYPES, round_to
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastlayers import kernels
+from fastlayers.kernels.precision import tolerance
+
+QUICK = settings(max_examples=12, deadline=None, derandomize=True,
+                 suppress_health_check=[HealthCheck.too_slow])
+LONG = settings(max_examples=150, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow])
+
+sizes = st.one_of(st.sampled_from([1, 2, 3, 7, 64, 127]), st.integers(1, 200))
+float_dtypes = st.sampled_from(["float16", "bfloat16", "float32"])
+activations = st.sampled_from([None, "relu", "tanh", "sigmoid"])
+
+
+@st.composite
+def dense_problems(draw):
+    leading = draw(st.lists(sizes, min_size=1, max_size=3).filter(lambda s: np.prod(s) <= 4096))
+    k, n = draw(sizes), draw(sizes)
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((*leading, k))
+    w = rng.standard_normal((k, n)) / np.sqrt(k)
+    b = draw(st.booleans()) and rng.standard_normal(n)
+    return x, w, (None if b is False else b)
+
+
+def _run_dense(x, w, b, dtype, activation, implementation):
+    return kernels.dense(
+        tf.constant(x, dtype), tf.constant(w, dtype),
+        None if b is None else tf.constant(b, dtype),
+        activation=keras.activations.get(activation), implementation=implementation,
+    )
+
+
+def _check_dense(problem, dtype, activation):
+    x, w, b = (None if a is None else round_to(a, dtype) for a in problem)
+    reference = _run_dense(x, w, b, dtype, activation, "reference")
+    truth = np.tensordot(x, w, axes=1) + (0 if b is None else b)
+    truth = np.asarray(keras.activations.get(activation)(tf.constant(truth)))
+    tolerance(dtype).check(reference.numpy().astype(np.float64), truth, what="reference vs numpy")
+    for implementation in (None, *COMPILED):
+        actual = _run_dense(x, w, b, dtype, activation, implementation)
+        tolerance(dtype).check(actual.numpy().astype(np.float64),
+                               reference.numpy().astype(np.float64),
+                               what=f"{implementation} vs reference")
+
+
+@QUICK
+@given(dense_problems(), float_dtypes, activations)
+def test_dense_paths_agree(problem, dtype, activation):
+    _check_dense(problem, dtype, activation)
+
+
+@pytest.mark.slow
+@LONG
+@given(dense_problems(), float_dtypes, activations)
+def test_dense_paths_agree_long(problem, dtype, activation):
+    _check_dense(problem, dtype, activation)
+
+
+def _naive_low_precision_dense(x, w, b, dtype):
+    """Every product and partial sum rounded to ``dtype``: the accuracy floor to beat."""
+    low = NUMPY_DTYPES[dtype]
+    products = (x[..., :, None] * w[None, :, :]).astype(low)  # [M, K, N]
+    total = np.zeros(products.shape[:1] + products.shape[2:], low)
+    for term in np.moveaxis(products, 1, 0):
+        total = (total + term).astype(low)
+    return (total + np.asarray(b, low)).astype(low).astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("implementation", [None, "reference", *COMPILED])
+@pytest.mark.parametrize("k", [1, 64, 1023])
+def test_low_precision_error_is_at_most_twice_the_naive_error(dtype, implementation, k, rng):
+    x, w, b = (round_to(a, dtype) for a in (rng.standard_normal((16, k)),
+                                            rng.standard_normal((k, 8)) / np.sqrt(k),
+                                            rng.standard_normal(8)))
+    truth = x @ w + b
+    fast = _run_dense(x, w, b, dtype, None, implementation).numpy().astype(np.float64)
+    naive = _naive_low_precision_dense(x, w, b, dtype)
+    fast_error, naive_error = np.abs(fast - truth), np.abs(naive - truth)
+    print(f"{dtype} {implementation} K={k}: fast max {fast_error.max():.3g} mean {fast_error.mean():.3g}; "
+          f"naive max {naive_error.max():.3g} mean {naive_error.mean():.3g}")
+    # half an ulp of the output is the least any path can do
+    half_ulp = np.abs(truth) * float(ml_dtypes.finfo(NUMPY_DTYPES[dtype]).eps) / 2
+    assert fast_error.max() <= 2 * naive_error.max() + half_ulp.max()
+    assert fast_error.mean() <= 2 * naive_error.mean() + half_ulp.mean()
+
+
+@pytest.mark.parametrize("implementation", [None, "reference", *COMPILED])
+def test_dense_is_deterministic(implementation, rng):
+    x = tf.constant(rng.standard_normal((257, 300)), tf.float32)
+    w = tf.constant(rng.standard_normal((300, 129)), tf.float32)
+    first = kernels.dense(x, w, implementation=implementation).numpy()
+    second = kernels.dense(x, w, implementation=implementation).numpy()
+    np.testing.assert_array_equal(first, second)
+
+
+@pytest.mark.parametrize("implementation", [None, "reference", *COMPILED])
+@pytest.mark.parametrize("poison", [np.nan, np.inf, -np.inf])
+def test_nan_and_inf_stay_in_their_row(implementation, poison, rng):
+    x = rng.standard_normal((6, 5)).astype("float32")
+    x[2, 3] = poison
+    w = rng.standard_normal((5, 4)).astype("float32")
+    y = kernels.dense(tf.constant(x), tf.constant(w), implementation=implementation).numpy()
+    with np.errstate(invalid="ignore"):
+        expected = x.astype(np.float64) @ w
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(expected))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(expected))
+    clean = np.delete(np.arange(6), 2)
+    assert np.isfinite(y[clean]).all()
+    tolerance("float32").check(y[clean], expected[clean])
