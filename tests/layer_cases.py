@@ -1,0 +1,30 @@
+"""One example per public layer, for the tests that must hold for every layer."""
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from fastlayers import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCase:
+    """``make(**kwargs)`` builds a new layer; ``inputs(rng)`` gives a batch for it."""
+
+    name: str
+    make: Callable
+    inputs: Callable[[np.random.Generator], object]
+
+    def __str__(self):
+        return self.name
+
+
+LAYER_CASES = [
+    LayerCase("Dense", lambda **kw: layers.Dense(4, activation="relu", **kw),
+              lambda rng: rng.standard_normal((3, 5))),
+    LayerCase("Dense3D", lambda **kw: layers.Dense(2, kernel_regularizer="l2", **kw),
+              lambda rng: rng.standard_normal((3, 7, 5))),
+    LayerCase("Linear", lambda **kw: layers.Linear(3, **kw),
+              lambda rng: rng.standard_normal((3, 5))),
+]

@@ -1,0 +1,66 @@
+"""Keras integration: model.fit under every jit_compile setting; shapes that vary."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from layer_cases import LAYER_CASES
+
+from fastlayers import layers
+from fastlayers.kernels.dense import DENSE
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=str)
+@pytest.mark.parametrize("jit_compile", [False, True, "auto"])
+def test_fit_under_every_jit_compile_setting(case, jit_compile, rng):
+    x = np.asarray(case.inputs(rng), "float32")
+    inputs = keras.Input(x.shape[1:])
+    features = keras.layers.Flatten()(case.make()(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(1)(features))
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", jit_compile=jit_compile)
+    x = np.concatenate([x] * 8)
+    history = model.fit(x, np.ones((len(x), 1), "float32"), epochs=3, batch_size=8, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def _tracing_count(implementation):
+    return DENSE._functions[implementation].experimental_get_tracing_count()
+
+
+def test_graph_path_stops_retracing_once_shapes_vary(rng):
+    layer = layers.Dense(8, implementation="graph")
+    before = _tracing_count("graph")
+    for batch in (1, 2, 3, 5, 8, 13):
+        for time in (4, 9):
+            layer(rng.standard_normal((batch, time, 6)).astype("float32"))
+    # the first shape, then one relaxed trace per axis that varies (batch, time):
+    # twelve shapes, three traces
+    assert _tracing_count("graph") - before == 3
+
+
+def test_xla_path_compiles_once_per_shape(rng):
+    # XLA needs static shapes: each new input shape is a new program (documented)
+    layer = layers.Dense(8, implementation="xla")
+    x = rng.standard_normal((4, 6)).astype("float32")
+    layer(x)
+    before = _tracing_count("xla")
+    for _ in range(3):
+        layer(x)
+    assert _tracing_count("xla") == before
+
+
+def test_a_model_with_variable_batch_and_sequence_length_predicts_without_error(rng):
+    inputs = keras.Input((None, 6))
+    model = keras.Model(inputs, layers.Dense(3, activation="relu")(inputs))
+    for batch, time in [(1, 1), (2, 7), (5, 3), (3, 11)]:
+        y = model.predict(rng.standard_normal((batch, time, 6)).astype("float32"), verbose=0)
+        assert y.shape == (batch, time, 3)
+
+
+def test_tf_function_wrapping_a_model_retraces_once_per_varying_axis(rng):
+    model = keras.Sequential([keras.Input((None, 6)), layers.Dense(3, implementation="graph")])
+    step = tf.function(lambda x: model(x), reduce_retracing=True)
+    for batch, time in [(1, 1), (2, 7), (5, 3), (3, 11), (8, 2)]:
+        step(rng.standard_normal((batch, time, 6)).astype("float32"))
+    assert step.experimental_get_tracing_count() <= 3
