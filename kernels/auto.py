@@ -28,4 +28,10 @@ AUTO = {
         ("cpu-onednn-bf16", "*"): ("graph", "xla", "reference"),
         ("gpu", "*"): ("graph", "xla", "reference"),
     },
+    "max_pool2d": {("cpu", "*"): ("reference", "graph", "xla")},
+    "max_pool2d_channels_first": {("cpu", "*"): ("xla", "graph", "reference")},
+    "fixed_mask": {("cpu", "*"): ("reference", "graph", "xla")},
+    "center_zero": {("cpu", "*"): ("reference", "graph", "xla")},
+    "exponential": {("cpu", "*"): ("reference", "graph", "xla")},
+    "residual_projection": {("cpu", "*"): ("xla", "graph", "reference")},
 }

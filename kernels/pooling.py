@@ -1,0 +1,177 @@
+"""Max pooling over the two spatial axes of an image batch.
+
+Shape letters: ``B`` batch, ``H`` height, ``W`` width, ``C`` channels; the pooled
+height and width are ``P`` and ``Q``. ``channels_last`` is ``[B, H, W, C]`` →
+``[B, P, Q, C]``; ``channels_first`` is ``[B, C, H, W]`` → ``[B, C, P, Q]``.
+
+Pooled sizes follow Keras and TensorFlow: ``"valid"`` gives
+``floor((H - pool) / stride) + 1``, ``"same"`` gives ``ceil(H / stride)`` with the odd
+padding row or column after the input, not before.
+
+Gradient routing of ties: when several inputs of a window share its maximum, the
+window's whole gradient goes to the first of them in row-major order within the
+window, and overlapping windows add up. TensorFlow's CPU ``MaxPoolGrad`` (strict
+``>`` while scanning the window) and XLA's ``select-and-scatter`` (selector ``>=``
+keeps the earlier element) both do this, so every implementation routes ties alike;
+the tests pin it against a numpy oracle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from fastlayers.kernels import dispatch
+from fastlayers.kernels.auto import AUTO
+from fastlayers.kernels.precision import check_floating
+
+DATA_FORMATS = ("channels_last", "channels_first")
+PADDINGS = ("valid", "same")
+
+_NCHW_TO_NHWC = (0, 2, 3, 1)
+_NHWC_TO_NCHW = (0, 3, 1, 2)
+
+
+def _in_xla_context() -> bool:
+    # A jit_compile=True function traces its body inside an XLA control-flow context.
+    try:
+        from tensorflow.python.framework import ops
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # the private modules moved: take the path that runs anywhere
+        return False
+    return bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()))
+
+
+def max_pool2d_reference(x, *, pool_size, strides, padding, data_format):
+    """The spec: TensorFlow's ``MaxPool``, the op ``keras.layers.MaxPooling2D`` runs.
+
+    TensorFlow's CPU ``MaxPool`` takes NHWC only, so ``channels_first`` goes through
+    two transposes, exactly as Keras's TensorFlow backend does.
+    """
+    if data_format == "channels_first":
+        x = tf.transpose(x, _NCHW_TO_NHWC)  # [B, C, H, W] -> [B, H, W, C]
+    y = tf.nn.max_pool2d(x, pool_size, strides, padding.upper(), data_format="NHWC")
+    if data_format == "channels_first":
+        y = tf.transpose(y, _NHWC_TO_NCHW)  # [B, P, Q, C] -> [B, C, P, Q]
+    return y
+
+
+def max_pool2d_compiled(x, *, pool_size, strides, padding, data_format):
+    """The graph/XLA algorithm: pool in the input's own layout wherever a kernel exists.
+
+    XLA's ``reduce-window`` and cuDNN take NCHW directly, which saves two full
+    transposes of the input; TensorFlow's CPU graph kernel still needs NHWC.
+    """
+    if data_format == "channels_first" and (
+        _in_xla_context() or dispatch.platform_of(x) == "gpu"
+    ):
+        return tf.nn.max_pool2d(x, pool_size, strides, padding.upper(), data_format="NCHW")
+    return max_pool2d_reference(
+        x, pool_size=pool_size, strides=strides, padding=padding, data_format=data_format
+    )
+
+
+# Two rows because the fastest path depends on the layout (see kernels/auto.py).
+MAX_POOL2D = {
+    "channels_last": dispatch.Kernel(
+        "max_pool2d", max_pool2d_reference, max_pool2d_compiled, auto=AUTO["max_pool2d"]
+    ),
+    "channels_first": dispatch.Kernel(
+        "max_pool2d_channels_first",
+        max_pool2d_reference,
+        max_pool2d_compiled,
+        auto=AUTO["max_pool2d_channels_first"],
+    ),
+}
+
+
+def pooled_size(size, pool, stride, padding):
+    """The pooled length of one spatial axis (None when ``size`` is unknown)."""
+    if size is None:
+        return None
+    if padding == "same":
+        return math.ceil(size / stride)
+    return (size - pool) // stride + 1
+
+
+def pooled_shape(input_shape, pool_size, strides, padding, data_format):
+    """The output shape of ``max_pool2d`` for a rank-4 ``input_shape``; raises if empty."""
+    input_shape = tuple(input_shape)
+    spatial_axes = (1, 2) if data_format == "channels_last" else (2, 3)
+    output_shape = list(input_shape)
+    for axis, pool, stride in zip(spatial_axes, pool_size, strides):
+        size = pooled_size(input_shape[axis], pool, stride, padding)
+        if size is not None and size <= 0:
+            raise ValueError(
+                f"With padding='valid', `pool_size` must fit in the input's spatial axes "
+                f"({data_format}: axes {spatial_axes}). "
+                f"Received: pool_size={tuple(pool_size)}, inputs.shape={input_shape}"
+            )
+        output_shape[axis] = size
+    return tuple(output_shape)
+
+
+def check_pool_arguments(pool_size, strides, padding, data_format):
+    """Validates standardized pooling arguments (pairs, lower-case strings)."""
+    for name, pair in (("pool_size", pool_size), ("strides", strides)):
+        if (
+            not isinstance(pair, tuple)
+            or len(pair) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair)
+        ):
+            raise ValueError(
+                f"Received an invalid value for `{name}`, expected a tuple of 2 positive "
+                f"integers. Received: {name}={pair!r}"
+            )
+    if padding not in PADDINGS:
+        raise ValueError(
+            "Received an invalid value for `padding`, expected 'valid' or 'same'. "
+            f"Received: padding={padding!r}"
+        )
+    if data_format not in DATA_FORMATS:
+        raise ValueError(
+            "Received an invalid value for `data_format`, expected 'channels_last' or "
+            f"'channels_first'. Received: data_format={data_format!r}"
+        )
+
+
+def max_pool2d(
+    x,
+    pool_size=(2, 2),
+    strides=None,
+    padding="valid",
+    data_format="channels_last",
+    *,
+    implementation=None,
+):
+    """2-D max pooling, equal to ``keras.ops.max_pool`` on a rank-4 input.
+
+    Args:
+        x: ``[B, H, W, C]`` (channels_last) or ``[B, C, H, W]`` (channels_first)
+            floating tensor.
+        pool_size: tuple of 2 positive ints, the window's height and width.
+        strides: tuple of 2 positive ints, or None for ``pool_size``.
+        padding: ``"valid"`` or ``"same"``.
+        data_format: ``"channels_last"`` or ``"channels_first"``.
+        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
+
+    Returns:
+        ``[B, P, Q, C]`` or ``[B, C, P, Q]`` tensor of the dtype of ``x``.
+    """
+    dispatch.check_implementation(implementation)
+    strides = pool_size if strides is None else strides
+    check_pool_arguments(pool_size, strides, padding, data_format)
+    x = tf.convert_to_tensor(x)
+    check_floating("x", x)
+    if x.shape.rank != 4:
+        raise ValueError(
+            f"`x` must have rank 4 ({'[B, H, W, C]' if data_format == 'channels_last' else '[B, C, H, W]'}). "
+            f"Received: x.shape={tuple(x.shape)}"
+        )
+    pooled_shape(x.shape, pool_size, strides, padding, data_format)
+    kernel = MAX_POOL2D[data_format]
+    chosen = kernel.select(implementation, platform=dispatch.platform_of(x), dtype=x.dtype)
+    return kernel.run(
+        chosen, x, pool_size=pool_size, strides=strides, padding=padding, data_format=data_format
+    )
