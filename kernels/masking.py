@@ -91,7 +91,8 @@ def center_zero_reference(x, *, size):
     A select, not a product with a 0/1 mask, so the window is zero even where ``x`` is
     inf or NaN (``inf * 0`` is NaN).
     """
-    rows, cols = x.shape[-2], x.shape[-1]
+    # Dynamic sizes: a shape-generic trace (reduce_retracing) has no static H and W.
+    rows, cols = tf.shape(x)[-2], tf.shape(x)[-1]
     top, left = center_window(rows, cols, size)
     row = tf.range(rows)[:, None]  # [H, 1]
     col = tf.range(cols)[None, :]  # [1, W]

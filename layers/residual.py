@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 from fastlayers import kernels
 from fastlayers.kernels import residual
@@ -10,7 +11,14 @@ from fastlayers.layers.base import FastLayer, check_positive_int, register
 
 
 def _as_pair(layer_name, value, what):
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
+    # A single shape (2, 6) is also a tuple of two: its items must be shapes themselves.
+    is_shape = lambda s: isinstance(s, (list, tuple, tf.TensorShape))  # noqa: E731
+    is_item = is_shape if what == "input_shape" else (lambda t: not is_shape(t))
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(is_item(item) for item in value)
+    ):
         raise ValueError(
             f"Layer {layer_name!r} expects a list of two inputs [a, b]. "
             f"Received: {what}={value!r}"
