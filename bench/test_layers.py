@@ -2,6 +2,8 @@
 
 Run ``pytest bench/test_layers.py --benchmark-only``; one ``benchmark.group`` per
 layer. Each case calls the layer eagerly on a fixed input and waits for the result.
+pytest-benchmark runs the cases of a group one after another, not interleaved: on a
+shared machine compare medians over several runs.
 GPU cases skip with a reason when TensorFlow sees no GPU.
 """
 
@@ -32,7 +34,7 @@ def _implementation(provider):
     return None if provider == "auto" else provider
 
 
-def _run(benchmark, device, make_layer, inputs, group, rounds=5):
+def _run(benchmark, device, make_layer, inputs, group, rounds=15):
     with tf.device(device):
         layer = make_layer()
         inputs = tf.nest.map_structure(tf.constant, inputs)
@@ -52,7 +54,7 @@ def test_max_pooling2d(benchmark, provider, device):
         if provider == "keras"
         else lambda: layers.MaxPooling2D(implementation=_implementation(provider))
     )
-    _run(benchmark, device, make, x, "MaxPooling2D 2x2 64x112x112x64 float32")
+    _run(benchmark, device, make, x, "MaxPooling2D 2x2 64x112x112x64 float32", rounds=7)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -65,7 +67,7 @@ def test_max_pooling2d_channels_first(benchmark, provider, device):
         if provider == "keras"
         else lambda: layers.MaxPooling2D(**kwargs, implementation=_implementation(provider))
     )
-    _run(benchmark, device, make, x, "MaxPooling2D 2x2 channels_first 16x64x112x112 float32")
+    _run(benchmark, device, make, x, "MaxPooling2D 2x2 channels_first 16x64x112x112 float32", rounds=7)
 
 
 MASK = np.ones((128, 128))

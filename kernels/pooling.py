@@ -165,9 +165,9 @@ def max_pool2d(
     x = tf.convert_to_tensor(x)
     check_floating("x", x)
     if x.shape.rank != 4:
+        layout = "[B, H, W, C]" if data_format == "channels_last" else "[B, C, H, W]"
         raise ValueError(
-            f"`x` must have rank 4 ({'[B, H, W, C]' if data_format == 'channels_last' else '[B, C, H, W]'}). "
-            f"Received: x.shape={tuple(x.shape)}"
+            f"`x` must have rank 4 ({layout}). Received: x.shape={tuple(x.shape)}"
         )
     pooled_shape(x.shape, pool_size, strides, padding, data_format)
     kernel = MAX_POOL2D[data_format]

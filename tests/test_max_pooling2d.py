@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import COMPILED, IMPLEMENTATIONS, round_to
+from helpers import COMPILED, DEVICES, IMPLEMENTATIONS, round_to
 
 from fastlayers import kernels, layers
 from fastlayers.kernels import pooling
@@ -101,6 +101,22 @@ def test_ties_route_the_gradient_to_the_first_maximum(case, implementation, rng)
     np.testing.assert_array_equal(y.numpy(), expected_y)
     np.testing.assert_array_equal(grad.numpy(), expected_grad)
     _, keras_grad = _input_gradient(theirs, x, upstream)
+    np.testing.assert_array_equal(grad.numpy(), keras_grad.numpy())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_output_and_gradient_equal_keras_on_device(implementation, device, rng):
+    # Keras runs the device's own pooling kernel (cuDNN on GPU): the drop-in must
+    # agree with it there too, ties included.
+    case = CASES[1]
+    x = rng.integers(0, 3, size=case[4]).astype(np.float32)
+    upstream = rng.integers(1, 5, size=(2, 3, 4, 3)).astype(np.float32)
+    with tf.device(device):
+        ours = layers.MaxPooling2D(*case[:4], implementation=implementation)
+        y, grad = _input_gradient(ours, x, upstream)
+        keras_y, keras_grad = _input_gradient(keras.layers.MaxPooling2D(*case[:4]), x, upstream)
+    np.testing.assert_array_equal(y.numpy(), keras_y.numpy())
     np.testing.assert_array_equal(grad.numpy(), keras_grad.numpy())
 
 
