@@ -37,7 +37,8 @@ AUTO = {
         # channels_last 2x2/2 on 64x112x112x64 float32: keras 0.90-1.0, graph
         # 0.90-1.13 (all three run TF's MaxPool op), XLA's reduce-window 1.13-1.33;
         # 3x3/2 "same": graph 0.89-1.20, XLA 1.50-1.83; float16 and bfloat16 on
-        # 16x112x112x64: graph 1.11-1.13, XLA 7.6-10.3. With oneDNN: float32 keras
+        # 16x112x112x64: graph 1.11-1.13, XLA 7.6-10.3; forward+backward on
+        # 32x112x112x64: graph 0.85-1.08, XLA 1.21-1.82. With oneDNN: float32 keras
         # 1.03, graph 1.03, XLA 0.93 (within noise); float16/bfloat16 XLA 3.2-11.
         ("cpu", "*"): ("reference", "graph", "xla"),
         ("cpu-onednn", "*"): ("reference", "graph", "xla"),
@@ -47,6 +48,8 @@ AUTO = {
     "max_pool2d_channels_first": {
         # 2x2/2 on 32x64x112x112 float32: XLA pools NCHW in place at 0.08 (one
         # pass instead of two transposes, which Keras also runs: keras 1.10).
+        # Forward+backward: XLA 0.91 called eagerly, 0.55 inside one jit-compiled
+        # step (its tiled-window gradient replaces select-and-scatter, which took 1.23).
         ("cpu", "float32"): ("xla", "graph", "reference"),
         ("cpu-onednn", "float32"): ("xla", "graph", "reference"),
         ("cpu-onednn-bf16", "float32"): ("xla", "graph", "reference"),

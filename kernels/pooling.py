@@ -57,15 +57,67 @@ def max_pool2d_reference(x, *, pool_size, strides, padding, data_format):
     return y
 
 
+def _tiled_max_pool2d_xla(x, pool_size, data_format):
+    """Non-overlapping ``"valid"`` pooling whose gradient is one fused element-wise pass.
+
+    XLA lowers TensorFlow's ``MaxPoolGrad`` to ``select-and-scatter``, which is slow
+    on CPU (2.2x the reference's forward+backward on 32x112x112x64). When the windows
+    tile the input, the gradient is a select instead: each input gets its window's
+    gradient if it is the window's first maximum in row-major order, else zero; rows
+    and columns past the last whole window get zero. Same routing, ties included.
+    """
+    ph, pw = pool_size
+    channels_last = data_format == "channels_last"
+    y = tf.nn.max_pool2d(
+        x, pool_size, pool_size, "VALID", data_format="NHWC" if channels_last else "NCHW"
+    )
+
+    def grad(dy):
+        shape = tf.shape(x)
+        if channels_last:  # x [B, H, W, C] -> windows [B, P, ph, Q, pw, C]
+            b, h, w, c = shape[0], shape[1], shape[2], shape[3]
+            p, q = h // ph, w // pw
+            windows = tf.reshape(x[:, : p * ph, : q * pw, :], [b, p, ph, q, pw, c])
+            row_axis, col_axis = 2, 4
+            peak, dy_w = y[:, :, None, :, None, :], dy[:, :, None, :, None, :]
+        else:  # x [B, C, H, W] -> windows [B, C, P, ph, Q, pw]
+            b, c, h, w = shape[0], shape[1], shape[2], shape[3]
+            p, q = h // ph, w // pw
+            windows = tf.reshape(x[:, :, : p * ph, : q * pw], [b, c, p, ph, q, pw])
+            row_axis, col_axis = 3, 5
+            peak, dy_w = y[:, :, :, None, :, None], dy[:, :, :, None, :, None]
+        hit = tf.cast(tf.equal(windows, peak), tf.int32)
+        # A hit is the first in row-major order when no earlier row of its window
+        # holds a hit and no earlier column of its own row does.
+        row_hit = tf.reduce_max(hit, axis=col_axis, keepdims=True)
+        earlier = tf.cumsum(row_hit, axis=row_axis, exclusive=True) + tf.cumsum(
+            hit, axis=col_axis, exclusive=True
+        )
+        first = (hit > 0) & (earlier == 0)
+        dx = tf.where(first, dy_w, tf.zeros([], dy.dtype))
+        if channels_last:
+            dx = tf.reshape(dx, [b, p * ph, q * pw, c])
+            return tf.pad(dx, [[0, 0], [0, h - p * ph], [0, w - q * pw], [0, 0]])
+        dx = tf.reshape(dx, [b, c, p * ph, q * pw])
+        return tf.pad(dx, [[0, 0], [0, 0], [0, h - p * ph], [0, w - q * pw]])
+
+    return y, grad
+
+
 def max_pool2d_compiled(x, *, pool_size, strides, padding, data_format):
     """The graph/XLA algorithm: pool in the input's own layout wherever a kernel exists.
 
     XLA's ``reduce-window`` and cuDNN take NCHW directly, which saves two full
-    transposes of the input; TensorFlow's CPU graph kernel still needs NHWC.
+    transposes of the input; TensorFlow's CPU graph kernel still needs NHWC. Under
+    XLA, windows that tile the input (``strides == pool_size``, ``"valid"``) also get
+    an element-wise gradient in place of ``select-and-scatter``.
     """
-    if data_format == "channels_first" and (
-        _in_xla_context() or dispatch.platform_of(x) == "gpu"
-    ):
+    in_xla = _in_xla_context()
+    if in_xla and padding == "valid" and tuple(strides) == tuple(pool_size):
+        return tf.custom_gradient(
+            lambda t: _tiled_max_pool2d_xla(t, tuple(pool_size), data_format)
+        )(x)
+    if data_format == "channels_first" and (in_xla or dispatch.platform_of(x) == "gpu"):
         return tf.nn.max_pool2d(x, pool_size, strides, padding.upper(), data_format="NCHW")
     return max_pool2d_reference(
         x, pool_size=pool_size, strides=strides, padding=padding, data_format=data_format

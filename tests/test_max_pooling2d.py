@@ -16,6 +16,7 @@ CASES = [
     ((3, 2), (2, 3), "same", "channels_first", (2, 3, 7, 8)),
     ((3, 3), (1, 1), "same", "channels_last", (1, 5, 6, 2)),
     ((2, 3), (3, 1), "valid", "channels_first", (2, 2, 8, 7)),
+    ((2, 3), (2, 3), "valid", "channels_first", (2, 2, 7, 8)),  # tiles, with leftovers
 ]
 
 
@@ -87,7 +88,9 @@ def test_matches_numpy_and_keras_under_every_policy(case, implementation, policy
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("case", CASES, ids=["last-valid", "first-same", "last-same-s1", "first-valid"])
+@pytest.mark.parametrize(
+    "case", CASES, ids=["last-valid", "first-same", "last-same-s1", "first-valid", "first-tiled"]
+)
 def test_ties_route_the_gradient_to_the_first_maximum(case, implementation, rng):
     pool_size, strides, padding, data_format, shape = case
     x = rng.integers(0, 2, size=shape).astype(np.float32)  # ties in most windows
@@ -139,6 +142,23 @@ def test_channels_first_pools_in_place_under_xla():
     assert "MaxPool" in ops and "Transpose" not in ops
     graph = tf.function(lambda x: pooling.max_pool2d_compiled(x, **options))
     assert "Transpose" in {op.type for op in graph.get_concrete_function(x).graph.get_operations()}
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_tiled_windows_skip_select_and_scatter_under_xla(data_format):
+    # XLA's select-and-scatter (TF's MaxPoolGrad lowered) is the slow part of training.
+    x = tf.zeros((1, 4, 6, 6))
+    options = dict(pool_size=(2, 2), strides=(2, 2), padding="valid", data_format=data_format)
+
+    def loss_grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = pooling.max_pool2d_compiled(x, **options)
+        return tape.gradient(y, x)
+
+    traced = tf.function(loss_grad, jit_compile=True).get_concrete_function(x)
+    op_types = {op.type for op in traced.graph.get_operations()}
+    assert not op_types & {"MaxPoolGrad", "MaxPoolGradV2"}
 
 
 def test_defaults_match_keras():
