@@ -12,8 +12,9 @@ Gradient routing of ties: when several inputs of a window share its maximum, the
 window's whole gradient goes to the first of them in row-major order within the
 window, and overlapping windows add up. TensorFlow's CPU ``MaxPoolGrad`` (strict
 ``>`` while scanning the window) and XLA's ``select-and-scatter`` (selector ``>=``
-keeps the earlier element) both do this, so every implementation routes ties alike;
-the tests pin it against a numpy oracle.
+keeps the earlier element) both do this, and so does the element-wise gradient the
+XLA path uses for windows that tile the input; every implementation routes ties
+alike, and the tests pin it against a numpy oracle and Keras.
 """
 
 from __future__ import annotations

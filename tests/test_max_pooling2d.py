@@ -71,40 +71,38 @@ def _input_gradient(layer, x, upstream):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("case", CASES[:2], ids=["last-valid", "first-same"])
-def test_matches_numpy_and_keras_under_every_policy(case, implementation, policy, rng):
-    pool_size, strides, padding, data_format, shape = case
-    x = rng.standard_normal(shape).astype(np.float32)
-    ours = layers.MaxPooling2D(
-        pool_size, strides, padding, data_format, implementation=implementation
-    )
-    theirs = keras.layers.MaxPooling2D(pool_size, strides, padding, data_format)
-    y = ours(x)
-    assert y.dtype == policy.compute_dtype
-    expected, _ = pool_oracle(round_to(x, policy.compute_dtype), *case[:4])
-    # Max pooling picks an input and never rounds: equality, not tolerance.
-    np.testing.assert_array_equal(np.asarray(y, np.float64), expected)
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(theirs(x)))
+def test_matches_numpy_and_keras_under_every_policy(implementation, policy, rng):
+    for case in CASES[:2]:
+        pool_size, strides, padding, data_format, shape = case
+        x = rng.standard_normal(shape).astype(np.float32)
+        ours = layers.MaxPooling2D(
+            pool_size, strides, padding, data_format, implementation=implementation
+        )
+        theirs = keras.layers.MaxPooling2D(pool_size, strides, padding, data_format)
+        y = ours(x)
+        assert y.dtype == policy.compute_dtype
+        expected, _ = pool_oracle(round_to(x, policy.compute_dtype), *case[:4])
+        # Max pooling picks an input and never rounds: equality, not tolerance.
+        np.testing.assert_array_equal(np.asarray(y, np.float64), expected, err_msg=str(case))
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(theirs(x)), err_msg=str(case))
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize(
-    "case", CASES, ids=["last-valid", "first-same", "last-same-s1", "first-valid", "first-tiled"]
-)
-def test_ties_route_the_gradient_to_the_first_maximum(case, implementation, rng):
-    pool_size, strides, padding, data_format, shape = case
-    x = rng.integers(0, 2, size=shape).astype(np.float32)  # ties in most windows
-    ours = layers.MaxPooling2D(
-        pool_size, strides, padding, data_format, implementation=implementation
-    )
-    theirs = keras.layers.MaxPooling2D(pool_size, strides, padding, data_format)
-    upstream = rng.integers(1, 5, size=ours.compute_output_shape(shape)).astype(np.float32)
-    y, grad = _input_gradient(ours, x, upstream)
-    expected_y, expected_grad = pool_oracle(x, *case[:4], upstream=upstream)
-    np.testing.assert_array_equal(y.numpy(), expected_y)
-    np.testing.assert_array_equal(grad.numpy(), expected_grad)
-    _, keras_grad = _input_gradient(theirs, x, upstream)
-    np.testing.assert_array_equal(grad.numpy(), keras_grad.numpy())
+def test_ties_route_the_gradient_to_the_first_maximum(implementation, rng):
+    for case in CASES:
+        pool_size, strides, padding, data_format, shape = case
+        x = rng.integers(0, 2, size=shape).astype(np.float32)  # ties in most windows
+        ours = layers.MaxPooling2D(
+            pool_size, strides, padding, data_format, implementation=implementation
+        )
+        theirs = keras.layers.MaxPooling2D(pool_size, strides, padding, data_format)
+        upstream = rng.integers(1, 5, size=ours.compute_output_shape(shape)).astype(np.float32)
+        y, grad = _input_gradient(ours, x, upstream)
+        expected_y, expected_grad = pool_oracle(x, *case[:4], upstream=upstream)
+        np.testing.assert_array_equal(y.numpy(), expected_y, err_msg=str(case))
+        np.testing.assert_array_equal(grad.numpy(), expected_grad, err_msg=str(case))
+        _, keras_grad = _input_gradient(theirs, x, upstream)
+        np.testing.assert_array_equal(grad.numpy(), keras_grad.numpy(), err_msg=str(case))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -125,13 +123,16 @@ def test_output_and_gradient_equal_keras_on_device(implementation, device, rng):
 
 @pytest.mark.parametrize("implementation", COMPILED)
 def test_compiled_gradients_match_reference_under_every_policy(implementation, policy, rng):
-    case = CASES[1]
-    x = rng.standard_normal(case[4]).astype(np.float32)
-    upstream = rng.standard_normal((2, 3, 4, 3)).astype(np.float32)
-    make = lambda impl: layers.MaxPooling2D(*case[:4], implementation=impl)  # noqa: E731
-    _, expected = _input_gradient(make("reference"), x, upstream)
-    _, actual = _input_gradient(make(implementation), x, upstream)
-    kernels.tolerance(policy.compute_dtype, grad=True).check(actual, expected, what="dx")
+    for case in CASES[:2]:  # tiled windows (XLA's own gradient), then overlapping ones
+        x = rng.standard_normal(case[4]).astype(np.float32)
+        output_shape = layers.MaxPooling2D(*case[:4]).compute_output_shape(case[4])
+        upstream = rng.standard_normal(output_shape).astype(np.float32)
+        make = lambda impl: layers.MaxPooling2D(*case[:4], implementation=impl)  # noqa: E731
+        _, expected = _input_gradient(make("reference"), x, upstream)
+        _, actual = _input_gradient(make(implementation), x, upstream)
+        kernels.tolerance(policy.compute_dtype, grad=True).check(
+            actual, expected, what=f"dx {case}"
+        )
 
 
 def test_channels_first_pools_in_place_under_xla():
