@@ -67,7 +67,8 @@ def test_max_pooling2d_channels_first(benchmark, provider, device):
         if provider == "keras"
         else lambda: layers.MaxPooling2D(**kwargs, implementation=_implementation(provider))
     )
-    _run(benchmark, device, make, x, "MaxPooling2D 2x2 channels_first 16x64x112x112 float32", rounds=7)
+    group = "MaxPooling2D 2x2 channels_first 16x64x112x112 float32"
+    _run(benchmark, device, make, x, group, rounds=7)
 
 
 MASK = np.ones((128, 128))

@@ -37,7 +37,8 @@ def check_mask_broadcasts(mask_shape, input_shape):
     features = input_shape[1:]
     fits = len(mask_shape) <= len(features) and all(
         m == 1 or f is None or m == f
-        for m, f in zip(reversed(mask_shape), reversed(features))
+        # Broadcasting aligns trailing axes; a shorter mask repeats over the rest.
+        for m, f in zip(reversed(mask_shape), reversed(features), strict=False)
     )
     if not fits:
         raise ValueError(

@@ -153,7 +153,7 @@ def pooled_shape(input_shape, pool_size, strides, padding, data_format):
     input_shape = tuple(input_shape)
     spatial_axes = (1, 2) if data_format == "channels_last" else (2, 3)
     output_shape = list(input_shape)
-    for axis, pool, stride in zip(spatial_axes, pool_size, strides):
+    for axis, pool, stride in zip(spatial_axes, pool_size, strides, strict=True):
         size = pooled_size(input_shape[axis], pool, stride, padding)
         if size is not None and size <= 0:
             raise ValueError(

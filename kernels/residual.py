@@ -65,7 +65,7 @@ def check_residual_shapes(a_shape, b_shape, kernel_shape):
             + received
         )
     compatible = all(
-        p is None or q is None or p == q for p, q in zip(a_shape[:-1], b_shape[:-1])
+        p is None or q is None or p == q for p, q in zip(a_shape[:-1], b_shape[:-1], strict=True)
     )
     if not compatible:
         raise ValueError("`a` and `b` must have the same leading axes. " + received)

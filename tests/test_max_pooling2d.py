@@ -127,9 +127,12 @@ def test_compiled_gradients_match_reference_under_every_policy(implementation, p
         x = rng.standard_normal(case[4]).astype(np.float32)
         output_shape = layers.MaxPooling2D(*case[:4]).compute_output_shape(case[4])
         upstream = rng.standard_normal(output_shape).astype(np.float32)
-        make = lambda impl: layers.MaxPooling2D(*case[:4], implementation=impl)  # noqa: E731
-        _, expected = _input_gradient(make("reference"), x, upstream)
-        _, actual = _input_gradient(make(implementation), x, upstream)
+        _, expected = _input_gradient(
+            layers.MaxPooling2D(*case[:4], implementation="reference"), x, upstream
+        )
+        _, actual = _input_gradient(
+            layers.MaxPooling2D(*case[:4], implementation=implementation), x, upstream
+        )
         kernels.tolerance(policy.compute_dtype, grad=True).check(
             actual, expected, what=f"dx {case}"
         )

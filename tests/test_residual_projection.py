@@ -1,4 +1,4 @@
-"""ResidualProjection: [a·kernel + b, mean(b)] against numpy, lists of shapes, a 2-in 2-out model."""
+"""ResidualProjection: [a·kernel + b, mean(b)] against numpy; shapes as lists; 2-in 2-out."""
 
 import keras
 import numpy as np
@@ -51,7 +51,7 @@ def test_compiled_gradients_match_reference(implementation, policy, rng):
         return tape.gradient(loss, [a, b, layer.kernel])
 
     tol = kernels.tolerance(policy.compute_dtype, grad=True)
-    for name, actual, expected in zip("abk", grads(compiled), grads(reference)):
+    for name, actual, expected in zip("abk", grads(compiled), grads(reference), strict=True):
         scale = np.abs(expected.numpy()).max()  # gradients of a squared norm grow with it
         tol.check(np.asarray(actual) / scale, np.asarray(expected) / scale, what=f"d{name}")
 
@@ -86,8 +86,8 @@ def test_config_and_keras_file_round_trip(tmp_path, rng):
     path = tmp_path / "residual.keras"
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
-    inputs = [rng.standard_normal((3, 6)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)]
-    for got, want in zip(loaded(inputs), model(inputs)):
+    inputs = [rng.standard_normal((3, n)).astype(np.float32) for n in (6, 4)]
+    for got, want in zip(loaded(inputs), model(inputs), strict=True):
         np.testing.assert_array_equal(got, want)
 
 
@@ -118,7 +118,9 @@ def test_shapes_that_disagree_raise(shapes, message):
 
 def test_kernel_that_disagrees_with_a_raises():
     layer = _build(4, a_dim=6)
-    with pytest.raises(ValueError, match=r"a.shape=\(2, 5\), b.shape=\(2, 4\), kernel.shape=\(6, 4\)"):
-        kernels.residual_projection(np.ones((2, 5), np.float32), np.ones((2, 4), np.float32), layer.kernel)
+    a, b = np.ones((2, 5), np.float32), np.ones((2, 4), np.float32)
+    message = r"a.shape=\(2, 5\), b.shape=\(2, 4\), kernel.shape=\(6, 4\)"
+    with pytest.raises(ValueError, match=message):
+        kernels.residual_projection(a, b, layer.kernel)
     with pytest.raises(ValueError, match=r"`units`.*Received: units=0"):
         layers.ResidualProjection(0)
