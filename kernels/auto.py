@@ -35,7 +35,9 @@ AUTO = {
     # repeat the "cpu" rows.
     "max_pool2d": {
         # channels_last 2x2/2 on 64x112x112x64 float32: keras 0.90-1.0, graph
-        # 0.90-1.13 (all three run TF's MaxPool op), XLA's reduce-window 1.13-1.33;
+        # 0.90-1.13 (all three run TF's MaxPool op), XLA's reduce-window 1.13-1.33
+        # (XLA slices or reshapes instead: 1.02-1.08; the op is memory-bound). The
+        # layer with auto vs Keras's layer, 31 alternating pairs: 1.02 (IQR 0.98-1.06);
         # 3x3/2 "same": graph 0.89-1.20, XLA 1.50-1.83; float16 and bfloat16 on
         # 16x112x112x64: graph 1.11-1.13, XLA 7.6-10.3; forward+backward on
         # 32x112x112x64: graph 0.85-1.08, XLA 1.21-1.82. With oneDNN: float32 keras
