@@ -38,4 +38,79 @@ AUTO = {
         ("cpu-onednn-bf16", "*"): ("graph", "xla", "reference"),
         ("gpu", "*"): ("graph", "xla", "reference"),
     },
+    # Rows below: ratios of median time to the reference's on the 2-core AMD EPYC
+    # (Zen 3, AVX2), TF 2.21, interleaved runs on a shared machine (lower is faster).
+    # The "cpu" rows were measured with oneDNN off. Only max pooling was measured with
+    # TF_ENABLE_ONEDNN_OPTS=1 (oneDNN has its own pooling); the other oneDNN rows
+    # repeat the "cpu" rows.
+    "max_pool2d": {
+        # channels_last 2x2/2 on 64x112x112x64 float32: keras 0.90-1.0, graph
+        # 0.90-1.13 (all three run TF's MaxPool op), XLA's reduce-window 1.13-1.33
+        # (XLA slices or reshapes instead: 1.02-1.08; the op is memory-bound). The
+        # layer with auto vs Keras's layer, 31 alternating pairs: 1.02 (IQR 0.98-1.06);
+        # 3x3/2 "same": graph 0.89-1.20, XLA 1.50-1.83; float16 and bfloat16 on
+        # 16x112x112x64: graph 1.11-1.13, XLA 7.6-10.3; forward+backward on
+        # 32x112x112x64: graph 0.85-1.08, XLA 1.21-1.82. With oneDNN: float32 keras
+        # 1.03, graph 1.03, XLA 0.93 (within noise); float16/bfloat16 XLA 3.2-11.
+        ("cpu", "*"): ("reference", "graph", "xla"),
+        ("cpu-onednn", "*"): ("reference", "graph", "xla"),
+        ("cpu-onednn-bf16", "*"): ("reference", "graph", "xla"),
+        ("gpu", "*"): ("graph", "xla", "reference"),
+    },
+    "max_pool2d_channels_first": {
+        # 2x2/2 on 32x64x112x112 float32: XLA pools NCHW in place at 0.08 (one
+        # pass instead of two transposes, which Keras also runs: keras 1.10).
+        # Forward+backward: XLA 0.91 called eagerly, 0.55 inside one jit-compiled
+        # step (its tiled-window gradient replaces select-and-scatter, which took 1.23).
+        ("cpu", "float32"): ("xla", "graph", "reference"),
+        ("cpu-onednn", "float32"): ("xla", "graph", "reference"),
+        ("cpu-onednn-bf16", "float32"): ("xla", "graph", "reference"),
+        # float16/bfloat16 on 16x64x112x112: XLA 1.46 (its low-precision loops are
+        # slow on this CPU), graph 0.69-0.86. With oneDNN: float32 XLA 0.26, bfloat16
+        # XLA 0.63 (oneDNN's bfloat16 transposes are slower), float16 XLA 2.30.
+        ("cpu", "*"): ("graph", "reference", "xla"),
+        ("cpu-onednn", "bfloat16"): ("xla", "graph", "reference"),
+        ("cpu-onednn", "*"): ("graph", "reference", "xla"),
+        ("cpu-onednn-bf16", "bfloat16"): ("xla", "graph", "reference"),
+        ("cpu-onednn-bf16", "*"): ("graph", "reference", "xla"),
+        ("gpu", "*"): ("graph", "xla", "reference"),
+    },
+    "fixed_mask": {
+        # x * mask on 256x128x128: float32 XLA 0.90-1.13, graph 1.08-2.74 (a lone
+        # element-wise op gains nothing from a function call); float16/bfloat16 XLA
+        # 2.8-4.7, graph 1.05-1.14.
+        ("cpu", "*"): ("reference", "graph", "xla"),
+        ("cpu-onednn", "*"): ("reference", "graph", "xla"),
+        ("cpu-onednn-bf16", "*"): ("reference", "graph", "xla"),
+        ("gpu", "*"): ("graph", "xla", "reference"),
+    },
+    "center_zero": {
+        # 256x128x128: XLA fuses the window test into the select, no mask in memory:
+        # float32 0.53-0.85, float16 0.38-0.52, bfloat16 0.44-0.53; graph 0.59-1.04.
+        ("cpu", "*"): ("xla", "graph", "reference"),
+        ("cpu-onednn", "*"): ("xla", "graph", "reference"),
+        ("cpu-onednn-bf16", "*"): ("xla", "graph", "reference"),
+        ("gpu", "*"): ("xla", "graph", "reference"),
+    },
+    "exponential": {
+        # exp on 256x128x128: bfloat16 XLA 0.79-0.87, graph 1.08-1.19.
+        ("cpu", "bfloat16"): ("xla", "reference", "graph"),
+        ("cpu-onednn", "bfloat16"): ("xla", "reference", "graph"),
+        ("cpu-onednn-bf16", "bfloat16"): ("xla", "reference", "graph"),
+        # float32 XLA 0.47-1.46 (noise: no clear winner), graph 0.66-2.73;
+        # float16 XLA 2.5-3.0, graph 0.90-1.05.
+        ("cpu", "*"): ("reference", "graph", "xla"),
+        ("cpu-onednn", "*"): ("reference", "graph", "xla"),
+        ("cpu-onednn-bf16", "*"): ("reference", "graph", "xla"),
+        ("gpu", "*"): ("graph", "xla", "reference"),
+    },
+    "residual_projection": {
+        # a, b 4096x512, kernel 512x512: XLA 0.70-1.05 and graph 0.71-1.01 over three
+        # runs in all three dtypes, within noise of each other; XLA's dot beats
+        # Eigen's on larger matmuls (see "dense"), so the rows follow "dense".
+        ("cpu", "*"): ("xla", "graph", "reference"),
+        ("cpu-onednn", "*"): ("graph", "xla", "reference"),
+        ("cpu-onednn-bf16", "*"): ("graph", "xla", "reference"),
+        ("gpu", "*"): ("graph", "xla", "reference"),
+    },
 }

@@ -6,6 +6,20 @@ exactly as with ``from keras import layers``.
 
 from fastlayers.layers.base import CompiledLayer, FastLayer
 from fastlayers.layers.dense import Dense
+from fastlayers.layers.exponential import Exponential
 from fastlayers.layers.linear import Linear
+from fastlayers.layers.masking import CenterZero, FixedMask
+from fastlayers.layers.pooling import MaxPooling2D
+from fastlayers.layers.residual import ResidualProjection
 
-__all__ = ["CompiledLayer", "Dense", "FastLayer", "Linear"]
+__all__ = [
+    "CenterZero",
+    "CompiledLayer",
+    "Dense",
+    "Exponential",
+    "FastLayer",
+    "FixedMask",
+    "Linear",
+    "MaxPooling2D",
+    "ResidualProjection",
+]

@@ -1,0 +1,41 @@
+"""Element-wise activations: any shape in, the same shape and dtype out.
+
+``exponential`` computes ``exp(x)`` in the dtype of ``x``. In float16 (largest finite
+value 65504) ``exp(x)`` is ``inf`` for ``x > ln(65504) ≈ 11.09``, as with ``tf.exp``;
+bfloat16 shares float32's range and overflows only above about 88.7.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from fastlayers.kernels import dispatch
+from fastlayers.kernels.auto import AUTO
+from fastlayers.kernels.precision import check_floating
+
+
+def exponential_reference(x):
+    """The spec: ``tf.exp`` in the dtype of ``x``."""
+    return tf.exp(x)
+
+
+EXPONENTIAL = dispatch.Kernel("exponential", exponential_reference, auto=AUTO["exponential"])
+
+
+def exponential(x, *, implementation=None):
+    """Element-wise ``exp(x)``; overflows to ``inf`` where the dtype's range ends.
+
+    Args:
+        x: floating tensor of any shape.
+        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
+
+    Returns:
+        A tensor of the shape and dtype of ``x``.
+    """
+    dispatch.check_implementation(implementation)
+    x = tf.convert_to_tensor(x)
+    check_floating("x", x)
+    chosen = EXPONENTIAL.select(
+        implementation, platform=dispatch.platform_of(x), dtype=x.dtype
+    )
+    return EXPONENTIAL.run(chosen, x)

@@ -1,0 +1,150 @@
+"""Constant masks: multiply by a fixed mask, or zero a centred window.
+
+Shape letters: ``x [B, ..., H, W]`` where ``H`` and ``W`` are the last two axes (rows
+and columns of the window), ``B`` the batch; a fixed ``mask`` has a shape that
+broadcasts against ``x.shape[1:]`` without changing it.
+
+The centred window of ``size = (h, w)`` covers rows ``[(H - h) // 2, (H - h) // 2 + h)``
+and the same for columns. When ``H - h`` is odd the window sits half a row nearer the
+top (the extra row is left below it), and likewise nearer the left: the rule of
+TensorFlow's ``"same"`` padding, which puts the odd row after the input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from fastlayers.kernels import dispatch
+from fastlayers.kernels.auto import AUTO
+from fastlayers.kernels.precision import check_floating
+
+
+def fixed_mask_reference(x, mask):
+    """The spec: ``x * mask`` in the dtype of ``x``, the mask broadcast over the batch."""
+    return x * tf.cast(mask, x.dtype)
+
+
+FIXED_MASK = dispatch.Kernel("fixed_mask", fixed_mask_reference, auto=AUTO["fixed_mask"])
+
+
+def check_mask_broadcasts(mask_shape, input_shape):
+    """Raises unless ``mask_shape`` broadcasts against ``input_shape[1:]`` unchanged.
+
+    Unknown input axes accept any mask axis; the multiplication checks them at run time.
+    """
+    mask_shape, input_shape = tuple(mask_shape), tuple(input_shape)
+    features = input_shape[1:]
+    fits = len(mask_shape) <= len(features) and all(
+        m == 1 or f is None or m == f
+        # Broadcasting aligns trailing axes; a shorter mask repeats over the rest.
+        for m, f in zip(reversed(mask_shape), reversed(features), strict=False)
+    )
+    if not fits:
+        raise ValueError(
+            "`mask` must broadcast against the input without its batch axis, leaving its "
+            f"shape unchanged: mask.shape={mask_shape} cannot broadcast to {features}. "
+            f"Received: mask.shape={mask_shape}, inputs.shape={input_shape}"
+        )
+
+
+def fixed_mask(x, mask, *, implementation=None):
+    """``x * mask`` for a constant ``mask`` that broadcasts over the batch.
+
+    Args:
+        x: ``[B, ...]`` floating tensor.
+        mask: array-like whose shape broadcasts against ``x.shape[1:]`` unchanged;
+            cast to the dtype of ``x``.
+        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
+
+    Returns:
+        A tensor of the shape and dtype of ``x``.
+    """
+    dispatch.check_implementation(implementation)
+    x = tf.convert_to_tensor(x)
+    check_floating("x", x)
+    if x.shape.rank is None or x.shape.rank < 1:
+        raise ValueError(
+            f"`x` must have a batch axis (rank 1 or more). Received: x.shape={tuple(x.shape)}"
+        )
+    mask = tf.convert_to_tensor(mask)
+    check_mask_broadcasts(mask.shape, x.shape)
+    chosen = FIXED_MASK.select(implementation, platform=dispatch.platform_of(x), dtype=x.dtype)
+    return FIXED_MASK.run(chosen, x, mask)
+
+
+def center_window(rows, cols, size):
+    """The ``(row_start, col_start)`` of the centred ``size`` window on a rows x cols grid."""
+    return (rows - size[0]) // 2, (cols - size[1]) // 2
+
+
+def center_zero_mask(rows, cols, size):
+    """A ``[rows, cols]`` numpy array of ones with the centred ``size`` window zeroed."""
+    top, left = center_window(rows, cols, size)
+    mask = np.ones((rows, cols))
+    mask[top : top + size[0], left : left + size[1]] = 0
+    return mask
+
+
+def center_zero_reference(x, *, size):
+    """The spec: select zero inside the centred window of the last two axes, else ``x``.
+
+    A select, not a product with a 0/1 mask, so the window is zero even where ``x`` is
+    inf or NaN (``inf * 0`` is NaN).
+    """
+    # Dynamic sizes: a shape-generic trace (reduce_retracing) has no static H and W.
+    rows, cols = tf.shape(x)[-2], tf.shape(x)[-1]
+    top, left = center_window(rows, cols, size)
+    row = tf.range(rows)[:, None]  # [H, 1]
+    col = tf.range(cols)[None, :]  # [1, W]
+    inside = (
+        (row >= top) & (row < top + size[0]) & (col >= left) & (col < left + size[1])
+    )  # [H, W]
+    return tf.where(inside, tf.zeros([], x.dtype), x)
+
+
+CENTER_ZERO = dispatch.Kernel(
+    "center_zero", center_zero_reference, auto=AUTO["center_zero"]
+)
+
+
+def center_zero(x, size=(2, 2), *, implementation=None):
+    """Zeroes the centred ``size`` window of the last two axes of ``x``.
+
+    Args:
+        x: ``[..., H, W]`` floating tensor, rank 2 or more, ``H`` and ``W`` known.
+        size: tuple of 2 positive ints ``(h, w)``, at most ``(H, W)``.
+        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
+
+    Returns:
+        A tensor of the shape and dtype of ``x``.
+    """
+    dispatch.check_implementation(implementation)
+    x = tf.convert_to_tensor(x)
+    check_floating("x", x)
+    check_center_window(x.shape, size)
+    chosen = CENTER_ZERO.select(
+        implementation, platform=dispatch.platform_of(x), dtype=x.dtype
+    )
+    return CENTER_ZERO.run(chosen, x, size=tuple(size))
+
+
+def check_center_window(input_shape, size):
+    """Raises unless the last two axes of ``input_shape`` are known and hold ``size``."""
+    input_shape = tuple(input_shape)
+    if len(input_shape) < 2:
+        raise ValueError(
+            "The input must have rank 2 or more ([..., H, W]). "
+            f"Received: inputs.shape={input_shape}"
+        )
+    rows, cols = input_shape[-2:]
+    if rows is None or cols is None:
+        raise ValueError(
+            "The last two axes of the input must be known to centre the window. "
+            f"Received: inputs.shape={input_shape}"
+        )
+    if size[0] > rows or size[1] > cols:
+        raise ValueError(
+            "`size` must fit in the last two axes of the input. "
+            f"Received: size={tuple(size)}, inputs.shape={input_shape}"
+        )

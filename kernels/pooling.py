@@ -1,0 +1,230 @@
+"""Max pooling over the two spatial axes of an image batch.
+
+Shape letters: ``B`` batch, ``H`` height, ``W`` width, ``C`` channels; the pooled
+height and width are ``P`` and ``Q``. ``channels_last`` is ``[B, H, W, C]`` →
+``[B, P, Q, C]``; ``channels_first`` is ``[B, C, H, W]`` → ``[B, C, P, Q]``.
+
+Pooled sizes follow Keras and TensorFlow: ``"valid"`` gives
+``floor((H - pool) / stride) + 1``, ``"same"`` gives ``ceil(H / stride)`` with the odd
+padding row or column after the input, not before.
+
+Gradient routing of ties: when several inputs of a window share its maximum, the
+window's whole gradient goes to the first of them in row-major order within the
+window, and overlapping windows add up. TensorFlow's CPU ``MaxPoolGrad`` (strict
+``>`` while scanning the window) and XLA's ``select-and-scatter`` (selector ``>=``
+keeps the earlier element) both do this, and so does the element-wise gradient the
+XLA path uses for windows that tile the input; every implementation routes ties
+alike, and the tests pin it against a numpy oracle and Keras.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from fastlayers.kernels import dispatch
+from fastlayers.kernels.auto import AUTO
+from fastlayers.kernels.precision import check_floating
+
+DATA_FORMATS = ("channels_last", "channels_first")
+PADDINGS = ("valid", "same")
+
+_NCHW_TO_NHWC = (0, 2, 3, 1)
+_NHWC_TO_NCHW = (0, 3, 1, 2)
+
+
+def _in_xla_context() -> bool:
+    # A jit_compile=True function traces its body inside an XLA control-flow context.
+    try:
+        from tensorflow.python.framework import ops
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # the private modules moved: take the path that runs anywhere
+        return False
+    return bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()))
+
+
+def max_pool2d_reference(x, *, pool_size, strides, padding, data_format):
+    """The spec: TensorFlow's ``MaxPool``, the op ``keras.layers.MaxPooling2D`` runs.
+
+    TensorFlow's CPU ``MaxPool`` takes NHWC only, so ``channels_first`` goes through
+    two transposes, exactly as Keras's TensorFlow backend does.
+    """
+    if data_format == "channels_first":
+        x = tf.transpose(x, _NCHW_TO_NHWC)  # [B, C, H, W] -> [B, H, W, C]
+    y = tf.nn.max_pool2d(x, pool_size, strides, padding.upper(), data_format="NHWC")
+    if data_format == "channels_first":
+        y = tf.transpose(y, _NHWC_TO_NCHW)  # [B, P, Q, C] -> [B, C, P, Q]
+    return y
+
+
+def _tiled_max_pool2d_xla(x, pool_size, data_format):
+    """Non-overlapping ``"valid"`` pooling whose gradient is one fused element-wise pass.
+
+    XLA lowers TensorFlow's ``MaxPoolGrad`` to ``select-and-scatter``, which is slow
+    on CPU (2.2x the reference's forward+backward on 32x112x112x64). When the windows
+    tile the input, the gradient is a select instead: each input gets its window's
+    gradient if it is the window's first maximum in row-major order, else zero; rows
+    and columns past the last whole window get zero. Same routing, ties included.
+    """
+    ph, pw = pool_size
+    channels_last = data_format == "channels_last"
+    y = tf.nn.max_pool2d(
+        x, pool_size, pool_size, "VALID", data_format="NHWC" if channels_last else "NCHW"
+    )
+
+    def grad(dy):
+        shape = tf.shape(x)
+        if channels_last:  # x [B, H, W, C] -> windows [B, P, ph, Q, pw, C]
+            b, h, w, c = shape[0], shape[1], shape[2], shape[3]
+            p, q = h // ph, w // pw
+            windows = tf.reshape(x[:, : p * ph, : q * pw, :], [b, p, ph, q, pw, c])
+            row_axis, col_axis = 2, 4
+            peak, dy_w = y[:, :, None, :, None, :], dy[:, :, None, :, None, :]
+        else:  # x [B, C, H, W] -> windows [B, C, P, ph, Q, pw]
+            b, c, h, w = shape[0], shape[1], shape[2], shape[3]
+            p, q = h // ph, w // pw
+            windows = tf.reshape(x[:, :, : p * ph, : q * pw], [b, c, p, ph, q, pw])
+            row_axis, col_axis = 3, 5
+            peak, dy_w = y[:, :, :, None, :, None], dy[:, :, :, None, :, None]
+        hit = tf.cast(tf.equal(windows, peak), tf.int32)
+        # A hit is the first in row-major order when no earlier row of its window
+        # holds a hit and no earlier column of its own row does.
+        row_hit = tf.reduce_max(hit, axis=col_axis, keepdims=True)
+        earlier = tf.cumsum(row_hit, axis=row_axis, exclusive=True) + tf.cumsum(
+            hit, axis=col_axis, exclusive=True
+        )
+        first = (hit > 0) & (earlier == 0)
+        dx = tf.where(first, dy_w, tf.zeros([], dy.dtype))
+        if channels_last:
+            dx = tf.reshape(dx, [b, p * ph, q * pw, c])
+            return tf.pad(dx, [[0, 0], [0, h - p * ph], [0, w - q * pw], [0, 0]])
+        dx = tf.reshape(dx, [b, c, p * ph, q * pw])
+        return tf.pad(dx, [[0, 0], [0, 0], [0, h - p * ph], [0, w - q * pw]])
+
+    return y, grad
+
+
+def max_pool2d_compiled(x, *, pool_size, strides, padding, data_format):
+    """The graph/XLA algorithm: pool in the input's own layout wherever a kernel exists.
+
+    XLA's ``reduce-window`` and cuDNN take NCHW directly, which saves two full
+    transposes of the input; TensorFlow's CPU graph kernel still needs NHWC. Under
+    XLA, windows that tile the input (``strides == pool_size``, ``"valid"``) also get
+    an element-wise gradient in place of ``select-and-scatter``.
+    """
+    in_xla = _in_xla_context()
+    if in_xla and padding == "valid" and tuple(strides) == tuple(pool_size):
+        return tf.custom_gradient(
+            lambda t: _tiled_max_pool2d_xla(t, tuple(pool_size), data_format)
+        )(x)
+    if data_format == "channels_first" and (in_xla or dispatch.platform_of(x) == "gpu"):
+        return tf.nn.max_pool2d(x, pool_size, strides, padding.upper(), data_format="NCHW")
+    return max_pool2d_reference(
+        x, pool_size=pool_size, strides=strides, padding=padding, data_format=data_format
+    )
+
+
+# Two rows because the fastest path depends on the layout (see kernels/auto.py).
+MAX_POOL2D = {
+    "channels_last": dispatch.Kernel(
+        "max_pool2d", max_pool2d_reference, max_pool2d_compiled, auto=AUTO["max_pool2d"]
+    ),
+    "channels_first": dispatch.Kernel(
+        "max_pool2d_channels_first",
+        max_pool2d_reference,
+        max_pool2d_compiled,
+        auto=AUTO["max_pool2d_channels_first"],
+    ),
+}
+
+
+def pooled_size(size, pool, stride, padding):
+    """The pooled length of one spatial axis (None when ``size`` is unknown)."""
+    if size is None:
+        return None
+    if padding == "same":
+        return math.ceil(size / stride)
+    return (size - pool) // stride + 1
+
+
+def pooled_shape(input_shape, pool_size, strides, padding, data_format):
+    """The output shape of ``max_pool2d`` for a rank-4 ``input_shape``; raises if empty."""
+    input_shape = tuple(input_shape)
+    spatial_axes = (1, 2) if data_format == "channels_last" else (2, 3)
+    output_shape = list(input_shape)
+    for axis, pool, stride in zip(spatial_axes, pool_size, strides, strict=True):
+        size = pooled_size(input_shape[axis], pool, stride, padding)
+        if size is not None and size <= 0:
+            raise ValueError(
+                f"With padding='valid', `pool_size` must fit in the input's spatial axes "
+                f"({data_format}: axes {spatial_axes}). "
+                f"Received: pool_size={tuple(pool_size)}, inputs.shape={input_shape}"
+            )
+        output_shape[axis] = size
+    return tuple(output_shape)
+
+
+def check_pool_arguments(pool_size, strides, padding, data_format):
+    """Validates standardized pooling arguments (pairs, lower-case strings)."""
+    for name, pair in (("pool_size", pool_size), ("strides", strides)):
+        if (
+            not isinstance(pair, tuple)
+            or len(pair) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair)
+        ):
+            raise ValueError(
+                f"Received an invalid value for `{name}`, expected a tuple of 2 positive "
+                f"integers. Received: {name}={pair!r}"
+            )
+    if padding not in PADDINGS:
+        raise ValueError(
+            "Received an invalid value for `padding`, expected 'valid' or 'same'. "
+            f"Received: padding={padding!r}"
+        )
+    if data_format not in DATA_FORMATS:
+        raise ValueError(
+            "Received an invalid value for `data_format`, expected 'channels_last' or "
+            f"'channels_first'. Received: data_format={data_format!r}"
+        )
+
+
+def max_pool2d(
+    x,
+    pool_size=(2, 2),
+    strides=None,
+    padding="valid",
+    data_format="channels_last",
+    *,
+    implementation=None,
+):
+    """2-D max pooling, equal to ``keras.ops.max_pool`` on a rank-4 input.
+
+    Args:
+        x: ``[B, H, W, C]`` (channels_last) or ``[B, C, H, W]`` (channels_first)
+            floating tensor.
+        pool_size: tuple of 2 positive ints, the window's height and width.
+        strides: tuple of 2 positive ints, or None for ``pool_size``.
+        padding: ``"valid"`` or ``"same"``.
+        data_format: ``"channels_last"`` or ``"channels_first"``.
+        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
+
+    Returns:
+        ``[B, P, Q, C]`` or ``[B, C, P, Q]`` tensor of the dtype of ``x``.
+    """
+    dispatch.check_implementation(implementation)
+    strides = pool_size if strides is None else strides
+    check_pool_arguments(pool_size, strides, padding, data_format)
+    x = tf.convert_to_tensor(x)
+    check_floating("x", x)
+    if x.shape.rank != 4:
+        layout = "[B, H, W, C]" if data_format == "channels_last" else "[B, C, H, W]"
+        raise ValueError(
+            f"`x` must have rank 4 ({layout}). Received: x.shape={tuple(x.shape)}"
+        )
+    pooled_shape(x.shape, pool_size, strides, padding, data_format)
+    kernel = MAX_POOL2D[data_format]
+    chosen = kernel.select(implementation, platform=dispatch.platform_of(x), dtype=x.dtype)
+    return kernel.run(
+        chosen, x, pool_size=pool_size, strides=strides, padding=padding, data_format=data_format
+    )

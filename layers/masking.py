@@ -1,0 +1,120 @@
+"""FixedMask and CenterZero: multiply by a constant mask, or zero a centred window."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from fastlayers import kernels
+from fastlayers.kernels import masking
+from fastlayers.layers.base import FastLayer, register
+from fastlayers.layers.pooling import check_positive_pair
+
+
+@register
+class FixedMask(FastLayer):
+    """Multiplies the input by a constant mask that broadcasts over the batch.
+
+    The mask is a constant of the layer, not a weight: it is absent from
+    ``layer.weights`` (no optimizer or checkpoint sees it) and is saved in the
+    config as a nested list, so a ``.keras`` file carries it. It is cast to the
+    compute dtype at call time, so under float16/bfloat16 policies its values are
+    rounded to that dtype.
+
+    Args:
+        mask: array-like of numbers whose shape broadcasts against the input without
+            its batch axis and leaves that shape unchanged, e.g. ``(H, W)`` for
+            inputs ``(batch, H, W)`` or ``(batch, C, H, W)``.
+        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
+
+    Input shape:
+        ``(batch, ...)``, rank 1 or more.
+
+    Output shape:
+        The input's shape.
+
+    Example:
+
+    >>> layer = FixedMask([[1.0, 0.0], [0.0, 1.0]])
+    >>> layer(keras.ops.ones((3, 2, 2)))[0]  # doctest: +SKIP
+    [[1., 0.], [0., 1.]]
+    """
+
+    def __init__(self, mask, *, implementation=None, **kwargs):
+        try:
+            array = np.asarray(mask, dtype=np.float64)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                "Received an invalid value for `mask`, expected a (nested) list or array "
+                f"of numbers. Received: mask={mask!r}"
+            ) from error
+        super().__init__(implementation=implementation, **kwargs)
+        self.mask = array
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        if len(input_shape) < 1:
+            raise ValueError(
+                f"Layer {self.name!r} expects an input with a batch axis. "
+                f"Received: input_shape={tuple(input_shape)}"
+            )
+        masking.check_mask_broadcasts(self.mask.shape, input_shape)
+
+    def call(self, inputs):
+        return kernels.fixed_mask(inputs, self.mask, implementation=self.implementation)
+
+    def compute_output_shape(self, input_shape):
+        masking.check_mask_broadcasts(self.mask.shape, input_shape)
+        return tuple(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "mask": self.mask.tolist()}
+
+
+@register
+class CenterZero(FastLayer):
+    """Zeroes the centred ``size`` window of the last two axes; the rest passes through.
+
+    On a 10x10 input of sixes with ``size=(2, 2)``, rows and columns 4 and 5 become
+    zero. The window starts at ``(H - h) // 2`` and ``(W - w) // 2``: when ``H - h``
+    (or ``W - w``) is odd it sits half a row nearer the top (or left), the extra row
+    (column) left below (right of) it. The window is set to zero, not multiplied by
+    zero, so inf or NaN inside it become 0; outside it the input is unchanged. The
+    gradient is 0 inside the window and 1 outside.
+
+    Args:
+        size: int or tuple of 2 positive ints ``(h, w)``, the window's height and
+            width, at most the input's last two axes.
+        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
+
+    Input shape:
+        ``(..., H, W)``, rank 2 or more, with ``H`` and ``W`` known.
+
+    Output shape:
+        The input's shape.
+
+    Example:
+
+    >>> layer = CenterZero(size=(2, 2))
+    >>> layer(keras.ops.full((1, 10, 10), 6.0))[0, 4:6, 3:7]  # doctest: +SKIP
+    [[6., 0., 0., 6.], [6., 0., 0., 6.]]
+    """
+
+    def __init__(self, size=(2, 2), *, implementation=None, **kwargs):
+        super().__init__(implementation=implementation, **kwargs)
+        self.size = check_positive_pair("size", size)
+        self.input_spec = keras.layers.InputSpec(min_ndim=2)
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        masking.check_center_window(input_shape, self.size)
+
+    def call(self, inputs):
+        return kernels.center_zero(inputs, self.size, implementation=self.implementation)
+
+    def compute_output_shape(self, input_shape):
+        masking.check_center_window(input_shape, self.size)
+        return tuple(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size}

@@ -1,0 +1,138 @@
+"""MaxPooling2D: a drop-in for ``keras.layers.MaxPooling2D``."""
+
+from __future__ import annotations
+
+import numbers
+
+import keras
+
+from fastlayers import kernels
+from fastlayers.kernels import pooling
+from fastlayers.layers.base import FastLayer, register
+
+
+def check_positive_pair(name: str, value) -> tuple[int, int]:
+    """``value`` as a pair of positive ints (an int is used for both); else raises."""
+    pair = (value, value) if isinstance(value, numbers.Integral) else value
+    try:
+        pair = tuple(pair)
+    except TypeError:
+        pair = None
+    if (
+        pair is None
+        or len(pair) != 2
+        or not all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in pair
+        )
+    ):
+        raise ValueError(
+            f"Received an invalid value for `{name}`, expected a positive integer or a "
+            f"tuple of 2 positive integers. Received: {name}={value!r}"
+        )
+    return int(pair[0]), int(pair[1])
+
+
+def standardize_choice(name: str, value, choices) -> str:
+    """``value`` lower-cased if it is one of ``choices`` (case-insensitive); else raises."""
+    if isinstance(value, str) and value.lower() in choices:
+        return value.lower()
+    raise ValueError(
+        f"Received an invalid value for `{name}`, expected one of "
+        f"{', '.join(repr(c) for c in choices)}. Received: {name}={value!r}"
+    )
+
+
+@register
+class MaxPooling2D(FastLayer):
+    """Max pooling over the spatial axes, a drop-in for ``keras.layers.MaxPooling2D``.
+
+    Same constructor arguments, defaults, output (bit for bit: max pooling does not
+    round) and gradient as Keras's layer, including the routing of ties: a window's
+    gradient goes to the first of its maxima in row-major order. On ``channels_first``
+    input the XLA path pools in place instead of transposing to channels_last and
+    back, which Keras's TensorFlow backend does.
+
+    Args:
+        pool_size: int or tuple of 2 ints, the window's height and width.
+        strides: int, tuple of 2 ints, or None (``pool_size``).
+        padding: ``"valid"`` or ``"same"`` (case-insensitive). ``"same"`` pads
+            evenly, the odd row or column after the input.
+        data_format: ``"channels_last"`` (``(batch, height, width, channels)``) or
+            ``"channels_first"`` (``(batch, channels, height, width)``); None takes
+            ``keras.config.image_data_format()``.
+        implementation: None (auto: the fastest for the device, dtype and layout),
+            ``"reference"``, ``"graph"`` or ``"xla"``.
+
+    Input shape:
+        4D tensor ``(batch, height, width, channels)`` or
+        ``(batch, channels, height, width)``.
+
+    Output shape:
+        4D tensor ``(batch, pooled_height, pooled_width, channels)`` or
+        ``(batch, channels, pooled_height, pooled_width)``, where a pooled length is
+        ``floor((length - pool) / stride) + 1`` for ``"valid"`` and
+        ``ceil(length / stride)`` for ``"same"``.
+
+    Raises:
+        ValueError: on a bad argument, an input that is not 4D, or (``"valid"``)
+            a window larger than the input.
+
+    Example:
+
+    >>> layer = MaxPooling2D(pool_size=2)
+    >>> layer(keras.ops.ones((1, 4, 6, 3))).shape
+    TensorShape([1, 2, 3, 3])
+    """
+
+    def __init__(
+        self,
+        pool_size=(2, 2),
+        strides=None,
+        padding="valid",
+        data_format=None,
+        name=None,
+        *,
+        implementation=None,
+        **kwargs,
+    ):
+        super().__init__(implementation=implementation, name=name, **kwargs)
+        self.pool_size = check_positive_pair("pool_size", pool_size)
+        self.strides = check_positive_pair(
+            "strides", pool_size if strides is None else strides
+        )
+        self.padding = standardize_choice("padding", padding, pooling.PADDINGS)
+        self.data_format = standardize_choice(
+            "data_format",
+            keras.config.image_data_format() if data_format is None else data_format,
+            pooling.DATA_FORMATS,
+        )
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+
+    def call(self, inputs):
+        return kernels.max_pool2d(
+            inputs,
+            self.pool_size,
+            self.strides,
+            self.padding,
+            self.data_format,
+            implementation=self.implementation,
+        )
+
+    def compute_output_shape(self, input_shape):
+        if len(input_shape) != 4:
+            raise ValueError(
+                f"Layer {self.name!r} expects a 4D input. "
+                f"Received: input_shape={tuple(input_shape)}"
+            )
+        return pooling.pooled_shape(
+            input_shape, self.pool_size, self.strides, self.padding, self.data_format
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "pool_size": self.pool_size,
+            "padding": self.padding,
+            "strides": self.strides,
+            "data_format": self.data_format,
+        }

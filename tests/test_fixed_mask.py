@@ -1,0 +1,88 @@
+"""FixedMask: a constant mask times the input, saved in the config, never a weight."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import COMPILED, IMPLEMENTATIONS, round_to
+
+from fastlayers import kernels, layers
+
+MASK = np.array([[1.0, 0.0, 0.5, 2.0], [0.25, 1.0, 0.0, -1.0], [1.0, 1.0, 3.0, 0.0]])
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_matches_numpy_under_every_policy(implementation, policy, rng):
+    x = rng.standard_normal((2, 5, 3, 4)).astype(np.float32)  # mask broadcasts over axis 1
+    layer = layers.FixedMask(MASK, implementation=implementation)
+    y = layer(x)
+    dtype = policy.compute_dtype
+    assert y.dtype == dtype
+    expected = round_to(round_to(x, dtype) * round_to(MASK, dtype), dtype)
+    kernels.tolerance(dtype).check(y, expected)
+
+
+@pytest.mark.parametrize("implementation", COMPILED)
+def test_compiled_gradients_match_reference(implementation, policy, rng):
+    x = tf.constant(rng.standard_normal((2, 3, 4)).astype(np.float32))
+
+    def grad(impl):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layers.FixedMask(MASK, implementation=impl)(x)
+        return tape.gradient(y, x, output_gradients=tf.ones_like(y))
+
+    expected = grad("reference")
+    np.testing.assert_allclose(expected[0], round_to(MASK, policy.compute_dtype))
+    kernels.tolerance(policy.compute_dtype, grad=True).check(grad(implementation), expected)
+
+
+def test_mask_is_not_a_weight():
+    layer = layers.FixedMask(MASK)
+    layer(np.ones((2, 3, 4), np.float32))
+    assert layer.weights == [] and layer.trainable_weights == []
+    model = keras.Sequential([keras.Input((3, 4)), layer, keras.layers.Dense(1)])
+    assert len(model.trainable_weights) == 2  # the Dense kernel and bias only
+
+
+def test_config_holds_the_mask_as_a_nested_list():
+    config = layers.FixedMask(MASK, implementation="graph").get_config()
+    assert config["mask"] == MASK.tolist()
+    assert isinstance(config["mask"][0], list)
+    clone = layers.FixedMask.from_config(config)
+    np.testing.assert_array_equal(clone.mask, MASK)
+    assert clone.get_config() == config
+
+
+def test_keras_file_round_trip_in_safe_mode(tmp_path, rng):
+    model = keras.Sequential([keras.Input((3, 4)), layers.FixedMask(MASK)])
+    path = tmp_path / "mask.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    np.testing.assert_array_equal(loaded(x), model(x))
+    np.testing.assert_array_equal(loaded.layers[0].mask, MASK)
+
+
+def test_compute_output_shape():
+    layer = layers.FixedMask(MASK)
+    assert layer.compute_output_shape((None, 7, 3, 4)) == (None, 7, 3, 4)
+    assert layers.FixedMask([[1.0], [0.0], [1.0]]).compute_output_shape((2, 3, 4)) == (2, 3, 4)
+
+
+def test_mask_that_cannot_broadcast_raises():
+    message = r"mask.shape=\(3, 4\), inputs.shape=\(2, 4, 3\)"
+    with pytest.raises(ValueError, match=message):
+        layers.FixedMask(MASK)(np.ones((2, 4, 3), np.float32))
+    # A mask that would grow the input is refused too: its output would not be the input's shape.
+    with pytest.raises(ValueError, match=r"mask.shape=\(2, 3, 4\), inputs.shape=\(None, 3, 4\)"):
+        layers.FixedMask(np.ones((2, 3, 4))).compute_output_shape((None, 3, 4))
+    with pytest.raises(ValueError, match=r"mask.shape=\(3, 4\), inputs.shape=\(5, 4\)"):
+        kernels.fixed_mask(np.ones((5, 4), np.float32), MASK)
+
+
+def test_bad_mask_raises():
+    with pytest.raises(ValueError, match=r"`mask`.*Received: mask='ones'"):
+        layers.FixedMask("ones")
+    with pytest.raises(ValueError, match=r"`mask`.*Received: mask=\[\[1.0\], \[1.0, 2.0\]\]"):
+        layers.FixedMask([[1.0], [1.0, 2.0]])
