@@ -31,32 +31,47 @@ def _acts_on_last_axis_only(activation) -> bool:
     return getattr(activation, "__module__", "").startswith("keras.")
 
 
+def _size(tensor, axis):
+    # reduce_retracing may relax static sizes to None: fall back on the dynamic one
+    static = tensor.shape[axis]
+    return static if static is not None else tf.shape(tensor)[axis]
+
+
+def rows_matmul(x, kernel):
+    """``x [..., K]`` as ``[M, K]`` rows times ``kernel [K, N]``: ``[M, N]``.
+
+    Float16/bfloat16 operands are cast to float32 first unless the platform's matmul
+    accumulates them in float32 natively; the result is in the operand dtype.
+    """
+    native = dispatch.native_low_precision_matmul(dispatch.platform_of(x), x.dtype)
+    operand_dtype = x.dtype if native else accumulation_dtype(x.dtype)
+    rows = x if x.shape.rank == 2 else tf.reshape(x, [-1, _size(kernel, 0)])
+    return tf.matmul(tf.cast(rows, operand_dtype), tf.cast(kernel, operand_dtype))
+
+
+def unflatten_rows(y, x, kernel):
+    """``y [M, N]`` from ``rows_matmul(x, kernel)`` back to ``[..., N]``."""
+    if x.shape.rank == 2:
+        return y
+    y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [_size(kernel, 1)]], axis=0))
+    y.set_shape(x.shape[:-1].concatenate([kernel.shape[1]]))
+    return y
+
+
 def dense_compiled(x, kernel, bias=None, *, activation=None):
     """The graph/XLA algorithm: one 2-D MatMul → BiasAdd → activation chain.
 
     That chain is the pattern grappler's remapper fuses into a single ``_FusedMatMul``
-    (oneDNN on CPU, cuBLASLt on GPU), and XLA fuses the epilogue into one loop.
-    Float16/bfloat16 operands are cast to float32 first unless the platform's matmul
-    accumulates them in float32 natively.
+    (oneDNN or Eigen on CPU, cuBLASLt on GPU), and XLA fuses the epilogue into one
+    loop. Operands are widened as ``rows_matmul`` says.
     """
-    native = dispatch.native_low_precision_matmul(dispatch.platform_of(x), x.dtype)
-    operand_dtype = x.dtype if native else accumulation_dtype(x.dtype)
-    # reduce_retracing may relax static sizes to None: fall back on dynamic ones
-    features, units = (
-        static if static is not None else dynamic
-        for static, dynamic in zip(kernel.shape, tf.unstack(tf.shape(kernel)))
-    )
-    rank = x.shape.rank
-    rows = x if rank == 2 else tf.reshape(x, [-1, features])  # [M, K]
-    y = tf.matmul(tf.cast(rows, operand_dtype), tf.cast(kernel, operand_dtype))
+    y = rows_matmul(x, kernel)  # [M, N]
     if bias is not None:
-        y = tf.nn.bias_add(y, tf.cast(bias, operand_dtype))
+        y = tf.nn.bias_add(y, tf.cast(bias, y.dtype))
     fuse_activation = activation is not None and _acts_on_last_axis_only(activation)
     if fuse_activation:
         y = activation(y)
-    if rank != 2:
-        y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [units]], axis=0))
-        y.set_shape(x.shape[:-1].concatenate([kernel.shape[1]]))
+    y = unflatten_rows(y, x, kernel)
     if activation is not None and not fuse_activation:
         y = activation(y)
     return tf.cast(y, x.dtype)

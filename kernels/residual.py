@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.auto import AUTO
+from fastlayers.kernels.dense import rows_matmul, unflatten_rows
 from fastlayers.kernels.precision import accumulation_dtype, check_floating
 
 
@@ -28,21 +29,12 @@ def residual_projection_reference(a, b, kernel):
 def residual_projection_compiled(a, b, kernel):
     """The graph/XLA algorithm: one 2-D ``[M, K]·[K, N]`` matmul with ``b`` in its epilogue.
 
-    As in ``dense_compiled``, float16/bfloat16 operands go to the matmul in float32
-    unless the platform's matmul accumulates them in float32 natively.
+    Operands are widened as in ``dense_compiled`` (``rows_matmul``).
     """
-    native = dispatch.native_low_precision_matmul(dispatch.platform_of(a), a.dtype)
     acc = accumulation_dtype(a.dtype)
-    operand_dtype = a.dtype if native else acc
-    features, units = kernel.shape
-    rank = a.shape.rank
-    rows_a = a if rank == 2 else tf.reshape(a, [-1, features])  # [M, K]
-    rows_b = b if rank == 2 else tf.reshape(b, [-1, units])  # [M, N]
-    y = tf.matmul(tf.cast(rows_a, operand_dtype), tf.cast(kernel, operand_dtype))
-    y = tf.cast(y, acc) + tf.cast(rows_b, acc)
-    if rank != 2:
-        y = tf.reshape(y, tf.shape(b))
-        y.set_shape(b.shape)
+    y = rows_matmul(a, kernel)  # [M, N]
+    y = tf.cast(y, acc) + tf.cast(tf.reshape(b, tf.shape(y)), acc)
+    y = unflatten_rows(y, a, kernel)
     mean = tf.reduce_mean(tf.cast(b, acc), axis=-1)
     return tf.cast(y, a.dtype), tf.cast(mean, a.dtype)
 

@@ -13,13 +13,15 @@ from fastlayers.kernels.dense import DENSE
 @pytest.mark.parametrize("case", LAYER_CASES, ids=str)
 @pytest.mark.parametrize("jit_compile", [False, True, "auto"])
 def test_fit_under_every_jit_compile_setting(case, jit_compile, rng):
-    x = np.asarray(case.inputs(rng), "float32")
-    inputs = keras.Input(x.shape[1:])
-    features = keras.layers.Flatten()(case.make()(inputs))
+    x = tf.nest.map_structure(lambda a: np.concatenate([np.asarray(a, "float32")] * 8),
+                              case.inputs(rng))
+    inputs = tf.nest.map_structure(lambda a: keras.Input(a.shape[1:]), x)
+    outputs = tf.nest.flatten(case.make()(inputs))
+    features = keras.layers.Concatenate()([keras.layers.Flatten()(o) for o in outputs]) \
+        if len(outputs) > 1 else keras.layers.Flatten()(outputs[0])
     model = keras.Model(inputs, keras.layers.Dense(1)(features))
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", jit_compile=jit_compile)
-    x = np.concatenate([x] * 8)
-    history = model.fit(x, np.ones((len(x), 1), "float32"), epochs=3, batch_size=8, verbose=0)
+    history = model.fit(x, np.ones((24, 1), "float32"), epochs=3, batch_size=8, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
     assert history.history["loss"][-1] < history.history["loss"][0]
 

@@ -123,3 +123,78 @@ def test_nan_and_inf_stay_in_their_row(implementation, poison, rng):
     clean = np.delete(np.arange(6), 2)
     assert np.isfinite(y[clean]).all()
     tolerance("float32").check(y[clean], expected[clean])
+
+
+# --- the tutorial kernels: random shapes and arguments, every implementation ---------
+
+from test_center_zero import center_zero_oracle  # noqa: E402
+from test_max_pooling2d import pool_oracle  # noqa: E402
+
+small = st.integers(1, 9)
+windows = st.tuples(st.integers(1, 4), st.integers(1, 4))
+
+
+@st.composite
+def pooling_problems(draw):
+    pool, strides = draw(windows), draw(windows)
+    padding = draw(st.sampled_from(["valid", "same"]))
+    h = draw(st.integers(pool[0] if padding == "valid" else 1, 12))
+    w = draw(st.integers(pool[1] if padding == "valid" else 1, 12))
+    data_format = draw(st.sampled_from(["channels_last", "channels_first"]))
+    shape = (draw(small), h, w, draw(st.integers(1, 3)))
+    if data_format == "channels_first":
+        shape = (shape[0], shape[3], h, w)
+    x = np.random.default_rng(draw(st.integers(0, 2**31 - 1))).standard_normal(shape)
+    return x, pool, strides, padding, data_format
+
+
+@QUICK
+@given(pooling_problems(), float_dtypes)
+def test_max_pool2d_paths_agree(problem, dtype):
+    x, pool, strides, padding, data_format = problem
+    x = round_to(x, dtype)
+    expected, _ = pool_oracle(x, pool, strides, padding, data_format)
+    for implementation in (None, "reference", *COMPILED):
+        y = kernels.max_pool2d(tf.constant(x, dtype), pool, strides, padding, data_format,
+                               implementation=implementation)
+        # a maximum is one of its inputs: every path is exact
+        np.testing.assert_array_equal(y.numpy().astype(np.float64), expected, err_msg=str(implementation))
+
+
+@QUICK
+@given(st.lists(small, min_size=3, max_size=4), windows, float_dtypes, st.integers(0, 2**31 - 1))
+def test_center_zero_and_fixed_mask_paths_agree(shape, size, dtype, seed):
+    rng = np.random.default_rng(seed)
+    shape = [*shape[:-2], max(shape[-2], size[0]), max(shape[-1], size[1])]
+    x = round_to(rng.standard_normal(shape), dtype)
+    mask = round_to(rng.standard_normal(shape[-2:]), dtype)
+    for implementation in (None, "reference", *COMPILED):
+        zeroed = kernels.center_zero(tf.constant(x, dtype), size, implementation=implementation)
+        np.testing.assert_array_equal(zeroed.numpy().astype(np.float64), center_zero_oracle(x, size))
+        masked = kernels.fixed_mask(tf.constant(x, dtype), tf.constant(mask, dtype),
+                                    implementation=implementation)
+        tolerance(dtype).check(masked.numpy().astype(np.float64), x * mask)
+
+
+@QUICK
+@given(st.lists(sizes, min_size=1, max_size=3).filter(lambda s: np.prod(s) <= 20000), float_dtypes,
+       st.integers(0, 2**31 - 1))
+def test_exponential_paths_agree(shape, dtype, seed):
+    x = round_to(np.random.default_rng(seed).uniform(-8, 8, shape), dtype)
+    for implementation in (None, "reference", *COMPILED):
+        y = kernels.exponential(tf.constant(x, dtype), implementation=implementation)
+        tolerance(dtype).check(y.numpy().astype(np.float64) / np.exp(x), np.ones_like(x),
+                               what=f"{implementation} exp(x) / numpy exp(x)")
+
+
+@QUICK
+@given(st.lists(small, min_size=1, max_size=3), sizes, sizes, float_dtypes, st.integers(0, 2**31 - 1))
+def test_residual_projection_paths_agree(leading, k, n, dtype, seed):
+    rng = np.random.default_rng(seed)
+    a, b = (round_to(rng.standard_normal((*leading, d)), dtype) for d in (k, n))
+    kernel = round_to(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
+    for implementation in (None, "reference", *COMPILED):
+        y, mean = kernels.residual_projection(tf.constant(a, dtype), tf.constant(b, dtype),
+                                              tf.constant(kernel, dtype), implementation=implementation)
+        tolerance(dtype).check(y.numpy().astype(np.float64), np.tensordot(a, kernel, 1) + b)
+        tolerance(dtype).check(mean.numpy().astype(np.float64), b.mean(-1))
