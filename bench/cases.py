@@ -121,6 +121,12 @@ class Suite:
     sweep_sizes: tuple[int, ...]
     headline: bool = True
 
+    def sizes_from(self, option: str | None) -> tuple[int, ...]:
+        """Sizes from a ``"256,1024"`` option; the quick sizes when it is empty."""
+        if not option:
+            return self.quick_sizes
+        return tuple(int(size) for size in option.split(","))
+
     def provider(self, name: str) -> Provider:
         for provider in self.providers:
             if provider.name == name:

@@ -428,3 +428,44 @@ def plot(path: str, results: Sequence[Result], machine: dict) -> None:
         write_atomically(path, "--plot", write)
     finally:
         plt.close(fig)
+
+
+# --- pytest-benchmark ---------------------------------------------------------------
+
+PYTEST_ROUNDS = 5
+
+
+def benchmark_case(benchmark, case: Case, rounds: int = PYTEST_ROUNDS) -> None:
+    """Times one case with pytest-benchmark's fixture and records derived figures.
+
+    ``extra_info`` gets GFLOP/s (from pytest-benchmark's median) and the fraction
+    of the peak row. The machine's speed drifts between one test and the next, so
+    the fraction comes from a second, interleaved measurement of this case beside
+    the peak row (``measure_group``) rather than from two tests minutes apart.
+    """
+    benchmark.group = " ".join(str(part) for part in case.group)
+    step = case.build()
+    step()  # trace and compile outside the timed rounds
+    if benchmark.disabled:  # --benchmark-disable: a smoke run, no statistics
+        benchmark(step)
+        return
+    benchmark.pedantic(step, rounds=rounds, iterations=calibrate(step), warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    if case.provider.role == PEAK:
+        fraction = 1.0
+    else:
+        pair = measure_group([case, case.with_provider(case.suite.role(PEAK))], rounds)
+        fraction = pair[0].fraction_of_peak
+    benchmark.extra_info.update(
+        {
+            "gflops": flops_lib.gflops_per_second(case.flops, median),
+            "fraction_of_peak": fraction,
+            "suite": case.suite.name,
+            "provider": case.provider_label,
+            "mode": case.mode,
+            "policy": case.policy,
+            "device": case.device,
+            "shape": dict(case.shape),
+            "flops": case.flops,
+        }
+    )
