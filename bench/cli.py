@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _csv(kind, choices=None, convert=str):
+def _csv(kind, choices=None, convert=str, expected=""):
     """A comma-separated list of ``kind`` (singular), each converted and checked."""
 
     def parse(text):
@@ -40,7 +40,9 @@ def _csv(kind, choices=None, convert=str):
             try:
                 value = convert(item)
             except ValueError:
-                raise argparse.ArgumentTypeError(f"invalid {kind} {item!r}") from None
+                raise argparse.ArgumentTypeError(
+                    f"invalid {kind} {item!r}" + (f" (expected {expected})" if expected else "")
+                ) from None
             if choices is not None and value not in choices:
                 raise argparse.ArgumentTypeError(
                     f"unknown {kind} {item!r} (choose from {', '.join(choices)})"
@@ -61,7 +63,9 @@ def _positive_int(text):
 def _sizes(text):
     if text in ("quick", "sweep"):
         return text
-    return _csv("size (a positive integer, `quick` or `sweep`)", convert=_positive_int)(text)
+    return _csv(
+        "size", convert=_positive_int, expected="positive integers, `quick` or `sweep`"
+    )(text)
 
 
 def _positive_int_arg(text):
@@ -82,7 +86,7 @@ def _percent(text):
 
 
 def _shape(text):
-    return tuple(_csv("input dimension", convert=_positive_int)(text.replace("x", ",")))
+    return tuple(_csv("input dimension", convert=_positive_int, expected="positive integers")(text.replace("x", ",")))
 
 
 def build_parser() -> argparse.ArgumentParser:
