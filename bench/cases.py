@@ -12,14 +12,14 @@ of the same problem: what this machine's matmul library reaches, against which
 the others are a fraction) and the **baseline** row (the Keras built-in, against
 which speed-ups are quoted).
 
-Dense shape letters: input ``x [M, K]``, kernel ``[K, N]``; ``size`` is ``M``, the
-number of rows (tokens, batch items).
+Shape letters: input ``x [M, K]``, kernel ``[K, N]``. For the dense suite ``size``
+is ``M``, the number of rows (tokens, batch items); for the matmul suite
+``M = K = N = size``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 
@@ -80,7 +80,9 @@ class Provider:
     Args:
         name: the name used on the command line, in results and in the plot legend.
         build: ``build(shape, policy) -> step``, a zero-argument eager callable that
-            computes the problem once on inputs and weights it created.
+            computes the problem once on inputs and weights it created. A closure,
+            not a ``functools.partial``: ``tf.function`` re-converts a partial's
+            bound arguments on every call, which costs more than a small matmul.
         role: ``PEAK`` (the machine's matmul library on the same problem),
             ``BASELINE`` (the Keras built-in) or ``""``.
         note: optional ``note(shape, policy, device) -> str`` shown beside the name,
@@ -241,7 +243,7 @@ def _fastlayers_dense(implementation):
         )
         x = _normal([shape["M"], shape["K"]], policy, 1)
         layer.build(x.shape)
-        return functools.partial(layer, x)
+        return lambda: layer(x)
 
     return build
 
@@ -250,13 +252,13 @@ def _keras_dense(shape, policy):
     layer = keras.layers.Dense(shape["N"], activation="relu", dtype=policy)
     x = _normal([shape["M"], shape["K"]], policy, 1)
     layer.build(x.shape)
-    return functools.partial(layer, x)
+    return lambda: layer(x)
 
 
 def _tf_matmul(shape, policy):
     x = _normal([shape["M"], shape["K"]], policy, 1)
     w = _normal([shape["K"], shape["N"]], policy, 2)
-    return functools.partial(tf.matmul, x, w)
+    return lambda: tf.matmul(x, w)
 
 
 def _dense_auto_choice(shape, policy, device):
@@ -288,4 +290,47 @@ DENSE = Suite(
     sweep_sizes=(256, 512, 1024, 2048, 4096, 8192),
 )
 
-SUITES: dict[str, Suite] = {suite.name: suite for suite in (DENSE,)}
+
+
+# --- matmul: the dense kernel alone on square [n, n]·[n, n] -------------------------
+
+def _fastlayers_matmul(implementation):
+    def build(shape, policy):
+        from fastlayers import kernels
+
+        x = _normal([shape["M"], shape["K"]], policy, 1)
+        w = _normal([shape["K"], shape["N"]], policy, 2)
+        return lambda: kernels.dense(x, w, implementation=implementation)
+
+    return build
+
+
+def _keras_matmul(shape, policy):
+    x = _normal([shape["M"], shape["K"]], policy, 1)
+    w = _normal([shape["K"], shape["N"]], policy, 2)
+    return lambda: keras.ops.matmul(x, w)
+
+
+MATMUL = Suite(
+    name="matmul",
+    title="fastlayers.kernels.dense (no bias, no activation) on [n, n]·[n, n]",
+    x_label="matrix side n",
+    shape=lambda size: {"M": size, "K": size, "N": size},
+    flops=lambda s: flops_lib.dense_flops(s["M"], s["K"], s["N"]),
+    label=lambda s: f"{s['M']}x{s['K']} @ {s['K']}x{s['N']}",
+    providers=(
+        Provider("fastlayers", _fastlayers_matmul(None), note=_dense_auto_choice),
+        *(
+            Provider(f"fastlayers-{impl}", _fastlayers_matmul(impl))
+            for impl in dispatch.IMPLEMENTATIONS
+        ),
+        Provider("keras", _keras_matmul, role=BASELINE),
+        Provider("tf.matmul", _tf_matmul, role=PEAK),
+    ),
+    quick_sizes=(2048,),
+    sweep_sizes=(256, 512, 1024, 2048, 4096),
+    # The Dense suite already shows the matmul headline within the two-minute run.
+    headline=False,
+)
+
+SUITES: dict[str, Suite] = {suite.name: suite for suite in (DENSE, MATMUL)}

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=DEVICES, default="cpu")
     bench.add_argument("--providers", type=_csv("provider"),
                        help="comma-separated providers (default: all of the suite)")
-    bench.add_argument("--repeats", type=_positive_int_arg, default=5,
+    bench.add_argument("--repeats", type=_positive_int_arg, default=3,
                        help="interleaved timed rounds per case; the median is reported")
     bench.add_argument("--json", metavar="PATH", help="write results and the machine as JSON")
     bench.add_argument("--plot", metavar="PATH.png", help="draw throughput against size")

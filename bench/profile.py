@@ -24,13 +24,25 @@ import tensorflow as tf
 
 from fastlayers.bench import cases
 
-# One row per layer: constructor arguments and an input shape that make a
-# representative workload, and how to call the layer on one input tensor.
+
+def call_on_input(layer, x):
+    return layer(x)
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerDefaults:
+    """A representative workload for a layer profiled by name.
+
+    Attributes:
+        args: constructor arguments.
+        input_shape: the shape of the one input tensor.
+        call: ``call(layer, x)``, how a step calls the layer on it (an attention
+            layer, say, as ``layer(x, x)``).
+    """
+
     args: dict
     input_shape: tuple[int, ...]
-    call: Callable = staticmethod(lambda layer, x: layer(x))
+    call: Callable = call_on_input
 
 
 LAYER_DEFAULTS: dict[str, LayerDefaults] = {
@@ -183,7 +195,7 @@ def profile_layer(
         except ValueError as error:
             raise ProfileError(str(error).splitlines()[0]) from None
     else:
-        call = LayerDefaults.call
+        call = call_on_input
     if not input_shape:
         raise ProfileError("an input shape is needed (`--input-shape`, e.g. 4096,1024)")
     created = _prepare_logdir(logdir)

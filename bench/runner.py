@@ -350,8 +350,8 @@ def table(results: Sequence[Result]) -> str:
     for r in results:
         case = r.case
         if r.error is not None:
-            row = [case.suite.label(case.shape), case.mode, case.provider.name, case.policy,
-                   "failed", r.error, ""]
+            row = [f"{case.suite.name} {case.suite.label(case.shape)}", case.mode,
+                   case.provider.name, case.policy, "failed", r.error, ""]
             rows.append(row + (["", ""] if with_old else []))
             continue
         row = [

@@ -218,7 +218,7 @@ def test_pytest_benchmark_suite_runs_saves_and_compares(tmp_path):
     """`pytest bench --benchmark-only` with --benchmark-json/-save/-compare, tiny sizes."""
     base = [sys.executable, "-m", "pytest", "bench", "--benchmark-only", "-q",
             "--bench-sizes", "16",
-            "-k", "cpu and float32 and function and not mixed and (keras or tf.matmul)",
+            "-k", "test_dense and cpu and float32 and function and not mixed and (keras or tf.matmul)",
             "--benchmark-storage", str(tmp_path / "storage"), "-p", "no:cacheprovider"]
     report = tmp_path / "bench.json"
     done = subprocess.run(base + ["--benchmark-json", str(report), "--benchmark-save", "one"],
