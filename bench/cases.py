@@ -26,7 +26,6 @@ from collections.abc import Callable, Mapping, Sequence
 import keras
 import pytest
 import tensorflow as tf
-
 from fastlayers.bench import flops as flops_lib
 from fastlayers.kernels import dispatch
 

@@ -86,11 +86,18 @@ def _percent(text):
 
 
 def _shape(text):
-    return tuple(_csv("input dimension", convert=_positive_int, expected="positive integers")(text.replace("x", ",")))
+    dims = _csv("input dimension", convert=_positive_int, expected="positive integers")
+    return tuple(dims(text.replace("x", ",")))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastlayers.bench.cases import DEVICES, HEADLINE_POLICIES, MODES, POLICIES, SUITES
+    from fastlayers.bench.cases import (
+        DEVICES,
+        HEADLINE_POLICIES,
+        MODES,
+        POLICIES,
+        SUITES,
+    )
 
     parser = _Parser(prog="fastlayers", description="fastlayers benchmarks and profiles.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -188,7 +195,9 @@ def _bench(args) -> int:
     if old is not None:
         matched = runner.attach_old(results, old)
         if matched == 0 and args.fail_on_regression is not None:
-            raise UsageError(f"argument --compare: {args.compare} has no case in common with this run")
+            raise UsageError(
+                f"argument --compare: {args.compare} has no case in common with this run"
+            )
     print(runner.table(results))
     if args.fail_on_regression is not None:
         slower = runner.regressions(results, args.fail_on_regression)

@@ -19,9 +19,7 @@ import re
 import shutil
 from collections.abc import Callable, Sequence
 
-import keras
 import tensorflow as tf
-
 from fastlayers.bench import cases
 
 
@@ -187,13 +185,13 @@ def profile_layer(
     if device == "gpu" and not cases.gpu_available():
         raise ProfileError("gpu requested but no GPU is visible to TensorFlow")
     if isinstance(layer, str):
-        call = LAYER_DEFAULTS.get(layer, LayerDefaults({}, ())).call
-        if input_shape is None and layer in LAYER_DEFAULTS:
-            input_shape = LAYER_DEFAULTS[layer].input_shape
+        name = layer
         try:
-            layer = build_layer(layer, policy=policy, implementation=implementation)
+            layer = build_layer(name, policy=policy, implementation=implementation)
         except ValueError as error:
             raise ProfileError(str(error).splitlines()[0]) from None
+        call = LAYER_DEFAULTS[name].call
+        input_shape = input_shape or LAYER_DEFAULTS[name].input_shape
     else:
         call = call_on_input
     if not input_shape:
@@ -208,6 +206,7 @@ def profile_layer(
                 tf.random.stateless_normal(list(input_shape), seed=(0, 0)),
                 cases.compute_dtype(policy),
             )
+
             def step():
                 return call(layer, x)
 
@@ -216,7 +215,7 @@ def profile_layer(
             try:
                 for _ in range(WARMUP_STEPS):
                     step()
-            except ValueError as error:
+            except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
                 raise ProfileError(
                     f"layer {layer.name!r} cannot take an input of shape "
                     f"{tuple(input_shape)}: {str(error).splitlines()[0]}"

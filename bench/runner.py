@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
-
 from fastlayers.bench import flops as flops_lib
 from fastlayers.bench.cases import BASELINE, PEAK, SUITES, Case
 from fastlayers.kernels import dispatch
@@ -131,7 +130,8 @@ def measure_group(
             step()  # trace, compile, allocate
             steps[i] = (step, calibrate(step))
         except Exception as error:  # noqa: BLE001 — a row's failure is a result, shown in the table
-            result.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            result.error = f"{type(error).__name__}: {first_line}"
             for _ in range(repeats):
                 tick()
         tick()

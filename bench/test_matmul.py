@@ -14,9 +14,7 @@ square matrices against ``keras.ops.matmul`` and ``tf.matmul``.
 """
 
 import pytest
-
 from fastlayers.bench import cases, runner
-
 
 
 def pytest_generate_tests(metafunc):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from fastlayers.bench import cases, cli, runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,6 +15,12 @@ TINY = ["--sizes", "8", "--repeats", "2", "--quiet"]
 # A small run: one mode, one dtype, the rows the ratios need plus one fastlayers row.
 SMALL = TINY + ["--dtypes", "float32", "--modes", "function",
                 "--providers", "fastlayers-graph,keras,tf.matmul"]
+
+
+def run(command):
+    """Runs a command from the repository, returning its exit status and output."""
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False,
+                          timeout=600)
 
 
 def run_cli(capsys, *argv):
@@ -154,8 +159,8 @@ def test_fail_on_regression_exits_1_when_slower(capsys, tmp_path, old_run):
     assert code == cli.EXIT_REGRESSION
     assert "regression over 10%" in err and "tf.matmul" in err
     # Without the threshold a comparison only reports.
-    code, out, err = run_cli(capsys, "bench", *SMALL, "--compare", old)
-    assert code == 0
+    code, out, _ = run_cli(capsys, "bench", *SMALL, "--compare", old)
+    assert code == 0 and "change" in out.splitlines()[0]
 
 
 # {tmp} is the test's own directory, holding "a-file", "not.json" (text) and
@@ -202,12 +207,10 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, argv, messag
 def test_console_script_runs_and_fails_cleanly(tmp_path):
     script = shutil.which("fastlayers", path=os.path.dirname(sys.executable))
     command = [script] if script else [sys.executable, "-m", "fastlayers.bench.cli"]
-    done = subprocess.run(command + ["bench", *SMALL], capture_output=True, text=True,
-                          timeout=300)
+    done = run(command + ["bench", *SMALL])
     assert done.returncode == 0, done.stderr
     assert "tf.matmul" in done.stdout and "fastlayers bench on " in done.stderr
-    done = subprocess.run(command + ["bench", "--dtypes", "int8"], capture_output=True,
-                          text=True, timeout=300)
+    done = run(command + ["bench", "--dtypes", "int8"])
     assert done.returncode == cli.EXIT_USAGE
     assert "Traceback" not in done.stderr
     assert "fastlayers bench: error: argument --dtypes: unknown dtype policy 'int8'" in (
@@ -218,11 +221,11 @@ def test_pytest_benchmark_suite_runs_saves_and_compares(tmp_path):
     """`pytest bench --benchmark-only` with --benchmark-json/-save/-compare, tiny sizes."""
     base = [sys.executable, "-m", "pytest", "bench", "--benchmark-only", "-q",
             "--bench-sizes", "16",
-            "-k", "test_dense and cpu and float32 and function and not mixed and (keras or tf.matmul)",
+            "-k", "test_dense and cpu and float32 and function and not mixed "
+            "and (keras or tf.matmul)",
             "--benchmark-storage", str(tmp_path / "storage"), "-p", "no:cacheprovider"]
     report = tmp_path / "bench.json"
-    done = subprocess.run(base + ["--benchmark-json", str(report), "--benchmark-save", "one"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = run(base + ["--benchmark-json", str(report), "--benchmark-save", "one"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     benchmarks = json.loads(report.read_text())["benchmarks"]
     assert {b["extra_info"]["provider"] for b in benchmarks} == {"keras", "tf.matmul"}
@@ -231,7 +234,6 @@ def test_pytest_benchmark_suite_runs_saves_and_compares(tmp_path):
         assert info["gflops"] > 0 and info["fraction_of_peak"] > 0
         assert (info["mode"], info["policy"], info["device"]) == ("function", "float32", "cpu")
         assert info["shape"] == {"M": 16, "K": 1024, "N": 4096}
-    done = subprocess.run(base + ["--benchmark-compare", "0001"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    done = run(base + ["--benchmark-compare", "0001"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "0001_one" in done.stdout
