@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     headline = [name for name, suite in SUITES.items() if suite.headline]
     bench.add_argument("--suite", type=_csv("suite", tuple(SUITES)), default=headline,
-                       help=f"comma-separated suites (default: {','.join(headline)})")
+                       help=f"comma-separated suites, of {', '.join(SUITES)} "
+                       f"(default: {','.join(headline)})")
     bench.add_argument("--sizes", type=_sizes, default="quick",
                        help="comma-separated sizes (the suite's x axis, e.g. rows M for "
                        "dense), `quick` (default) or `sweep` (for --plot)")
@@ -120,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                        f"{','.join(HEADLINE_POLICIES)}; any of {', '.join(POLICIES)})")
     bench.add_argument("--modes", type=_csv("mode", MODES), default=list(MODES),
                        help="eager calls, tf.function calls, or both (default)")
-    bench.add_argument("--device", choices=DEVICES, default="cpu")
+    bench.add_argument("--device", choices=DEVICES, default="cpu",
+                       help="where inputs, weights and calls live (default: cpu)")
+    providers = "; ".join(f"{name}: {', '.join(s.provider_names)}" for name, s in SUITES.items())
     bench.add_argument("--providers", type=_csv("provider"),
-                       help="comma-separated providers (default: all of the suite)")
+                       help=f"comma-separated providers (default: all of the suite; {providers})")
     bench.add_argument("--repeats", type=_positive_int_arg, default=3,
                        help="interleaved timed rounds per case; the median is reported")
     bench.add_argument("--json", metavar="PATH", help="write results and the machine as JSON")

@@ -403,12 +403,17 @@ def plot(path: str, results: Sequence[Result], machine: dict) -> None:
         panel = [r for r in measured if (r.case.suite.name, r.case.policy, r.case.mode,
                                          r.case.device) == (suite_name, policy, mode, device)]
         for provider in suite.provider_names:
-            points = sorted((r.case.size, r.gflops) for r in panel
-                            if r.case.provider.name == provider)
-            if points:
+            rows = sorted((r for r in panel if r.case.provider.name == provider),
+                          key=lambda r: r.case.size)
+            if rows:
+                # Reference rows (peak, Keras) dashed, fastlayers rows solid.
                 style = "--" if suite.provider(provider).role else "-"
-                ax.plot(*zip(*points), style, marker="o", label=provider)
+                ax.plot([r.case.size for r in rows], [r.gflops for r in rows], style,
+                        marker="o", label=rows[0].case.provider_label)
+        sizes = sorted({r.case.size for r in panel})
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(size) for size in sizes])
+        ax.minorticks_off()
         ax.set_xlabel(suite.x_label)
         ax.set_ylabel("throughput (GFLOP/s)")
         ax.set_ylim(bottom=0)

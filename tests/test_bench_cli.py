@@ -97,6 +97,34 @@ def test_regressions_are_cases_slower_by_more_than_the_threshold():
     assert runner.regressions(rows, 25) == []
 
 
+def test_plot_draws_one_labelled_line_per_provider(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    drawn = []
+    savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (drawn.append(fig), savefig(fig, *a, **k))[1])
+    results = []
+    for size in (8, 16, 32):
+        for provider in cases.DENSE.providers:
+            result = runner.Result(cases.Case(cases.DENSE, size, "float32", "function", "cpu",
+                                              provider))
+            result.seconds = [1.0]
+            results.append(result)
+    machine = {"cpu": "Test CPU 9000", "cpu_count": 2, "onednn": False, "tensorflow": "2.21.0"}
+    runner.plot(str(tmp_path / "p.png"), results, machine)
+    (fig,) = drawn
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == "rows M of the input"
+    assert ax.get_ylabel() == "throughput (GFLOP/s)"
+    assert "Test CPU 9000 (2 cores, oneDNN off), TF 2.21.0" in fig.get_suptitle()
+    lines = ax.get_lines()
+    assert len(lines) == len(cases.DENSE.providers)
+    assert all(list(line.get_xdata()) == [8, 16, 32] for line in lines)
+    assert [t.get_text() for t in ax.get_legend().get_texts()][1:] == list(
+        cases.DENSE.provider_names[1:])
+
+
 def test_bench_end_to_end_writes_table_json_and_plot(capsys, tmp_path):
     json_path, png_path = tmp_path / "run.json", tmp_path / "run.png"
     code, out, err = run_cli(capsys, "bench", *TINY, "--dtypes", "float32",
