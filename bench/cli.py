@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     providers = "; ".join(f"{name}: {', '.join(s.provider_names)}" for name, s in SUITES.items())
     bench.add_argument("--providers", type=_csv("provider"),
                        help=f"comma-separated providers (default: all of the suite; {providers})")
-    bench.add_argument("--repeats", type=_positive_int_arg, default=3,
+    bench.add_argument("--repeats", type=_positive_int_arg, default=5,
                        help="interleaved timed rounds per case; the median is reported")
     bench.add_argument("--json", metavar="PATH", help="write results and the machine as JSON")
     bench.add_argument("--plot", metavar="PATH.png", help="draw throughput against size")
