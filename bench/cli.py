@@ -9,6 +9,7 @@ for TensorBoard. Bad input is reported as one line on stderr with exit status 2;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -246,9 +247,34 @@ def _profile(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Sends file descriptor 2 to /dev/null for the duration.
+
+    While TensorFlow's native libraries load and probe for CUDA they log to fd 2
+    before ``TF_CPP_MIN_LOG_LEVEL`` takes effect (on every machine without a GPU
+    driver), which would bury a one-line error. Python exceptions raised inside
+    propagate after fd 2 is restored, so their tracebacks still show.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def main(argv=None) -> int:
     """Entry point of the ``fastlayers`` console script; returns the exit status."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _native_stderr_silenced():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")
     from fastlayers.bench.profile import ProfileError
     from fastlayers.bench.runner import BenchError
 
