@@ -242,7 +242,7 @@ def _profile(args) -> int:
     print(f"wrote {result.xplane_path}")
     if result.scopes:
         print("kernel scopes in the trace: " + ", ".join(sorted(result.scopes)))
-    print("open the Profile tab (trace_viewer) of:")
+    print("run this, open Profile > trace_viewer and search for fastlayers/:")
     print(f"tensorboard --logdir {args.logdir}")
     return 0
 
