@@ -368,13 +368,13 @@ def table(results: Sequence[Result]) -> str:
             row += [_fmt(r.old_gflops, ".1f"),
                     _fmt(None if r.change is None else 100 * r.change, "+.1f", "%")]
         rows.append(row)
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
     numeric = {4, 5, 6, 7, 8}
 
     def line(cells):
         return "  ".join(
             str(c).rjust(w) if i in numeric else str(c).ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths))
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
@@ -398,7 +398,7 @@ def plot(path: str, results: Sequence[Result], machine: dict) -> None:
     columns = min(2, len(panels))
     rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(6.4 * columns, 4.2 * rows), squeeze=False)
-    for ax, (suite_name, policy, mode, device) in zip(axes.flat, panels):
+    for ax, (suite_name, policy, mode, device) in zip(axes.flat, panels, strict=False):
         suite = SUITES[suite_name]
         panel = [r for r in measured if (r.case.suite.name, r.case.policy, r.case.mode,
                                          r.case.device) == (suite_name, policy, mode, device)]
