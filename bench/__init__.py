@@ -1,1 +1,7 @@
-"""fastlayers.bench: benchmark suites, FLOP counts, the machine's peak, the CLI."""
+"""fastlayers.bench: benchmark suites, FLOP counts, the machine's peak, the CLI.
+
+``cases`` declares the suites once (Triton-style data: sizes, providers, FLOP
+counts), ``runner`` measures them for ``fastlayers bench`` (``cli``), the
+``test_*.py`` modules run them under pytest-benchmark, ``flops`` holds the FLOP
+formulas and ``profile`` captures TensorBoard profiler traces of layers.
+"""

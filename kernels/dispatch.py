@@ -179,19 +179,27 @@ class Kernel:
         )
 
     def run(self, implementation: str, *tensors, **options):
-        """Runs a resolved implementation under the profiler scope ``fastlayers/<name>/<impl>``."""
+        """Runs a resolved implementation under the profiler scope ``fastlayers/<name>/<impl>``.
+
+        Inside a graph the name scope prefixes the op names, which the trace viewer
+        shows; eager ops carry no scoped names, so an eager call of any
+        implementation is wrapped in a profiler ``Trace`` event of the same name.
+        """
         scope = f"fastlayers/{self.name}/{implementation}"
         with tf.name_scope(scope):
-            if implementation == "reference":
-                return self.reference(*tensors, **options)
-            if implementation == "graph" and not tf.executing_eagerly():
-                # Already inside a graph: inline the ops so grappler fuses them with
-                # their neighbours; a nested function call would only be inlined later.
-                return self.compiled(*tensors, **options)
             if tf.executing_eagerly():
                 with tf.profiler.experimental.Trace(scope):
-                    return self._functions[implementation](*tensors, **options)
-            return self._functions[implementation](*tensors, **options)
+                    return self._call(implementation, *tensors, **options)
+            return self._call(implementation, *tensors, **options)
+
+    def _call(self, implementation: str, *tensors, **options):
+        if implementation == "reference":
+            return self.reference(*tensors, **options)
+        if implementation == "graph" and not tf.executing_eagerly():
+            # Already inside a graph: inline the ops so grappler fuses them with
+            # their neighbours; a nested function call would only be inlined later.
+            return self.compiled(*tensors, **options)
+        return self._functions[implementation](*tensors, **options)
 
     def __call__(self, *tensors, implementation=None, **options):
         """Runs the kernel: the implementation is selected for the first floating tensor."""

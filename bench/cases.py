@@ -1,0 +1,335 @@
+"""Benchmark cases, declared once as data and run by both the pytest suites and the CLI.
+
+A :class:`Suite` is declared the way Triton declares its benchmarks: an x axis
+(``size``), the providers drawn as one line each, and an analytic FLOP count from
+``fastlayers.bench.flops`` that turns seconds into GFLOP/s. A provider is a
+function that builds one eager step (inputs, weights, the call) for a shape and a
+Keras dtype policy; the runner wraps it in a ``tf.function`` for the ``function``
+mode and places it on the device. Adding a suite is adding data to ``SUITES``.
+
+Every suite has two special providers: the **peak** row (the bare ``tf.matmul``
+of the same problem: what this machine's matmul library reaches, against which
+the others are a fraction) and the **baseline** row (the Keras built-in, against
+which speed-ups are quoted).
+
+Shape letters: input ``x [M, K]``, kernel ``[K, N]``. For the dense suite ``size``
+is ``M``, the number of rows (tokens, batch items); for the matmul suite
+``M = K = N = size``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+
+import keras
+import pytest
+import tensorflow as tf
+from fastlayers.bench import flops as flops_lib
+from fastlayers.kernels import dispatch
+
+POLICIES = ("float32", "mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
+# float32 and mixed_bfloat16 are what people train with on CPUs; the other
+# policies stay available as parameters.
+HEADLINE_POLICIES = ("float32", "mixed_bfloat16")
+MODES = ("eager", "function")
+DEVICES = ("cpu", "gpu")
+PEAK = "peak"
+BASELINE = "baseline"
+
+Shape = Mapping[str, int]
+Step = Callable[[], object]
+
+
+def gpu_available() -> bool:
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+# Parameters for pytest suites: GPU cases skip with a reason on machines without one.
+DEVICE_PARAMS = (
+    "cpu",
+    pytest.param(
+        "gpu",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not gpu_available(), reason="no GPU visible to TensorFlow"),
+        ],
+    ),
+)
+
+
+def tf_device(device: str) -> str:
+    return {"cpu": "/CPU:0", "gpu": "/GPU:0"}[device]
+
+
+def platform_for(device: str) -> str:
+    """The auto-table platform (``dispatch.PLATFORMS``) of ``device`` in this process."""
+    return "gpu" if device == "gpu" else dispatch.cpu_platform()
+
+
+def compute_dtype(policy: str) -> tf.DType:
+    return tf.as_dtype(keras.DTypePolicy(policy).compute_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    """One line of a suite: a way to compute the suite's problem.
+
+    Args:
+        name: the name used on the command line, in results and in the plot legend.
+        build: ``build(shape, policy) -> step``, a zero-argument eager callable that
+            computes the problem once on inputs and weights it created. A closure,
+            not a ``functools.partial``: ``tf.function`` re-converts a partial's
+            bound arguments on every call, which costs more than a small matmul.
+        role: ``PEAK`` (the machine's matmul library on the same problem),
+            ``BASELINE`` (the Keras built-in) or ``""``.
+        note: optional ``note(shape, policy, device) -> str`` shown beside the name,
+            e.g. the implementation auto picks.
+    """
+
+    name: str
+    build: Callable[[Shape, str], Step]
+    role: str = ""
+    note: Callable[[Shape, str, str], str] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """A family of cases: one problem, swept over size, drawn as one line per provider.
+
+    Args:
+        name: the suite's name (``--suite``).
+        title: what is measured, for tables and plots.
+        x_label: the meaning of ``size``, with its unit, for the plot's x axis.
+        shape: ``shape(size) -> {letter: extent}``.
+        flops: ``flops(shape) -> float``, from ``fastlayers.bench.flops``.
+        label: ``label(shape) -> str`` for tables.
+        providers: the lines, including one ``PEAK`` and one ``BASELINE`` provider.
+        quick_sizes: the sizes of the default quick run and the pytest suite.
+        sweep_sizes: the sizes of ``--sizes sweep`` (the plot).
+        headline: whether ``fastlayers bench`` with no ``--suite`` runs it.
+    """
+
+    name: str
+    title: str
+    x_label: str
+    shape: Callable[[int], Shape]
+    flops: Callable[[Shape], float]
+    label: Callable[[Shape], str]
+    providers: tuple[Provider, ...]
+    quick_sizes: tuple[int, ...]
+    sweep_sizes: tuple[int, ...]
+    headline: bool = True
+
+    def sizes_from(self, option: str | None) -> tuple[int, ...]:
+        """Sizes from a ``"256,1024"`` option; the quick sizes when it is empty."""
+        if not option:
+            return self.quick_sizes
+        return tuple(int(size) for size in option.split(","))
+
+    def provider(self, name: str) -> Provider:
+        for provider in self.providers:
+            if provider.name == name:
+                return provider
+        raise KeyError(name)
+
+    @property
+    def provider_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.providers)
+
+    def role(self, role: str) -> Provider:
+        (provider,) = [p for p in self.providers if p.role == role]
+        return provider
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One measured point: a provider of a suite at a size, policy, mode and device."""
+
+    suite: Suite
+    size: int
+    policy: str
+    mode: str
+    device: str
+    provider: Provider
+
+    @property
+    def shape(self) -> Shape:
+        return self.suite.shape(self.size)
+
+    @property
+    def flops(self) -> float:
+        return self.suite.flops(self.shape)
+
+    @property
+    def group(self) -> tuple:
+        """The cases measured together and compared with each other (all providers)."""
+        return (self.suite.name, self.size, self.policy, self.mode, self.device)
+
+    @property
+    def key(self) -> tuple:
+        """What identifies a case across runs (``--compare``)."""
+        return self.group + (self.provider.name,)
+
+    def with_provider(self, provider: Provider) -> Case:
+        return dataclasses.replace(self, provider=provider)
+
+    @property
+    def provider_label(self) -> str:
+        if self.provider.note is None:
+            return self.provider.name
+        note = self.provider.note(self.shape, self.policy, self.device)
+        return f"{self.provider.name} ({note})"
+
+    def build(self) -> Step:
+        """The step to time: built on the device, wrapped in a tf.function in that mode.
+
+        The step returns once the result is computed: eager CPU kernels are
+        synchronous, and a GPU step waits for the device.
+        """
+        with tf.device(tf_device(self.device)):
+            call = self.provider.build(self.shape, self.policy)
+        if self.mode == "function":
+            call = tf.function(call)
+        device = tf_device(self.device)
+        wait = tf.test.experimental.sync_devices if self.device == "gpu" else None
+
+        def step():
+            with tf.device(device):
+                result = call()
+            if wait is not None:
+                wait()
+            return result
+
+        return step
+
+
+def cases(
+    suite: Suite,
+    sizes: Sequence[int],
+    policies: Sequence[str],
+    modes: Sequence[str],
+    devices: Sequence[str],
+    providers: Sequence[str] | None = None,
+) -> list[Case]:
+    """Every combination, grouped so that one group's providers are adjacent."""
+    chosen = [suite.provider(name) for name in (providers or suite.provider_names)]
+    return [
+        Case(suite, size, policy, mode, device, provider)
+        for size, policy, mode, device, provider in itertools.product(
+            sizes, policies, modes, devices, chosen
+        )
+    ]
+
+
+# --- Dense: Dense(4096, relu) on [M, 1024] -----------------------------------------
+
+DENSE_FEATURES = 1024  # K
+DENSE_UNITS = 4096  # N
+
+
+def _normal(shape, policy, seed):
+    return tf.cast(tf.random.stateless_normal(shape, seed=(seed, 0)), compute_dtype(policy))
+
+
+def _fastlayers_dense(implementation):
+    def build(shape, policy):
+        from fastlayers import layers
+
+        layer = layers.Dense(
+            shape["N"], activation="relu", implementation=implementation, dtype=policy
+        )
+        x = _normal([shape["M"], shape["K"]], policy, 1)
+        layer.build(x.shape)
+        return lambda: layer(x)
+
+    return build
+
+
+def _keras_dense(shape, policy):
+    layer = keras.layers.Dense(shape["N"], activation="relu", dtype=policy)
+    x = _normal([shape["M"], shape["K"]], policy, 1)
+    layer.build(x.shape)
+    return lambda: layer(x)
+
+
+def _tf_matmul(shape, policy):
+    x = _normal([shape["M"], shape["K"]], policy, 1)
+    w = _normal([shape["K"], shape["N"]], policy, 2)
+    return lambda: tf.matmul(x, w)
+
+
+def _dense_auto_choice(shape, policy, device):
+    from fastlayers.kernels.dense import DENSE
+
+    return "auto: " + DENSE.select(
+        None, platform=platform_for(device), dtype=compute_dtype(policy)
+    )
+
+
+DENSE = Suite(
+    name="dense",
+    title=f"Dense({DENSE_UNITS}, relu) on an [M, {DENSE_FEATURES}] input",
+    x_label="rows M of the input",
+    shape=lambda size: {"M": size, "K": DENSE_FEATURES, "N": DENSE_UNITS},
+    # The bias and relu epilogue is O(M·N), noise beside the 2·M·K·N of the matmul.
+    flops=lambda s: flops_lib.dense_flops(s["M"], s["K"], s["N"]),
+    label=lambda s: f"{s['M']}x{s['K']} -> {s['N']}",
+    providers=(
+        Provider("fastlayers", _fastlayers_dense(None), note=_dense_auto_choice),
+        *(
+            Provider(f"fastlayers-{impl}", _fastlayers_dense(impl))
+            for impl in dispatch.IMPLEMENTATIONS
+        ),
+        Provider("keras", _keras_dense, role=BASELINE),
+        Provider("tf.matmul", _tf_matmul, role=PEAK),
+    ),
+    quick_sizes=(4096,),
+    sweep_sizes=(256, 512, 1024, 2048, 4096, 8192),
+)
+
+
+
+# --- matmul: the dense kernel alone on square [n, n]·[n, n] -------------------------
+
+def _fastlayers_matmul(implementation):
+    def build(shape, policy):
+        from fastlayers import kernels
+
+        x = _normal([shape["M"], shape["K"]], policy, 1)
+        w = _normal([shape["K"], shape["N"]], policy, 2)
+        return lambda: kernels.dense(x, w, implementation=implementation)
+
+    return build
+
+
+def _keras_matmul(shape, policy):
+    x = _normal([shape["M"], shape["K"]], policy, 1)
+    w = _normal([shape["K"], shape["N"]], policy, 2)
+    return lambda: keras.ops.matmul(x, w)
+
+
+MATMUL = Suite(
+    name="matmul",
+    title="fastlayers.kernels.dense (no bias, no activation) on [n, n]·[n, n]",
+    x_label="matrix side n",
+    shape=lambda size: {"M": size, "K": size, "N": size},
+    flops=lambda s: flops_lib.dense_flops(s["M"], s["K"], s["N"]),
+    label=lambda s: f"{s['M']}x{s['K']} @ {s['K']}x{s['N']}",
+    providers=(
+        Provider("fastlayers", _fastlayers_matmul(None), note=_dense_auto_choice),
+        *(
+            Provider(f"fastlayers-{impl}", _fastlayers_matmul(impl))
+            for impl in dispatch.IMPLEMENTATIONS
+        ),
+        Provider("keras", _keras_matmul, role=BASELINE),
+        Provider("tf.matmul", _tf_matmul, role=PEAK),
+    ),
+    quick_sizes=(2048,),
+    sweep_sizes=(256, 512, 1024, 2048, 4096),
+    # The Dense suite already shows the matmul headline within the two-minute run.
+    headline=False,
+)
+
+SUITES: dict[str, Suite] = {suite.name: suite for suite in (DENSE, MATMUL)}

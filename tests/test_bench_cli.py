@@ -1,0 +1,268 @@
+"""`fastlayers bench`: the runner's interleaving and ratios, the CLI end to end on tiny
+sizes, --compare / --fail-on-regression exit codes, bad input, and the pytest suites."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from fastlayers.bench import cases, cli, runner
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--sizes", "8", "--repeats", "2", "--quiet"]
+# A small run: one mode, one dtype, the rows the ratios need plus one fastlayers row.
+SMALL = TINY + ["--dtypes", "float32", "--modes", "function",
+                "--providers", "fastlayers-graph,keras,tf.matmul"]
+
+
+def run(command):
+    """Runs a command from the repository, returning its exit status and output."""
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False,
+                          timeout=600)
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def fake_suite(log, fail=()):
+    def provider(name, role=""):
+        def build(shape, policy):
+            if name in fail:
+                raise ValueError(f"{name} cannot run\nsecond line")
+            return lambda: log.append(name)
+
+        return cases.Provider(name, build, role=role)
+
+    return cases.Suite(
+        name="fake", title="fake", x_label="n", shape=lambda size: {"M": size},
+        flops=lambda s: 1e9, label=lambda s: str(s["M"]),
+        providers=(provider("a"), provider("b"), provider("keras", cases.BASELINE),
+                   provider("peak", cases.PEAK)),
+        quick_sizes=(1,), sweep_sizes=(1, 2),
+    )
+
+
+def test_providers_are_interleaved_in_rotated_rounds(monkeypatch):
+    monkeypatch.setattr(runner, "MIN_SAMPLE_SECONDS", 0.0)
+    log = []
+    suite = fake_suite(log)
+    group = cases.cases(suite, [1], ["float32"], ["eager"], ["cpu"])
+    results = runner.measure_group(group, repeats=4)
+    timed = log[2 * 4:]  # each provider: one warm-up call and one calibration call first
+    assert timed == ["a", "b", "keras", "peak",
+                     "b", "keras", "peak", "a",
+                     "keras", "peak", "a", "b",
+                     "peak", "a", "b", "keras"]
+    assert all(len(r.seconds) == 4 for r in results)
+
+
+def test_ratios_are_taken_within_the_group():
+    suite = fake_suite([])
+    a, keras_row, peak = (runner.Result(cases.Case(suite, 1, "float32", "eager", "cpu", p))
+                          for p in (suite.provider("a"), suite.provider("keras"),
+                                    suite.provider("peak")))
+    a.seconds, keras_row.seconds, peak.seconds = [2.0, 4.0, 9.0], [8.0], [2.0]
+    runner.derive_ratios([a, keras_row, peak])
+    assert a.gflops == pytest.approx(0.25)  # 1 GFLOP in the 4 s median
+    assert a.fraction_of_peak == pytest.approx(0.5)
+    assert a.speedup_over_baseline == pytest.approx(2.0)
+    assert peak.fraction_of_peak == pytest.approx(1.0)
+
+
+def test_a_failing_provider_is_a_row_not_a_crash(monkeypatch):
+    monkeypatch.setattr(runner, "MIN_SAMPLE_SECONDS", 0.0)
+    suite = fake_suite([], fail={"b"})
+    results = runner.measure_group(
+        cases.cases(suite, [1], ["float32"], ["eager"], ["cpu"]), repeats=2)
+    failed = [r for r in results if r.error]
+    assert [r.case.provider.name for r in failed] == ["b"]
+    assert failed[0].error == "ValueError: b cannot run"
+    assert all(len(r.seconds) == 2 for r in results if not r.error)
+    assert "failed" in runner.table(results)
+
+
+def test_regressions_are_cases_slower_by_more_than_the_threshold():
+    suite = fake_suite([])
+    rows = []
+    for old, seconds in ((1.0, 1.0), (1.0, 1.25), (1.0, 1.05), (None, 9.0)):
+        r = runner.Result(cases.Case(suite, 1, "float32", "eager", "cpu", suite.provider("a")))
+        r.seconds, r.old_gflops = [seconds], old
+        rows.append(r)
+    assert runner.regressions(rows, 10) == [rows[1]]  # 20% slower
+    assert runner.regressions(rows, 25) == []
+
+
+def test_plot_draws_one_labelled_line_per_provider(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    drawn = []
+    savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (drawn.append(fig), savefig(fig, *a, **k))[1])
+    results = []
+    for size in (8, 16, 32):
+        for provider in cases.DENSE.providers:
+            result = runner.Result(cases.Case(cases.DENSE, size, "float32", "function", "cpu",
+                                              provider))
+            result.seconds = [1.0]
+            results.append(result)
+    machine = {"cpu": "Test CPU 9000", "cpu_count": 2, "onednn": False, "tensorflow": "2.21.0"}
+    runner.plot(str(tmp_path / "p.png"), results, machine)
+    (fig,) = drawn
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == "rows M of the input"
+    assert ax.get_ylabel() == "throughput (GFLOP/s)"
+    assert "Test CPU 9000 (2 cores, oneDNN off), TF 2.21.0" in fig.get_suptitle()
+    lines = ax.get_lines()
+    assert len(lines) == len(cases.DENSE.providers)
+    assert all(list(line.get_xdata()) == [8, 16, 32] for line in lines)
+    assert [t.get_text() for t in ax.get_legend().get_texts()][1:] == list(
+        cases.DENSE.provider_names[1:])
+
+
+def test_bench_end_to_end_writes_table_json_and_plot(capsys, tmp_path):
+    json_path, png_path = tmp_path / "run.json", tmp_path / "run.png"
+    code, out, err = run_cli(capsys, "bench", *TINY, "--dtypes", "float32",
+                             "--json", str(json_path), "--plot", str(png_path))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["case", "mode", "provider", "dtype", "GFLOP/s", "%", "of",
+                                "peak", "vs", "keras"]
+    assert len(lines) == 2 + len(cases.DENSE.providers) * len(cases.MODES)
+    assert "fastlayers (auto: " in out
+    document = json.loads(json_path.read_text())
+    assert document["format"] == runner.FORMAT
+    machine = document["machine"]
+    for key in ("cpu", "cpu_flags", "onednn", "cpu_platform", "tensorflow", "keras", "numpy",
+                "fastlayers"):
+        assert key in machine
+    rows = document["results"]
+    assert {(r["provider"], r["mode"]) for r in rows} == {
+        (p, m) for p in cases.DENSE.provider_names for m in cases.MODES}
+    for row in rows:
+        assert row["error"] is None and row["gflops"] > 0
+        assert row["shape"] == {"M": 8, "K": 1024, "N": 4096}
+        if row["provider"] == "tf.matmul":
+            assert row["fraction_of_peak"] == pytest.approx(1.0)
+        if row["provider"] == "keras":
+            assert row["speedup_over_baseline"] == pytest.approx(1.0)
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path)) == ["run.json", "run.png"]  # no temporary left
+
+
+@pytest.fixture(scope="module")
+def old_run(tmp_path_factory):
+    """A --json result of the SMALL run, as a later run would compare against."""
+    path = tmp_path_factory.mktemp("old") / "old.json"
+    assert cli.main(["bench", *SMALL, "--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def scaled(document, factor, path):
+    document = json.loads(json.dumps(document))
+    for row in document["results"]:
+        row["gflops"] *= factor
+    path.write_text(json.dumps(document))
+    return str(path)
+
+
+def test_compare_shows_the_change_and_passes_when_not_slower(capsys, tmp_path, old_run):
+    old = scaled(old_run, 0.01, tmp_path / "slow-old.json")  # the old run was 100x slower
+    code, out, err = run_cli(capsys, "bench", *SMALL, "--compare", old,
+                             "--fail-on-regression", "10")
+    assert code == 0, err
+    assert "old GFLOP/s" in out.splitlines()[0] and "change" in out.splitlines()[0]
+    assert "regression" not in err
+
+
+def test_fail_on_regression_exits_1_when_slower(capsys, tmp_path, old_run):
+    old = scaled(old_run, 100.0, tmp_path / "fast-old.json")  # the old run was 100x faster
+    code, out, err = run_cli(capsys, "bench", *SMALL, "--compare", old,
+                             "--fail-on-regression", "10")
+    assert code == cli.EXIT_REGRESSION
+    assert "regression over 10%" in err and "tf.matmul" in err
+    # Without the threshold a comparison only reports.
+    code, out, _ = run_cli(capsys, "bench", *SMALL, "--compare", old)
+    assert code == 0 and "change" in out.splitlines()[0]
+
+
+# {tmp} is the test's own directory, holding "a-file", "not.json" (text) and
+# "pytest-benchmark.json" (JSON that is not a `fastlayers bench` result).
+BAD_INPUTS = [
+    (["--suite", "nope"], "unknown suite 'nope'"),
+    (["--providers", "fastlayers,nope"], "unknown provider 'nope'"),
+    (["--dtypes", "float64"], "unknown dtype policy 'float64'"),
+    (["--modes", "lazy"], "unknown mode 'lazy'"),
+    (["--sizes", "0"], "invalid size '0'"),
+    (["--repeats", "0"], "expected a positive integer"),
+    (["--json", "{tmp}/missing-dir/r.json"], "does not exist"),
+    (["--json", "{tmp}/a-file/r.json"], "does not exist"),
+    (["--json", "{tmp}"], "not a directory"),
+    (["--plot", "{tmp}/missing-dir/r.png"], "does not exist"),
+    (["--compare", "{tmp}/not.json"], "is not JSON"),
+    (["--compare", "{tmp}/pytest-benchmark.json"], "is not one"),
+    (["--compare", "{tmp}/absent.json"], "cannot read"),
+    (["--fail-on-regression", "5"], "needs --compare"),
+    (["--fail-on-regression", "-5", "--compare", "{tmp}/not.json"], "non-negative"),
+]
+
+
+@pytest.mark.parametrize(
+    "argv, message", BAD_INPUTS, ids=[" ".join(argv) for argv, _ in BAD_INPUTS]
+)
+def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, argv, message):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "not.json").write_text("GFLOP/s: 12\n")
+    (tmp_path / "pytest-benchmark.json").write_text(
+        json.dumps({"machine_info": {}, "benchmarks": []}))
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    if "--json" not in argv:
+        argv += ["--json", str(tmp_path / "out.json")]
+    before = sorted(os.listdir(tmp_path))
+    code, out, err = run_cli(capsys, "bench", *TINY, *argv)
+    assert code == cli.EXIT_USAGE
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("fastlayers bench: error: ") and message in err
+    assert "Traceback" not in err and out == ""
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_console_script_runs_and_fails_cleanly(tmp_path):
+    script = shutil.which("fastlayers", path=os.path.dirname(sys.executable))
+    command = [script] if script else [sys.executable, "-m", "fastlayers.bench.cli"]
+    done = run(command + ["bench", *SMALL])
+    assert done.returncode == 0, done.stderr
+    assert "tf.matmul" in done.stdout and "fastlayers bench on " in done.stderr
+    done = run(command + ["bench", "--dtypes", "int8"])
+    assert done.returncode == cli.EXIT_USAGE
+    # One line in all: TensorFlow's native start-up logging is kept out of it too.
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("fastlayers bench: error: argument --dtypes: unknown dtype policy "
+                           "'int8'")
+
+
+def test_pytest_benchmark_suite_runs_saves_and_compares(tmp_path):
+    """`pytest bench --benchmark-only` with --benchmark-json/-save/-compare, tiny sizes."""
+    base = [sys.executable, "-m", "pytest", "bench", "--benchmark-only", "-q",
+            "--bench-sizes", "16",
+            "-k", "test_dense and cpu and float32 and function and not mixed "
+            "and (keras or tf.matmul)",
+            "--benchmark-storage", str(tmp_path / "storage"), "-p", "no:cacheprovider"]
+    report = tmp_path / "bench.json"
+    done = run(base + ["--benchmark-json", str(report), "--benchmark-save", "one"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    benchmarks = json.loads(report.read_text())["benchmarks"]
+    assert {b["extra_info"]["provider"] for b in benchmarks} == {"keras", "tf.matmul"}
+    for b in benchmarks:
+        info = b["extra_info"]
+        assert info["gflops"] > 0 and info["fraction_of_peak"] > 0
+        assert (info["mode"], info["policy"], info["device"]) == ("function", "float32", "cpu")
+        assert info["shape"] == {"M": 16, "K": 1024, "N": 4096}
+    done = run(base + ["--benchmark-compare", "0001"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "0001_one" in done.stdout

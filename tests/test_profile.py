@@ -1,0 +1,167 @@
+"""`fastlayers profile`: captured traces hold the kernel scopes, TensorBoard lists them,
+and bad input is one line with nothing left behind."""
+
+import contextlib
+import glob
+import gzip
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import keras
+import pytest
+from fastlayers import layers
+from fastlayers.bench import cases, cli, profile
+from fastlayers.kernels.dense import DENSE
+
+TINY_SHAPE = (16, 8)
+HOST = "127.0.0.1"
+
+
+def expected_implementation(implementation):
+    if implementation is not None:
+        return implementation
+    return DENSE.select(None, platform=cases.platform_for("cpu"), dtype=cases.compute_dtype(
+        "float32"))
+
+
+@pytest.fixture(scope="module")
+def captures(tmp_path_factory):
+    """One capture per mode and implementation, each in its own log directory."""
+    results = {}
+    for mode in cases.MODES:
+        for implementation in (None, "reference", "graph", "xla"):
+            logdir = tmp_path_factory.mktemp(f"{mode}-{implementation}")
+            results[mode, implementation] = profile.profile_layer(
+                "Dense", str(logdir), input_shape=TINY_SHAPE, implementation=implementation,
+                mode=mode, steps=2)
+    return results
+
+
+@pytest.mark.parametrize("mode", cases.MODES)
+@pytest.mark.parametrize("implementation", [None, "reference", "graph", "xla"])
+def test_trace_holds_the_kernel_scope(captures, mode, implementation):
+    result = captures[mode, implementation]
+    assert os.path.isfile(result.xplane_path)
+    assert result.xplane_path.startswith(os.path.join(result.logdir, "plugins", "profile"))
+    assert result.scopes == {f"fastlayers/dense/{expected_implementation(implementation)}"}
+
+
+def trace_viewer_events(xplane_path):
+    """The trace viewer's events for a capture, through xprof's own converter."""
+    from xprof.convert import raw_to_tool_data
+
+    data, content_type = raw_to_tool_data.xspace_to_tool_data(
+        [xplane_path], "trace_viewer", {})
+    assert content_type == "application/json"
+    return json.loads(data)["traceEvents"]
+
+
+@pytest.mark.parametrize("mode", cases.MODES)
+@pytest.mark.parametrize("implementation", ["reference", "graph", "xla"])
+def test_trace_viewer_finds_the_scope(captures, mode, implementation):
+    """What a user finds by searching the trace viewer for `fastlayers/dense/<impl>`."""
+    scope = f"fastlayers/dense/{implementation}"
+    events = trace_viewer_events(captures[mode, implementation].xplane_path)
+    found = [e for e in events
+             if scope in e.get("name", "") or scope in json.dumps(e.get("args", {}))]
+    assert found, f"{scope} in none of {len(events)} trace viewer events"
+    assert all(e.get("ph") in ("X", "i", "I", "B", "E", "s", "f", "t") for e in found)
+
+
+def test_profile_api_takes_a_model(tmp_path):
+    model = keras.Sequential([keras.Input((8,)), layers.Dense(4, implementation="graph"),
+                              layers.Linear(2, implementation="reference")])
+    result = profile.profile_layer(model, str(tmp_path), input_shape=(16, 8), steps=1)
+    assert result.scopes == {"fastlayers/dense/graph", "fastlayers/dense/reference"}
+
+
+def test_cli_prints_the_tensorboard_line(capsys, tmp_path):
+    logdir = tmp_path / "logs"
+    code = cli.main(["profile", "Linear", "--logdir", str(logdir), "--input-shape", "16,8",
+                     "--implementation", "xla", "--mode", "function", "--steps", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.splitlines()[-1] == f"tensorboard --logdir {logdir}"
+    assert "kernel scopes in the trace: fastlayers/dense/xla" in out
+    assert glob.glob(str(logdir / "plugins" / "profile" / "*" / "*.xplane.pb"))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["Conv2D", "--logdir", "{tmp}/logs"], "unknown layer 'Conv2D'; fastlayers.layers has"),
+        (["Dense", "--logdir", "{tmp}/a-file/logs"], "cannot be created"),
+        (["Dense", "--logdir", "{tmp}/a-file"], "exists and is not a directory"),
+        (["Dense", "--logdir", "{tmp}/logs", "--input-shape", "8"], "cannot take an input"),
+        (["Dense", "--logdir", "{tmp}/logs", "--input-shape", "8,0"], "invalid input dimension"),
+        (["Dense", "--logdir", "{tmp}/logs", "--dtype", "int8"], "invalid choice: 'int8'"),
+    ],
+    ids=["unknown layer", "logdir under a file", "logdir is a file", "rank-1 input",
+         "zero dimension", "unknown dtype"],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(capsys, tmp_path, argv, message):
+    (tmp_path / "a-file").write_text("x")
+    before = sorted(os.listdir(tmp_path))
+    code = cli.main(["profile"] + [arg.replace("{tmp}", str(tmp_path)) for arg in argv])
+    out, err = capsys.readouterr()
+    assert code == cli.EXIT_USAGE
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("fastlayers profile: error: ") and message in err
+    assert "Traceback" not in err and out == ""
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def free_port():
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def get_json(port, route, timeout=5):
+    with urllib.request.urlopen(f"http://{HOST}:{port}{route}", timeout=timeout) as response:
+        body = response.read()
+        if response.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        return json.loads(body)
+
+
+def test_tensorboard_profile_plugin_lists_the_run(captures):
+    result = captures["eager", None]
+    run = os.path.basename(result.run_dir)
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", result.logdir,
+         "--host", HOST, "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline, runs, error = time.monotonic() + 120, None, None
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                # xprof's profile plugin: /data/plugin/profile/runs lists profile runs.
+                runs = get_json(port, "/data/plugin/profile/runs")
+                if run in runs:
+                    break
+            except OSError as e:
+                error = e
+            time.sleep(0.5)
+        assert server.poll() is None, server.stderr.read()[-2000:]
+        assert runs is not None and run in runs, f"runs={runs}, last error={error}"
+        assert "profile" in get_json(port, "/data/plugins_listing")
+        tools = get_json(port, "/data/plugin/profile/run_tools?run=" + urllib.parse.quote(run),
+                         timeout=60)
+        assert any(tool.startswith("trace_viewer") for tool in tools), tools
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=20)
+        server.stderr.close()
