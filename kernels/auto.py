@@ -15,6 +15,15 @@ they follow TensorFlow's own fused matmul + bias + activation kernels (cuBLASLt
 epilogues, grappler's remapper), which the graph path reaches.
 """
 
+# An eager call of a compiled path pays TensorFlow's function-call overhead (about
+# 0.2-0.5 ms here) on top of the work; below this many FLOPs the reference's eager
+# ops finish first. Measured on the 2-core EPYC with kernels.dense, relu epilogue:
+# at 2·M·K·N = 2e6 (64x128x128) reference 392 us, graph 611, XLA 548; at 3.4e7
+# (256x256x256) reference 762 us, XLA 1048; at 1.3e8 (256x512x512) all within 8%;
+# at 2.7e8 (512x512x512) XLA 0.84x the reference. Applies only to kernels that
+# state their work, and only in eager mode: inside a graph there is no call overhead.
+EAGER_REFERENCE_BELOW_FLOPS = 1e8
+
 # The row a user's kernel or CompiledLayer gets when it declares none: the dense
 # row's reasoning holds for any matmul-bound code (XLA beats Eigen; oneDNN and GPU
 # libraries beat XLA), and every path computes the same function.

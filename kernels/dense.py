@@ -7,8 +7,8 @@ Shape letters: ``x [..., K]``, ``kernel [K, N]``, ``bias [N]``, output ``[..., N
 from __future__ import annotations
 
 import tensorflow as tf
-
 from fastlayers.kernels import dispatch
+from fastlayers.kernels import flops as flops_lib
 from fastlayers.kernels.auto import AUTO
 from fastlayers.kernels.precision import accumulation_dtype, check_floating
 
@@ -131,5 +131,10 @@ def dense(x, kernel, bias=None, *, activation=None, implementation=None):
     kernel = tf.convert_to_tensor(kernel)
     bias = None if bias is None else tf.convert_to_tensor(bias)
     _check_dense_inputs(x, kernel, bias)
-    chosen = DENSE.select(implementation, platform=dispatch.platform_of(x), dtype=x.dtype)
+    work = None
+    if x.shape.is_fully_defined() and kernel.shape.is_fully_defined():
+        work = flops_lib.dense_flops(x.shape.num_elements() // x.shape[-1], *kernel.shape)
+    chosen = DENSE.select(
+        implementation, platform=dispatch.platform_of(x), dtype=x.dtype, work=work
+    )
     return DENSE.run(chosen, x, kernel, bias, activation=activation)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from fastlayers.kernels.auto import DEFAULT
+from fastlayers.kernels.auto import DEFAULT, EAGER_REFERENCE_BELOW_FLOPS
 
 IMPLEMENTATIONS = ("reference", "graph", "xla")
 
@@ -152,9 +152,23 @@ class Kernel:
             return []
         return list(self._reasons(implementation, platform=platform, dtype=dtype, **options))
 
-    def select(self, implementation, *, platform: str, dtype: tf.DType, **options) -> str:
-        """Resolves ``implementation`` (None = auto) for one call, or raises ValueError."""
+    def select(
+        self, implementation, *, platform: str, dtype: tf.DType, work: float | None = None, **options
+    ) -> str:
+        """Resolves ``implementation`` (None = auto) for one call, or raises ValueError.
+
+        ``work`` is the call's FLOP count when the kernel knows it: auto runs an eager
+        call below ``auto.EAGER_REFERENCE_BELOW_FLOPS`` with the reference.
+        """
         check_implementation(implementation)
+        if (
+            implementation is None
+            and work is not None
+            and work < EAGER_REFERENCE_BELOW_FLOPS
+            and tf.executing_eagerly()
+            and not self.not_supported_reasons("reference", platform=platform, dtype=dtype, **options)
+        ):
+            return "reference"
         if implementation is not None:
             reasons = self.not_supported_reasons(
                 implementation, platform=platform, dtype=dtype, **options

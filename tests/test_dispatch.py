@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 from fastlayers.kernels import dispatch
-from fastlayers.kernels.auto import AUTO
+from fastlayers.kernels.auto import AUTO, EAGER_REFERENCE_BELOW_FLOPS
 
 
 def _double(x):
@@ -118,3 +118,33 @@ def test_auto_table_rows_name_known_platforms_and_implementations():
             assert platform in dispatch.PLATFORMS, (name, platform)
             assert dtype == "*" or tf.as_dtype(dtype).is_floating, (name, dtype)
             assert preferences and set(preferences) <= set(dispatch.IMPLEMENTATIONS)
+
+
+def test_auto_runs_small_eager_calls_with_the_reference():
+    kernel = _kernel()
+    small, large = EAGER_REFERENCE_BELOW_FLOPS / 10, EAGER_REFERENCE_BELOW_FLOPS * 10
+    assert kernel.select(None, platform="cpu", dtype=tf.float32, work=small) == "reference"
+    assert kernel.select(None, platform="cpu", dtype=tf.float32, work=large) == "xla"
+    assert kernel.select(None, platform="cpu", dtype=tf.float32) == "xla"  # work unknown
+    assert kernel.select("graph", platform="cpu", dtype=tf.float32, work=small) == "graph"
+
+    @tf.function
+    def in_a_graph():
+        # no call overhead inside a graph: the table decides whatever the size
+        return tf.constant(kernel.select(None, platform="cpu", dtype=tf.float32, work=small))
+
+    assert in_a_graph().numpy().decode() == "xla"
+
+
+def test_dense_states_its_work_to_auto(monkeypatch):
+    from fastlayers import kernels
+    from fastlayers.kernels.dense import DENSE
+
+    chosen = []
+    run = DENSE.run
+    monkeypatch.setattr(DENSE, "run", lambda impl, *a, **k: chosen.append(impl) or run(impl, *a, **k))
+    kernels.dense(tf.ones([4, 8]), tf.ones([8, 2]))
+    kernels.dense(tf.ones([1024, 512]), tf.ones([512, 512]))
+    tf.function(lambda x, w: kernels.dense(x, w))(tf.ones([4, 8]), tf.ones([8, 2]))
+    table_choice = DENSE.candidates(dispatch.cpu_platform(), tf.float32)[0]
+    assert chosen == ["reference", table_choice, table_choice]
