@@ -327,7 +327,7 @@ def _profile(args) -> int:
         print("run this, open Profile > trace_viewer and search for fastlayers/:")
     else:
         # A plain Keras layer runs no fastlayers kernel: its ops carry the layer's name.
-        print(f"run this, open Profile > trace_viewer and search for the layer's ops:")
+        print("run this, open Profile > trace_viewer and search for the layer's ops:")
     print(f"tensorboard --logdir {args.logdir}")
     return 0
 
