@@ -31,7 +31,7 @@ import keras
 import pytest
 import tensorflow as tf
 from fastlayers.bench import flops as flops_lib
-from fastlayers.bench.layer_spec import format_shapes
+from fastlayers.bench.layer_spec import format_shapes, random_inputs
 from fastlayers.kernels import dispatch
 
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
@@ -357,7 +357,7 @@ def _layer_step(spec, implementation):
         shapes = spec.shapes_at(shape["B"])
         layer = spec.make(policy, implementation)
         spec.build(layer, shapes, policy)
-        inputs = spec.inputs(shapes, policy)
+        inputs = random_inputs(shapes, policy)
         call = spec.call
         return lambda: call(layer, inputs)
 

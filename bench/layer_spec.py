@@ -28,13 +28,13 @@ import contextlib
 import dataclasses
 import importlib
 import json
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
 
 Shapes = tuple[tuple[int, ...], ...]
-
 
 
 class LayerError(Exception):
@@ -72,8 +72,8 @@ def normalize_shapes(input_shape) -> Shapes | None:
     """One shape (``(8, 64)``) or several (``[(8, 64), (8, 32)]``) as a tuple of shapes."""
     if input_shape is None or len(input_shape) == 0:
         return None
-    if all(isinstance(d, int) for d in input_shape):
-        return (tuple(input_shape),)
+    if all(isinstance(d, numbers.Integral) for d in input_shape):
+        return (tuple(int(d) for d in input_shape),)
     return tuple(tuple(int(d) for d in shape) for shape in input_shape)
 
 
@@ -155,14 +155,13 @@ class LayerSpec:
         """Builds ``layer`` by a symbolic call on ``shapes``; returns its symbolic output.
 
         A symbolic call creates the weights eagerly, outside any ``tf.function`` a
-        step is later traced in, and computes nothing.
+        step is later traced in, and computes nothing. It runs under ``policy`` too,
+        for layers that create sublayers in ``build``.
         """
         dtype = keras.DTypePolicy(policy).compute_dtype
         symbolic = [keras.KerasTensor(shape, dtype) for shape in shapes]
-        return self.call(layer, symbolic[0] if len(symbolic) == 1 else symbolic)
-
-    def inputs(self, shapes: Shapes, policy: str = "float32"):
-        return random_inputs(shapes, policy)
+        with _global_policy(policy):
+            return self.call(layer, symbolic[0] if len(symbolic) == 1 else symbolic)
 
     def traced_graph(self, shapes: Shapes, policy: str = "float32", implementation=None,
                      device: str = "/CPU:0") -> tf.Graph:
