@@ -27,7 +27,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
+from fastlayers.bench import cases as cases_lib
 from fastlayers.bench import flops as flops_lib
+from fastlayers.bench import layer_spec
 from fastlayers.bench.cases import BASELINE, HEADLINE_POLICIES, MODES, PEAK, Case
 from fastlayers.kernels import dispatch
 
@@ -238,12 +240,16 @@ def bench_layer(
     Raises:
         fastlayers.bench.layer_spec.LayerError: the layer cannot be resolved,
             built or called on ``input_shape``.
+        ValueError: a provider the layer's suite does not have.
     """
-    from fastlayers.bench import cases, layer_spec
-
     spec = layer_spec.resolve_layer(layer, input_shape=input_shape, layer_args=layer_args)
-    suite = cases.layer_suite(spec)
-    chosen = cases.cases(suite, sizes or suite.quick_sizes, policies, modes, [device], providers)
+    suite = cases_lib.layer_suite(spec)
+    unknown = [name for name in providers or () if name not in suite.provider_names]
+    if unknown:
+        raise ValueError(f"Received an invalid value for `providers`, expected some of "
+                         f"{', '.join(suite.provider_names)}. Received: providers={unknown}")
+    chosen = cases_lib.cases(
+        suite, sizes or suite.quick_sizes, policies, modes, [device], providers)
     return run(chosen, repeats, progress=progress)
 
 

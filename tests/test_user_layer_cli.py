@@ -186,6 +186,24 @@ def test_compare_uses_time_per_call_when_there_are_no_flops(exp_run, capsys, tmp
         assert re.search(r"/call +-9\d\.\d%$", row), row  # about 100x slower
 
 
+def test_plot_of_a_layer_with_no_counted_flops_draws_time_per_call(user, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    drawn = []
+    savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (drawn.append(fig), savefig(fig, *a, **k))[1])
+    results = runner.bench_layer(user.Exp, (4, 8), sizes=[2, 4], modes=["function"],
+                                 policies=["float32"], providers=["reference", "xla"], repeats=1)
+    machine = {"cpu": "Test CPU", "cpu_count": 2, "onednn": False, "tensorflow": "2.21.0"}
+    runner.plot(str(tmp_path / "p.png"), results, machine)
+    ((ax,),) = [fig.axes for fig in drawn]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("batch size (first axis of the input)",
+                                                  "time per call (ms)")
+    assert [list(line.get_xdata()) for line in ax.get_lines()] == [[2, 4], [2, 4]]
+    assert all(min(line.get_ydata()) > 0 for line in ax.get_lines())
+
+
 def test_the_python_api_takes_a_class_and_a_plain_keras_layer(user):
     results = runner.bench_layer(user.Plain, (4, 8), layer_args={"units": 3},
                                  modes=["function"], policies=["mixed_bfloat16"], repeats=2)
