@@ -256,6 +256,8 @@ def _bench(args) -> int:
         else:
             sizes = args.sizes
         providers = [p for p in args.providers or suite.provider_names if p in suite.provider_names]
+        if not providers:
+            continue  # --providers names none of this suite's (they belong to another suite)
         all_cases += cases_lib.cases(suite, sizes, args.dtypes, args.modes, [args.device],
                                      providers)
     machine = runner.machine_info()

@@ -499,6 +499,10 @@ def table(results: Sequence[Result]) -> str:
 
     lines = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
     notes = flop_notes(results)
+    if header[6] == "vs baseline":
+        baselines = {r.case.suite.name: r.case.suite.role(BASELINE) for r in results}
+        notes.append("vs baseline: speed-up over " + ", ".join(
+            f"{provider.name} for {name}" for name, provider in baselines.items() if provider))
     return "\n".join(lines + ([""] + notes if notes else []))
 
 

@@ -227,6 +227,30 @@ def test_a_built_in_by_name_with_two_inputs_and_a_batch_sweep():
     assert results[2].case.flops == 2 * results[0].case.flops
 
 
+def test_a_suite_runs_beside_a_layer_and_the_table_names_each_baseline(capsys, tmp_path, user):
+    path = tmp_path / "run.json"
+    code, out, err = run_cli(
+        capsys, "bench", "--suite", "matmul", "--sizes", "8", "--layer", f"{MODULE}:Exp",
+        "--input-shape", "8,3", "--providers", "reference,keras", "--modes", "function",
+        "--json", str(path), *FAST)
+    assert code == 0, err
+    rows = json.loads(path.read_text())["results"]
+    # --providers picks from each suite the providers it has.
+    assert [(r["suite"], r["provider"]) for r in rows] == [
+        ("matmul", "keras"), (f"{MODULE}:Exp", "reference")]
+    assert out.splitlines()[0].endswith("vs baseline")
+    assert out.splitlines()[-1] == (
+        f"vs baseline: speed-up over keras for matmul, reference for {MODULE}:Exp")
+    # A suite that has none of the providers named is left out, not run whole.
+    code, out, err = run_cli(
+        capsys, "bench", "--suite", "matmul", "--sizes", "8", "--layer", f"{MODULE}:Exp",
+        "--input-shape", "8,3", "--providers", "reference", "--modes", "function",
+        "--json", str(path), *FAST)
+    assert code == 0, err
+    rows = json.loads(path.read_text())["results"]
+    assert [(r["suite"], r["provider"]) for r in rows] == [(f"{MODULE}:Exp", "reference")]
+
+
 def test_every_fastlayers_layer_has_a_defaults_row_that_builds():
     """Each row's arguments and shapes fit its layer (a symbolic call; nothing computed)."""
     assert sorted(profile.LAYER_DEFAULTS) == layer_spec.builtin_names()
@@ -286,7 +310,8 @@ BAD_INPUTS = [
     (["Dense", "--layer-args", '{"units": 0}'],
      "Dense rejected its arguments {\"units\": 0, \"activation\": \"relu\"}: ValueError: "
      "Received an invalid value for `units`, expected a positive integer"),
-    ([f"{MODULE}:MyDense", "--input-shape", "4,8", "--layer-args", '{"units": 4, "dtype": "float16"}'],
+    ([f"{MODULE}:MyDense", "--input-shape", "4,8", "--layer-args",
+      '{"units": 4, "dtype": "float16"}'],
      "`dtype` is not a layer argument here"),
     ([f"{MODULE}:MyDense", "--input-shape", "4,8", "--layer-args",
       '{"units": 4, "implementation": "xla"}'], "`implementation` is not a layer argument here"),
@@ -303,7 +328,8 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("command", ["bench", "profile"])
-@pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[a[0] + " " + m[:30] for a, m in BAD_INPUTS])
+@pytest.mark.parametrize("argv, message", BAD_INPUTS,
+                         ids=[a[0] + " " + m[:30] for a, m in BAD_INPUTS])
 def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, user, command, argv, message):
     layer, rest = argv[0], argv[1:]
     if command == "bench":
