@@ -7,14 +7,18 @@ function that builds one eager step (inputs, weights, the call) for a shape and 
 Keras dtype policy; the runner wraps it in a ``tf.function`` for the ``function``
 mode and places it on the device. Adding a suite is adding data to ``SUITES``.
 
-Every suite has two special providers: the **peak** row (the bare ``tf.matmul``
-of the same problem: what this machine's matmul library reaches, against which
-the others are a fraction) and the **baseline** row (the Keras built-in, against
-which speed-ups are quoted).
+Every built-in suite has two special providers: the **peak** row (the bare
+``tf.matmul`` of the same problem: what this machine's matmul library reaches,
+against which the others are a fraction) and the **baseline** row (the Keras
+built-in, against which speed-ups are quoted). :func:`layer_suite` declares the
+suite of any one layer (``fastlayers bench --layer``): its baseline is the layer's
+reference implementation, it has no peak row, and its FLOPs are counted by
+TensorFlow's op counter on a traced call.
 
 Shape letters: input ``x [M, K]``, kernel ``[K, N]``. For the dense suite ``size``
 is ``M``, the number of rows (tokens, batch items); for the matmul suite
-``M = K = N = size``.
+``M = K = N = size``; for a layer suite it is the batch ``B``, the first axis of
+the inputs.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import keras
 import pytest
 import tensorflow as tf
 from fastlayers.bench import flops as flops_lib
+from fastlayers.bench.layer_spec import format_shapes, random_inputs
 from fastlayers.kernels import dispatch
 
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
@@ -109,6 +114,9 @@ class Suite:
         quick_sizes: the sizes of the default quick run and the pytest suite.
         sweep_sizes: the sizes of ``--sizes sweep`` (the plot).
         headline: whether ``fastlayers bench`` with no ``--suite`` runs it.
+        flop_counter: empty when ``flops`` is an analytic formula; otherwise what
+            counted them (``flops.TF_OP_COUNTER``), said in the table and the JSON.
+            A count of 0 means no FLOP figure: the table shows time per call.
     """
 
     name: str
@@ -121,6 +129,7 @@ class Suite:
     quick_sizes: tuple[int, ...]
     sweep_sizes: tuple[int, ...]
     headline: bool = True
+    flop_counter: str = ""
 
     def sizes_from(self, option: str | None) -> tuple[int, ...]:
         """Sizes from a ``"256,1024"`` option; the quick sizes when it is empty."""
@@ -138,9 +147,12 @@ class Suite:
     def provider_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.providers)
 
-    def role(self, role: str) -> Provider:
-        (provider,) = [p for p in self.providers if p.role == role]
-        return provider
+    def role(self, role: str) -> Provider | None:
+        """The suite's provider of ``role``; None when it has none (a layer suite has no peak)."""
+        found = [p for p in self.providers if p.role == role]
+        if len(found) > 1:
+            raise ValueError(f"suite {self.name!r} has {len(found)} {role} providers")
+        return found[0] if found else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,3 +345,81 @@ MATMUL = Suite(
 )
 
 SUITES: dict[str, Suite] = {suite.name: suite for suite in (DENSE, MATMUL)}
+
+
+# --- one layer: `fastlayers bench --layer` ------------------------------------------
+
+LAYER_PROVIDERS = ("auto", *dispatch.IMPLEMENTATIONS)
+
+
+def _layer_step(spec, implementation):
+    def build(shape, policy):
+        shapes = spec.shapes_at(shape["B"])
+        layer = spec.make(policy, implementation)
+        spec.build(layer, shapes, policy)
+        inputs = random_inputs(shapes, policy)
+        call = spec.call
+        return lambda: call(layer, inputs)
+
+    return build
+
+
+def _layer_auto_choice(spec):
+    choices = {}
+
+    def note(shape, policy, device):
+        key = (shape["B"], policy, device)
+        if key not in choices:
+            scopes = spec.scopes(spec.shapes_at(shape["B"]), policy, None, tf_device(device))
+            # One kernel: its implementation; several: each as kernel/implementation.
+            kernels = {scope.split("/")[1] for scope in scopes}
+            named = (scope.split("/")[-1] if len(kernels) == 1 else scope.partition("/")[2]
+                     for scope in scopes)
+            choices[key] = ", ".join(named) or "no fastlayers kernel"
+        return choices[key]
+
+    return note
+
+
+def layer_suite(spec) -> Suite:
+    """The suite of one layer, from a resolved ``fastlayers.bench.layer_spec.LayerSpec``.
+
+    A ``FastLayer`` (a ``CompiledLayer`` included) gets one provider per
+    implementation, ``auto`` (with the implementation auto picks) and
+    ``reference``, ``graph``, ``xla``, with the reference as the baseline; any other
+    Keras layer gets one provider, ``layer``, the layer as it is. ``size`` is the
+    batch; the quick size is the one given, the sweep halves it three times.
+    FLOPs come from TensorFlow's op counter on one traced call, counted once per size.
+    """
+    counts = {}
+
+    def flops(shape):
+        if shape["B"] not in counts:
+            counts[shape["B"]] = spec.flops(spec.shapes_at(shape["B"]))
+        return counts[shape["B"]]
+
+    if spec.dispatches:
+        providers = tuple(
+            Provider(
+                name,
+                _layer_step(spec, None if name == "auto" else name),
+                role=BASELINE if name == "reference" else "",
+                note=_layer_auto_choice(spec) if name == "auto" else None,
+            )
+            for name in LAYER_PROVIDERS
+        )
+    else:
+        providers = (Provider("layer", _layer_step(spec, None), role=BASELINE),)
+    return Suite(
+        name=spec.name,
+        title=f"{spec.name}({spec.args_text()})",
+        x_label="batch size (first axis of the input)",
+        shape=lambda size: {"B": size},
+        flops=flops,
+        label=lambda s: format_shapes(spec.shapes_at(s["B"])),
+        providers=providers,
+        quick_sizes=(spec.batch,),
+        sweep_sizes=tuple(sorted({max(1, spec.batch // 2**k) for k in range(4)})),
+        headline=False,
+        flop_counter=flops_lib.TF_OP_COUNTER,
+    )

@@ -1,9 +1,12 @@
 """The ``fastlayers`` command: ``fastlayers bench`` and ``fastlayers profile``.
 
 ``fastlayers bench`` with no arguments measures the headline cases on the CPU and
-prints a table; ``fastlayers profile LAYER --logdir DIR`` writes a profiler trace
-for TensorBoard. Bad input is reported as one line on stderr with exit status 2;
-``--fail-on-regression`` exits with status 1 when a case got slower.
+prints a table; ``fastlayers bench --layer LAYER --input-shape 64,128`` measures one
+layer, a fastlayers one (``Dense``) or your own (``my_layers:MyDense``);
+``fastlayers profile LAYER --logdir DIR`` writes a profiler trace for TensorBoard.
+Both commands name layers one way (``fastlayers.bench.layer_spec``). Bad input is
+reported as one line on stderr with exit status 2; ``--fail-on-regression`` exits
+with status 1 when a case got slower.
 """
 
 from __future__ import annotations
@@ -86,19 +89,53 @@ def _percent(text):
     return value
 
 
-def _shape(text):
-    dims = _csv("input dimension", convert=_positive_int, expected="positive integers")
-    return tuple(dims(text.replace("x", ",")))
+def _shapes(text):
+    from fastlayers.bench.layer_spec import parse_input_shape
+
+    try:
+        return parse_input_shape(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _layer_args(text):
+    from fastlayers.bench.layer_spec import parse_layer_args
+
+    try:
+        return parse_layer_args(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+LAYER_HELP = (
+    "a fastlayers layer ({names}) with its row of fastlayers.bench.profile.LAYER_DEFAULTS, "
+    "or your own Keras layer class as module:Class (the module is imported from the "
+    "current directory or PYTHONPATH)"
+)
+INPUT_SHAPE_HELP = (
+    "the input's shape, batch axis first, e.g. 64,128 (or 64x128); a layer with several "
+    "inputs takes one shape each, separated by ';' and quoted, e.g. '8,64;8,32', and is "
+    "called with them as one list, layer([a, b]) (default for a fastlayers layer: its "
+    "LAYER_DEFAULTS row; required for module:Class)"
+)
+LAYER_ARGS_HELP = (
+    "constructor arguments as a JSON object, e.g. '{{\"units\": 256}}' (for a fastlayers "
+    "layer they update its LAYER_DEFAULTS row); not dtype or implementation, which {what}"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from fastlayers.bench.cases import (
         DEVICES,
         HEADLINE_POLICIES,
+        LAYER_PROVIDERS,
         MODES,
         POLICIES,
         SUITES,
     )
+    from fastlayers.bench.layer_spec import builtin_names
+
+    names = ", ".join(builtin_names())
 
     parser = _Parser(prog="fastlayers", description="fastlayers benchmarks and profiles.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -107,15 +144,25 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="measure layer throughput against tf.matmul and the Keras built-ins",
         description="Measures throughput (GFLOP/s) of fastlayers against the Keras "
-        "built-in and tf.matmul, interleaving providers across repeats and taking medians.",
+        "built-in and tf.matmul, interleaving providers across repeats and taking medians. "
+        "With --layer it measures one layer, a fastlayers layer or your own, in each of its "
+        "implementations against its reference implementation, counting FLOPs with "
+        "TensorFlow's op counter on a traced call (time per call when it counts none).",
     )
     headline = [name for name, suite in SUITES.items() if suite.headline]
-    bench.add_argument("--suite", type=_csv("suite", tuple(SUITES)), default=headline,
+    bench.add_argument("--suite", type=_csv("suite", tuple(SUITES)),
                        help=f"comma-separated suites, of {', '.join(SUITES)} "
-                       f"(default: {','.join(headline)})")
+                       f"(default: {','.join(headline)}, or none with --layer)")
+    bench.add_argument("--layer", metavar="LAYER", help=LAYER_HELP.format(names=names))
+    bench.add_argument("--input-shape", type=_shapes, metavar="SHAPE",
+                       help="with --layer: " + INPUT_SHAPE_HELP)
+    bench.add_argument("--layer-args", type=_layer_args, metavar="JSON",
+                       help="with --layer: " + LAYER_ARGS_HELP.format(
+                           what="--dtypes and the providers set"))
     bench.add_argument("--sizes", type=_sizes, default="quick",
-                       help="comma-separated sizes (the suite's x axis, e.g. rows M for "
-                       "dense), `quick` (default) or `sweep` (for --plot)")
+                       help="comma-separated sizes (the suite's x axis: rows M for dense, "
+                       "the batch for --layer), `quick` (default: the input shape's batch "
+                       "for --layer) or `sweep` (for --plot)")
     bench.add_argument("--dtypes", type=_csv("dtype policy", POLICIES),
                        default=list(HEADLINE_POLICIES),
                        help=f"comma-separated Keras dtype policies (default: "
@@ -126,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where inputs, weights and calls live (default: cpu)")
     providers = "; ".join(f"{name}: {', '.join(s.provider_names)}" for name, s in SUITES.items())
     bench.add_argument("--providers", type=_csv("provider"),
-                       help=f"comma-separated providers (default: all of the suite; {providers})")
+                       help=f"comma-separated providers (default: all of the suite; {providers}; "
+                       f"--layer: {', '.join(LAYER_PROVIDERS)} for a FastLayer or CompiledLayer, "
+                       "with reference as the baseline, or `layer` for any other Keras layer)")
     bench.add_argument("--repeats", type=_positive_int_arg, default=5,
                        help="interleaved timed rounds per case; the median is reported")
     bench.add_argument("--json", metavar="PATH", help="write results and the machine as JSON")
@@ -138,15 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     profile = commands.add_parser(
         "profile",
-        help="capture a TensorBoard profiler trace of a fastlayers layer",
-        description="Runs a few warm steps of a fastlayers layer and captures a profiler "
-        "trace that TensorBoard's Profile tab opens.",
+        help="capture a TensorBoard profiler trace of a layer",
+        description="Runs a few warm steps of a layer, a fastlayers layer or your own, and "
+        "captures a profiler trace that TensorBoard's Profile tab opens. Each kernel call "
+        "is under the scope fastlayers/<kernel>/<implementation>; a CompiledLayer's kernel "
+        "is its class name in snake_case (MyDense: fastlayers/my_dense/xla).",
     )
-    profile.add_argument("layer", help="a fastlayers.layers name, e.g. Dense")
+    profile.add_argument("layer", help=LAYER_HELP.format(names=names))
     profile.add_argument("--logdir", required=True, help="TensorBoard log directory")
-    profile.add_argument("--input-shape", type=_shape,
-                         help="input shape, e.g. 4096,1024 (default: the layer's row in "
-                         "fastlayers.bench.profile.LAYER_DEFAULTS)")
+    profile.add_argument("--input-shape", type=_shapes, metavar="SHAPE", help=INPUT_SHAPE_HELP)
+    profile.add_argument("--layer-args", type=_layer_args, metavar="JSON",
+                         help=LAYER_ARGS_HELP.format(what="--dtype and --implementation set"))
     profile.add_argument("--dtype", choices=POLICIES, default="float32",
                          help="Keras dtype policy")
     profile.add_argument("--implementation", choices=("auto", "reference", "graph", "xla"),
@@ -161,15 +212,31 @@ def build_parser() -> argparse.ArgumentParser:
 def _bench(args) -> int:
     from fastlayers.bench import cases as cases_lib
     from fastlayers.bench import runner
+    from fastlayers.bench.layer_spec import resolve_layer
 
-    suites = [cases_lib.SUITES[name] for name in args.suite]
+    for option, value in (("--input-shape", args.input_shape), ("--layer-args", args.layer_args)):
+        if value is not None and not args.layer:
+            raise UsageError(f"argument {option}: needs --layer")
+    if args.suite is not None:
+        names = args.suite
+    elif args.layer:
+        names = []
+    else:
+        names = [name for name, suite in cases_lib.SUITES.items() if suite.headline]
+    suites = [cases_lib.SUITES[name] for name in names]
+    if args.layer:
+        _import_from_cwd(args.layer)
+        spec = resolve_layer(args.layer, input_shape=args.input_shape,
+                             layer_args=args.layer_args)
+        suites.append(cases_lib.layer_suite(spec))
     if args.providers:
         known = {name for suite in suites for name in suite.provider_names}
         for name in args.providers:
             if name not in known:
                 raise UsageError(
                     f"argument --providers: unknown provider {name!r} for suite "
-                    f"{','.join(args.suite)} (choose from {', '.join(sorted(known))})"
+                    f"{','.join(s.name for s in suites)} (choose from "
+                    f"{', '.join(sorted(known))})"
                 )
     if args.device == "gpu" and not cases_lib.gpu_available():
         raise UsageError("argument --device: gpu requested but no GPU is visible to TensorFlow")
@@ -189,6 +256,8 @@ def _bench(args) -> int:
         else:
             sizes = args.sizes
         providers = [p for p in args.providers or suite.provider_names if p in suite.provider_names]
+        if not providers:
+            continue  # --providers names none of this suite's (they belong to another suite)
         all_cases += cases_lib.cases(suite, sizes, args.dtypes, args.modes, [args.device],
                                      providers)
     machine = runner.machine_info()
@@ -214,10 +283,13 @@ def _bench(args) -> int:
             exit_code = EXIT_REGRESSION
     if args.json:
         settings = {
-            "suites": args.suite, "sizes": args.sizes, "dtypes": args.dtypes,
-            "modes": args.modes, "device": args.device, "providers": args.providers,
-            "repeats": args.repeats,
+            "suites": [suite.name for suite in suites], "sizes": args.sizes,
+            "dtypes": args.dtypes, "modes": args.modes, "device": args.device,
+            "providers": args.providers, "repeats": args.repeats,
         }
+        if args.layer:
+            settings["layer"] = {"name": spec.name, "args": spec.args,
+                                 "input_shapes": spec.input_shapes}
         runner.write_json(args.json, runner.results_document(results, machine, settings))
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
@@ -226,13 +298,25 @@ def _bench(args) -> int:
     return exit_code
 
 
+def _import_from_cwd(layer: str) -> None:
+    """Puts the current directory on the import path for a ``module:Class`` layer.
+
+    The console script's own directory is on ``sys.path``, not the directory it is
+    run from, where a user's layer module usually is (``python -m`` would add it).
+    """
+    if ":" in layer and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def _profile(args) -> int:
     from fastlayers.bench import profile
 
+    _import_from_cwd(args.layer)
     result = profile.profile_layer(
         args.layer,
         args.logdir,
         input_shape=args.input_shape,
+        layer_args=args.layer_args,
         policy=args.dtype,
         implementation=None if args.implementation == "auto" else args.implementation,
         mode=args.mode,
@@ -242,7 +326,10 @@ def _profile(args) -> int:
     print(f"wrote {result.xplane_path}")
     if result.scopes:
         print("kernel scopes in the trace: " + ", ".join(sorted(result.scopes)))
-    print("run this, open Profile > trace_viewer and search for fastlayers/:")
+        print("run this, open Profile > trace_viewer and search for fastlayers/:")
+    else:
+        # A plain Keras layer runs no fastlayers kernel: its ops carry the layer's name.
+        print("run this, open Profile > trace_viewer and search for the layer's ops:")
     print(f"tensorboard --logdir {args.logdir}")
     return 0
 
@@ -275,6 +362,7 @@ def main(argv=None) -> int:
         import tensorflow as tf
 
         tf.config.list_physical_devices("GPU")
+    from fastlayers.bench.layer_spec import LayerError
     from fastlayers.bench.profile import ProfileError
     from fastlayers.bench.runner import BenchError
 
@@ -283,7 +371,7 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return _bench(args) if args.command == "bench" else _profile(args)
-    except (UsageError, BenchError, ProfileError) as error:
+    except (UsageError, BenchError, ProfileError, LayerError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

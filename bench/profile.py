@@ -9,6 +9,14 @@ viewer finds each kernel call by searching for ``fastlayers/``. Example::
     print(result.scopes)  # {'fastlayers/dense/xla'}
 
 then ``tensorboard --logdir /tmp/logs`` and open Profile > trace_viewer.
+
+A layer of your own is named ``module:Class`` (or passed as the class), with its
+constructor arguments and input shape; a ``CompiledLayer``'s kernel scope is
+``fastlayers/<snake_case class name>/<implementation>``::
+
+    result = profile_layer("my_layers:MyDense", "/tmp/logs", input_shape=(64, 128),
+                           layer_args={"units": 256}, implementation="xla")
+    print(result.scopes)  # {'fastlayers/my_dense/xla'}
 """
 
 from __future__ import annotations
@@ -19,33 +27,47 @@ import re
 import shutil
 from collections.abc import Callable, Sequence
 
+import keras
 import tensorflow as tf
-from fastlayers.bench import cases
-
-
-def call_on_input(layer, x):
-    return layer(x)
+from fastlayers.bench import cases, layer_spec
+from fastlayers.bench.layer_spec import call_on_input
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerDefaults:
-    """A representative workload for a layer profiled by name.
+    """A representative workload for a fastlayers layer named on the command line.
+
+    ``fastlayers bench --layer NAME`` and ``fastlayers profile NAME`` use it;
+    ``--layer-args`` updates ``args`` and ``--input-shape`` replaces ``input_shape``.
 
     Attributes:
         args: constructor arguments.
-        input_shape: the shape of the one input tensor.
-        call: ``call(layer, x)``, how a step calls the layer on it (an attention
-            layer, say, as ``layer(x, x)``).
+        input_shape: the input's shape, batch axis first, or a tuple of shapes for
+            a layer with several inputs (called with them as one list).
+        call: ``call(layer, x)``, how a step calls the layer on its input (one
+            tensor, or the list of them); an attention layer, say, as ``layer(x, x)``.
     """
 
     args: dict
-    input_shape: tuple[int, ...]
+    input_shape: tuple
     call: Callable = call_on_input
 
+
+# FixedMask's workload: a 128x128 image with a 4x4 hole in its middle, as in the
+# tutorial the layer comes from.
+_HOLE_MASK = [[0.0 if 62 <= i < 66 and 62 <= j < 66 else 1.0 for j in range(128)]
+              for i in range(128)]
 
 LAYER_DEFAULTS: dict[str, LayerDefaults] = {
     "Dense": LayerDefaults({"units": 4096, "activation": "relu"}, (4096, 1024)),
     "Linear": LayerDefaults({"units": 4096}, (4096, 1024)),
+    # A ResNet stem's activations.
+    "MaxPooling2D": LayerDefaults({"pool_size": 2}, (64, 112, 112, 64)),
+    "FixedMask": LayerDefaults({"mask": _HOLE_MASK}, (256, 128, 128)),
+    "CenterZero": LayerDefaults({"size": [4, 4]}, (256, 128, 128)),
+    "Exponential": LayerDefaults({}, (256, 128, 128)),
+    # Inputs [a, b]: a (4096, 512) projected to b's 512 features.
+    "ResidualProjection": LayerDefaults({"units": 512}, ((4096, 512), (4096, 512))),
 }
 
 SCOPE_PATTERN = re.compile(r"fastlayers/[A-Za-z0-9_.]+/(?:reference|graph|xla)\b")
@@ -71,35 +93,6 @@ class ProfileResult:
     run_dir: str
     xplane_path: str
     scopes: frozenset[str]
-
-
-def layer_names() -> list[str]:
-    """The fastlayers layers that can be profiled by name."""
-    from fastlayers import layers
-
-    return sorted(
-        name for name in getattr(layers, "__all__", dir(layers))
-        if isinstance(getattr(layers, name, None), type)
-        and issubclass(getattr(layers, name), layers.FastLayer)
-        and getattr(layers, name) is not layers.FastLayer
-    )
-
-
-def build_layer(name: str, *, policy: str = "float32", implementation=None):
-    """A fastlayers layer by name, with its ``LAYER_DEFAULTS`` constructor arguments."""
-    from fastlayers import layers
-
-    if name not in layer_names():
-        raise ProfileError(
-            f"unknown layer {name!r}; fastlayers.layers has {', '.join(layer_names())}"
-        )
-    if name not in LAYER_DEFAULTS:
-        raise ProfileError(
-            f"layer {name!r} has no row in fastlayers.bench.profile.LAYER_DEFAULTS "
-            "(constructor arguments and input shape)"
-        )
-    args = dict(LAYER_DEFAULTS[name].args)
-    return getattr(layers, name)(**args, implementation=implementation, dtype=policy)
 
 
 def _prepare_logdir(logdir: str) -> str | None:
@@ -152,7 +145,8 @@ def profile_layer(
     layer,
     logdir: str,
     *,
-    input_shape: Sequence[int] | None = None,
+    input_shape: Sequence | None = None,
+    layer_args: dict | None = None,
     policy: str = "float32",
     implementation=None,
     mode: str = "eager",
@@ -162,14 +156,19 @@ def profile_layer(
     """Runs warm steps of a layer (or model) and captures a profiler trace.
 
     Args:
-        layer: a fastlayers layer name (``"Dense"``), or a Keras layer or model.
+        layer: a fastlayers layer name (``"Dense"``), ``"module:Class"`` or a Keras
+            layer class (resolved by ``fastlayers.bench.layer_spec.resolve_layer``),
+            or a Keras layer or model object.
         logdir: TensorBoard log directory; the trace goes to
             ``<logdir>/plugins/profile/<run>/<host>.xplane.pb``.
-        input_shape: the input's shape; defaults to the layer's row of
-            ``LAYER_DEFAULTS`` (required for a layer or model object).
-        policy: Keras dtype policy of a layer built by name.
+        input_shape: the input's shape, or one shape per input, batch axis first;
+            defaults to the layer's row of ``LAYER_DEFAULTS`` (required for any
+            other layer).
+        layer_args: constructor arguments of a layer given by name or class (for a
+            fastlayers layer they update its ``LAYER_DEFAULTS`` row).
+        policy: Keras dtype policy of a layer given by name or class.
         implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``,
-            for a layer built by name.
+            for a ``FastLayer`` given by name or class.
         mode: ``"eager"`` (layer calls) or ``"function"`` (calls in a tf.function).
         device: ``"cpu"`` or ``"gpu"``.
         steps: profiled steps, after ``WARMUP_STEPS`` unprofiled ones.
@@ -178,34 +177,40 @@ def profile_layer(
         A :class:`ProfileResult`.
 
     Raises:
-        ProfileError: unknown layer, bad shape, unwritable ``logdir``, no GPU.
+        fastlayers.bench.layer_spec.LayerError: the layer cannot be resolved,
+            built or called on ``input_shape``.
+        ProfileError: a failing call, an unwritable ``logdir``, no GPU.
     """
     if mode not in cases.MODES:
         raise ProfileError(f"unknown mode {mode!r} (choose from {', '.join(cases.MODES)})")
     if device == "gpu" and not cases.gpu_available():
         raise ProfileError("gpu requested but no GPU is visible to TensorFlow")
-    if isinstance(layer, str):
-        name = layer
+    if isinstance(layer, keras.layers.Layer):
+        if layer_args:
+            raise ProfileError("`layer_args` construct a layer given by name or class, "
+                               f"not the layer object {layer.name!r}")
+        call, shapes = call_on_input, layer_spec.normalize_shapes(input_shape)
+        if not shapes:
+            raise ProfileError("an input shape is needed (`--input-shape`, e.g. 4096,1024)")
+    else:
+        spec = layer_spec.resolve_layer(layer, input_shape=input_shape, layer_args=layer_args)
+        if implementation is not None and not spec.dispatches:
+            raise ProfileError(
+                f"`--implementation {implementation}` needs a fastlayers layer (a FastLayer "
+                f"or CompiledLayer); {spec.name} is a plain Keras layer, profiled as it is")
+        call, shapes = spec.call, spec.input_shapes
         try:
-            layer = build_layer(name, policy=policy, implementation=implementation)
+            layer = spec.make(policy, implementation)
+            spec.build(layer, shapes, policy)
         except ValueError as error:
             raise ProfileError(str(error).splitlines()[0]) from None
-        call = LAYER_DEFAULTS[name].call
-        input_shape = input_shape or LAYER_DEFAULTS[name].input_shape
-    else:
-        call = call_on_input
-    if not input_shape:
-        raise ProfileError("an input shape is needed (`--input-shape`, e.g. 4096,1024)")
     created = _prepare_logdir(logdir)
     logdir = os.path.abspath(logdir)
     before = _runs(logdir)
     started = False
     try:
         with tf.device(cases.tf_device(device)):
-            x = tf.cast(
-                tf.random.stateless_normal(list(input_shape), seed=(0, 0)),
-                cases.compute_dtype(policy),
-            )
+            x = layer_spec.random_inputs(shapes, policy)
 
             def step():
                 return call(layer, x)
@@ -218,7 +223,7 @@ def profile_layer(
             except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
                 raise ProfileError(
                     f"layer {layer.name!r} cannot take an input of shape "
-                    f"{tuple(input_shape)}: {str(error).splitlines()[0]}"
+                    f"{layer_spec.format_shapes(shapes)}: {str(error).splitlines()[0]}"
                 ) from None
             tf.profiler.experimental.start(logdir)
             started = True

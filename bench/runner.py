@@ -5,6 +5,10 @@ suite, size, policy, mode and device) are measured in interleaved rounds, each
 round in a rotated order, and every figure is a median over rounds. Ratios
 within a group (fraction of the peak row, speed-up over the Keras built-in) are
 therefore far steadier than the GFLOP/s themselves.
+
+A suite whose FLOPs are counted rather than given by a formula (a layer suite,
+``fastlayers bench --layer``) may count none; its rows then report time per
+call, and ``--compare`` compares those times.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
+from fastlayers.bench import cases as cases_lib
 from fastlayers.bench import flops as flops_lib
-from fastlayers.bench.cases import BASELINE, PEAK, SUITES, Case
+from fastlayers.bench import layer_spec
+from fastlayers.bench.cases import BASELINE, HEADLINE_POLICIES, MODES, PEAK, Case
 from fastlayers.kernels import dispatch
 
 FORMAT = "fastlayers-bench"
@@ -52,6 +58,7 @@ class Result:
     fraction_of_peak: float | None = None
     speedup_over_baseline: float | None = None
     old_gflops: float | None = None
+    old_seconds: float | None = None
 
     @property
     def median(self) -> float | None:
@@ -59,16 +66,22 @@ class Result:
 
     @property
     def gflops(self) -> float | None:
-        if not self.seconds:
+        """GFLOP/s; None when not measured or when the case counts no FLOPs."""
+        if not self.seconds or not self.case.flops:
             return None
         return flops_lib.gflops_per_second(self.case.flops, self.median)
 
     @property
     def change(self) -> float | None:
-        """Relative change of GFLOP/s against ``--compare``'s run (-0.1 = 10% slower)."""
-        if self.old_gflops is None or self.gflops is None:
+        """Relative change of speed against ``--compare``'s run (-0.1 = 10% slower).
+
+        Speed is GFLOP/s, or calls per second for a case that counts no FLOPs.
+        """
+        if self.gflops is not None:
+            return None if self.old_gflops is None else self.gflops / self.old_gflops - 1.0
+        if self.median is None or self.old_seconds is None:
             return None
-        return self.gflops / self.old_gflops - 1.0
+        return self.old_seconds / self.median - 1.0
 
     def to_json(self) -> dict:
         case = self.case
@@ -81,7 +94,9 @@ class Result:
             "device": case.device,
             "provider": case.provider.name,
             "provider_label": case.provider_label if self.error is None else case.provider.name,
+            "label": case.suite.label(case.shape),
             "flops": case.flops,
+            "flops_source": case.suite.flop_counter or "formula (fastlayers.bench.flops)",
             "seconds": self.seconds,
             "median_seconds": self.median,
             "gflops": self.gflops,
@@ -148,12 +163,12 @@ def measure_group(
 
 def derive_ratios(results: Sequence[Result]) -> None:
     """Fraction of the peak row and speed-up over the baseline, within one group."""
-    by_role = {r.case.provider.role: r for r in results if r.gflops is not None}
+    by_role = {r.case.provider.role: r for r in results if r.median is not None}
     peak, baseline = by_role.get(PEAK), by_role.get(BASELINE)
     for result in results:
-        if result.gflops is None:
+        if result.median is None:
             continue
-        if peak is not None:
+        if peak is not None and result.gflops is not None and peak.gflops is not None:
             result.fraction_of_peak = result.gflops / peak.gflops
         if baseline is not None:
             result.speedup_over_baseline = baseline.median / result.median
@@ -182,6 +197,60 @@ def run(cases: Sequence[Case], repeats: int, progress: bool = True) -> list[Resu
             bar.set_postfix_str(" ".join(str(part) for part in group[0].group))
             results.extend(measure_group(group, repeats, lambda: bar.update(1)))
     return results
+
+
+def bench_layer(
+    layer,
+    input_shape=None,
+    *,
+    layer_args: dict | None = None,
+    sizes: Sequence[int] | None = None,
+    policies: Sequence[str] = HEADLINE_POLICIES,
+    modes: Sequence[str] = MODES,
+    device: str = "cpu",
+    providers: Sequence[str] | None = None,
+    repeats: int = 5,
+    progress: bool = False,
+) -> list[Result]:
+    """Measures one layer as ``fastlayers bench --layer`` does.
+
+    Example:
+
+    ```python
+    from fastlayers.bench import runner
+    results = runner.bench_layer(MyDense, (64, 128), layer_args={"units": 256},
+                                 policies=["float32"])
+    print(runner.table(results))
+    ```
+
+    Args:
+        layer: a fastlayers layer name (``"Dense"``), ``"module:Class"`` or a Keras
+            layer class (see ``fastlayers.bench.layer_spec``).
+        input_shape: one shape, or one per input, batch axis first.
+        layer_args: constructor arguments.
+        sizes: batch sizes (default: the input shape's).
+        policies: Keras dtype policies.
+        modes: ``"eager"`` and/or ``"function"``.
+        device: ``"cpu"`` or ``"gpu"``.
+        providers: a subset of ``auto``, ``reference``, ``graph``, ``xla`` for a
+            ``FastLayer`` (default: all); a plain Keras layer has ``layer`` only.
+        repeats: interleaved timed rounds; each figure is their median.
+        progress: show a progress bar on stderr.
+
+    Raises:
+        fastlayers.bench.layer_spec.LayerError: the layer cannot be resolved,
+            built or called on ``input_shape``.
+        ValueError: a provider the layer's suite does not have.
+    """
+    spec = layer_spec.resolve_layer(layer, input_shape=input_shape, layer_args=layer_args)
+    suite = cases_lib.layer_suite(spec)
+    unknown = [name for name in providers or () if name not in suite.provider_names]
+    if unknown:
+        raise ValueError(f"Received an invalid value for `providers`, expected some of "
+                         f"{', '.join(suite.provider_names)}. Received: providers={unknown}")
+    chosen = cases_lib.cases(
+        suite, sizes or suite.quick_sizes, policies, modes, [device], providers)
+    return run(chosen, repeats, progress=progress)
 
 
 # --- the machine --------------------------------------------------------------------
@@ -290,8 +359,11 @@ def write_json(path: str, document: dict) -> None:
     write_atomically(path, "--json", write)
 
 
-def load_results(path: str) -> dict[tuple, float]:
-    """GFLOP/s by case key from a ``--json`` file; BenchError if it is not one."""
+def load_results(path: str) -> dict[tuple, tuple[float | None, float | None]]:
+    """``(GFLOP/s, median seconds)`` by case key from a ``--json`` file.
+
+    Raises BenchError if the file is not a ``fastlayers bench --json`` result.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             document = json.load(f)
@@ -312,19 +384,21 @@ def load_results(path: str) -> dict[tuple, float]:
         for row in document["results"]:
             key = (row["suite"], row["size"], row["policy"], row["mode"], row["device"],
                    row["provider"])
-            if row.get("gflops") is not None:
-                old[key] = float(row["gflops"])
+            gflops, seconds = row.get("gflops"), row.get("median_seconds")
+            if gflops is not None or seconds is not None:
+                old[key] = (None if gflops is None else float(gflops),
+                            None if seconds is None else float(seconds))
     except (KeyError, TypeError, ValueError) as error:
         raise BenchError(f"`--compare`: {path} has a malformed result row ({error!r})") from error
     return old
 
 
-def attach_old(results: Sequence[Result], old: dict[tuple, float]) -> int:
-    """Sets ``old_gflops`` on the results ``old`` has; returns how many matched."""
+def attach_old(results: Sequence[Result], old: dict[tuple, tuple]) -> int:
+    """Sets the old figures on the results ``old`` has; returns how many matched."""
     matched = 0
     for result in results:
         if result.case.key in old:
-            result.old_gflops = old[result.case.key]
+            result.old_gflops, result.old_seconds = old[result.case.key]
             matched += 1
     return matched
 
@@ -340,10 +414,55 @@ def _fmt(value, spec, suffix=""):
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _duration(seconds: float) -> str:
+    """``0.00123`` as ``1.23 ms``."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds * 1e9:.3g} ns"
+
+
+def _speed(gflops: float | None, seconds: float | None) -> str:
+    """GFLOP/s, or time per call when there is no FLOP count."""
+    if gflops is not None:
+        # Small layers reach well under 1 GFLOP/s: keep two significant digits.
+        return f"{gflops:.1f}" if gflops >= 1 else f"{gflops:.2g}"
+    return "-" if seconds is None else f"{_duration(seconds)}/call"
+
+
+def baseline_header(results: Sequence[Result]) -> str:
+    """``vs keras``, ``vs reference``: the speed-up column names its baseline."""
+    names = {p.name for p in (r.case.suite.role(BASELINE) for r in results) if p is not None}
+    return f"vs {names.pop()}" if len(names) == 1 else "vs baseline"
+
+
+def flop_notes(results: Sequence[Result]) -> list[str]:
+    """Lines saying how counted suites got their FLOPs: a heading per counter, a line per case."""
+    counted: dict[str, dict[str, str]] = {}
+    for r in results:
+        suite = r.case.suite
+        if not suite.flop_counter:
+            continue
+        where = f"{suite.name} at {suite.label(r.case.shape)}"
+        counted.setdefault(suite.flop_counter, {})[where] = (
+            f"{r.case.flops:,.0f}" if r.case.flops else
+            "none (no op it knows the FLOPs of), so time per call is shown instead of GFLOP/s")
+    lines = []
+    for counter, counts in counted.items():
+        lines.append(f"FLOPs per call, counted by {counter} on one traced call:")
+        lines += [f"  {where}: {count}" for where, count in counts.items()]
+    return lines
+
+
 def table(results: Sequence[Result]) -> str:
-    """A plain-text table: case, dtype, GFLOP/s, % of peak, speed-up over Keras."""
-    with_old = any(r.old_gflops is not None for r in results)
-    header = ["case", "mode", "provider", "dtype", "GFLOP/s", "% of peak", "vs keras"]
+    """A plain-text table: case, dtype, GFLOP/s, % of peak, speed-up over the baseline.
+
+    A case with no FLOP count shows its time per call in the GFLOP/s column; lines
+    after the table say how the FLOPs of counted suites were counted.
+    """
+    with_old = any(r.old_gflops is not None or r.old_seconds is not None for r in results)
+    header = ["case", "mode", "provider", "dtype", "GFLOP/s", "% of peak",
+              baseline_header(results)]
     if with_old:
         header += ["old GFLOP/s", "change"]
     rows = []
@@ -360,12 +479,13 @@ def table(results: Sequence[Result]) -> str:
             case.mode,
             case.provider_label,
             case.policy,
-            _fmt(r.gflops, ".1f"),
+            _speed(r.gflops, r.median),
             _fmt(None if r.fraction_of_peak is None else 100 * r.fraction_of_peak, ".0f", "%"),
             _fmt(r.speedup_over_baseline, ".2f", "x"),
         ]
         if with_old:
-            row += [_fmt(r.old_gflops, ".1f"),
+            old = _fmt(r.old_gflops, ".1f") if r.gflops is not None else _speed(None, r.old_seconds)
+            row += [old,
                     _fmt(None if r.change is None else 100 * r.change, "+.1f", "%")]
         rows.append(row)
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
@@ -377,20 +497,30 @@ def table(results: Sequence[Result]) -> str:
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    lines = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    notes = flop_notes(results)
+    if header[6] == "vs baseline":
+        baselines = {r.case.suite.name: r.case.suite.role(BASELINE) for r in results}
+        notes.append("vs baseline: speed-up over " + ", ".join(
+            f"{provider.name} for {name}" for name, provider in baselines.items() if provider))
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 # --- the plot -----------------------------------------------------------------------
 
 def plot(path: str, results: Sequence[Result], machine: dict) -> None:
-    """Throughput against size, one line per provider; one panel per policy and mode."""
+    """Throughput against size, one line per provider; one panel per policy and mode.
+
+    A suite that counts no FLOPs is drawn as time per call.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    measured = [r for r in results if r.gflops is not None]
-    suites = sorted({r.case.suite.name for r in measured})
+    measured = [r for r in results if r.median is not None]
+    by_name = {r.case.suite.name: r.case.suite for r in measured}
+    suites = sorted(by_name)
     panels = sorted({(r.case.suite.name, r.case.policy, r.case.mode, r.case.device)
                      for r in measured})
     if not panels:
@@ -399,23 +529,26 @@ def plot(path: str, results: Sequence[Result], machine: dict) -> None:
     rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(6.4 * columns, 4.2 * rows), squeeze=False)
     for ax, (suite_name, policy, mode, device) in zip(axes.flat, panels, strict=False):
-        suite = SUITES[suite_name]
+        suite = by_name[suite_name]
         panel = [r for r in measured if (r.case.suite.name, r.case.policy, r.case.mode,
                                          r.case.device) == (suite_name, policy, mode, device)]
+        # One panel, one unit: GFLOP/s when every size has a FLOP count.
+        timed = any(r.gflops is None for r in panel)
         for provider in suite.provider_names:
             rows = sorted((r for r in panel if r.case.provider.name == provider),
                           key=lambda r: r.case.size)
             if rows:
                 # Reference rows (peak, Keras) dashed, fastlayers rows solid.
                 style = "--" if suite.provider(provider).role else "-"
-                ax.plot([r.case.size for r in rows], [r.gflops for r in rows], style,
+                ax.plot([r.case.size for r in rows],
+                        [1e3 * r.median if timed else r.gflops for r in rows], style,
                         marker="o", label=rows[0].case.provider_label)
         sizes = sorted({r.case.size for r in panel})
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(size) for size in sizes])
         ax.minorticks_off()
         ax.set_xlabel(suite.x_label)
-        ax.set_ylabel("throughput (GFLOP/s)")
+        ax.set_ylabel("time per call (ms)" if timed else "throughput (GFLOP/s)")
         ax.set_ylim(bottom=0)
         ax.set_title(f"{suite.title}\n{policy}, {mode} mode, {device}", fontsize=9)
         ax.grid(True, alpha=0.3)
@@ -456,14 +589,17 @@ def benchmark_case(benchmark, case: Case, rounds: int = PYTEST_ROUNDS) -> None:
         return
     benchmark.pedantic(step, rounds=rounds, iterations=calibrate(step), warmup_rounds=1)
     median = benchmark.stats.stats.median
+    peak = case.suite.role(PEAK)
     if case.provider.role == PEAK:
         fraction = 1.0
+    elif peak is None:
+        fraction = None
     else:
-        pair = measure_group([case, case.with_provider(case.suite.role(PEAK))], rounds)
+        pair = measure_group([case, case.with_provider(peak)], rounds)
         fraction = pair[0].fraction_of_peak
     benchmark.extra_info.update(
         {
-            "gflops": flops_lib.gflops_per_second(case.flops, median),
+            "gflops": flops_lib.gflops_per_second(case.flops, median) if case.flops else None,
             "fraction_of_peak": fraction,
             "suite": case.suite.name,
             "provider": case.provider_label,
