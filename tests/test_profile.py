@@ -18,16 +18,21 @@ import pytest
 from fastlayers import layers
 from fastlayers.bench import cases, cli, profile
 from fastlayers.kernels.dense import DENSE
+from fastlayers.kernels.flops import dense_flops
 
 TINY_SHAPE = (16, 8)
 HOST = "127.0.0.1"
 
 
-def expected_implementation(implementation):
+def expected_implementation(implementation, mode):
     if implementation is not None:
         return implementation
-    return DENSE.select(None, platform=cases.platform_for("cpu"), dtype=cases.compute_dtype(
-        "float32"))
+    # auto runs small eager calls with the reference (kernels/auto.py); in a graph,
+    # the table decides
+    units = profile.LAYER_DEFAULTS["Dense"].args["units"]
+    work = dense_flops(*TINY_SHAPE, units) if mode == "eager" else None
+    return DENSE.select(None, platform=cases.platform_for("cpu"),
+                        dtype=cases.compute_dtype("float32"), work=work)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +54,7 @@ def test_trace_holds_the_kernel_scope(captures, mode, implementation):
     result = captures[mode, implementation]
     assert os.path.isfile(result.xplane_path)
     assert result.xplane_path.startswith(os.path.join(result.logdir, "plugins", "profile"))
-    assert result.scopes == {f"fastlayers/dense/{expected_implementation(implementation)}"}
+    assert result.scopes == {f"fastlayers/dense/{expected_implementation(implementation, mode)}"}
 
 
 def trace_viewer_events(xplane_path):
