@@ -29,3 +29,10 @@ AUTO = {
         ("gpu", "*"): ("graph", "xla", "reference"),
     },
 }
+
+AUTO["dot_product_attention"] = {
+    ("cpu", "*"): ("xla", "graph", "reference"),
+    ("cpu-onednn", "*"): ("xla", "graph", "reference"),
+    ("cpu-onednn-bf16", "*"): ("xla", "graph", "reference"),
+    ("gpu", "*"): ("xla", "graph", "reference"),
+}
