@@ -36,3 +36,10 @@ AUTO["dot_product_attention"] = {
     ("cpu-onednn-bf16", "*"): ("xla", "graph", "reference"),
     ("gpu", "*"): ("xla", "graph", "reference"),
 }
+
+AUTO["attention_pooling"] = {
+    ("cpu", "*"): ("graph", "xla", "reference"),
+    ("cpu-onednn", "*"): ("graph", "xla", "reference"),
+    ("cpu-onednn-bf16", "*"): ("graph", "xla", "reference"),
+    ("gpu", "*"): ("graph", "xla", "reference"),
+}
