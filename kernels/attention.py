@@ -136,6 +136,35 @@ def _split_mask_heads(x, kv_heads):
     return tf.reshape(x, [shape[0], kv_heads, x.shape[1] // kv_heads, shape[2], shape[3]])
 
 
+def static_layout(query, key, value, bias, mask):
+    """The static facts the algorithms need: head counts and dims, and which axes of
+    ``bias``/``mask`` broadcast. A plain tuple, so each layout is its own trace while
+    batch size and lengths stay free to vary (``tf.function(reduce_retracing=True)``
+    would otherwise relax these dims to None)."""
+    ones = lambda x: None if x is None else tuple(d == 1 for d in x.shape)  # noqa: E731
+    return (
+        tuple(query.shape[2:]),
+        tuple(key.shape[2:]),
+        tuple(value.shape[2:]),
+        ones(bias),
+        ones(mask),
+    )
+
+
+def _restore_layout(layout, query, key, value, bias, mask):
+    if layout is None:
+        return query, key, value, bias, mask
+    q_dims, k_dims, v_dims, bias_ones, mask_ones = layout
+    query = tf.ensure_shape(query, (None, None) + q_dims)
+    key = tf.ensure_shape(key, (None, None) + k_dims)
+    value = tf.ensure_shape(value, (None, None) + v_dims)
+    if bias is not None:
+        bias = tf.ensure_shape(bias, [1 if one else None for one in bias_ones])
+    if mask is not None:
+        mask = tf.ensure_shape(mask, [1 if one else None for one in mask_ones])
+    return query, key, value, bias, mask
+
+
 def _length(x, axis):
     return x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
 
@@ -156,13 +185,16 @@ def dot_product_attention_reference(
     dropout_rate=0.0,
     seed=None,
     block_sizes=None,
+    layout=None,
 ):
     """The spec: the whole ``[B, N, T, S]`` softmax in float32, then ``· V``.
 
     ``block_sizes`` is accepted for a uniform signature and ignored. ``bias`` and
-    ``mask`` are rank 4 here (``dot_product_attention`` expands them).
+    ``mask`` are rank 4 here (``dot_product_attention`` expands them); ``layout`` is
+    ``static_layout(...)`` of the inputs.
     """
     del block_sizes
+    query, key, value, bias, mask = _restore_layout(layout, query, key, value, bias, mask)
     acc = accumulation_dtype(query.dtype)
     kv_heads = key.shape[2]
     q = _split_heads(tf.cast(query, acc), kv_heads)  # [B, K, G, T, H]
@@ -506,6 +538,7 @@ def dot_product_attention_compiled(
     dropout_rate=0.0,
     seed=None,
     block_sizes=None,
+    layout=None,
 ):
     """The graph/XLA algorithm: blockwise online softmax with a recomputing gradient.
 
@@ -514,6 +547,7 @@ def dot_product_attention_compiled(
     CPUs here have no native half-precision dot products.
     """
     blocks = block_sizes or DEFAULT_BLOCK_SIZES
+    query, key, value, bias, mask = _restore_layout(layout, query, key, value, bias, mask)
     plan = _Plan(query, key, value, bias, mask, scale, is_causal, dropout_rate, seed, blocks)
     acc = plan.acc
 
@@ -717,4 +751,5 @@ def dot_product_attention(
         dropout_rate=float(dropout_rate),
         seed=seed,
         block_sizes=block_sizes,
+        layout=static_layout(query, key, value, bias, mask),
     )

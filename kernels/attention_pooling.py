@@ -43,9 +43,8 @@ def attention_pooling_compiled(x, weight, bias, mask=None):
     batched ``[1, T]·[T, F]`` product for the context, no ``[B, T, F]`` temporary."""
     acc = accumulation_dtype(x.dtype)
     x32 = tf.cast(x, acc)
-    shape = tf.shape(x)
-    features = x.shape[-1]
-    e = tf.matmul(tf.reshape(x32, [-1, features]), tf.cast(weight, acc))  # [B·T, 1]
+    shape = tf.shape(x)  # dynamic: the traced function is shared across shapes
+    e = tf.matmul(tf.reshape(x32, [-1, shape[2]]), tf.cast(weight, acc))  # [B·T, 1]
     e = tf.reshape(e, shape[:2]) + tf.reshape(tf.cast(bias, acc), [1, -1])
     alpha = _masked_softmax(tf.tanh(e), mask)
     context = tf.matmul(alpha[:, None, :], x32)  # [B, 1, T]·[B, T, F]

@@ -29,6 +29,9 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
     attention spans other axes than the sequence (``attention_axes`` other than the
     default on rank-3 inputs).
 
+    A query position whose keys are all masked (a padded query, say) attends to
+    nothing: its attention output is zero, where Keras averages every value.
+
     Dropout draws a different pattern from Keras's (a stateless hash of the positions
     seeded from the layer's seed generator), so in training the outputs agree with
     Keras's in distribution, not value by value.
