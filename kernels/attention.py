@@ -255,24 +255,33 @@ class _Plan:
         self.num_k = (self.s_len + self.block_k - 1) // self.block_k
         self.t_pad = self.num_q * self.block_q
         self.s_pad = self.num_k * self.block_k
+        self.pads_queries = static_t is None or static_t % self.block_q != 0
         self.pads_keys = static_s is None or static_s % self.block_k != 0
         self.scale = scale
         self.is_causal = is_causal
         self.rate = rate
         self.seed = seed
-        self.bias_shape = None if bias is None else bias.shape
         self.mask = None if mask is None else self._pad(_split_mask_heads(mask, self.kv_heads))
 
     def _pad(self, x):
         """Pads the T and S axes of a ``[b, k, g, t, s]`` mask/bias that spans them."""
-        paddings = [[0, 0]] * 3 + [
-            [0, self.t_pad - self.t_len if x.shape[3] != 1 else 0],
-            [0, self.s_pad - self.s_len if x.shape[4] != 1 else 0],
-        ]
-        return tf.pad(x, paddings)
+        t_pad = self.t_pad - self.t_len if x.shape[3] != 1 and self.pads_queries else 0
+        s_pad = self.s_pad - self.s_len if x.shape[4] != 1 and self.pads_keys else 0
+        if isinstance(t_pad, int) and isinstance(s_pad, int) and t_pad == s_pad == 0:
+            return x
+        return tf.pad(x, [[0, 0]] * 3 + [[0, t_pad], [0, s_pad]])
+
+    def pad_sequence(self, x, *, queries):
+        """Pads axis 1 (T or S) of ``[B, T|S, ...]`` to whole blocks; no copy when whole."""
+        if not (self.pads_queries if queries else self.pads_keys):
+            return x
+        amount = (self.t_pad - self.t_len) if queries else (self.s_pad - self.s_len)
+        return tf.pad(x, [[0, 0], [0, amount]] + [[0, 0]] * (x.shape.rank - 2))
 
     def bias5(self, bias):
-        return None if bias is None else self._pad(_split_mask_heads(tf.cast(bias, self.acc), self.kv_heads))
+        if bias is None:
+            return None
+        return self._pad(_split_mask_heads(tf.cast(bias, self.acc), self.kv_heads))
 
     def tile(self, x, i, j):
         """The ``[.., block_q, block_k]`` tile (i, j) of a padded mask/bias (broadcast axes kept)."""
@@ -284,19 +293,19 @@ class _Plan:
             begin[4], size[4] = j * self.block_k, self.block_k
         return tf.slice(x, begin, size)
 
-    def rows(self, x, i, axis):
-        """Query block ``i`` along ``axis`` of a padded tensor."""
+    def _block(self, x, index, axis, block):
         begin = [0] * x.shape.rank
         size = [-1] * x.shape.rank
-        begin[axis], size[axis] = i * self.block_q, self.block_q
+        begin[axis], size[axis] = index * block, block
         return tf.slice(x, begin, size)
 
-    def cols(self, x, j, axis):
+    def rows(self, x, i, axis=1):
+        """Query block ``i`` along ``axis`` of a padded tensor."""
+        return self._block(x, i, axis, self.block_q)
+
+    def cols(self, x, j, axis=1):
         """Key block ``j`` along ``axis`` of a padded tensor."""
-        begin = [0] * x.shape.rank
-        size = [-1] * x.shape.rank
-        begin[axis], size[axis] = j * self.block_k, self.block_k
-        return tf.slice(x, begin, size)
+        return self._block(x, j, axis, self.block_k)
 
     def key_blocks_for(self, i):
         """How many key blocks query block ``i`` sees: causal blocks above the diagonal are skipped."""
@@ -342,8 +351,11 @@ class _Plan:
         )
 
     def scores(self, q_i, k_j, bias, i, j):
-        """Scaled, biased and masked score tile and its validity (None = all valid)."""
-        s = tf.einsum("bkgth,bksh->bkgts", q_i, k_j)
+        """Biased and masked score tile ``[B, K, G, block_q, block_k]`` and its validity.
+
+        ``q_i [B, block_q, K, G, H]`` is already scaled; ``k_j [B, block_k, K, H]``.
+        """
+        s = tf.einsum("btkgh,bskh->bkgts", q_i, k_j)
         if bias is not None:
             s += self.tile(bias, i, j)
         valid = self.valid(i, j)
@@ -353,17 +365,22 @@ class _Plan:
 
 
 def _attention_forward(plan, q, k, v, bias):
-    """Blockwise forward: output ``[B, K, G, T_pad, D]`` and logsumexp ``[B, K, G, T_pad]``."""
+    """Blockwise forward on ``q [B, T_pad, K, G, H]`` (scaled), ``k``/``v [B, S_pad, K, H|D]``.
+
+    Returns the output ``[B, T_pad, K, G, D]`` and the per-row logsumexp by query
+    block, ``[num_q, B, K, G, block_q]``.
+    """
     acc = plan.acc
     batch = tf.shape(q)[0]
     floor = mask_value(acc)
+    value_dim = v.shape[-1]
 
     def query_block(i, outputs, logsumexps):
-        q_i = plan.rows(q, i, axis=3)
-        out_shape = tf.concat([tf.shape(q_i)[:-1], tf.shape(v)[-1:]], axis=0)
+        q_i = plan.rows(q, i)
+        stat_shape = tf.concat([[batch], [plan.kv_heads, plan.groups, plan.block_q]], axis=0)
 
         def key_block(j, out, peak, total):
-            s, valid = plan.scores(q_i, plan.cols(k, j, axis=2), bias, i, j)
+            s, valid = plan.scores(q_i, plan.cols(k, j), bias, i, j)
             new_peak = tf.maximum(peak, tf.reduce_max(s, axis=-1))
             p = tf.exp(s - new_peak[..., None])
             if valid is not None:
@@ -374,18 +391,15 @@ def _attention_forward(plan, q, k, v, bias):
             drop = plan.dropout(batch, i, j)
             if drop is not None:
                 p *= drop
-            out = out * correction[..., None] + tf.einsum(
-                "bkgts,bksd->bkgtd", p, plan.cols(v, j, axis=2)
-            )
+            out = out * correction[..., None] + tf.einsum("bkgts,bskd->bkgtd", p, plan.cols(v, j))
             return j + 1, out, new_peak, total
 
-        stat_shape = tf.shape(q_i)[:-1]
         _, out, peak, total = tf.while_loop(
             lambda j, *_: j < plan.key_blocks_for(i),
             key_block,
             (
                 tf.constant(0),
-                tf.zeros(out_shape, acc),
+                tf.zeros(tf.concat([stat_shape, [value_dim]], axis=0), acc),
                 tf.fill(stat_shape, tf.constant(floor, acc)),
                 tf.zeros(stat_shape, acc),
             ),
@@ -393,7 +407,8 @@ def _attention_forward(plan, q, k, v, bias):
         )
         # A fully masked row has total 0 and out 0: dividing by 1 keeps it at 0.
         safe_total = tf.where(total > 0, total, tf.ones([], acc))
-        outputs = outputs.write(i, out / safe_total[..., None])
+        out = tf.transpose(out / safe_total[..., None], [0, 3, 1, 2, 4])  # [B, block_q, K, G, D]
+        outputs = outputs.write(i, out)
         logsumexps = logsumexps.write(i, peak + tf.math.log(safe_total))
         return i + 1, outputs, logsumexps
 
@@ -402,19 +417,16 @@ def _attention_forward(plan, q, k, v, bias):
         query_block,
         (
             tf.constant(0),
-            tf.TensorArray(acc, size=plan.num_q),
-            tf.TensorArray(acc, size=plan.num_q),
+            tf.TensorArray(acc, size=plan.num_q, element_shape=[None, plan.block_q, plan.kv_heads, plan.groups, value_dim]),
+            tf.TensorArray(acc, size=plan.num_q, element_shape=[None, plan.kv_heads, plan.groups, plan.block_q]),
         ),
         maximum_iterations=plan.num_q,
     )
-    # [num_q, B, K, G, block_q, ...] → [B, K, G, T_pad, ...]
-    out = outputs.stack()
-    out = tf.transpose(out, [1, 2, 3, 0, 4, 5])
-    out_shape = tf.shape(out)
-    out = tf.reshape(out, [out_shape[0], plan.kv_heads, plan.groups, plan.t_pad, v.shape[-1]])
-    lse = tf.transpose(logsumexps.stack(), [1, 2, 3, 0, 4])
-    lse = tf.reshape(lse, [out_shape[0], plan.kv_heads, plan.groups, plan.t_pad])
-    return out, lse
+    out = outputs.stack()  # [num_q, B, block_q, K, G, D]
+    if out.shape[1] != 1:  # with one sequence the transpose only moves a unit axis
+        out = tf.transpose(out, [1, 0, 2, 3, 4, 5])
+    out = tf.reshape(out, [batch, plan.t_pad, plan.kv_heads, plan.groups, value_dim])
+    return out, logsumexps.stack()
 
 
 def _reduce_to(x, shape):
@@ -424,56 +436,52 @@ def _reduce_to(x, shape):
 
 
 def _attention_backward(plan, q, k, v, bias, out, lse, d_out):
-    """Blockwise gradients for padded ``q [B,K,G,T_pad,H]`` (pre-scaled), ``k``, ``v``, ``bias``.
+    """Blockwise gradients, recomputing each score tile from the saved logsumexp.
 
-    Key blocks outside, query blocks inside: ``dK``/``dV`` of a key block accumulate
-    in the inner loop; ``dQ`` (and a bias gradient spanning T or S) is added into
-    block-indexed accumulators, so nothing of size ``T·S`` is ever held.
+    ``q``, ``out``, ``d_out``: ``[B, T_pad, K, G, H|D]`` (``q`` scaled); ``k``, ``v``:
+    ``[B, S_pad, K, H|D]``; ``lse``: ``[num_q, B, K, G, block_q]``. Key blocks outside,
+    query blocks inside: ``dK``/``dV`` of a key block accumulate in the inner loop;
+    ``dQ`` (and a bias gradient spanning T or S) is added into block-indexed
+    accumulators, so nothing of size ``T·S`` is ever held. Returns ``dQ`` with
+    respect to the scaled ``q``.
     """
     acc = plan.acc
     batch = tf.shape(q)[0]
-    row_dot = tf.reduce_sum(d_out * out, axis=-1)  # [B, K, G, T_pad]: Σ_s P·dP per row
+    # Σ_s P·dP per row, [B, K, G, T_pad]: the softmax backward's row term.
+    row_dot = tf.transpose(tf.reduce_sum(d_out * out, axis=-1), [0, 2, 3, 1])
     d_q0 = tf.zeros(
-        tf.concat([[plan.num_q], tf.shape(q)[:3], [plan.block_q, q.shape[-1]]], axis=0), acc
+        tf.concat([[plan.num_q, batch, plan.kv_heads, plan.groups, plan.block_q, q.shape[-1]]], 0),
+        acc,
     )
     if bias is not None:
         # Blocked layout [num_q|1, num_k|1, b, k, g, block_q|1, block_k|1].
         tile_shape = tf.shape(plan.tile(bias, 0, 0))
-        d_bias0 = tf.zeros(
-            tf.concat(
-                [
-                    [plan.num_q if bias.shape[3] != 1 else 1],
-                    [plan.num_k if bias.shape[4] != 1 else 1],
-                    tile_shape,
-                ],
-                axis=0,
-            ),
-            acc,
-        )
+        blocks = [plan.num_q if bias.shape[3] != 1 else 1, plan.num_k if bias.shape[4] != 1 else 1]
+        d_bias0 = tf.zeros(tf.concat([blocks, tile_shape], axis=0), acc)
     else:
         d_bias0 = tf.zeros([], acc)
 
     def key_block(j, d_q, d_bias, d_keys, d_values):
-        k_j = plan.cols(k, j, axis=2)
-        v_j = plan.cols(v, j, axis=2)
+        k_j = plan.cols(k, j)
+        v_j = plan.cols(v, j)
 
         def query_block(i, d_k, d_v, d_q, d_bias):
-            q_i = plan.rows(q, i, axis=3)
-            do_i = plan.rows(d_out, i, axis=3)
+            q_i = plan.rows(q, i)
+            do_i = plan.rows(d_out, i)
             s, valid = plan.scores(q_i, k_j, bias, i, j)
-            p = tf.exp(s - plan.rows(lse, i, axis=3)[..., None])
+            p = tf.exp(s - lse[i][..., None])
             if valid is not None:
                 p = tf.where(valid, p, tf.zeros([], acc))
             drop = plan.dropout(batch, i, j)
             p_dropped = p if drop is None else p * drop
-            d_v += tf.einsum("bkgts,bkgtd->bksd", p_dropped, do_i)
-            d_p = tf.einsum("bkgtd,bksd->bkgts", do_i, v_j)
+            d_v += tf.einsum("bkgts,btkgd->bskd", p_dropped, do_i)
+            d_p = tf.einsum("btkgd,bskd->bkgts", do_i, v_j)
             if drop is not None:
                 d_p *= drop
             d_s = p * (d_p - plan.rows(row_dot, i, axis=3)[..., None])
-            d_k += tf.einsum("bkgts,bkgth->bksh", d_s, q_i)
+            d_k += tf.einsum("bkgts,btkgh->bskh", d_s, q_i)
             d_q = tf.tensor_scatter_nd_add(
-                d_q, [[i]], tf.einsum("bkgts,bksh->bkgth", d_s, k_j)[None]
+                d_q, [[i]], tf.einsum("bkgts,bskh->bkgth", d_s, k_j)[None]
             )
             if bias is not None:
                 d_tile = _reduce_to(d_s, bias.shape[:3] + (d_s.shape[3], d_s.shape[4]))
@@ -503,16 +511,18 @@ def _attention_backward(plan, q, k, v, bias, out, lse, d_out):
             tf.constant(0),
             d_q0,
             d_bias0,
-            tf.TensorArray(acc, size=plan.num_k),
-            tf.TensorArray(acc, size=plan.num_k),
+            tf.TensorArray(acc, size=plan.num_k, element_shape=[None, plan.block_k, plan.kv_heads, k.shape[-1]]),
+            tf.TensorArray(acc, size=plan.num_k, element_shape=[None, plan.block_k, plan.kv_heads, v.shape[-1]]),
         ),
         maximum_iterations=plan.num_k,
     )
-    d_q = tf.transpose(d_q, [1, 2, 3, 0, 4, 5])  # [B, K, G, num_q, block_q, H]
-    d_q = tf.reshape(d_q, [batch, plan.kv_heads, plan.groups, plan.t_pad, q.shape[-1]])
+    d_q = tf.transpose(d_q, [1, 0, 4, 2, 3, 5])  # [B, num_q, block_q, K, G, H]
+    d_q = tf.reshape(d_q, [batch, plan.t_pad, plan.kv_heads * plan.groups, q.shape[-1]])
 
-    def keys_layout(blocks):  # [num_k, B, K, block_k, X] → [B, S_pad, K, X]
-        x = tf.transpose(blocks.stack(), [1, 0, 3, 2, 4])
+    def keys_layout(blocks):  # [num_k, B, block_k, K, X] → [B, S_pad, K, X]
+        x = blocks.stack()
+        if x.shape[1] != 1:
+            x = tf.transpose(x, [1, 0, 2, 3, 4])
         return tf.reshape(x, [batch, plan.s_pad, plan.kv_heads, x.shape[-1]])
 
     if bias is not None:
@@ -543,39 +553,47 @@ def dot_product_attention_compiled(
     """The graph/XLA algorithm: blockwise online softmax with a recomputing gradient.
 
     Same signature and semantics as ``dot_product_attention_reference``; ``bias`` and
-    ``mask`` are rank 4. Operands are cast to float32 once (linear in T) because the
-    CPUs here have no native half-precision dot products.
+    ``mask`` are rank 4. Inputs stay in their ``[B, T, N, H]`` layout (a query block
+    is a contiguous slice; heads are regrouped per tile), so the only full-length
+    copies are the float32 casts of half-precision inputs and the block padding of
+    lengths that are not whole blocks. Half-precision operands are cast to float32
+    because the CPUs here have no native half-precision dot products.
     """
     blocks = block_sizes or DEFAULT_BLOCK_SIZES
     query, key, value, bias, mask = _restore_layout(layout, query, key, value, bias, mask)
     plan = _Plan(query, key, value, bias, mask, scale, is_causal, dropout_rate, seed, blocks)
     acc = plan.acc
+    scale = tf.cast(scale, acc)
 
-    def prepare(q_in, k_in, v_in):
-        q = _split_heads(tf.cast(q_in, acc), plan.kv_heads) * tf.cast(scale, acc)
-        q = tf.pad(q, [[0, 0]] * 3 + [[0, plan.t_pad - plan.t_len], [0, 0]])
-        kv_pad = [[0, 0], [0, plan.s_pad - plan.s_len], [0, 0], [0, 0]]
-        k = tf.transpose(tf.pad(tf.cast(k_in, acc), kv_pad), [0, 2, 1, 3])  # [B, K, S_pad, H]
-        v = tf.transpose(tf.pad(tf.cast(v_in, acc), kv_pad), [0, 2, 1, 3])  # [B, K, S_pad, D]
-        return q, k, v
+    def split(x):  # [B, T, N, X] → [B, T, K, G, X], a free reshape
+        shape = tf.shape(x)
+        return tf.reshape(x, [shape[0], shape[1], plan.kv_heads, plan.groups, x.shape[-1]])
 
-    def finish(out):
-        return tf.cast(_merge_heads(out[:, :, :, : plan.t_len]), query.dtype)
+    def finish(x, dtype):  # [B, T_pad, K, G, X] → [B, T, N, X]
+        shape = tf.shape(x)
+        x = tf.reshape(x, [shape[0], shape[1], plan.kv_heads * plan.groups, x.shape[-1]])
+        if plan.pads_queries:
+            x = x[:, : plan.t_len]
+        return tf.cast(x, dtype)
 
     @tf.custom_gradient
     def attend(q_in, k_in, v_in, *maybe_bias):
-        q, k, v = prepare(q_in, k_in, v_in)
+        # The scale multiplies q once (linear in T), not every score tile.
+        q = plan.pad_sequence(split(tf.cast(q_in, acc) * scale), queries=True)
+        k = plan.pad_sequence(tf.cast(k_in, acc), queries=False)
+        v = plan.pad_sequence(tf.cast(v_in, acc), queries=False)
         bias5 = plan.bias5(maybe_bias[0]) if maybe_bias else None
         out, lse = _attention_forward(plan, q, k, v, bias5)
 
         def grad(d_output):
-            d_out = _split_heads(tf.cast(d_output, acc), plan.kv_heads)
-            d_out = tf.pad(d_out, [[0, 0]] * 3 + [[0, plan.t_pad - plan.t_len], [0, 0]])
+            d_out = plan.pad_sequence(split(tf.cast(d_output, acc)), queries=True)
             d_q, d_k, d_v, d_bias = _attention_backward(plan, q, k, v, bias5, out, lse, d_out)
+            if plan.pads_keys:
+                d_k, d_v = d_k[:, : plan.s_len], d_v[:, : plan.s_len]
             grads = [
-                tf.cast(finish(d_q * tf.cast(scale, acc)), q_in.dtype),
-                tf.cast(d_k[:, : plan.s_len], k_in.dtype),
-                tf.cast(d_v[:, : plan.s_len], v_in.dtype),
+                finish(split(d_q * scale), q_in.dtype),
+                tf.cast(d_k, k_in.dtype),
+                tf.cast(d_v, v_in.dtype),
             ]
             if maybe_bias:
                 b_in = maybe_bias[0]
@@ -586,7 +604,7 @@ def dot_product_attention_compiled(
                 grads.append(tf.cast(tf.reshape(d_bias, tf.shape(b_in)), b_in.dtype))
             return grads
 
-        return finish(out), grad
+        return finish(out, query.dtype), grad
 
     args = (query, key, value) + (() if bias is None else (bias,))
     return attend(*args)
