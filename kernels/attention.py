@@ -136,16 +136,23 @@ def _split_mask_heads(x, kv_heads):
     return tf.reshape(x, [shape[0], kv_heads, x.shape[1] // kv_heads, shape[2], shape[3]])
 
 
-def static_layout(query, key, value, bias, mask):
-    """The static facts the algorithms need: head counts and dims, and which axes of
-    ``bias``/``mask`` broadcast. A plain tuple, so each layout is its own trace while
-    batch size and lengths stay free to vary (``tf.function(reduce_retracing=True)``
-    would otherwise relax these dims to None)."""
+def static_layout(query, key, value, bias, mask, *, lengths=False):
+    """The static facts the algorithms need: head counts and dims (and with
+    ``lengths=True`` the batch size and lengths too), and which axes of ``bias``/
+    ``mask`` broadcast.
+
+    A plain tuple, passed as a Python argument, so each layout is its own trace:
+    ``tf.function(reduce_retracing=True)`` would otherwise relax these dims to None.
+    The graph path leaves B, T and S free, sharing one trace across lengths; XLA
+    compiles one program per shape anyway, and with unknown lengths in the trace it
+    sizes its loop buffers for bounds far above the real lengths.
+    """
+    first = 0 if lengths else 2
     ones = lambda x: None if x is None else tuple(d == 1 for d in x.shape)  # noqa: E731
     return (
-        tuple(query.shape[2:]),
-        tuple(key.shape[2:]),
-        tuple(value.shape[2:]),
+        tuple(query.shape[first:]),
+        tuple(key.shape[first:]),
+        tuple(value.shape[first:]),
         ones(bias),
         ones(mask),
     )
@@ -155,9 +162,10 @@ def _restore_layout(layout, query, key, value, bias, mask):
     if layout is None:
         return query, key, value, bias, mask
     q_dims, k_dims, v_dims, bias_ones, mask_ones = layout
-    query = tf.ensure_shape(query, (None, None) + q_dims)
-    key = tf.ensure_shape(key, (None, None) + k_dims)
-    value = tf.ensure_shape(value, (None, None) + v_dims)
+    free = lambda dims: (None,) * (4 - len(dims)) + tuple(dims)  # noqa: E731
+    query = tf.ensure_shape(query, free(q_dims))
+    key = tf.ensure_shape(key, free(k_dims))
+    value = tf.ensure_shape(value, free(v_dims))
     if bias is not None:
         bias = tf.ensure_shape(bias, [1 if one else None for one in bias_ones])
     if mask is not None:
@@ -240,6 +248,13 @@ def dot_product_attention_reference(
 # Compiled: blockwise online softmax with a recomputing backward pass.
 
 
+def _static_sizes(x):
+    """Slice sizes: the static dims where known. XLA lowers a slice with a dynamic
+    start and a size of -1 by padding the whole operand first (a copy several times
+    its size); with every size known it is a plain dynamic-slice."""
+    return [-1 if d is None else d for d in x.shape]
+
+
 class _Plan:
     """Static facts of one compiled call: padded layout, block counts, options."""
 
@@ -286,7 +301,7 @@ class _Plan:
     def tile(self, x, i, j):
         """The ``[.., block_q, block_k]`` tile (i, j) of a padded mask/bias (broadcast axes kept)."""
         begin = [0, 0, 0, 0, 0]
-        size = [-1, -1, -1, -1, -1]
+        size = _static_sizes(x)
         if x.shape[3] != 1:
             begin[3], size[3] = i * self.block_q, self.block_q
         if x.shape[4] != 1:
@@ -295,7 +310,7 @@ class _Plan:
 
     def _block(self, x, index, axis, block):
         begin = [0] * x.shape.rank
-        size = [-1] * x.shape.rank
+        size = _static_sizes(x)
         begin[axis], size[axis] = index * block, block
         return tf.slice(x, begin, size)
 
@@ -769,5 +784,5 @@ def dot_product_attention(
         dropout_rate=float(dropout_rate),
         seed=seed,
         block_sizes=block_sizes,
-        layout=static_layout(query, key, value, bias, mask),
+        layout=static_layout(query, key, value, bias, mask, lengths=chosen == "xla"),
     )
