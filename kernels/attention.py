@@ -365,12 +365,8 @@ class _Plan:
             self.acc,
         )
 
-    def scores(self, q_i, k_j, bias, i, j):
-        """Biased and masked score tile ``[B, K, G, block_q, block_k]`` and its validity.
-
-        ``q_i [B, block_q, K, G, H]`` is already scaled; ``k_j [B, block_k, K, H]``.
-        """
-        s = tf.einsum("btkgh,bskh->bkgts", q_i, k_j)
+    def mask_scores(self, s, bias, i, j):
+        """Adds the bias tile to ``s [B, K, G, block_q, block_k]`` and masks it."""
         if bias is not None:
             s += self.tile(bias, i, j)
         valid = self.valid(i, j)
@@ -379,11 +375,29 @@ class _Plan:
         return s, valid
 
 
+def _heads_major(plan, x):
+    """``[B, block_q, K, G, X]`` → ``[B, K, G·block_q, X]``: a query tile as matmul rows."""
+    x = tf.transpose(x, [0, 2, 3, 1, 4])
+    return tf.reshape(x, [tf.shape(x)[0], plan.kv_heads, plan.groups * plan.block_q, x.shape[-1]])
+
+
+def _tile_5d(plan, x):
+    """``[B, K, G·block_q, X]`` → ``[B, K, G, block_q, X]`` (a free reshape)."""
+    return tf.reshape(x, [tf.shape(x)[0], plan.kv_heads, plan.groups, plan.block_q, x.shape[-1]])
+
+
+def _tile_4d(plan, x):
+    """``[B, K, G, block_q, X]`` → ``[B, K, G·block_q, X]`` (a free reshape)."""
+    return tf.reshape(x, [tf.shape(x)[0], plan.kv_heads, plan.groups * plan.block_q, x.shape[-1]])
+
+
 def _attention_forward(plan, q, k, v, bias):
     """Blockwise forward on ``q [B, T_pad, K, G, H]`` (scaled), ``k``/``v [B, S_pad, K, H|D]``.
 
     Returns the output ``[B, T_pad, K, G, D]`` and the per-row logsumexp by query
-    block, ``[num_q, B, K, G, block_q]``.
+    block, ``[num_q, B, K, G, block_q]``. Every product is a plain batched matmul over
+    ``(B, K)`` with one contracted axis (query tiles as ``[B, K, G·block_q, H]``):
+    XLA's CPU dot emitter hands those to its fast GEMM.
     """
     acc = plan.acc
     batch = tf.shape(q)[0]
@@ -391,11 +405,14 @@ def _attention_forward(plan, q, k, v, bias):
     value_dim = v.shape[-1]
 
     def query_block(i, outputs, logsumexps):
-        q_i = plan.rows(q, i)
+        q_i = _heads_major(plan, plan.rows(q, i))  # [B, K, G·block_q, H]
         stat_shape = tf.concat([[batch], [plan.kv_heads, plan.groups, plan.block_q]], axis=0)
 
         def key_block(j, out, peak, total):
-            s, valid = plan.scores(q_i, plan.cols(k, j), bias, i, j)
+            k_j = tf.transpose(plan.cols(k, j), [0, 2, 1, 3])  # [B, K, block_k, H]
+            v_j = tf.transpose(plan.cols(v, j), [0, 2, 1, 3])  # [B, K, block_k, D]
+            s = _tile_5d(plan, tf.matmul(q_i, k_j, transpose_b=True))
+            s, valid = plan.mask_scores(s, bias, i, j)
             new_peak = tf.maximum(peak, tf.reduce_max(s, axis=-1))
             p = tf.exp(s - new_peak[..., None])
             if valid is not None:
@@ -406,7 +423,7 @@ def _attention_forward(plan, q, k, v, bias):
             drop = plan.dropout(batch, i, j)
             if drop is not None:
                 p *= drop
-            out = out * correction[..., None] + tf.einsum("bkgts,bskd->bkgtd", p, plan.cols(v, j))
+            out = out * correction[..., None] + _tile_5d(plan, tf.matmul(_tile_4d(plan, p), v_j))
             return j + 1, out, new_peak, total
 
         _, out, peak, total = tf.while_loop(
@@ -476,29 +493,34 @@ def _attention_backward(plan, q, k, v, bias, out, lse, d_out):
     else:
         d_bias0 = tf.zeros([], acc)
 
+    heads_major = lambda x: _heads_major(plan, x)  # noqa: E731
+    tile_5d = lambda x: _tile_5d(plan, x)  # noqa: E731
+    tile_4d = lambda x: _tile_4d(plan, x)  # noqa: E731
+
+    # Plain batched matmuls, as in the forward pass.
     def key_block(j, d_q, d_bias, d_keys, d_values):
-        k_j = plan.cols(k, j)
-        v_j = plan.cols(v, j)
+        k_j = tf.transpose(plan.cols(k, j), [0, 2, 1, 3])  # [B, K, block_k, H]
+        v_j = tf.transpose(plan.cols(v, j), [0, 2, 1, 3])  # [B, K, block_k, D]
 
         def query_block(i, d_k, d_v, d_q, d_bias):
-            q_i = plan.rows(q, i)
-            do_i = plan.rows(d_out, i)
-            s, valid = plan.scores(q_i, k_j, bias, i, j)
+            q_i = heads_major(plan.rows(q, i))
+            do_i = heads_major(plan.rows(d_out, i))
+            s, valid = plan.mask_scores(tile_5d(tf.matmul(q_i, k_j, transpose_b=True)), bias, i, j)
             p = tf.exp(s - lse[i][..., None])
             if valid is not None:
                 p = tf.where(valid, p, tf.zeros([], acc))
             drop = plan.dropout(batch, i, j)
             p_dropped = p if drop is None else p * drop
-            d_v += tf.einsum("bkgts,btkgd->bskd", p_dropped, do_i)
-            d_p = tf.einsum("btkgd,bskd->bkgts", do_i, v_j)
+            d_v += tf.matmul(tile_4d(p_dropped), do_i, transpose_a=True)
+            d_p = tile_5d(tf.matmul(do_i, v_j, transpose_b=True))
             if drop is not None:
                 d_p *= drop
             d_s = p * (d_p - plan.rows(row_dot, i, axis=3)[..., None])
-            d_k += tf.einsum("bkgts,btkgh->bskh", d_s, q_i)
-            d_q = tf.tensor_scatter_nd_add(
-                d_q, [[i]], tf.einsum("bkgts,bskh->bkgth", d_s, k_j)[None]
-            )
+            d_s = tile_4d(d_s)
+            d_k += tf.matmul(d_s, q_i, transpose_a=True)
+            d_q = tf.tensor_scatter_nd_add(d_q, [[i]], tile_5d(tf.matmul(d_s, k_j))[None])
             if bias is not None:
+                d_s = tile_5d(d_s)
                 d_tile = _reduce_to(d_s, bias.shape[:3] + (d_s.shape[3], d_s.shape[4]))
                 d_tile = _reduce_to(d_tile, [None] * 3 + [bias.shape[3], bias.shape[4]])
                 index = [i if bias.shape[3] != 1 else 0, j if bias.shape[4] != 1 else 0]
@@ -526,18 +548,16 @@ def _attention_backward(plan, q, k, v, bias, out, lse, d_out):
             tf.constant(0),
             d_q0,
             d_bias0,
-            tf.TensorArray(acc, size=plan.num_k, element_shape=[None, plan.block_k, plan.kv_heads, k.shape[-1]]),
-            tf.TensorArray(acc, size=plan.num_k, element_shape=[None, plan.block_k, plan.kv_heads, v.shape[-1]]),
+            tf.TensorArray(acc, size=plan.num_k, element_shape=[None, plan.kv_heads, plan.block_k, k.shape[-1]]),
+            tf.TensorArray(acc, size=plan.num_k, element_shape=[None, plan.kv_heads, plan.block_k, v.shape[-1]]),
         ),
         maximum_iterations=plan.num_k,
     )
     d_q = tf.transpose(d_q, [1, 0, 4, 2, 3, 5])  # [B, num_q, block_q, K, G, H]
     d_q = tf.reshape(d_q, [batch, plan.t_pad, plan.kv_heads * plan.groups, q.shape[-1]])
 
-    def keys_layout(blocks):  # [num_k, B, block_k, K, X] → [B, S_pad, K, X]
-        x = blocks.stack()
-        if x.shape[1] != 1:
-            x = tf.transpose(x, [1, 0, 2, 3, 4])
+    def keys_layout(blocks):  # [num_k, B, K, block_k, X] → [B, S_pad, K, X]
+        x = tf.transpose(blocks.stack(), [1, 0, 3, 2, 4])
         return tf.reshape(x, [batch, plan.s_pad, plan.kv_heads, x.shape[-1]])
 
     if bias is not None:

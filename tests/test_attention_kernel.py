@@ -114,7 +114,10 @@ def gradient_cases():
     """Every case in float32 on both compiled paths; the bfloat16 sweep is slow."""
     for implementation in ("graph", "xla"):
         for case in ("causal", "padding", "bias", "gqa", "fully_masked"):
-            yield pytest.param(implementation, "float32", case)
+            fast = implementation == "xla" or case in ("causal", "bias", "fully_masked")
+            yield pytest.param(
+                implementation, "float32", case, marks=() if fast else (pytest.mark.slow,)
+            )
             fast = implementation == "xla" and case == "fully_masked"
             marks = () if fast else (pytest.mark.slow,)
             yield pytest.param(implementation, "bfloat16", case, marks=marks)
@@ -155,14 +158,20 @@ def test_reference_gradient_matches_finite_differences(rng):
 
 @pytest.mark.parametrize("implementation", ["reference", "graph", "xla"])
 @pytest.mark.parametrize(
-    "t, s, block_sizes",
-    [(1, 203, None), (113, 203, None), (113, 203, SMALL_BLOCKS), (1023, 1023, None), (1, 1, None)],
+    "t, s, block_sizes, causal_options",
+    [
+        (1, 203, None, (False,)),
+        (113, 203, None, (True,)),
+        (113, 203, SMALL_BLOCKS, (False, True)),
+        (1023, 1023, None, (True,)),
+        (1, 1, None, (False,)),
+    ],
 )
-def test_awkward_lengths(rng, implementation, t, s, block_sizes):
+def test_awkward_lengths(rng, implementation, t, s, block_sizes, causal_options):
     q = rng.standard_normal((1, t, 2, 16))
     k = rng.standard_normal((1, s, 1, 16))
     v = rng.standard_normal((1, s, 1, 16))
-    for is_causal in (False, True):
+    for is_causal in causal_options:
         out = kernels.dot_product_attention(
             tf.constant(q, tf.float32),
             tf.constant(k, tf.float32),

@@ -23,8 +23,10 @@ def pooling_oracle(x, weight, bias, mask=None):
     return np.einsum("bt,btf->bf", alpha, x)
 
 
-@pytest.mark.parametrize("per_step_bias", [False, True])
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "dtype, per_step_bias",
+    [("float32", False), ("float32", True), ("float16", False), ("bfloat16", False)],
+)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_kernel_matches_numpy(rng, implementation, dtype, per_step_bias):
     x = round_to(rng.standard_normal((3, 11, 6)), dtype)
