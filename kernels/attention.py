@@ -375,20 +375,25 @@ class _Plan:
         return s, valid
 
 
+def _batch(x):
+    """B, static when known: loop carries must keep their static shapes."""
+    return x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+
+
 def _heads_major(plan, x):
     """``[B, block_q, K, G, X]`` → ``[B, K, G·block_q, X]``: a query tile as matmul rows."""
     x = tf.transpose(x, [0, 2, 3, 1, 4])
-    return tf.reshape(x, [tf.shape(x)[0], plan.kv_heads, plan.groups * plan.block_q, x.shape[-1]])
+    return tf.reshape(x, [_batch(x), plan.kv_heads, plan.groups * plan.block_q, x.shape[-1]])
 
 
 def _tile_5d(plan, x):
     """``[B, K, G·block_q, X]`` → ``[B, K, G, block_q, X]`` (a free reshape)."""
-    return tf.reshape(x, [tf.shape(x)[0], plan.kv_heads, plan.groups, plan.block_q, x.shape[-1]])
+    return tf.reshape(x, [_batch(x), plan.kv_heads, plan.groups, plan.block_q, x.shape[-1]])
 
 
 def _tile_4d(plan, x):
     """``[B, K, G, block_q, X]`` → ``[B, K, G·block_q, X]`` (a free reshape)."""
-    return tf.reshape(x, [tf.shape(x)[0], plan.kv_heads, plan.groups * plan.block_q, x.shape[-1]])
+    return tf.reshape(x, [_batch(x), plan.kv_heads, plan.groups * plan.block_q, x.shape[-1]])
 
 
 def _attention_forward(plan, q, k, v, bias):
@@ -436,6 +441,7 @@ def _attention_forward(plan, q, k, v, bias):
                 tf.zeros(stat_shape, acc),
             ),
             maximum_iterations=plan.num_k,
+            parallel_iterations=2,
         )
         # A fully masked row has total 0 and out 0: dividing by 1 keeps it at 0.
         safe_total = tf.where(total > 0, total, tf.ones([], acc))
@@ -449,10 +455,13 @@ def _attention_forward(plan, q, k, v, bias):
         query_block,
         (
             tf.constant(0),
-            tf.TensorArray(acc, size=plan.num_q, element_shape=[None, plan.block_q, plan.kv_heads, plan.groups, value_dim]),
-            tf.TensorArray(acc, size=plan.num_q, element_shape=[None, plan.kv_heads, plan.groups, plan.block_q]),
+            tf.TensorArray(acc, size=plan.num_q, element_shape=[q.shape[0], plan.block_q, plan.kv_heads, plan.groups, value_dim]),
+            tf.TensorArray(acc, size=plan.num_q, element_shape=[q.shape[0], plan.kv_heads, plan.groups, plan.block_q]),
         ),
         maximum_iterations=plan.num_q,
+        # Graph mode would otherwise run up to 10 query blocks at once, each with its
+        # own tiles: memory would no longer be bounded by the tile size.
+        parallel_iterations=1,
     )
     out = outputs.stack()  # [num_q, B, block_q, K, G, D]
     if out.shape[1] != 1:  # with one sequence the transpose only moves a unit axis
@@ -538,6 +547,7 @@ def _attention_backward(plan, q, k, v, bias, out, lse, d_out):
                 d_bias,
             ),
             maximum_iterations=plan.num_q,
+            parallel_iterations=2,
         )
         return j + 1, d_q, d_bias, d_keys.write(j, d_k), d_values.write(j, d_v)
 
@@ -548,10 +558,11 @@ def _attention_backward(plan, q, k, v, bias, out, lse, d_out):
             tf.constant(0),
             d_q0,
             d_bias0,
-            tf.TensorArray(acc, size=plan.num_k, element_shape=[None, plan.kv_heads, plan.block_k, k.shape[-1]]),
-            tf.TensorArray(acc, size=plan.num_k, element_shape=[None, plan.kv_heads, plan.block_k, v.shape[-1]]),
+            tf.TensorArray(acc, size=plan.num_k, element_shape=[k.shape[0], plan.kv_heads, plan.block_k, k.shape[-1]]),
+            tf.TensorArray(acc, size=plan.num_k, element_shape=[v.shape[0], plan.kv_heads, plan.block_k, v.shape[-1]]),
         ),
         maximum_iterations=plan.num_k,
+        parallel_iterations=1,
     )
     d_q = tf.transpose(d_q, [1, 0, 4, 2, 3, 5])  # [B, num_q, block_q, K, G, H]
     d_q = tf.reshape(d_q, [batch, plan.t_pad, plan.kv_heads * plan.groups, q.shape[-1]])
