@@ -272,7 +272,6 @@ class _Plan:
         self.s_pad = self.num_k * self.block_k
         self.pads_queries = static_t is None or static_t % self.block_q != 0
         self.pads_keys = static_s is None or static_s % self.block_k != 0
-        self.scale = scale
         self.is_causal = is_causal
         self.rate = rate
         self.seed = seed

@@ -35,8 +35,9 @@ AUTO["dot_product_attention"] = {
     # 3 interleaved runs on a loaded machine, as ratios to the best
     # keras.ops.dot_product_attention path (eager/graph/XLA) and to the best 4096²
     # tf.matmul (graph/XLA) of the same run:
-    #   float32:  XLA 1.40x Keras (0.53 of peak), graph 0.57x;
-    #   bfloat16: XLA 1.43x Keras's XLA (0.54 of the bfloat16 peak), graph 0.70x.
+    #   float32:  XLA 1.33-1.56x Keras (0.55-0.57 of peak), graph 0.86-0.98x;
+    #   bfloat16: XLA 1.34x Keras's XLA (0.44-0.54 of the bfloat16 peak), graph 1.08x;
+    #   float32 forward+backward: XLA 1.04-1.05x Keras's XLA, graph 0.71-0.74x.
     # XLA's dot beats Eigen's, and its loop fuses the online softmax's elementwise ops.
     ("cpu", "*"): ("xla", "graph", "reference"),
     # Not measured with oneDNN on; XLA does not use oneDNN, so the ranking above holds
