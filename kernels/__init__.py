@@ -1,6 +1,17 @@
 """fastlayers.kernels: pure functions on tensors, each with an eager reference and
 compiled implementations behind one ``implementation=`` argument. No Keras state."""
 
+from fastlayers.kernels.attention import (
+    BlockSizes,
+    dot_product_attention,
+    dot_product_attention_compiled,
+    dot_product_attention_reference,
+)
+from fastlayers.kernels.attention_pooling import (
+    attention_pooling,
+    attention_pooling_compiled,
+    attention_pooling_reference,
+)
 from fastlayers.kernels.dense import dense, dense_compiled, dense_reference
 from fastlayers.kernels.dispatch import IMPLEMENTATIONS, PLATFORMS, Kernel, kernel, platform_of
 from fastlayers.kernels.elementwise import exponential, exponential_reference
@@ -19,16 +30,23 @@ from fastlayers.kernels.residual import (
 )
 
 __all__ = [
+    "BlockSizes",
     "IMPLEMENTATIONS",
+    "Kernel",
     "PLATFORMS",
     "TOLERANCES",
-    "Kernel",
     "Tolerance",
+    "attention_pooling",
+    "attention_pooling_compiled",
+    "attention_pooling_reference",
     "center_zero",
     "center_zero_reference",
     "dense",
     "dense_compiled",
     "dense_reference",
+    "dot_product_attention",
+    "dot_product_attention_compiled",
+    "dot_product_attention_reference",
     "exponential",
     "exponential_reference",
     "fixed_mask",

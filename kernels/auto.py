@@ -123,3 +123,31 @@ AUTO = {
         ("gpu", "*"): ("graph", "xla", "reference"),
     },
 }
+
+AUTO["dot_product_attention"] = {
+    # 2-core AMD EPYC (Zen 3, AVX2), TF 2.21, forward B=4 N=8 H=64 T=S=2048, medians of
+    # 3 interleaved runs on a loaded machine, as ratios to the best
+    # keras.ops.dot_product_attention path (eager/graph/XLA) and to the best 4096²
+    # tf.matmul (graph/XLA) of the same run:
+    #   float32:  XLA 1.33-1.56x Keras (0.55-0.57 of peak), graph 0.86-0.98x;
+    #   bfloat16: XLA 1.34x Keras's XLA (0.44-0.54 of the bfloat16 peak), graph 1.08x;
+    #   float32 forward+backward: XLA 1.04-1.05x Keras's XLA, graph 0.71-0.74x.
+    # XLA's dot beats Eigen's, and its loop fuses the online softmax's elementwise ops.
+    ("cpu", "*"): ("xla", "graph", "reference"),
+    # Not measured with oneDNN on; XLA does not use oneDNN, so the ranking above holds
+    # unless oneDNN's graph matmul overtakes XLA's (it does for Dense: see above).
+    ("cpu-onednn", "*"): ("xla", "graph", "reference"),
+    ("cpu-onednn-bf16", "*"): ("xla", "graph", "reference"),
+    # Not measured (no GPU here): XLA fuses each tile's softmax into one kernel.
+    ("gpu", "*"): ("xla", "graph", "reference"),
+}
+
+AUTO["attention_pooling"] = {
+    # 2-core AMD EPYC (Zen 3, AVX2), TF 2.21, B=64 T=512 F=256 with a mask, medians of
+    # 15 interleaved runs, speed relative to graph: float32 XLA 1.26x, reference 0.27x;
+    # bfloat16 XLA 1.49x, reference 0.81x (XLA fuses tanh, the masked softmax and casts).
+    ("cpu", "*"): ("xla", "graph", "reference"),
+    ("cpu-onednn", "*"): ("xla", "graph", "reference"),
+    ("cpu-onednn-bf16", "*"): ("xla", "graph", "reference"),
+    ("gpu", "*"): ("xla", "graph", "reference"),
+}

@@ -4,15 +4,18 @@ Write ``from fastlayers import layers`` and ``layers.Dense(64, activation="relu"
 exactly as with ``from keras import layers``.
 """
 
+from fastlayers.layers.attention_pooling import AttentionPooling
 from fastlayers.layers.base import CompiledLayer, FastLayer
 from fastlayers.layers.dense import Dense
 from fastlayers.layers.exponential import Exponential
 from fastlayers.layers.linear import Linear
 from fastlayers.layers.masking import CenterZero, FixedMask
+from fastlayers.layers.multi_head_attention import MultiHeadAttention
 from fastlayers.layers.pooling import MaxPooling2D
 from fastlayers.layers.residual import ResidualProjection
 
 __all__ = [
+    "AttentionPooling",
     "CenterZero",
     "CompiledLayer",
     "Dense",
@@ -21,5 +24,6 @@ __all__ = [
     "FixedMask",
     "Linear",
     "MaxPooling2D",
+    "MultiHeadAttention",
     "ResidualProjection",
 ]

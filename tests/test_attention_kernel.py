@@ -1,0 +1,343 @@
+"""kernels.dot_product_attention against a float64 numpy oracle, its gradients against
+the reference's, dropout, awkward lengths, and bad input."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import IMPLEMENTATIONS, round_to
+
+from fastlayers import kernels
+from fastlayers.kernels import BlockSizes, tolerance
+
+DTYPES = ("float32", "float16", "bfloat16")
+# Small tiles, so that the tiny test shapes still span several query and key blocks
+# and end in partial (padded) blocks.
+SMALL_BLOCKS = BlockSizes(block_q=16, block_k=24)
+
+
+def attention_oracle(q, k, v, bias=None, mask=None, *, scale=None, is_causal=False):
+    """float64 numpy: repeat K/V heads, softmax over keys, zeros for fully masked rows."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, t, n, h = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    k = np.repeat(k, n // kv, axis=2)
+    v = np.repeat(v, n // kv, axis=2)
+    scale = 1.0 / np.sqrt(h) if scale is None else scale
+    logits = np.einsum("btnh,bsnh->bnts", q, k) * scale
+    if bias is not None:
+        logits = logits + np.asarray(bias, np.float64)
+    valid = np.ones(logits.shape, bool)
+    if mask is not None:
+        valid &= np.asarray(mask, bool)
+    if is_causal:
+        valid &= np.tril(np.ones((t, s), bool))
+    logits = np.where(valid, logits, -np.inf)
+    peak = np.max(logits, axis=-1, keepdims=True)
+    weights = np.where(valid, np.exp(logits - np.where(np.isfinite(peak), peak, 0.0)), 0.0)
+    total = weights.sum(-1, keepdims=True)
+    probs = weights / np.where(total > 0, total, 1.0)
+    return np.einsum("bnts,bsnd->btnd", probs, v)
+
+
+def make_case(rng, name, dtype, *, b=2, t=37, s=53, n=4, kv=4, h=8, d=None):
+    """Inputs (rounded to dtype) and kernel keyword arguments for one named case."""
+    if name == "gqa":
+        kv = 2
+    d = d or h
+    q = rng.standard_normal((b, t, n, h))
+    k = rng.standard_normal((b, s, kv, h))
+    v = rng.standard_normal((b, s, kv, d))
+    options = {}
+    if name == "causal":
+        options["is_causal"] = True
+    elif name == "padding":
+        lengths = rng.integers(1, s + 1, size=b)
+        options["mask"] = (np.arange(s)[None, :] < lengths[:, None])[:, None, None, :]
+    elif name == "bias":
+        options["bias"] = rng.standard_normal((1, n, t, s))
+    elif name == "fully_masked":
+        mask = rng.random((b, n, t, s)) > 0.3
+        mask[:, :, ::5] = False  # every fifth query row sees no key at all
+        options["mask"] = mask
+        options["is_causal"] = True
+    q, k, v = (round_to(a, dtype) for a in (q, k, v))
+    if "bias" in options:
+        options["bias"] = round_to(options["bias"], dtype)
+    return q, k, v, options
+
+
+def to_tensors(dtype, q, k, v, options):
+    cast = lambda a: tf.constant(a, dtype)  # noqa: E731
+    tensors = {name: cast(a) for name, a in (("query", q), ("key", k), ("value", v))}
+    kwargs = dict(options)
+    if "bias" in kwargs:
+        kwargs["bias"] = cast(kwargs["bias"])
+    if "mask" in kwargs:
+        kwargs["mask"] = tf.constant(kwargs["mask"])
+    return tensors, kwargs
+
+
+@pytest.mark.parametrize("case", ["causal", "padding", "bias", "gqa", "fully_masked"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_matches_numpy(rng, implementation, dtype, case):
+    q, k, v, options = make_case(rng, case, dtype)
+    tensors, kwargs = to_tensors(dtype, q, k, v, options)
+    out = kernels.dot_product_attention(
+        **tensors, **kwargs, block_sizes=SMALL_BLOCKS, implementation=implementation
+    )
+    assert out.dtype == tf.as_dtype(dtype)
+    assert out.shape == (2, 37, 4, 8)
+    expected = attention_oracle(q, k, v, **options)
+    assert not np.isnan(out.numpy().astype(np.float64)).any()
+    tolerance(dtype).check(out.numpy(), expected, what=f"{implementation} {dtype} {case}")
+    if case == "fully_masked":
+        # Query rows 0, 5, 10, ... see no key: exactly zero, in every dtype.
+        np.testing.assert_array_equal(out.numpy()[:, ::5].astype(np.float64), 0.0)
+
+
+def loss_and_grads(implementation, tensors, kwargs, weights, block_sizes=SMALL_BLOCKS):
+    sources = dict(tensors)
+    if "bias" in kwargs:
+        sources["bias"] = kwargs["bias"]
+    with tf.GradientTape() as tape:
+        tape.watch(list(sources.values()))
+        call = {**kwargs, **sources}
+        out = kernels.dot_product_attention(
+            **call, block_sizes=block_sizes, implementation=implementation
+        )
+        loss = tf.reduce_sum(tf.cast(out, tf.float32) * weights)
+    return out, dict(zip(sources, tape.gradient(loss, list(sources.values()))))
+
+
+def gradient_cases():
+    """Every case in float32 on both compiled paths; the bfloat16 sweep is slow."""
+    for implementation in ("graph", "xla"):
+        for case in ("causal", "padding", "bias", "gqa", "fully_masked"):
+            fast = implementation == "xla" or case in ("causal", "bias", "fully_masked")
+            yield pytest.param(
+                implementation, "float32", case, marks=() if fast else (pytest.mark.slow,)
+            )
+            fast = implementation == "xla" and case == "fully_masked"
+            marks = () if fast else (pytest.mark.slow,)
+            yield pytest.param(implementation, "bfloat16", case, marks=marks)
+
+
+@pytest.mark.parametrize("implementation, dtype, case", list(gradient_cases()))
+def test_gradients_match_reference(rng, implementation, dtype, case):
+    q, k, v, options = make_case(rng, case, dtype, t=29, s=41)
+    tensors, kwargs = to_tensors(dtype, q, k, v, options)
+    weights = tf.constant(rng.standard_normal((2, 29, 4, 8)), tf.float32)
+    _, expected = loss_and_grads("reference", tensors, kwargs, weights)
+    _, actual = loss_and_grads(implementation, tensors, kwargs, weights)
+    assert set(actual) == set(expected)
+    for name in expected:
+        assert actual[name].dtype == expected[name].dtype
+        got = actual[name].numpy().astype(np.float64)
+        assert not np.isnan(got).any(), name
+        tolerance(dtype, grad=True).check(
+            got, expected[name].numpy().astype(np.float64), what=f"d{name}"
+        )
+
+
+def test_reference_gradient_matches_finite_differences(rng):
+    q, k, v, options = make_case(rng, "bias", "float64", b=1, t=3, s=4, n=2, kv=2, h=2)
+    options["mask"] = np.array([True, True, False, True])
+    tensors, kwargs = to_tensors("float64", q, k, v, options)
+    args = [tensors["query"], tensors["key"], tensors["value"], kwargs["bias"]]
+
+    def f(query, key, value, bias):
+        return kernels.dot_product_attention(
+            query, key, value, bias, kwargs["mask"], implementation="reference"
+        )
+
+    theoretical, numerical = tf.test.compute_gradient(f, args)
+    for got, want in zip(theoretical, numerical):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "graph", "xla"])
+@pytest.mark.parametrize(
+    "t, s, block_sizes, causal_options",
+    [
+        (1, 203, None, (False,)),
+        (113, 203, None, (True,)),
+        (113, 203, SMALL_BLOCKS, (False, True)),
+        (1023, 1023, None, (True,)),
+        (1, 1, None, (False,)),
+    ],
+)
+def test_awkward_lengths(rng, implementation, t, s, block_sizes, causal_options):
+    q = rng.standard_normal((1, t, 2, 16))
+    k = rng.standard_normal((1, s, 1, 16))
+    v = rng.standard_normal((1, s, 1, 16))
+    for is_causal in causal_options:
+        out = kernels.dot_product_attention(
+            tf.constant(q, tf.float32),
+            tf.constant(k, tf.float32),
+            tf.constant(v, tf.float32),
+            is_causal=is_causal,
+            block_sizes=block_sizes,
+            implementation=implementation,
+        )
+        expected = attention_oracle(q, k, v, is_causal=is_causal)
+        tolerance("float32").check(out.numpy(), expected, what=f"T={t} S={s} causal={is_causal}")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_masks_are_safe_in_half_precision(dtype):
+    """Large logits next to masked keys: no overflow to inf, no NaN."""
+    q = tf.fill([1, 4, 1, 8], tf.constant(30.0, dtype))
+    k = tf.fill([1, 6, 1, 8], tf.constant(30.0, dtype))
+    v = tf.ones([1, 6, 1, 8], dtype)
+    mask = tf.constant([[False, True, True, False, True, False]])
+    for implementation in ("reference", "xla"):
+        out = kernels.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+        np.testing.assert_allclose(out.numpy().astype(np.float32), 1.0)
+
+
+class TestDropout:
+    def run(self, implementation, seed, rate=0.4, block_sizes=SMALL_BLOCKS, t=29, s=41):
+        rng = np.random.default_rng(7)
+        q, k, v = (
+            tf.constant(rng.standard_normal(shape), tf.float32)
+            for shape in ((2, t, 4, 8), (2, s, 2, 8), (2, s, 2, 8))
+        )
+        return kernels.dot_product_attention(
+            q, k, v, is_causal=True, dropout_rate=rate, seed=seed,
+            block_sizes=block_sizes, implementation=implementation,
+        )
+
+    @pytest.mark.parametrize("implementation", ["graph", "xla"])
+    def test_same_keep_mask_as_reference(self, implementation):
+        expected = self.run("reference", seed=3)
+        tolerance("float32").check(self.run(implementation, seed=3).numpy(), expected.numpy())
+        if implementation == "graph":  # the mask does not depend on the tiling
+            other_blocks = self.run(implementation, seed=3, block_sizes=BlockSizes(8, 64))
+            tolerance("float32").check(other_blocks.numpy(), expected.numpy())
+
+    def test_reproducible_and_seed_dependent(self):
+        a = self.run("xla", seed=11).numpy()
+        np.testing.assert_array_equal(a, self.run("xla", seed=11).numpy())
+        np.testing.assert_array_equal(a, self.run("xla", seed=tf.constant(11)).numpy())
+        assert np.abs(a - self.run("xla", seed=12).numpy()).max() > 1e-2
+        assert np.abs(a - self.run("xla", seed=[11, 1]).numpy()).max() > 1e-2
+
+    def test_drops_the_requested_fraction(self):
+        # With V = identity-like one-hot values, each output entry is one probability.
+        s = 64
+        q = tf.zeros([1, 64, 1, 4])
+        k = tf.zeros([1, s, 1, 4])
+        v = tf.reshape(tf.eye(s), [1, s, 1, s])
+        out = kernels.dot_product_attention(
+            q, k, v, dropout_rate=0.25, seed=5, implementation="graph"
+        ).numpy()
+        kept = out > 0
+        assert abs(kept.mean() - 0.75) < 0.03
+        np.testing.assert_allclose(out[kept], 1.0 / s / 0.75, rtol=1e-5)
+
+    @pytest.mark.parametrize(
+        "implementation", ["graph", pytest.param("xla", marks=pytest.mark.slow)]
+    )
+    def test_gradients_match_reference(self, rng, implementation):
+        q, k, v, options = make_case(rng, "bias", "float32", t=20, s=30)
+        options.update(dropout_rate=0.3, seed=9)
+        tensors, kwargs = to_tensors("float32", q, k, v, options)
+        weights = tf.constant(rng.standard_normal((2, 20, 4, 8)), tf.float32)
+        _, expected = loss_and_grads("reference", tensors, kwargs, weights)
+        _, actual = loss_and_grads(implementation, tensors, kwargs, weights)
+        for name in expected:
+            tolerance("float32", grad=True).check(actual[name], expected[name], what=f"d{name}")
+
+
+def test_inside_a_function_with_unknown_batch_and_length(rng):
+    q = rng.standard_normal((2, 21, 2, 8)).astype(np.float32)
+    spec = tf.TensorSpec([None, None, 2, 8], tf.float32)
+
+    @tf.function(input_signature=[spec])
+    def attend(x):
+        return kernels.dot_product_attention(
+            x, x, x, is_causal=True, block_sizes=SMALL_BLOCKS, implementation="graph"
+        )
+
+    tolerance("float32").check(attend(q).numpy(), attention_oracle(q, q, q, is_causal=True))
+
+
+@pytest.mark.parametrize("implementation", ["graph", "xla"])
+def test_gradients_after_a_length_change(rng, implementation):
+    """A second length retraces with relaxed shapes; loop carries must stay consistent."""
+    for t in (16, 40):
+        x = tf.constant(rng.standard_normal((1, t, 2, 8)), tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(
+                kernels.dot_product_attention(
+                    x, x, x, block_sizes=SMALL_BLOCKS, implementation=implementation
+                )
+            )
+        assert tape.gradient(loss, x).shape == x.shape
+
+
+def test_auto_picks_from_the_table():
+    from fastlayers.kernels.attention import ATTENTION
+
+    chosen = ATTENTION.select(None, platform="cpu", dtype=tf.float32)
+    assert chosen == ATTENTION.auto[("cpu", "*")][0]
+
+
+class TestBadInput:
+    def call(self, q_shape=(2, 5, 4, 8), k_shape=(2, 7, 2, 8), v_shape=(2, 7, 2, 8), **kwargs):
+        return kernels.dot_product_attention(
+            tf.zeros(q_shape), tf.zeros(k_shape), tf.zeros(v_shape), **kwargs
+        )
+
+    def test_mismatched_head_dims(self):
+        with pytest.raises(ValueError, match=r"same head dim H.*query.shape=\(2, 5, 4, 8\), key.shape=\(2, 7, 2, 6\)"):
+            self.call(k_shape=(2, 7, 2, 6))
+
+    def test_kv_heads_must_divide_heads(self):
+        with pytest.raises(ValueError, match=r"K must divide .* Received: N=4, K=3"):
+            self.call(k_shape=(2, 7, 3, 8), v_shape=(2, 7, 3, 8))
+
+    def test_mask_of_the_wrong_shape(self):
+        with pytest.raises(ValueError, match=r"`mask` must be broadcastable to \[B, N, T, S\] = \[2, 4, 5, 7\]. Received: mask.shape=\(5, 6\)"):
+            self.call(mask=tf.ones([5, 6], tf.bool))
+
+    def test_bias_of_the_wrong_shape(self):
+        with pytest.raises(ValueError, match=r"`bias` must be broadcastable .* Received: bias.shape=\(3, 1, 1, 1\)"):
+            self.call(bias=tf.zeros([3, 1, 1, 1]))
+
+    def test_mask_must_be_boolean(self):
+        with pytest.raises(TypeError, match=r"Received: mask.dtype=int32"):
+            self.call(mask=tf.ones([5, 7], tf.int32))
+
+    def test_key_and_value_lengths(self):
+        with pytest.raises(ValueError, match=r"same length S .* value.shape=\(2, 9, 2, 8\)"):
+            self.call(v_shape=(2, 9, 2, 8))
+
+    def test_rank(self):
+        with pytest.raises(ValueError, match=r"`query` must have rank 4 .* Received: query.shape=\(5, 4, 8\)"):
+            self.call(q_shape=(5, 4, 8))
+
+    def test_dtype(self):
+        with pytest.raises(TypeError, match=r"Received: key.dtype=float16"):
+            kernels.dot_product_attention(
+                tf.zeros([1, 2, 1, 4]), tf.zeros([1, 2, 1, 4], tf.float16), tf.zeros([1, 2, 1, 4])
+            )
+
+    @pytest.mark.parametrize("rate", [-0.1, 1.0, "0.5"])
+    def test_dropout_rate(self, rate):
+        with pytest.raises(ValueError, match=r"`dropout_rate`, expected a number in \[0, 1\)"):
+            self.call(dropout_rate=rate, seed=1)
+
+    def test_dropout_needs_a_seed(self):
+        with pytest.raises(ValueError, match=r"`seed` is required .* dropout_rate=0.5, seed=None"):
+            self.call(dropout_rate=0.5)
+
+    def test_implementation(self):
+        with pytest.raises(ValueError, match=r"Received: implementation='fast'"):
+            self.call(implementation="fast")
+
+    def test_block_sizes(self):
+        with pytest.raises(ValueError, match=r"Received: block_q=0"):
+            BlockSizes(block_q=0)
