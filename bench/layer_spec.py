@@ -50,10 +50,10 @@ def builtin_names() -> list[str]:
     """The fastlayers layers that can be named without a module."""
     from fastlayers import layers
 
+    # MultiHeadAttention subclasses Keras's own layer, not FastLayer
     return sorted(
-        name for name in getattr(layers, "__all__", dir(layers))
-        if isinstance(getattr(layers, name, None), type)
-        and issubclass(getattr(layers, name), layers.FastLayer)
+        name for name in layers.__all__
+        if issubclass(getattr(layers, name), keras.layers.Layer)
         and getattr(layers, name) not in (layers.FastLayer, layers.CompiledLayer)
     )
 

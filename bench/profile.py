@@ -68,6 +68,11 @@ LAYER_DEFAULTS: dict[str, LayerDefaults] = {
     "Exponential": LayerDefaults({}, (256, 128, 128)),
     # Inputs [a, b]: a (4096, 512) projected to b's 512 features.
     "ResidualProjection": LayerDefaults({"units": 512}, ((4096, 512), (4096, 512))),
+    # Self-attention over 2048 tokens of width 512: 8 heads of 64, the attention bench's shape.
+    "MultiHeadAttention": LayerDefaults(
+        {"num_heads": 8, "key_dim": 64}, (4, 2048, 512), call=lambda layer, x: layer(x, x)
+    ),
+    "AttentionPooling": LayerDefaults({}, (64, 512, 256)),
 }
 
 SCOPE_PATTERN = re.compile(r"fastlayers/[A-Za-z0-9_.]+/(?:reference|graph|xla)\b")

@@ -296,7 +296,7 @@ BAD_INPUTS = [
      "it is a class NotALayer"),
     ([f"{MODULE}:make_layer", "--input-shape", "4,8"], "it is a function"),
     ([":MyDense", "--input-shape", "4,8"], "expected a layer as module:Class"),
-    (["Conv2D"], "unknown layer 'Conv2D'; fastlayers.layers has CenterZero, Dense"),
+    (["Conv2D"], "unknown layer 'Conv2D'; fastlayers.layers has AttentionPooling, CenterZero, Dense"),
     ([f"{MODULE}:MyDense", "--input-shape", "4,8", "--layer-args", "{units: 4}"],
      "argument --layer-args: invalid JSON (Expecting property name enclosed in double quotes"),
     ([f"{MODULE}:MyDense", "--input-shape", "4,8", "--layer-args", "[4]"],
