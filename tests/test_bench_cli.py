@@ -19,8 +19,11 @@ SMALL = TINY + ["--dtypes", "float32", "--modes", "function",
 
 def run(command):
     """Runs a command from the repository, returning its exit status and output."""
+    # Without xdist's worker variables: a pytest started from a worker would believe it
+    # is one, and pytest-benchmark disables itself under xdist.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False,
-                          timeout=600)
+                          timeout=600, env=env)
 
 
 def run_cli(capsys, *argv):
