@@ -13,7 +13,7 @@ device) at ``B=4, N=8, H=64, T=S=2048``; its rows:
 and ``fraction_of_peak`` (of the best peak row measured in this process). A
 Transformer-block training step compares ``layers.MultiHeadAttention`` with Keras's.
 The memory cases run each measurement in a fresh subprocess and report its peak
-resident memory (``ru_maxrss``) above its resident memory once a small warm-up call
+resident memory (``VmHWM``) above its resident memory once a small warm-up call
 has run and the inputs exist.
 GPU rows skip with a reason when TensorFlow sees no GPU.
 """
@@ -181,7 +181,7 @@ def test_transformer_block_training_step(benchmark, provider, device):
 
 _MEMORY_SCRIPT = textwrap.dedent(
     """
-    import json, os, resource, sys
+    import json, os, sys
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf, keras
     from fastlayers import kernels
@@ -215,7 +215,10 @@ _MEMORY_SCRIPT = textwrap.dedent(
     base = rss()
     outputs = run(q, k, v)
     _ = [x.numpy() for x in tf.nest.flatten(outputs)]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork and exec,
+    # so a child of a large pytest process would report the parent's peak.
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     print(json.dumps({"base": base, "peak": peak}))
     """
 )
