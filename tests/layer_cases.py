@@ -35,6 +35,8 @@ LAYER_CASES = [
               lambda rng: rng.standard_normal((3, 6, 6))),
     LayerCase("Exponential", lambda **kw: layers.Exponential(**kw),
               lambda rng: rng.standard_normal((3, 5))),
+    LayerCase("AttentionPooling", lambda **kw: layers.AttentionPooling(**kw),
+              lambda rng: rng.standard_normal((3, 7, 5))),
     LayerCase("ResidualProjection", lambda **kw: layers.ResidualProjection(4, **kw),
               lambda rng: [rng.standard_normal((3, 6)), rng.standard_normal((3, 4))]),
 ]
