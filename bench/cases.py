@@ -280,6 +280,20 @@ def _dense_auto_choice(shape, policy, device):
     )
 
 
+def _dense_kernel_providers(fastlayers_build, keras_build):
+    """Auto and each implementation of a dense-kernel problem, Keras's baseline and the
+    ``tf.matmul`` peak; ``fastlayers_build(implementation)`` makes a provider's build."""
+    return (
+        Provider("fastlayers", fastlayers_build(None), note=_dense_auto_choice),
+        *(
+            Provider(f"fastlayers-{impl}", fastlayers_build(impl))
+            for impl in dispatch.IMPLEMENTATIONS
+        ),
+        Provider("keras", keras_build, role=BASELINE),
+        Provider("tf.matmul", _tf_matmul, role=PEAK),
+    )
+
+
 DENSE = Suite(
     name="dense",
     title=f"Dense({DENSE_UNITS}, relu) on an [M, {DENSE_FEATURES}] input",
@@ -288,15 +302,7 @@ DENSE = Suite(
     # The bias and relu epilogue is O(M·N), noise beside the 2·M·K·N of the matmul.
     flops=lambda s: flops_lib.dense_flops(s["M"], s["K"], s["N"]),
     label=lambda s: f"{s['M']}x{s['K']} -> {s['N']}",
-    providers=(
-        Provider("fastlayers", _fastlayers_dense(None), note=_dense_auto_choice),
-        *(
-            Provider(f"fastlayers-{impl}", _fastlayers_dense(impl))
-            for impl in dispatch.IMPLEMENTATIONS
-        ),
-        Provider("keras", _keras_dense, role=BASELINE),
-        Provider("tf.matmul", _tf_matmul, role=PEAK),
-    ),
+    providers=_dense_kernel_providers(_fastlayers_dense, _keras_dense),
     quick_sizes=(4096,),
     sweep_sizes=(256, 512, 1024, 2048, 4096, 8192),
 )
@@ -329,15 +335,7 @@ MATMUL = Suite(
     shape=lambda size: {"M": size, "K": size, "N": size},
     flops=lambda s: flops_lib.dense_flops(s["M"], s["K"], s["N"]),
     label=lambda s: f"{s['M']}x{s['K']} @ {s['K']}x{s['N']}",
-    providers=(
-        Provider("fastlayers", _fastlayers_matmul(None), note=_dense_auto_choice),
-        *(
-            Provider(f"fastlayers-{impl}", _fastlayers_matmul(impl))
-            for impl in dispatch.IMPLEMENTATIONS
-        ),
-        Provider("keras", _keras_matmul, role=BASELINE),
-        Provider("tf.matmul", _tf_matmul, role=PEAK),
-    ),
+    providers=_dense_kernel_providers(_fastlayers_matmul, _keras_matmul),
     quick_sizes=(2048,),
     sweep_sizes=(256, 512, 1024, 2048, 4096),
     # The Dense suite already shows the matmul headline within the two-minute run.

@@ -30,23 +30,15 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from fastlayers import kernels, layers
+from fastlayers.bench import cases
 from fastlayers.bench.flops import attention_flops, dense_flops, gflops_per_second
 
 B, N, H, T = 4, 8, 64, 2048
 PEAK_SIZE = 4096
 ROUNDS = 3
 DTYPES = ("float32", "bfloat16")
-DEVICES = (
-    "CPU",
-    pytest.param(
-        "GPU",
-        marks=pytest.mark.skipif(
-            not tf.config.list_physical_devices("GPU"), reason="no GPU visible to TensorFlow"
-        ),
-    ),
-)
+DEVICES = cases.DEVICE_PARAMS  # "cpu", and "gpu" skipped with a reason when none is visible
 ATTENTION_PROVIDERS = (
     "fastlayers-auto",
     "fastlayers-reference",
@@ -127,7 +119,7 @@ def _record(benchmark, flops, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_attention(benchmark, provider, dtype, pass_, device):
     benchmark.group = f"attention {pass_} B={B} N={N} H={H} T=S={T} {dtype} {device}"
-    with tf.device(device):
+    with tf.device(cases.tf_device(device)):
         if provider.startswith("peak"):
             a = tf.cast(tf.random.normal([PEAK_SIZE, PEAK_SIZE]), dtype)
             matmul = tf.function(tf.matmul, jit_compile=provider == "peak-xla")
@@ -159,7 +151,7 @@ def test_transformer_block_training_step(benchmark, provider, device):
     """One SGD step of a pre-norm causal Transformer block, B=8, T=1024, width 256."""
     benchmark.group = f"transformer block training step B=8 T=1024 width=256 {device}"
     mha = layers.MultiHeadAttention if provider == "fastlayers" else keras.layers.MultiHeadAttention
-    with tf.device(device):
+    with tf.device(cases.tf_device(device)):
         model = _transformer_block(mha)
         optimizer = keras.optimizers.SGD(1e-3)
         x = tf.random.normal([8, 1024, 256])

@@ -13,18 +13,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from fastlayers import layers
+from fastlayers.bench import cases
 
-DEVICES = (
-    "CPU",
-    pytest.param(
-        "GPU",
-        marks=pytest.mark.skipif(
-            not tf.config.list_physical_devices("GPU"), reason="no GPU visible to TensorFlow"
-        ),
-    ),
-)
+DEVICES = cases.DEVICE_PARAMS  # "cpu", and "gpu" skipped with a reason when none is visible
 # "auto" and "reference" are fastlayers implementations; "keras" is Keras's own
 # layer (or the Lambda a tutorial writes) on the same input.
 PROVIDERS = ("auto", "reference", "keras")
@@ -35,7 +27,7 @@ def _implementation(provider):
 
 
 def _run(benchmark, device, make_layer, inputs, group, rounds=15):
-    with tf.device(device):
+    with tf.device(cases.tf_device(device)):
         layer = make_layer()
         inputs = tf.nest.map_structure(tf.constant, inputs)
         call = lambda: tf.nest.map_structure(lambda t: t.numpy(), layer(inputs))  # noqa: E731

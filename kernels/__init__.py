@@ -13,7 +13,13 @@ from fastlayers.kernels.attention_pooling import (
     attention_pooling_reference,
 )
 from fastlayers.kernels.dense import dense, dense_compiled, dense_reference
-from fastlayers.kernels.dispatch import IMPLEMENTATIONS, PLATFORMS, Kernel, kernel, platform_of
+from fastlayers.kernels.dispatch import (
+    IMPLEMENTATIONS,
+    PLATFORMS,
+    Kernel,
+    kernel,
+    platform_of,
+)
 from fastlayers.kernels.elementwise import exponential, exponential_reference
 from fastlayers.kernels.masking import (
     center_zero,
@@ -21,7 +27,11 @@ from fastlayers.kernels.masking import (
     fixed_mask,
     fixed_mask_reference,
 )
-from fastlayers.kernels.pooling import max_pool2d, max_pool2d_compiled, max_pool2d_reference
+from fastlayers.kernels.pooling import (
+    max_pool2d,
+    max_pool2d_compiled,
+    max_pool2d_reference,
+)
 from fastlayers.kernels.precision import TOLERANCES, Tolerance, mask_value, tolerance
 from fastlayers.kernels.residual import (
     residual_projection,

@@ -25,10 +25,14 @@ import math
 import numbers
 
 import tensorflow as tf
-
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.auto import AUTO
-from fastlayers.kernels.precision import accumulation_dtype, check_floating, mask_value
+from fastlayers.kernels.precision import (
+    accumulation_dtype,
+    check_floating,
+    check_same_dtype,
+    mask_value,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -687,12 +691,7 @@ def _check_attention_inputs(query, key, value, bias, mask, dropout_rate, seed):
                 f"`{name}` must have rank 4 ({'[B, T, N, H]' if name == 'query' else '[B, S, K, H]'}). "
                 f"Received: {name}.shape={tuple(t.shape)}"
             )
-    for name, t in (("key", key), ("value", value)):
-        if t.dtype != dtype:
-            raise TypeError(
-                f"`{name}` must have the dtype of `query` ({dtype.name}). "
-                f"Received: {name}.dtype={t.dtype.name}"
-            )
+    check_same_dtype("query", dtype, key=key, value=value)
     shapes = f"query.shape={tuple(query.shape)}, key.shape={tuple(key.shape)}, value.shape={tuple(value.shape)}"
 
     def differ(a, b):

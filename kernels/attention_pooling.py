@@ -11,10 +11,14 @@ step), ``mask [B, T]`` boolean, output ``[B, F]``.
 from __future__ import annotations
 
 import tensorflow as tf
-
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.auto import AUTO
-from fastlayers.kernels.precision import accumulation_dtype, check_floating, mask_value
+from fastlayers.kernels.precision import (
+    accumulation_dtype,
+    check_floating,
+    check_same_dtype,
+    mask_value,
+)
 
 
 def _masked_softmax(e, mask):
@@ -74,12 +78,7 @@ def _check_pooling_inputs(x, weight, bias, mask):
             f"`bias` must have shape (1,) (shared by every step) or (T, 1) = ({time_steps}, 1) "
             f"(one per step). Received: bias.shape={tuple(bias.shape)}, x.shape={tuple(x.shape)}"
         )
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t.dtype != dtype:
-            raise TypeError(
-                f"`{name}` must have the dtype of `x` ({dtype.name}). "
-                f"Received: {name}.dtype={t.dtype.name}"
-            )
+    check_same_dtype("x", dtype, weight=weight, bias=bias)
     if mask is not None:
         if mask.dtype != tf.bool:
             raise TypeError(f"`mask` must be a boolean tensor. Received: mask.dtype={mask.dtype.name}")

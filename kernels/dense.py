@@ -10,7 +10,11 @@ import tensorflow as tf
 from fastlayers.kernels import dispatch
 from fastlayers.kernels import flops as flops_lib
 from fastlayers.kernels.auto import AUTO
-from fastlayers.kernels.precision import accumulation_dtype, check_floating
+from fastlayers.kernels.precision import (
+    accumulation_dtype,
+    check_floating,
+    check_same_dtype,
+)
 
 
 def dense_reference(x, kernel, bias=None, *, activation=None):
@@ -105,12 +109,7 @@ def _check_dense_inputs(x, kernel, bias):
             f"`bias` must have shape ({kernel.shape[1]},), one value per unit. "
             f"Received: bias.shape={tuple(bias.shape)}"
         )
-    for name, t in (("kernel", kernel), ("bias", bias)):
-        if t is not None and t.dtype != dtype:
-            raise TypeError(
-                f"`{name}` must have the dtype of `x` ({dtype.name}). "
-                f"Received: {name}.dtype={t.dtype.name}"
-            )
+    check_same_dtype("x", dtype, kernel=kernel, bias=bias)
 
 
 def dense(x, kernel, bias=None, *, activation=None, implementation=None):

@@ -19,7 +19,6 @@ import sys
 from collections.abc import Callable, Sequence
 
 import tensorflow as tf
-
 from fastlayers.kernels.auto import DEFAULT, EAGER_REFERENCE_BELOW_FLOPS
 
 IMPLEMENTATIONS = ("reference", "graph", "xla")

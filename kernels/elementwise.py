@@ -8,7 +8,6 @@ bfloat16 shares float32's range and overflows only above about 88.7.
 from __future__ import annotations
 
 import tensorflow as tf
-
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.auto import AUTO
 from fastlayers.kernels.precision import check_floating

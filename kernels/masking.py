@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
-
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.auto import AUTO
 from fastlayers.kernels.precision import check_floating

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import tensorflow as tf
-
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.auto import AUTO
 from fastlayers.kernels.precision import check_floating

@@ -11,11 +11,14 @@ in float32 too (a float16 running sum over a wide row loses its low bits).
 from __future__ import annotations
 
 import tensorflow as tf
-
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.auto import AUTO
 from fastlayers.kernels.dense import rows_matmul, unflatten_rows
-from fastlayers.kernels.precision import accumulation_dtype, check_floating
+from fastlayers.kernels.precision import (
+    accumulation_dtype,
+    check_floating,
+    check_same_dtype,
+)
 
 
 def residual_projection_reference(a, b, kernel):
@@ -91,12 +94,7 @@ def residual_projection(a, b, kernel, *, implementation=None):
             f"`kernel` must have rank 2 ([K, N]). Received: kernel.shape={tuple(kernel.shape)}"
         )
     check_residual_shapes(a.shape, b.shape, kernel.shape)
-    for name, t in (("b", b), ("kernel", kernel)):
-        if t.dtype != dtype:
-            raise TypeError(
-                f"`{name}` must have the dtype of `a` ({dtype.name}). "
-                f"Received: {name}.dtype={t.dtype.name}"
-            )
+    check_same_dtype("a", dtype, b=b, kernel=kernel)
     chosen = RESIDUAL_PROJECTION.select(
         implementation, platform=dispatch.platform_of(a), dtype=dtype
     )
