@@ -31,6 +31,7 @@ import keras
 import tensorflow as tf
 from fastlayers.bench import cases, layer_spec
 from fastlayers.bench.layer_spec import call_on_input
+from fastlayers.kernels import dispatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,8 @@ LAYER_DEFAULTS: dict[str, LayerDefaults] = {
 }
 
 SCOPE_PATTERN = re.compile(r"fastlayers/[A-Za-z0-9_.]+/(?:reference|graph|xla)\b")
+# A compiled kernel's function and XLA program name (``dispatch.function_name``).
+FUNCTION_PATTERN = re.compile(r"fastlayers__([A-Za-z0-9_.]+?)__(graph|xla)_")
 WARMUP_STEPS = 2
 
 
@@ -127,23 +130,34 @@ def trace_scopes(xplane_path: str) -> frozenset[str]:
     """The ``fastlayers/<kernel>/<implementation>`` names in a captured ``.xplane.pb``.
 
     They appear as event names (eager ``Trace`` events), in TF op names (graph
-    ops, ``long_name`` in the trace viewer), and in the ``name`` of the op that
-    launches an XLA cluster inside a ``tf.function``.
+    ops, ``long_name`` in the trace viewer), in the ``name`` of the op that
+    launches an XLA cluster inside a ``tf.function``, and as the function or XLA
+    program name ``fastlayers__<kernel>__<implementation>`` (the ``hlo_module``
+    of every XLA op event).
     """
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     space = xplane_pb2.XSpace()
     with open(xplane_path, "rb") as f:
         space.ParseFromString(f.read())
+    # Only what the captured events name: a plane's metadata also describes every
+    # XLA program compiled earlier in the process, run during the capture or not.
     texts = []
     for plane in space.planes:
-        texts += [m.name for m in plane.event_metadata.values()]
-        texts += [m.display_name for m in plane.event_metadata.values()]
-        texts += [m.name for m in plane.stat_metadata.values()]
         for line in plane.lines:
             for event in line.events:
-                texts += [s.str_value for s in event.stats if s.str_value]
-    return frozenset(match for text in texts for match in SCOPE_PATTERN.findall(text))
+                metadata = plane.event_metadata.get(event.metadata_id)
+                if metadata is not None:
+                    texts += [metadata.name, metadata.display_name]
+                for stat in event.stats:
+                    if stat.str_value:
+                        texts.append(stat.str_value)
+                    elif stat.HasField("ref_value") and stat.ref_value in plane.stat_metadata:
+                        texts.append(plane.stat_metadata[stat.ref_value].name)
+    scopes = {match for text in texts for match in SCOPE_PATTERN.findall(text)}
+    scopes |= {dispatch.scope_name(kernel, implementation)
+               for text in texts for kernel, implementation in FUNCTION_PATTERN.findall(text)}
+    return frozenset(scopes)
 
 
 def profile_layer(

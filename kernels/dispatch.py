@@ -29,6 +29,31 @@ IMPLEMENTATIONS = ("reference", "graph", "xla")
 PLATFORMS = ("cpu", "cpu-onednn", "cpu-onednn-bf16", "gpu")
 
 
+def scope_name(kernel: str, implementation: str) -> str:
+    """The profiler scope of a kernel call: ``fastlayers/<kernel>/<implementation>``."""
+    return f"fastlayers/{kernel}/{implementation}"
+
+
+def function_name(kernel: str, implementation: str) -> str:
+    """The name of a kernel's compiled ``tf.function``: ``fastlayers__<kernel>__<impl>``.
+
+    TensorFlow names the function's graph ``__inference_<name>_<n>`` and XLA its
+    program ``a_inference_<name>_<n>__.<m>``; every XLA op event in a profile
+    carries that program name, so a trace names the kernel even when the profiler
+    drops the event of the op that launched it (seen on a loaded machine).
+    """
+    return f"fastlayers__{kernel}__{implementation}"
+
+
+def _renamed(fn: Callable, name: str) -> Callable:
+    @functools.wraps(fn)
+    def renamed(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    renamed.__name__ = renamed.__qualname__ = name
+    return renamed
+
+
 def check_implementation(implementation):
     """Returns ``implementation`` if it names an implementation or is None; else raises."""
     if implementation is None or implementation in IMPLEMENTATIONS:
@@ -132,10 +157,13 @@ class Kernel:
         # compiled code must not assume static sizes. Kernels write their control
         # flow with explicit TF ops, so autograph has nothing to convert.
         self._functions = {
-            "graph": tf.function(self.compiled, reduce_retracing=True, autograph=False),
-            "xla": tf.function(
-                self.compiled, jit_compile=True, reduce_retracing=True, autograph=False
-            ),
+            implementation: tf.function(
+                _renamed(self.compiled, function_name(name, implementation)),
+                jit_compile=True if implementation == "xla" else None,
+                reduce_retracing=True,
+                autograph=False,
+            )
+            for implementation in ("graph", "xla")
         }
 
     def candidates(self, platform: str, dtype: tf.DType) -> tuple[str, ...]:
@@ -198,7 +226,7 @@ class Kernel:
         shows; eager ops carry no scoped names, so an eager call of any
         implementation is wrapped in a profiler ``Trace`` event of the same name.
         """
-        scope = f"fastlayers/{self.name}/{implementation}"
+        scope = scope_name(self.name, implementation)
         with tf.name_scope(scope):
             if tf.executing_eagerly():
                 with tf.profiler.experimental.Trace(scope):
