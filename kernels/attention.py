@@ -315,19 +315,6 @@ class _Plan:
             begin[4], size[4] = j * self.block_k, self.block_k
         return tf.slice(x, begin, size)
 
-    def _block(self, x, index, axis, block):
-        begin = [0] * x.shape.rank
-        size = _static_sizes(x)
-        begin[axis], size[axis] = index * block, block
-        return tf.slice(x, begin, size)
-
-    def rows(self, x, i, axis=1):
-        """Query block ``i`` along ``axis`` of a padded tensor."""
-        return self._block(x, i, axis, self.block_q)
-
-    def cols(self, x, j, axis=1):
-        """Key block ``j`` along ``axis`` of a padded tensor."""
-        return self._block(x, j, axis, self.block_k)
 
     def key_blocks_for(self, i):
         """How many key blocks query block ``i`` sees: causal blocks above the diagonal are skipped."""
@@ -387,10 +374,20 @@ def _batch(x):
     return x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
 
 
-def _heads_major(plan, x):
-    """``[B, block_q, K, G, X]`` → ``[B, K, G·block_q, X]``: a query tile as matmul rows."""
-    x = tf.transpose(x, [0, 2, 3, 1, 4])
-    return tf.reshape(x, [_batch(x), plan.kv_heads, plan.groups * plan.block_q, x.shape[-1]])
+def _query_blocks(plan, x):
+    """``[B, T_pad, K, G, X]`` → ``[num_q, B, K, G·block_q, X]``: each query tile as
+    matmul rows, contiguous, in one copy before the loops (not a transpose per tile)."""
+    batch = _batch(x)
+    x = tf.reshape(x, [batch, plan.num_q, plan.block_q, plan.kv_heads, plan.groups, x.shape[-1]])
+    x = tf.transpose(x, [1, 0, 3, 4, 2, 5])
+    return tf.reshape(x, [plan.num_q, batch, plan.kv_heads, plan.groups * plan.block_q, x.shape[-1]])
+
+
+def _key_blocks(plan, x):
+    """``[B, S_pad, K, X]`` → ``[num_k, B, K, block_k, X]``, likewise."""
+    batch = _batch(x)
+    x = tf.reshape(x, [batch, plan.num_k, plan.block_k, plan.kv_heads, x.shape[-1]])
+    return tf.transpose(x, [1, 0, 3, 2, 4])
 
 
 def _tile_5d(plan, x):
@@ -416,13 +413,14 @@ def _attention_forward(plan, q, k, v, bias):
     floor = mask_value(acc)
     value_dim = v.shape[-1]
 
+    q_blocks, k_blocks, v_blocks = _query_blocks(plan, q), _key_blocks(plan, k), _key_blocks(plan, v)
+
     def query_block(i, outputs, logsumexps):
-        q_i = _heads_major(plan, plan.rows(q, i))  # [B, K, G·block_q, H]
+        q_i = q_blocks[i]  # [B, K, G·block_q, H]
         stat_shape = tf.concat([[batch], [plan.kv_heads, plan.groups, plan.block_q]], axis=0)
 
         def key_block(j, out, peak, total):
-            k_j = tf.transpose(plan.cols(k, j), [0, 2, 1, 3])  # [B, K, block_k, H]
-            v_j = tf.transpose(plan.cols(v, j), [0, 2, 1, 3])  # [B, K, block_k, D]
+            k_j, v_j = k_blocks[j], v_blocks[j]  # [B, K, block_k, H|D]
             s = _tile_5d(plan, tf.matmul(q_i, k_j, transpose_b=True))
             s, valid = plan.mask_scores(s, bias, i, j)
             new_peak = tf.maximum(peak, tf.reduce_max(s, axis=-1))
@@ -501,8 +499,10 @@ def _attention_backward(plan, q, k, v, bias, out, lse, d_out):
     acc = plan.acc
     batch = tf.shape(q)[0]
     head_dim = q.shape[-1]
-    # Σ_s P·dP per row, [B, K, G, T_pad]: the softmax backward's row term.
-    row_dot = tf.transpose(tf.reduce_sum(d_out * out, axis=-1), [0, 2, 3, 1])
+    # Σ_s P·dP per row, by query block like ``lse``: the softmax backward's row term.
+    row_dot = tf.reduce_sum(d_out * out, axis=-1)  # [B, T_pad, K, G]
+    row_dot = tf.reshape(row_dot, [batch, plan.num_q, plan.block_q, plan.kv_heads, plan.groups])
+    row_dot = tf.transpose(row_dot, [1, 0, 3, 4, 2])  # [num_q, B, K, G, block_q]
     # dQᵀ by query block: [num_q, B, K, H, G·block_q].
     d_q0 = tf.zeros(
         tf.concat([[plan.num_q, batch, plan.kv_heads, head_dim, plan.groups * plan.block_q]], 0),
@@ -533,17 +533,18 @@ def _attention_backward(plan, q, k, v, bias, out, lse, d_out):
     def merge_rows(x):  # [B, K, block_k, G, block_q] → [B, K, block_k, G·block_q]
         return tf.reshape(x, [_batch(x), plan.kv_heads, x.shape[2], plan.groups * plan.block_q])
 
-    def row_stat_block(x):  # per-row [B, K, G, block_q] → [B, K, 1, G, block_q]
+    def per_row(x):  # [B, K, G, block_q] → [B, K, 1, G, block_q], broadcast over keys
         return x[:, :, None]
 
+    q_blocks, do_blocks = _query_blocks(plan, q), _query_blocks(plan, d_out)
+    k_blocks, v_blocks = _key_blocks(plan, k), _key_blocks(plan, v)
+
     def key_block(j, d_q, d_bias, d_keys, d_values):
-        k_j = tf.transpose(plan.cols(k, j), [0, 2, 1, 3])  # [B, K, block_k, H]
-        k_t = tf.transpose(plan.cols(k, j), [0, 2, 3, 1])  # [B, K, H, block_k]
-        v_j = tf.transpose(plan.cols(v, j), [0, 2, 1, 3])  # [B, K, block_k, D]
+        k_j, v_j = k_blocks[j], v_blocks[j]  # [B, K, block_k, H|D]
+        k_t = tf.transpose(k_j, [0, 1, 3, 2])  # [B, K, H, block_k]
 
         def query_block(i, d_k, d_v, d_q, d_bias):
-            q_i = _heads_major(plan, plan.rows(q, i))  # [B, K, G·block_q, H]
-            do_i = _heads_major(plan, plan.rows(d_out, i))  # [B, K, G·block_q, D]
+            q_i, do_i = q_blocks[i], do_blocks[i]  # [B, K, G·block_q, H|D]
             s = split_rows(tf.matmul(k_j, q_i, transpose_b=True))
             if bias is not None:
                 s += key_major(plan.tile(bias, i, j))
@@ -551,7 +552,7 @@ def _attention_backward(plan, q, k, v, bias, out, lse, d_out):
             if valid is not None:
                 valid = key_major(valid)
                 s = tf.where(valid, s, mask_value(acc))
-            p = tf.exp(s - row_stat_block(lse[i]))
+            p = tf.exp(s - per_row(lse[i]))
             if valid is not None:
                 p = tf.where(valid, p, tf.zeros([], acc))
             drop = plan.dropout(batch, i, j)
@@ -562,7 +563,7 @@ def _attention_backward(plan, q, k, v, bias, out, lse, d_out):
             d_p = split_rows(tf.matmul(v_j, do_i, transpose_b=True))
             if drop is not None:
                 d_p *= drop
-            d_s = p * (d_p - row_stat_block(plan.rows(row_dot, i, axis=3)))
+            d_s = p * (d_p - per_row(row_dot[i]))
             d_k += tf.matmul(merge_rows(d_s), q_i)
             d_q = tf.tensor_scatter_nd_add(d_q, [[i]], tf.matmul(k_t, merge_rows(d_s))[None])
             if bias is not None:
