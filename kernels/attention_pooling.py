@@ -109,7 +109,4 @@ def attention_pooling(x, weight, bias, mask=None, *, implementation=None):
     bias = tf.convert_to_tensor(bias)
     mask = None if mask is None else tf.convert_to_tensor(mask)
     _check_pooling_inputs(x, weight, bias, mask)
-    chosen = ATTENTION_POOLING.select(
-        implementation, platform=dispatch.platform_of(x), dtype=x.dtype
-    )
-    return ATTENTION_POOLING.run(chosen, x, weight, bias, mask)
+    return ATTENTION_POOLING(x, weight, bias, mask, implementation=implementation)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 from fastlayers.kernels.auto import DEFAULT, EAGER_REFERENCE_BELOW_FLOPS
+from fastlayers.kernels.precision import check_floating
 
 IMPLEMENTATIONS = ("reference", "graph", "xla")
 
@@ -63,6 +64,15 @@ def check_implementation(implementation):
         "Received an invalid value for `implementation`, expected one of "
         f"{choices}. Received: implementation={implementation!r}"
     )
+
+
+def floating_input(x, implementation, name="x"):
+    """A public kernel's first checks: ``implementation`` is valid and ``x`` converts
+    to a floating tensor, which it returns; ValueError or TypeError otherwise."""
+    check_implementation(implementation)
+    x = tf.convert_to_tensor(x)
+    check_floating(name, x)
+    return x
 
 
 def onednn_enabled() -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import tensorflow as tf
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.auto import AUTO
-from fastlayers.kernels.precision import check_floating
 
 
 def exponential_reference(x):
@@ -31,10 +30,5 @@ def exponential(x, *, implementation=None):
     Returns:
         A tensor of the shape and dtype of ``x``.
     """
-    dispatch.check_implementation(implementation)
-    x = tf.convert_to_tensor(x)
-    check_floating("x", x)
-    chosen = EXPONENTIAL.select(
-        implementation, platform=dispatch.platform_of(x), dtype=x.dtype
-    )
-    return EXPONENTIAL.run(chosen, x)
+    x = dispatch.floating_input(x, implementation)
+    return EXPONENTIAL(x, implementation=implementation)

@@ -16,7 +16,6 @@ import numpy as np
 import tensorflow as tf
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.auto import AUTO
-from fastlayers.kernels.precision import check_floating
 
 
 def fixed_mask_reference(x, mask):
@@ -59,17 +58,14 @@ def fixed_mask(x, mask, *, implementation=None):
     Returns:
         A tensor of the shape and dtype of ``x``.
     """
-    dispatch.check_implementation(implementation)
-    x = tf.convert_to_tensor(x)
-    check_floating("x", x)
+    x = dispatch.floating_input(x, implementation)
     if x.shape.rank is None or x.shape.rank < 1:
         raise ValueError(
             f"`x` must have a batch axis (rank 1 or more). Received: x.shape={tuple(x.shape)}"
         )
     mask = tf.convert_to_tensor(mask)
     check_mask_broadcasts(mask.shape, x.shape)
-    chosen = FIXED_MASK.select(implementation, platform=dispatch.platform_of(x), dtype=x.dtype)
-    return FIXED_MASK.run(chosen, x, mask)
+    return FIXED_MASK(x, mask, implementation=implementation)
 
 
 def center_window(rows, cols, size):
@@ -118,14 +114,9 @@ def center_zero(x, size=(2, 2), *, implementation=None):
     Returns:
         A tensor of the shape and dtype of ``x``.
     """
-    dispatch.check_implementation(implementation)
-    x = tf.convert_to_tensor(x)
-    check_floating("x", x)
+    x = dispatch.floating_input(x, implementation)
     check_center_window(x.shape, size)
-    chosen = CENTER_ZERO.select(
-        implementation, platform=dispatch.platform_of(x), dtype=x.dtype
-    )
-    return CENTER_ZERO.run(chosen, x, size=tuple(size))
+    return CENTER_ZERO(x, size=tuple(size), implementation=implementation)
 
 
 def check_center_window(input_shape, size):

@@ -24,7 +24,6 @@ import math
 import tensorflow as tf
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.auto import AUTO
-from fastlayers.kernels.precision import check_floating
 
 DATA_FORMATS = ("channels_last", "channels_first")
 PADDINGS = ("valid", "same")
@@ -214,8 +213,7 @@ def max_pool2d(
     dispatch.check_implementation(implementation)
     strides = pool_size if strides is None else strides
     check_pool_arguments(pool_size, strides, padding, data_format)
-    x = tf.convert_to_tensor(x)
-    check_floating("x", x)
+    x = dispatch.floating_input(x, implementation)
     if x.shape.rank != 4:
         layout = "[B, H, W, C]" if data_format == "channels_last" else "[B, C, H, W]"
         raise ValueError(
@@ -223,7 +221,7 @@ def max_pool2d(
         )
     pooled_shape(x.shape, pool_size, strides, padding, data_format)
     kernel = MAX_POOL2D[data_format]
-    chosen = kernel.select(implementation, platform=dispatch.platform_of(x), dtype=x.dtype)
-    return kernel.run(
-        chosen, x, pool_size=pool_size, strides=strides, padding=padding, data_format=data_format
+    return kernel(
+        x, pool_size=pool_size, strides=strides, padding=padding, data_format=data_format,
+        implementation=implementation,
     )
