@@ -7,18 +7,22 @@ function that builds one eager step (inputs, weights, the call) for a shape and 
 Keras dtype policy; the runner wraps it in a ``tf.function`` for the ``function``
 mode and places it on the device. Adding a suite is adding data to ``SUITES``.
 
-Every built-in suite has two special providers: the **peak** row (the bare
-``tf.matmul`` of the same problem: what this machine's matmul library reaches,
-against which the others are a fraction) and the **baseline** row (the Keras
-built-in, against which speed-ups are quoted). :func:`layer_suite` declares the
-suite of any one layer (``fastlayers bench --layer``): its baseline is the layer's
-reference implementation, it has no peak row, and its FLOPs are counted by
-TensorFlow's op counter on a traced call.
+Every built-in suite has two kinds of special providers: the **peak** row (a bare
+``tf.matmul``: what this machine's matmul library reaches, against which the others
+are a fraction) and the **baseline** rows (the Keras built-in, against which
+speed-ups are quoted; with several, such as Keras's attention with and without XLA,
+the fastest of them in each group). A provider that computes another problem than
+its suite's, like the attention suites' peak row (a square matmul), brings its own
+FLOP count. :func:`layer_suite` declares the suite of any one layer
+(``fastlayers bench --layer``): its baseline is the layer's reference
+implementation, it has no peak row, and its FLOPs are counted by TensorFlow's op
+counter on a traced call.
 
-Shape letters: input ``x [M, K]``, kernel ``[K, N]``. For the dense suite ``size``
-is ``M``, the number of rows (tokens, batch items); for the matmul suite
-``M = K = N = size``; for a layer suite it is the batch ``B``, the first axis of
-the inputs.
+Shape letters: input ``x [M, K]``, kernel ``[K, N]``; attention batch ``B``, query
+length ``T``, key length ``S``, heads ``N``, head dim ``H``. For the dense suite
+``size`` is ``M``, the number of rows (tokens, batch items); for the matmul suite
+``M = K = N = size``; for the attention suites ``T = S = size``; for a layer suite
+it is the batch ``B``, the first axis of the inputs.
 """
 
 from __future__ import annotations
@@ -87,16 +91,19 @@ class Provider:
             computes the problem once on inputs and weights it created. A closure,
             not a ``functools.partial``: ``tf.function`` re-converts a partial's
             bound arguments on every call, which costs more than a small matmul.
-        role: ``PEAK`` (the machine's matmul library on the same problem),
-            ``BASELINE`` (the Keras built-in) or ``""``.
+        role: ``PEAK`` (the machine's matmul library), ``BASELINE`` (the Keras
+            built-in) or ``""``.
         note: optional ``note(shape, policy, device) -> str`` shown beside the name,
             e.g. the implementation auto picks.
+        flops: optional ``flops(shape) -> float`` of a provider that computes another
+            problem than its suite's (a peak row's matmul); None counts the suite's.
     """
 
     name: str
     build: Callable[[Shape, str], Step]
     role: str = ""
     note: Callable[[Shape, str, str], str] | None = None
+    flops: Callable[[Shape], float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +117,8 @@ class Suite:
         shape: ``shape(size) -> {letter: extent}``.
         flops: ``flops(shape) -> float``, from ``fastlayers.bench.flops``.
         label: ``label(shape) -> str`` for tables.
-        providers: the lines, including one ``PEAK`` and one ``BASELINE`` provider.
+        providers: the lines: at most one ``PEAK`` provider, and ``BASELINE``
+            providers (the speed-up is over the fastest of them in each group).
         quick_sizes: the sizes of the default quick run and the pytest suite.
         sweep_sizes: the sizes of ``--sizes sweep`` (the plot).
         headline: whether ``fastlayers bench`` with no ``--suite`` runs it.
@@ -147,12 +155,23 @@ class Suite:
     def provider_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.providers)
 
-    def role(self, role: str) -> Provider | None:
-        """The suite's provider of ``role``; None when it has none (a layer suite has no peak)."""
-        found = [p for p in self.providers if p.role == role]
+    @property
+    def peak(self) -> Provider | None:
+        """The peak provider; None when the suite has none (a layer suite)."""
+        found = [p for p in self.providers if p.role == PEAK]
         if len(found) > 1:
-            raise ValueError(f"suite {self.name!r} has {len(found)} {role} providers")
+            raise ValueError(f"suite {self.name!r} has {len(found)} {PEAK} providers")
         return found[0] if found else None
+
+    @property
+    def baselines(self) -> tuple[Provider, ...]:
+        return tuple(p for p in self.providers if p.role == BASELINE)
+
+    @property
+    def baseline_text(self) -> str:
+        """``keras``, or ``the fastest of keras, keras-xla``: what speed-ups are over."""
+        names = [p.name for p in self.baselines]
+        return names[0] if len(names) == 1 else "the fastest of " + ", ".join(names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +191,7 @@ class Case:
 
     @property
     def flops(self) -> float:
-        return self.suite.flops(self.shape)
+        return (self.provider.flops or self.suite.flops)(self.shape)
 
     @property
     def group(self) -> tuple:
@@ -342,7 +361,122 @@ MATMUL = Suite(
     headline=False,
 )
 
-SUITES: dict[str, Suite] = {suite.name: suite for suite in (DENSE, MATMUL)}
+
+# --- attention: kernels.dot_product_attention on [B, T, N, H] with T = S = size -----
+
+ATTENTION_BATCH = 4  # B
+ATTENTION_HEADS = 8  # N
+ATTENTION_HEAD_DIM = 64  # H
+# The attention suites' peak row: a square tf.matmul this large reaches the matmul
+# library's full rate in under half a second (one core of the 2-core Zen 3, float32
+# and bfloat16: 2048 within 3% of 4096, 1024 about 10% lower).
+ATTENTION_PEAK_SIDE = 2048
+
+
+def _attention_inputs(shape, policy):
+    b, t, s, n, h = (shape[letter] for letter in "BTSNH")
+    return (_normal([b, t, n, h], policy, 1), _normal([b, s, n, h], policy, 2),
+            _normal([b, s, n, h], policy, 3))
+
+
+def _attention_step(attend, shape, policy, backward, jit_compile=False):
+    """One forward (and backward) pass of ``attend(q, k, v)``; ``jit_compile`` compiles
+    all of it with XLA, as ``model.compile(jit_compile=True)`` would."""
+    q, k, v = _attention_inputs(shape, policy)
+    if backward:
+
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch([q, k, v])
+                loss = tf.reduce_sum(tf.cast(attend(q, k, v), tf.float32))
+            return tape.gradient(loss, [q, k, v])
+
+    else:
+
+        def step():
+            return attend(q, k, v)
+
+    return tf.function(step, jit_compile=True) if jit_compile else step
+
+
+def _fastlayers_attention(implementation, backward):
+    def build(shape, policy):
+        from fastlayers import kernels
+
+        def attend(q, k, v):
+            return kernels.dot_product_attention(q, k, v, implementation=implementation)
+
+        return _attention_step(attend, shape, policy, backward)
+
+    return build
+
+
+def _keras_attention(backward, jit_compile):
+    def build(shape, policy):
+        return _attention_step(keras.ops.dot_product_attention, shape, policy, backward,
+                               jit_compile)
+
+    return build
+
+
+def _attention_peak(shape, policy):
+    side = ATTENTION_PEAK_SIDE
+    return _tf_matmul({"M": side, "K": side, "N": side}, policy)
+
+
+def _attention_auto_choice(shape, policy, device):
+    from fastlayers.kernels.attention import ATTENTION as KERNEL
+
+    return "auto: " + KERNEL.select(
+        None, platform=platform_for(device), dtype=compute_dtype(policy)
+    )
+
+
+def _attention_suite(backward: bool) -> Suite:
+    """Self-attention shapes, ``q, k, v [B, T, N, H]``: the forward pass, or forward
+    and backward (the gradient of a sum of the output with respect to q, k and v)."""
+    passes = "forward and backward" if backward else "forward"
+    side = ATTENTION_PEAK_SIDE
+    return Suite(
+        name="attention-backward" if backward else "attention",
+        title=f"kernels.dot_product_attention {passes}, B={ATTENTION_BATCH}, "
+        f"N={ATTENTION_HEADS}, H={ATTENTION_HEAD_DIM}",
+        x_label=f"sequence length T = S (B={ATTENTION_BATCH}, N={ATTENTION_HEADS}, "
+        f"H={ATTENTION_HEAD_DIM})",
+        shape=lambda size: {"B": ATTENTION_BATCH, "T": size, "S": size,
+                            "N": ATTENTION_HEADS, "H": ATTENTION_HEAD_DIM},
+        flops=lambda s: flops_lib.attention_flops(
+            s["B"], s["T"], s["S"], s["N"], s["H"], backward=backward),
+        label=lambda s: f"B={s['B']} T=S={s['T']} N={s['N']} H={s['H']}",
+        providers=(
+            Provider("fastlayers", _fastlayers_attention(None, backward),
+                     note=_attention_auto_choice),
+            *(
+                Provider(f"fastlayers-{impl}", _fastlayers_attention(impl, backward))
+                for impl in dispatch.IMPLEMENTATIONS
+            ),
+            # keras.ops.dot_product_attention as called (eagerly or in the tf.function
+            # of function mode) and under XLA: speed-ups are over the faster of the two.
+            Provider("keras", _keras_attention(backward, jit_compile=False), role=BASELINE),
+            Provider("keras-xla", _keras_attention(backward, jit_compile=True), role=BASELINE),
+            Provider("tf.matmul", _attention_peak, role=PEAK,
+                     note=lambda shape, policy, device: f"{side}x{side} @ {side}x{side}",
+                     flops=lambda shape: flops_lib.dense_flops(side, side, side)),
+        ),
+        quick_sizes=(512,),
+        sweep_sizes=(256, 512, 1024, 2048, 4096),
+        # Not in the two-minute default run: on one core of a busy 2-core Zen 3 the dense
+        # suite's quick run took 98 s and this one's 87 s.
+        headline=False,
+    )
+
+
+ATTENTION = _attention_suite(backward=False)
+ATTENTION_BACKWARD = _attention_suite(backward=True)
+
+SUITES: dict[str, Suite] = {
+    suite.name: suite for suite in (DENSE, MATMUL, ATTENTION, ATTENTION_BACKWARD)
+}
 
 
 # --- one layer: `fastlayers bench --layer` ------------------------------------------

@@ -159,10 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--layer-args", type=_layer_args, metavar="JSON",
                        help="with --layer: " + LAYER_ARGS_HELP.format(
                            what="--dtypes and the providers set"))
+    axes = "; ".join(f"{name}: {suite.x_label}" for name, suite in SUITES.items())
     bench.add_argument("--sizes", type=_sizes, default="quick",
-                       help="comma-separated sizes (the suite's x axis: rows M for dense, "
-                       "the batch for --layer), `quick` (default: the input shape's batch "
-                       "for --layer) or `sweep` (for --plot)")
+                       help=f"comma-separated sizes, each suite's x axis ({axes}; --layer: "
+                       "the batch), `quick` (default: each suite's quick sizes, the input "
+                       "shape's batch for --layer) or `sweep` (for --plot)")
     bench.add_argument("--dtypes", type=_csv("dtype policy", POLICIES),
                        default=list(HEADLINE_POLICIES),
                        help=f"comma-separated Keras dtype policies (default: "

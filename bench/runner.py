@@ -162,15 +162,18 @@ def measure_group(
 
 
 def derive_ratios(results: Sequence[Result]) -> None:
-    """Fraction of the peak row and speed-up over the baseline, within one group."""
-    by_role = {r.case.provider.role: r for r in results if r.median is not None}
-    peak, baseline = by_role.get(PEAK), by_role.get(BASELINE)
+    """Fraction of the peak row and speed-up over the fastest baseline row, within one group."""
+    measured = [r for r in results if r.median is not None]
+    peak = next((r for r in measured if r.case.provider.role == PEAK), None)
+    baseline = min((r for r in measured if r.case.provider.role == BASELINE),
+                   key=lambda r: r.median, default=None)
     for result in results:
         if result.median is None:
             continue
         if peak is not None and result.gflops is not None and peak.gflops is not None:
             result.fraction_of_peak = result.gflops / peak.gflops
-        if baseline is not None:
+        # A row of another problem (the attention suites' matmul peak) has no speed-up.
+        if baseline is not None and result.case.provider.flops is None:
             result.speedup_over_baseline = baseline.median / result.median
 
 
@@ -431,9 +434,12 @@ def _speed(gflops: float | None, seconds: float | None) -> str:
 
 
 def baseline_header(results: Sequence[Result]) -> str:
-    """``vs keras``, ``vs reference``: the speed-up column names its baseline."""
-    names = {p.name for p in (r.case.suite.role(BASELINE) for r in results) if p is not None}
-    return f"vs {names.pop()}" if len(names) == 1 else "vs baseline"
+    """``vs keras``, ``vs reference``: the speed-up column names its one baseline provider;
+    ``vs baseline`` (explained under the table) otherwise."""
+    baselines = {r.case.suite.baselines for r in results if r.case.suite.baselines}
+    if len(baselines) == 1 and len(only := baselines.pop()) == 1:
+        return f"vs {only[0].name}"
+    return "vs baseline"
 
 
 def flop_notes(results: Sequence[Result]) -> list[str]:
@@ -500,9 +506,12 @@ def table(results: Sequence[Result]) -> str:
     lines = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
     notes = flop_notes(results)
     if header[6] == "vs baseline":
-        baselines = {r.case.suite.name: r.case.suite.role(BASELINE) for r in results}
-        notes.append("vs baseline: speed-up over " + ", ".join(
-            f"{provider.name} for {name}" for name, provider in baselines.items() if provider))
+        over: dict[str, list[str]] = {}
+        for suite in {r.case.suite.name: r.case.suite for r in results}.values():
+            if suite.baselines:
+                over.setdefault(suite.baseline_text, []).append(suite.name)
+        notes.append("vs baseline: speed-up over " + "; ".join(
+            f"{text} for {', '.join(names)}" for text, names in over.items()))
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
@@ -589,7 +598,7 @@ def benchmark_case(benchmark, case: Case, rounds: int = PYTEST_ROUNDS) -> None:
         return
     benchmark.pedantic(step, rounds=rounds, iterations=calibrate(step), warmup_rounds=1)
     median = benchmark.stats.stats.median
-    peak = case.suite.role(PEAK)
+    peak = case.suite.peak
     if case.provider.role == PEAK:
         fraction = 1.0
     elif peak is None:

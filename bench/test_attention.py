@@ -1,17 +1,22 @@
 """Attention throughput and memory, as pytest-benchmark cases.
 
 Run from the repository with ``pytest bench/test_attention.py --benchmark-only``
-(``-m slow`` adds the long-sequence memory cases). One group per (pass, dtype,
-device) at ``B=4, N=8, H=64, T=S=2048``; its rows:
+(``-m slow`` adds the long-sequence memory cases). The throughput cases come from
+``fastlayers.bench.cases.ATTENTION`` and ``ATTENTION_BACKWARD``, the registry
+``fastlayers bench --suite attention,attention-backward`` runs too: ``B=4, N=8,
+H=64`` at ``T=S`` of the suites' quick size (``--bench-sizes 2048`` for others),
+float32 and bfloat16, eager and in a ``tf.function``. One group per (suite, size,
+dtype, mode, device); its rows:
 
-- ``fastlayers-auto`` and each implementation of ``kernels.dot_product_attention``;
-- ``keras-eager``/``keras-graph``/``keras-xla``: ``keras.ops.dot_product_attention``
-  called eagerly, in a ``tf.function`` and under XLA (the baseline: the best of them);
-- ``peak-graph``/``peak-xla``: a square ``tf.matmul`` of size 4096, the machine's peak.
+- ``fastlayers`` (auto) and each implementation of ``kernels.dot_product_attention``;
+- ``keras``/``keras-xla``: ``keras.ops.dot_product_attention`` as called and under
+  XLA (the baseline: the faster of them);
+- ``tf.matmul``: a square matmul of side ``cases.ATTENTION_PEAK_SIDE``, the peak.
 
-``benchmark.extra_info`` holds ``gflops_per_second`` (``bench.flops.attention_flops``)
-and ``fraction_of_peak`` (of the best peak row measured in this process). A
-Transformer-block training step compares ``layers.MultiHeadAttention`` with Keras's.
+``benchmark.extra_info`` holds ``gflops`` (``bench.flops.attention_flops``; the
+peak row's are its matmul's) and ``fraction_of_peak``, measured interleaved with
+the peak row. A Transformer-block training step compares
+``layers.MultiHeadAttention`` with Keras's.
 The memory cases run each measurement in a fresh subprocess and report its peak
 resident memory (``VmHWM``) above its resident memory once a small warm-up call
 has run and the inputs exist.
@@ -27,113 +32,34 @@ import sys
 import textwrap
 
 import keras
-import numpy as np
 import pytest
 import tensorflow as tf
-from fastlayers import kernels, layers
-from fastlayers.bench import cases
-from fastlayers.bench.flops import attention_flops, dense_flops, gflops_per_second
+from fastlayers import layers
+from fastlayers.bench import cases, runner
 
-B, N, H, T = 4, 8, 64, 2048
-PEAK_SIZE = 4096
 ROUNDS = 3
 DTYPES = ("float32", "bfloat16")
 DEVICES = cases.DEVICE_PARAMS  # "cpu", and "gpu" skipped with a reason when none is visible
-ATTENTION_PROVIDERS = (
-    "fastlayers-auto",
-    "fastlayers-reference",
-    "fastlayers-graph",
-    "fastlayers-xla",
-    "keras-eager",
-    "keras-graph",
-    "keras-xla",
-)
-PASSES = ("forward", "forward+backward")
-
-# Best peak GFLOP/s per (dtype, device) measured in this process: the peak rows run
-# first in each group (parametrize order), so the attention rows can quote a fraction.
-_PEAK: dict[tuple[str, str], float] = {}
+SUITES = (cases.ATTENTION, cases.ATTENTION_BACKWARD)
 
 
-def _inputs(dtype, t=T, s=T, seed=0):
-    rng = np.random.default_rng(seed)
-    return [
-        tf.constant(rng.standard_normal(shape).astype(np.float32), dtype)
-        for shape in ((B, t, N, H), (B, s, N, H), (B, s, N, H))
-    ]
+def pytest_generate_tests(metafunc):
+    if metafunc.function.__name__ == "test_attention":
+        sizes = cases.ATTENTION.sizes_from(metafunc.config.getoption("--bench-sizes"))
+        metafunc.parametrize("size", sizes)
 
 
-def attention_step(provider, backward, q, k, v):
-    """A no-argument callable running one forward (and backward) pass of ``provider``."""
-    library, _, mode = provider.partition("-")
-    if library == "fastlayers":
-        implementation = None if mode == "auto" else mode
-
-        def attend(q, k, v):
-            return kernels.dot_product_attention(q, k, v, implementation=implementation)
-
-        # The kernel compiles itself; a backward pass is wrapped like Keras's below.
-        wrap_mode = {"reference": "eager", "graph": "graph"}.get(mode, "xla")
-    else:
-        attend = keras.ops.dot_product_attention
-        wrap_mode = mode
-
-    if backward:
-
-        def step(q, k, v):
-            with tf.GradientTape() as tape:
-                tape.watch([q, k, v])
-                loss = tf.reduce_sum(tf.cast(attend(q, k, v), tf.float32))
-            return tape.gradient(loss, [q, k, v])
-
-    else:
-        step = attend
-    if library == "fastlayers" and not backward:
-        fn = step
-    elif wrap_mode == "eager":
-        fn = step
-    else:
-        fn = tf.function(step, jit_compile=wrap_mode == "xla")
-
-    def run():
-        result = fn(q, k, v)
-        for t in tf.nest.flatten(result):
-            t.numpy()  # waits for the computation
-
-    return run
-
-
-def _record(benchmark, flops, dtype, device):
-    seconds = benchmark.stats.stats.median
-    rate = gflops_per_second(flops, seconds)
-    benchmark.extra_info["gflops_per_second"] = round(rate, 1)
-    peak = _PEAK.get((dtype, device))
-    if peak:
-        benchmark.extra_info["fraction_of_peak"] = round(rate / peak, 3)
-    return rate
-
-
-@pytest.mark.parametrize("provider", ("peak-graph", "peak-xla") + ATTENTION_PROVIDERS)
+# The first decorator varies fastest: one group's providers run back to back.
+@pytest.mark.parametrize("provider", cases.ATTENTION.provider_names)
+@pytest.mark.parametrize("mode", cases.MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("pass_", PASSES)
+@pytest.mark.parametrize("suite", SUITES, ids=lambda suite: suite.name)
 @pytest.mark.parametrize("device", DEVICES)
-def test_attention(benchmark, provider, dtype, pass_, device):
-    benchmark.group = f"attention {pass_} B={B} N={N} H={H} T=S={T} {dtype} {device}"
-    with tf.device(cases.tf_device(device)):
-        if provider.startswith("peak"):
-            a = tf.cast(tf.random.normal([PEAK_SIZE, PEAK_SIZE]), dtype)
-            matmul = tf.function(tf.matmul, jit_compile=provider == "peak-xla")
-            run = lambda: matmul(a, a).numpy()  # noqa: E731
-            flops = dense_flops(PEAK_SIZE, PEAK_SIZE, PEAK_SIZE)
-        else:
-            q, k, v = _inputs(dtype)
-            run = attention_step(provider, pass_ != "forward", q, k, v)
-            flops = attention_flops(B, T, T, N, H, backward=pass_ != "forward")
-        run()  # trace and compile outside the timing
-        benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-    rate = _record(benchmark, flops, dtype, device)
-    if provider.startswith("peak"):
-        _PEAK[(dtype, device)] = max(rate, _PEAK.get((dtype, device), 0.0))
+def test_attention(benchmark, provider, size, mode, dtype, suite, device):
+    runner.benchmark_case(
+        benchmark, cases.Case(suite, size, dtype, mode, device, suite.provider(provider)),
+        rounds=ROUNDS,
+    )
 
 
 def _transformer_block(mha_class, width=256, heads=4):

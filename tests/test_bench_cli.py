@@ -1,6 +1,7 @@
 """`fastlayers bench`: the runner's interleaving and ratios, the CLI end to end on tiny
 sizes, --compare / --fail-on-regression exit codes, bad input, and the pytest suites."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -8,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from fastlayers.bench import cases, cli, runner
+from fastlayers.bench import cases, cli, flops, runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--sizes", "8", "--repeats", "2", "--quiet"]
@@ -89,6 +90,26 @@ def test_a_failing_provider_is_a_row_not_a_crash(monkeypatch):
     assert "failed" in runner.table(results)
 
 
+def test_speed_up_is_over_the_fastest_baseline_and_a_peak_of_its_own_problem_has_none():
+    suite = fake_suite([])
+    keras_xla = cases.Provider("keras-xla", lambda shape, policy: None, role=cases.BASELINE)
+    matmul = cases.Provider("peak", lambda shape, policy: None, role=cases.PEAK,
+                            flops=lambda s: 4e9)
+    providers = (suite.provider("a"), suite.provider("keras"), keras_xla, matmul)
+    suite = dataclasses.replace(suite, providers=providers)
+    a, keras_row, xla_row, peak = (
+        runner.Result(cases.Case(suite, 1, "float32", "eager", "cpu", p)) for p in providers)
+    a.seconds, keras_row.seconds, xla_row.seconds, peak.seconds = [1.0], [4.0], [2.0], [1.0]
+    runner.derive_ratios([a, keras_row, xla_row, peak])
+    assert a.speedup_over_baseline == pytest.approx(2.0)  # over keras-xla, the faster
+    assert keras_row.speedup_over_baseline == pytest.approx(0.5)
+    assert peak.gflops == pytest.approx(4.0) and peak.speedup_over_baseline is None
+    assert a.fraction_of_peak == pytest.approx(0.25)  # 1 GFLOP/s of the peak's 4
+    table = runner.table([a, keras_row, xla_row, peak])
+    assert table.splitlines()[0].split()[-2:] == ["vs", "baseline"]
+    assert "vs baseline: speed-up over the fastest of keras, keras-xla for fake" in table
+
+
 def test_regressions_are_cases_slower_by_more_than_the_threshold():
     suite = fake_suite([])
     rows = []
@@ -158,6 +179,42 @@ def test_bench_end_to_end_writes_table_json_and_plot(capsys, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["run.json", "run.png"]  # no temporary left
 
 
+def test_attention_suite_writes_table_json_and_plot(capsys, tmp_path):
+    json_path, png_path = tmp_path / "run.json", tmp_path / "run.png"
+    code, out, err = run_cli(capsys, "bench", "--suite", "attention", "--sizes", "64",
+                             "--repeats", "2", "--quiet", "--dtypes", "float32",
+                             "--modes", "function", "--json", str(json_path),
+                             "--plot", str(png_path))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[-2:] == ["vs", "baseline"]
+    rows = [line for line in lines if line.startswith("attention B=4 T=S=64 N=8 H=64 ")]
+    assert len(rows) == len(cases.ATTENTION.providers)
+    side = cases.ATTENTION_PEAK_SIDE
+    for label in ("fastlayers (auto: ", "fastlayers-reference", "fastlayers-graph",
+                  "fastlayers-xla", "keras ", "keras-xla",
+                  f"tf.matmul ({side}x{side} @ {side}x{side})"):
+        assert any(label in row for row in rows), label
+    assert "speed-up over the fastest of keras, keras-xla for attention" in out
+    document = json.loads(json_path.read_text())
+    results = {row["provider"]: row for row in document["results"]}
+    assert set(results) == set(cases.ATTENTION.provider_names)
+    attention = flops.attention_flops(4, 64, 64, 8, 64)
+    for name, row in results.items():
+        assert row["error"] is None and row["gflops"] > 0, row
+        assert row["suite"] == "attention" and row["mode"] == "function"
+        assert row["shape"] == {"B": 4, "T": 64, "S": 64, "N": 8, "H": 64}
+        assert row["flops"] == (flops.dense_flops(side, side, side) if name == "tf.matmul"
+                                else attention)
+    assert results["tf.matmul"]["fraction_of_peak"] == pytest.approx(1.0)
+    assert results["tf.matmul"]["speedup_over_baseline"] is None
+    keras_rows = [results["keras"]["speedup_over_baseline"],
+                  results["keras-xla"]["speedup_over_baseline"]]
+    assert max(keras_rows) == pytest.approx(1.0) and min(keras_rows) <= 1.0
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path)) == ["run.json", "run.png"]
+
+
 @pytest.fixture(scope="module")
 def old_run(tmp_path_factory):
     """A --json result of the SMALL run, as a later run would compare against."""
@@ -199,7 +256,12 @@ def test_fail_on_regression_exits_1_when_slower(capsys, tmp_path, old_run):
 BAD_INPUTS = [
     (["--suite", "nope"], "unknown suite 'nope'"),
     (["--providers", "fastlayers,nope"], "unknown provider 'nope'"),
+    (["--suite", "attention", "--providers", "fastlayers,nope"],
+     "unknown provider 'nope' for suite attention"),
+    (["--suite", "dense", "--providers", "keras-xla"],
+     "unknown provider 'keras-xla' for suite dense"),
     (["--dtypes", "float64"], "unknown dtype policy 'float64'"),
+    (["--suite", "attention", "--dtypes", "float64"], "unknown dtype policy 'float64'"),
     (["--modes", "lazy"], "unknown mode 'lazy'"),
     (["--sizes", "0"], "invalid size '0'"),
     (["--repeats", "0"], "expected a positive integer"),

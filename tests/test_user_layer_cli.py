@@ -240,7 +240,7 @@ def test_a_suite_runs_beside_a_layer_and_the_table_names_each_baseline(capsys, t
         ("matmul", "keras"), (f"{MODULE}:Exp", "reference")]
     assert out.splitlines()[0].endswith("vs baseline")
     assert out.splitlines()[-1] == (
-        f"vs baseline: speed-up over keras for matmul, reference for {MODULE}:Exp")
+        f"vs baseline: speed-up over keras for matmul; reference for {MODULE}:Exp")
     # A suite that has none of the providers named is left out, not run whole.
     code, out, err = run_cli(
         capsys, "bench", "--suite", "matmul", "--sizes", "8", "--layer", f"{MODULE}:Exp",
