@@ -795,6 +795,8 @@ def dot_product_attention(
         bias: optional floating tensor broadcastable to ``[B, N, T, S]``, added to
             the scaled scores. Differentiable.
         mask: optional boolean tensor broadcastable to ``[B, N, T, S]``; True keeps.
+            Query rows and key/value positions it hides from every score (padding)
+            are never read, so NaN there reaches no output or gradient.
         scale: multiplier of the scores; None means ``1 / sqrt(H)``.
         is_causal: whether query ``t`` may attend only to keys ``s <= t``.
         dropout_rate: probability in [0, 1) of dropping each attention probability

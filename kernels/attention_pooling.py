@@ -108,8 +108,9 @@ def attention_pooling(x, weight, bias, mask=None, *, implementation=None):
         x: ``[B, T, F]`` floating tensor.
         weight: ``[F, 1]`` tensor of the dtype of ``x``.
         bias: ``[1]`` or ``[T, 1]`` tensor of the dtype of ``x``.
-        mask: optional ``[B, T]`` boolean tensor; False steps get zero weight, and a
-            row with every step masked pools to zeros.
+        mask: optional ``[B, T]`` boolean tensor; False steps get zero weight and are
+            never read (NaN there reaches no output or gradient), and a row with
+            every step masked pools to zeros.
         implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
 
     Returns:
