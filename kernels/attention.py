@@ -178,7 +178,7 @@ def _restore_layout(layout, query, key, value, bias, mask):
 
 
 def _hide_unseen(query, key, value, mask):
-    """Zeros (by a select) the query rows and key/value positions ``mask`` hides from every score.
+    """Zeros, by a select, the query rows and key/value positions ``mask`` hides from all scores.
 
     A masked score gets zero weight, but the matmuls still multiply that zero with
     the value (and, in the gradient, with the query and key): ``0·NaN`` is NaN, so
