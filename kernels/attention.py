@@ -181,6 +181,26 @@ def _restore_layout(layout, query, key, value, bias, mask):
     return query, key, value, bias, mask
 
 
+def _hide_unseen(query, key, value, mask):
+    """Zeros, by a select, the query rows and key/value positions ``mask`` hides from all scores.
+
+    A masked score gets zero weight, but the matmuls still multiply that zero with
+    the value (and, in the gradient, with the query and key): ``0·NaN`` is NaN, so
+    NaN or Inf in padding would reach every row. Selecting zeros there keeps
+    padding out of every product; the positions a score uses are untouched, so
+    outputs and gradients are unchanged. ``mask`` is rank 4 ``[b, n, t, s]``
+    (size-1 axes broadcast); the key test spans every head, as padding does.
+    """
+    zero = tf.zeros([], query.dtype)
+    rows_seen = tf.transpose(tf.reduce_any(mask, axis=3, keepdims=True), [0, 2, 1, 3])  # [b, t, n, 1]
+    keys_seen = tf.reduce_any(mask, axis=[1, 2])[:, :, None, None]  # [b, s, 1, 1]
+    return (
+        tf.where(rows_seen, query, zero),
+        tf.where(keys_seen, key, zero),
+        tf.where(keys_seen, value, zero),
+    )
+
+
 def _length(x, axis):
     return x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
 
@@ -211,6 +231,8 @@ def dot_product_attention_reference(
     """
     del block_sizes
     query, key, value, bias, mask = _restore_layout(layout, query, key, value, bias, mask)
+    if mask is not None:
+        query, key, value = _hide_unseen(query, key, value, mask)
     acc = accumulation_dtype(query.dtype)
     kv_heads = key.shape[2]
     q = _split_heads(tf.cast(query, acc), kv_heads)  # [B, K, G, T, H]
@@ -647,6 +669,8 @@ def dot_product_attention_compiled(
     """
     blocks = block_sizes or DEFAULT_BLOCK_SIZES
     query, key, value, bias, mask = _restore_layout(layout, query, key, value, bias, mask)
+    if mask is not None:
+        query, key, value = _hide_unseen(query, key, value, mask)
     plan = _Plan(query, key, value, bias, mask, scale, is_causal, dropout_rate, seed, blocks)
     acc = plan.acc
     scale = tf.cast(scale, acc)
@@ -808,6 +832,8 @@ def dot_product_attention(
         bias: optional floating tensor broadcastable to ``[B, N, T, S]``, added to
             the scaled scores. Differentiable.
         mask: optional boolean tensor broadcastable to ``[B, N, T, S]``; True keeps.
+            Query rows and key/value positions it hides from every score (padding)
+            are never read, so NaN there reaches no output or gradient.
         scale: multiplier of the scores; None means ``1 / sqrt(H)``.
         is_causal: whether query ``t`` may attend only to keys ``s <= t``.
         dropout_rate: probability in [0, 1) of dropping each attention probability

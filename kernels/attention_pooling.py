@@ -32,10 +32,22 @@ def _masked_softmax(e, mask):
     return weights / tf.where(total > 0, total, tf.ones([], e.dtype))
 
 
+def _hide_masked_steps(x, mask):
+    """``x`` with masked steps zeroed by a select.
+
+    A masked step gets zero weight, but the pooling product still multiplies that
+    zero with the step (and the score's gradient multiplies with it too): ``0·NaN``
+    is NaN, so NaN or Inf in padding would reach the whole row.
+    """
+    if mask is None:
+        return x
+    return tf.where(mask[..., None], x, tf.zeros([], x.dtype))
+
+
 def attention_pooling_reference(x, weight, bias, mask=None):
     """The spec, as the tutorial writes it, in the accumulation dtype."""
     acc = accumulation_dtype(x.dtype)
-    x32 = tf.cast(x, acc)
+    x32 = _hide_masked_steps(tf.cast(x, acc), mask)
     e = tf.tanh(tf.tensordot(x32, tf.cast(weight, acc), axes=1) + tf.cast(bias, acc))  # [B, T, 1]
     alpha = _masked_softmax(tf.squeeze(e, axis=-1), mask)  # [B, T]
     context = tf.reduce_sum(x32 * alpha[..., None], axis=1)
@@ -46,7 +58,7 @@ def attention_pooling_compiled(x, weight, bias, mask=None):
     """The graph/XLA algorithm: one matrix-vector product for the scores and one
     batched ``[1, T]·[T, F]`` product for the context, no ``[B, T, F]`` temporary."""
     acc = accumulation_dtype(x.dtype)
-    x32 = tf.cast(x, acc)
+    x32 = _hide_masked_steps(tf.cast(x, acc), mask)
     shape = tf.shape(x)  # dynamic: the traced function is shared across shapes
     e = tf.matmul(tf.reshape(x32, [-1, shape[2]]), tf.cast(weight, acc))  # [B·T, 1]
     e = tf.reshape(e, shape[:2]) + tf.reshape(tf.cast(bias, acc), [1, -1])
@@ -96,8 +108,9 @@ def attention_pooling(x, weight, bias, mask=None, *, implementation=None):
         x: ``[B, T, F]`` floating tensor.
         weight: ``[F, 1]`` tensor of the dtype of ``x``.
         bias: ``[1]`` or ``[T, 1]`` tensor of the dtype of ``x``.
-        mask: optional ``[B, T]`` boolean tensor; False steps get zero weight, and a
-            row with every step masked pools to zeros.
+        mask: optional ``[B, T]`` boolean tensor; False steps get zero weight and are
+            never read (NaN there reaches no output or gradient), and a row with
+            every step masked pools to zeros.
         implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
 
     Returns:

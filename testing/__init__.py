@@ -169,20 +169,24 @@ def assert_gradients_match_reference(
                        what=f"gradients policy={policy} implementation={implementation!r}")
 
 
-def assert_keras_round_trip(layer, inputs, directory):
+def assert_keras_round_trip(layer, inputs, directory, *, call=None):
     """A model holding ``layer`` saves to ``.keras`` and loads with ``safe_mode=True`` unchanged.
 
     Args:
         layer: an unbuilt or built layer instance.
         inputs: a numpy array (or list of them) of the layer's input, batch axis first.
         directory: where the ``.keras`` file is written (e.g. pytest's ``tmp_path``).
+        call: optional ``call(layer, inputs)`` applying the layer to symbolic inputs
+            of the structure of ``inputs``; the default is ``layer(inputs)``. For a
+            layer that takes several tensors, e.g. ``lambda layer, x: layer(*x)``.
 
     Returns:
         The loaded model.
     """
     arrays = tf.nest.map_structure(lambda x: np.asarray(x, "float32"), inputs)
     symbolic = tf.nest.map_structure(lambda x: keras.Input(x.shape[1:]), arrays)
-    model = keras.Model(symbolic, layer(symbolic))
+    outputs = layer(symbolic) if call is None else call(layer, symbolic)
+    model = keras.Model(symbolic, outputs)
     path = pathlib.Path(directory) / f"{layer.name}.keras"
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)

@@ -10,11 +10,20 @@ from fastlayers import layers
 
 @dataclasses.dataclass(frozen=True)
 class LayerCase:
-    """``make(**kwargs)`` builds a new layer; ``inputs(rng)`` gives a batch for it."""
+    """``make(**kwargs)`` builds a new layer; ``inputs(rng)`` gives a batch for it.
+
+    ``apply(layer, inputs)`` calls the layer on inputs of that structure, numpy or
+    symbolic: ``layer(inputs)``, or with ``positional=True`` (a layer whose call takes
+    several tensors, e.g. ``MultiHeadAttention(query, value)``) ``layer(*inputs)``.
+    """
 
     name: str
     make: Callable
     inputs: Callable[[np.random.Generator], object]
+    positional: bool = False
+
+    def apply(self, layer, inputs):
+        return layer(*inputs) if self.positional else layer(inputs)
 
     def __str__(self):
         return self.name
@@ -39,4 +48,8 @@ LAYER_CASES = [
               lambda rng: rng.standard_normal((3, 7, 5))),
     LayerCase("ResidualProjection", lambda **kw: layers.ResidualProjection(4, **kw),
               lambda rng: [rng.standard_normal((3, 6)), rng.standard_normal((3, 4))]),
+    LayerCase("MultiHeadAttention",
+              lambda **kw: layers.MultiHeadAttention(num_heads=2, key_dim=3, value_dim=2, **kw),
+              lambda rng: [rng.standard_normal((3, 5, 4)), rng.standard_normal((3, 7, 6))],
+              positional=True),
 ]

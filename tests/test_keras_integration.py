@@ -16,7 +16,7 @@ def test_fit_under_every_jit_compile_setting(case, jit_compile, rng):
     x = tf.nest.map_structure(lambda a: np.concatenate([np.asarray(a, "float32")] * 8),
                               case.inputs(rng))
     inputs = tf.nest.map_structure(lambda a: keras.Input(a.shape[1:]), x)
-    outputs = tf.nest.flatten(case.make()(inputs))
+    outputs = tf.nest.flatten(case.apply(case.make(), inputs))
     features = keras.layers.Concatenate()([keras.layers.Flatten()(o) for o in outputs]) \
         if len(outputs) > 1 else keras.layers.Flatten()(outputs[0])
     model = keras.Model(inputs, keras.layers.Dense(1)(features))

@@ -198,3 +198,166 @@ def test_residual_projection_paths_agree(leading, k, n, dtype, seed):
                                               tf.constant(kernel, dtype), implementation=implementation)
         tolerance(dtype).check(y.numpy().astype(np.float64), np.tensordot(a, kernel, 1) + b)
         tolerance(dtype).check(mean.numpy().astype(np.float64), b.mean(-1))
+
+
+# --- attention: random shapes, masks, biases and implementations -----------------------
+
+from test_attention_kernel import attention_oracle  # noqa: E402
+from test_attention_pooling import pooling_oracle  # noqa: E402
+
+lengths = st.one_of(st.sampled_from([1, 2, 7]), st.integers(1, 40))
+
+
+@st.composite
+def attention_problems(draw):
+    """Inputs (float64) and options of one ``dot_product_attention`` call.
+
+    Masks take every broadcast form, with some rows of every key masked; the tiles
+    are at times smaller than the lengths, so the compiled paths walk several blocks.
+    """
+    b, t, s = draw(st.integers(1, 3)), draw(lengths), draw(lengths)
+    kv_heads = draw(st.integers(1, 2))
+    n = kv_heads * draw(st.integers(1, 3))
+    h = draw(st.sampled_from([1, 3, 8]))
+    d = draw(st.sampled_from([h, 5]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    q, k, v = (rng.standard_normal(shape) for shape in ((b, t, n, h), (b, s, kv_heads, h), (b, s, kv_heads, d)))
+    options = {"is_causal": draw(st.booleans()), "scale": draw(st.sampled_from([None, 0.3]))}
+    mask_shape = draw(st.sampled_from([None, (b, 1, 1, s), (b, n, t, s), (t, s), (1, n, t, 1)]))
+    if mask_shape is not None:
+        mask = rng.random(mask_shape) < draw(st.sampled_from([0.3, 0.8]))
+        if mask_shape[-2] == t:
+            mask[..., draw(st.integers(0, t - 1)), :] = False  # a row that sees no key
+        options["mask"] = mask
+    bias_shape = draw(st.sampled_from([None, (1, n, t, s), (b, 1, 1, s), (t, s)]))
+    if bias_shape is not None:
+        options["bias"] = rng.standard_normal(bias_shape)
+    blocks = draw(st.sampled_from([None, kernels.BlockSizes(4, 8), kernels.BlockSizes(16, 3)]))
+    return q, k, v, options, blocks
+
+
+def _check_attention(problem, dtype):
+    q, k, v, options, blocks = problem
+    q, k, v = (round_to(a, dtype) for a in (q, k, v))
+    options = dict(options)
+    if "bias" in options:
+        options["bias"] = round_to(options["bias"], dtype)
+    expected = attention_oracle(q, k, v, **options)
+    b, t, n, _ = q.shape
+    valid = np.ones((b, n, t, k.shape[1]), bool)
+    if "mask" in options:
+        valid &= options["mask"]
+    if options["is_causal"]:
+        valid &= np.tril(np.ones(valid.shape[-2:], bool))
+    sees_nothing = ~valid.any(axis=-1).transpose(0, 2, 1)  # [B, T, N]
+    call = {key: tf.constant(value, dtype) if key == "bias" else value for key, value in options.items()}
+    results = {}
+    for implementation in ("reference", None, *COMPILED):
+        out = kernels.dot_product_attention(*(tf.constant(a, dtype) for a in (q, k, v)), **call,
+                                            block_sizes=blocks, implementation=implementation)
+        assert out.dtype == tf.as_dtype(dtype) and out.shape == expected.shape
+        results[implementation] = out.numpy().astype(np.float64)
+        assert np.isfinite(results[implementation]).all(), implementation
+        # a query row that sees no key attends to nothing: exactly zero
+        np.testing.assert_array_equal(results[implementation][sees_nothing], 0.0)
+    tolerance(dtype).check(results["reference"], expected, what="reference vs numpy")
+    for implementation in (None, *COMPILED):
+        tolerance(dtype).check(results[implementation], results["reference"],
+                               what=f"{implementation} vs reference")
+
+
+@QUICK
+@given(attention_problems(), float_dtypes)
+def test_dot_product_attention_paths_agree(problem, dtype):
+    _check_attention(problem, dtype)
+
+
+@pytest.mark.slow
+@LONG
+@given(attention_problems(), float_dtypes)
+def test_dot_product_attention_paths_agree_long(problem, dtype):
+    _check_attention(problem, dtype)
+
+
+def _check_attention_pooling(shape, per_step_bias, mask_kind, dtype, seed):
+    b, t, f = shape
+    rng = np.random.default_rng(seed)
+    x = round_to(rng.standard_normal((b, t, f)), dtype)
+    weight = round_to(rng.standard_normal((f, 1)), dtype)
+    bias = round_to(rng.standard_normal((t, 1) if per_step_bias else (1,)), dtype)
+    mask = None
+    if mask_kind != "none":
+        mask = rng.random((b, t)) < 0.6
+        if mask_kind == "with_empty_rows":
+            mask[rng.integers(0, b)] = False
+    expected = pooling_oracle(x, weight, bias, mask)
+    reference = None
+    for implementation in ("reference", None, *COMPILED):
+        out = kernels.attention_pooling(
+            *(tf.constant(a, dtype) for a in (x, weight, bias)),
+            None if mask is None else tf.constant(mask), implementation=implementation,
+        ).numpy().astype(np.float64)
+        assert np.isfinite(out).all(), implementation
+        if mask is not None:
+            np.testing.assert_array_equal(out[~mask.any(axis=1)], 0.0)
+        if reference is None:
+            reference = out
+            tolerance(dtype).check(reference, expected, what="reference vs numpy")
+        else:
+            tolerance(dtype).check(out, reference, what=f"{implementation} vs reference")
+
+
+pooling_shapes = st.tuples(st.integers(1, 5), lengths, st.sampled_from([1, 2, 7, 16]))
+mask_kinds = st.sampled_from(["none", "random", "with_empty_rows"])
+
+
+@QUICK
+@given(pooling_shapes, st.booleans(), mask_kinds, float_dtypes, st.integers(0, 2**31 - 1))
+def test_attention_pooling_paths_agree(shape, per_step_bias, mask_kind, dtype, seed):
+    _check_attention_pooling(shape, per_step_bias, mask_kind, dtype, seed)
+
+
+@pytest.mark.slow
+@LONG
+@given(pooling_shapes, st.booleans(), mask_kinds, float_dtypes, st.integers(0, 2**31 - 1))
+def test_attention_pooling_paths_agree_long(shape, per_step_bias, mask_kind, dtype, seed):
+    _check_attention_pooling(shape, per_step_bias, mask_kind, dtype, seed)
+
+
+def _naive_low_precision_attention(q, k, v, dtype):
+    """softmax(Q·Kᵀ·scale)·V with every product, partial sum and softmax step rounded
+    to ``dtype``: the accuracy floor to beat."""
+    rounded = lambda a: round_to(a, dtype)  # noqa: E731
+    b, t, n, h = q.shape
+    groups = n // k.shape[2]
+    out = np.zeros((b, t, n, v.shape[-1]))
+    scale = rounded(1.0 / np.sqrt(h))
+    for i in range(b):
+        for j in range(n):
+            logits = _naive_low_precision_dense(q[i, :, j], k[i, :, j // groups].T, 0.0, dtype)
+            logits = rounded(logits * scale)
+            weights = rounded(np.exp(rounded(logits - logits.max(axis=-1, keepdims=True))))
+            total = np.zeros((t, 1))
+            for column in weights.T:
+                total = rounded(total + column[:, None])
+            probs = rounded(weights / total)
+            out[i, :, j] = _naive_low_precision_dense(probs, v[i, :, j // groups], 0.0, dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_attention_error_is_at_most_twice_the_naive_error(dtype, rng):
+    t, s, h = 19, 203, 64
+    q, k, v = (round_to(rng.standard_normal(shape), dtype) for shape in ((2, t, 2, h), (2, s, 1, h), (2, s, 1, h)))
+    truth = attention_oracle(q, k, v)
+    naive = _naive_low_precision_attention(q, k, v, dtype)
+    naive_error = np.abs(naive - truth)
+    half_ulp = np.abs(truth) * float(ml_dtypes.finfo(NUMPY_DTYPES[dtype]).eps) / 2
+    for implementation in (None, "reference", *COMPILED):
+        fast = kernels.dot_product_attention(*(tf.constant(a, dtype) for a in (q, k, v)),
+                                             implementation=implementation).numpy().astype(np.float64)
+        fast_error = np.abs(fast - truth)
+        print(f"{dtype} {implementation} T={t} S={s} H={h}: fast max {fast_error.max():.3g} "
+              f"mean {fast_error.mean():.3g}; naive max {naive_error.max():.3g} mean {naive_error.mean():.3g}")
+        assert fast_error.max() <= 2 * naive_error.max() + half_ulp.max(), implementation
+        assert fast_error.mean() <= 2 * naive_error.mean() + half_ulp.mean(), implementation

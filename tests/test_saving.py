@@ -14,13 +14,14 @@ from fastlayers import layers, testing
 @pytest.mark.parametrize("case", LAYER_CASES, ids=str)
 @pytest.mark.parametrize("implementation", [None, "xla"])
 def test_keras_file_round_trip_in_safe_mode(case, implementation, rng, tmp_path):
-    testing.assert_keras_round_trip(case.make(implementation=implementation), case.inputs(rng), tmp_path)
+    testing.assert_keras_round_trip(case.make(implementation=implementation), case.inputs(rng), tmp_path,
+                                    call=case.apply)
 
 
 def _model(case, rng):
     inputs = tf.nest.map_structure(lambda a: np.asarray(a, "float32"), case.inputs(rng))
     symbolic = tf.nest.map_structure(lambda a: keras.Input(a.shape[1:]), inputs)
-    return keras.Model(symbolic, case.make()(symbolic)), inputs
+    return keras.Model(symbolic, case.apply(case.make(), symbolic)), inputs
 
 
 @pytest.mark.parametrize("case", LAYER_CASES, ids=str)
