@@ -44,14 +44,19 @@ class BlockSizes:
     than a block use one block of their own length; longer ones are padded to a
     multiple of the block with masked positions.
 
-    Defaults measured on a 2-core Zen 3 CPU, XLA and graph, float32, against
-    512x1024 (the tile then held 64 MiB at B·N=32): at B=4, N=8, H=64, T=S=2048,
-    256x256 ran the forward pass 1.09x (XLA) and 1.42x (graph) faster and the
-    forward+backward 1.18x (XLA) faster; a causal Transformer block at T=1024 trained
-    1.5x faster, as more tiles sit wholly above the diagonal; B=1, T=S=8192
-    forward+backward ran 1.3x faster. Its 8 MiB tile stays in the last-level
-    cache between the elementwise passes. 128x128 was within noise of it at
-    T=2048 and slower in the graph path (more loop iterations).
+    Defaults measured on a 2-core Zen 3 CPU (float32, medians of 5 interleaved
+    runs, as speed-ups over the best Keras path of the same run), 256x256 against
+    512x1024, whose tile held 64 MiB at B·N=32:
+
+    - B=4, N=8, H=64, T=S=2048, forward: XLA 1.83-1.94x against 1.60x; graph 1.50x
+      against 1.21x. Forward+backward (XLA): 1.69x against 1.53x.
+    - B=1, T=S=8192, forward+backward (XLA): 4.15x against 3.45x.
+    - A causal Transformer block, T=1024, one training step: 1.46-1.55x against
+      1.03-1.08x, as more tiles lie wholly above the diagonal and are skipped.
+
+    128x128 to 256x128 were within noise of 256x256 at T=2048 (its 8 MiB tile stays
+    in the last-level cache between the elementwise passes); 256x256 has fewer loop
+    iterations on long sequences.
 
     Args:
         block_q: positive integer, query rows per tile.
