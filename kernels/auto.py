@@ -125,13 +125,13 @@ AUTO = {
 }
 
 AUTO["dot_product_attention"] = {
-    # 2-core AMD EPYC (Zen 3, AVX2), TF 2.21, forward B=4 N=8 H=64 T=S=2048, medians of
-    # 3 interleaved runs on a loaded machine, as ratios to the best
-    # keras.ops.dot_product_attention path (eager/graph/XLA) and to the best 4096²
-    # tf.matmul (graph/XLA) of the same run:
-    #   float32:  XLA 1.33-1.56x Keras (0.55-0.57 of peak), graph 0.86-0.98x;
-    #   bfloat16: XLA 1.34x Keras's XLA (0.44-0.54 of the bfloat16 peak), graph 1.08x;
-    #   float32 forward+backward: XLA 1.04-1.05x Keras's XLA, graph 0.71-0.74x.
+    # 2-core AMD EPYC (Zen 3, AVX2), TF 2.21, B=4 N=8 H=64 T=S=2048, 256x256 tiles,
+    # `fastlayers bench --suite attention[-backward] --sizes 2048 --modes function`
+    # (medians of interleaved rounds, quiet machine), as ratios to the faster
+    # keras.ops.dot_product_attention path (graph or XLA) and to a 2048² tf.matmul:
+    #   float32 forward:  XLA 1.67x (0.70 of peak), graph 1.28x;
+    #   bfloat16 forward: XLA 1.92x (0.74 of the bfloat16 peak), graph 1.34x;
+    #   float32 forward+backward: XLA 1.67x, graph 1.09x.
     # XLA's dot beats Eigen's, and its loop fuses the online softmax's elementwise ops.
     ("cpu", "*"): ("xla", "graph", "reference"),
     # Not measured with oneDNN on; XLA does not use oneDNN, so the ranking above holds
