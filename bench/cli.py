@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 
@@ -356,6 +357,31 @@ def _native_stderr_silenced():
         os.close(saved)
 
 
+class _NoRetracingWarning(logging.Filter):
+    """Drops TensorFlow's "triggered tf.function retracing" warning.
+
+    Every benchmark case wraps its step in a new ``tf.function`` on purpose (a fresh
+    trace per shape, dtype and provider); TensorFlow counts the wrappers of one
+    Python function as one function retracing and warns about a problem the bench
+    does not have.
+    """
+
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _retracing_warning_silenced():
+    import tensorflow as tf
+
+    logger, only = tf.get_logger(), _NoRetracingWarning()
+    logger.addFilter(only)
+    try:
+        yield
+    finally:
+        logger.removeFilter(only)
+
+
 def main(argv=None) -> int:
     """Entry point of the ``fastlayers`` console script; returns the exit status."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -371,7 +397,8 @@ def main(argv=None) -> int:
     prog = f"fastlayers {argv[0]}" if argv and argv[0] in ("bench", "profile") else "fastlayers"
     try:
         args = build_parser().parse_args(argv)
-        return _bench(args) if args.command == "bench" else _profile(args)
+        with _retracing_warning_silenced():
+            return _bench(args) if args.command == "bench" else _profile(args)
     except (UsageError, BenchError, ProfileError, LayerError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -297,6 +297,31 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, argv, messag
     assert sorted(os.listdir(tmp_path)) == before
 
 
+def _retrace_one_function_in_new_wrappers(fn):
+    import tensorflow as tf
+
+    for n in range(8):  # TensorFlow warns from the fifth trace of one Python function
+        tf.function(fn)(tf.constant(float(n)))
+
+
+def test_bench_drops_only_the_retracing_warning_of_its_fresh_wrappers(caplog, monkeypatch):
+    import tensorflow as tf
+
+    _retrace_one_function_in_new_wrappers(lambda x: x + 1)
+    assert "triggered tf.function retracing" in caplog.text
+    caplog.clear()
+
+    def bench(args):
+        _retrace_one_function_in_new_wrappers(lambda x: x + 2)
+        tf.get_logger().warning("another warning")
+        return 0
+
+    monkeypatch.setattr(cli, "_bench", bench)
+    assert cli.main(["bench"]) == 0
+    assert "another warning" in caplog.text
+    assert "retracing" not in caplog.text
+
+
 def test_console_script_runs_and_fails_cleanly(tmp_path):
     script = shutil.which("fastlayers", path=os.path.dirname(sys.executable))
     command = [script] if script else [sys.executable, "-m", "fastlayers.bench.cli"]
