@@ -342,7 +342,6 @@ class _Plan:
             begin[4], size[4] = j * self.block_k, self.block_k
         return tf.slice(x, begin, size)
 
-
     def key_blocks_for(self, i):
         """How many key blocks query block ``i`` sees: causal blocks above the diagonal are skipped."""
         if not self.is_causal:
@@ -386,12 +385,19 @@ class _Plan:
             self.acc,
         )
 
-    def mask_scores(self, s, bias, i, j):
-        """Adds the bias tile to ``s [B, K, G, block_q, block_k]`` and masks it."""
+    def mask_scores(self, s, bias, i, j, arrange=None):
+        """Adds the bias tile to the score tile ``s`` and masks it; returns ``(s, valid)``.
+
+        ``s`` is ``[B, K, G, block_q, block_k]``, or in the arrangement ``arrange``
+        maps that layout to (the backward's key-major tiles); ``valid`` comes back in
+        the same arrangement, or None when nothing is masked.
+        """
+        arrange = arrange or (lambda x: x)
         if bias is not None:
-            s += self.tile(bias, i, j)
+            s += arrange(self.tile(bias, i, j))
         valid = self.valid(i, j)
         if valid is not None:
+            valid = arrange(valid)
             s = tf.where(valid, s, mask_value(self.acc))
         return s, valid
 
@@ -427,8 +433,9 @@ def _tile_4d(plan, x):
     return tf.reshape(x, [_batch(x), plan.kv_heads, plan.groups * plan.block_q, x.shape[-1]])
 
 
-def _attention_forward(plan, q, k, v, bias):
-    """Blockwise forward on ``q [B, T_pad, K, G, H]`` (scaled), ``k``/``v [B, S_pad, K, H|D]``.
+def _attention_forward(plan, q_blocks, k_blocks, v_blocks, bias):
+    """Blockwise forward on the block-major operands: ``q_blocks`` (scaled) from
+    ``_query_blocks``, ``k_blocks``/``v_blocks`` from ``_key_blocks``.
 
     Returns the output ``[B, T_pad, K, G, D]`` and the per-row logsumexp by query
     block, ``[num_q, B, K, G, block_q]``. Every product is a plain batched matmul over
@@ -436,11 +443,9 @@ def _attention_forward(plan, q, k, v, bias):
     XLA's CPU dot emitter hands those to its fast GEMM.
     """
     acc = plan.acc
-    batch = tf.shape(q)[0]
+    batch, static_batch = tf.shape(q_blocks)[1], q_blocks.shape[1]
     floor = mask_value(acc)
-    value_dim = v.shape[-1]
-
-    q_blocks, k_blocks, v_blocks = _query_blocks(plan, q), _key_blocks(plan, k), _key_blocks(plan, v)
+    value_dim = v_blocks.shape[-1]
 
     def query_block(i, outputs, logsumexps):
         q_i = q_blocks[i]  # [B, K, G·block_q, H]
@@ -487,8 +492,8 @@ def _attention_forward(plan, q, k, v, bias):
         query_block,
         (
             tf.constant(0),
-            tf.TensorArray(acc, size=plan.num_q, element_shape=[q.shape[0], plan.block_q, plan.kv_heads, plan.groups, value_dim]),
-            tf.TensorArray(acc, size=plan.num_q, element_shape=[q.shape[0], plan.kv_heads, plan.groups, plan.block_q]),
+            tf.TensorArray(acc, size=plan.num_q, element_shape=[static_batch, plan.block_q, plan.kv_heads, plan.groups, value_dim]),
+            tf.TensorArray(acc, size=plan.num_q, element_shape=[static_batch, plan.kv_heads, plan.groups, plan.block_q]),
         ),
         maximum_iterations=plan.num_q,
         # Graph mode would otherwise run up to 10 query blocks at once, each with its
@@ -508,11 +513,20 @@ def _reduce_to(x, shape):
     return tf.reduce_sum(x, axis=axes, keepdims=True) if axes else x
 
 
-def _attention_backward(plan, q, k, v, bias, out, lse, d_out):
+def _key_major(x):
+    """A ``[b, k, g, block_q, block_k]`` tile (any axis broadcast, leading ones possibly
+    absent) → ``[b, k, block_k, g, block_q]``, the backward's arrangement."""
+    if x.shape.rank < 5:
+        x = x[(None,) * (5 - x.shape.rank)]
+    return tf.transpose(x, [0, 1, 4, 2, 3])
+
+
+def _attention_backward(plan, q_blocks, k_blocks, v_blocks, bias, out, lse, d_out):
     """Blockwise gradients, recomputing each score tile from the saved logsumexp.
 
-    ``q``, ``out``, ``d_out``: ``[B, T_pad, K, G, H|D]`` (``q`` scaled); ``k``, ``v``:
-    ``[B, S_pad, K, H|D]``; ``lse``: ``[num_q, B, K, G, block_q]``. Key blocks outside,
+    ``q_blocks``, ``k_blocks``, ``v_blocks``: the forward's block-major operands
+    (``q`` scaled); ``out``, ``d_out``: ``[B, T_pad, K, G, D]``; ``lse``:
+    ``[num_q, B, K, G, block_q]``. Key blocks outside,
     query blocks inside: ``dK``/``dV`` of a key block accumulate in the inner loop;
     ``dQ`` (and a bias gradient spanning T or S) is added into block-indexed
     accumulators, so nothing of size ``T·S`` is ever held. Returns ``dQ`` with
@@ -524,8 +538,8 @@ def _attention_backward(plan, q, k, v, bias, out, lse, d_out):
     faster than the transposed forms (measured at these tile sizes).
     """
     acc = plan.acc
-    batch = tf.shape(q)[0]
-    head_dim = q.shape[-1]
+    batch = tf.shape(q_blocks)[1]
+    head_dim = q_blocks.shape[-1]
     # Σ_s P·dP per row, by query block like ``lse``: the softmax backward's row term.
     row_dot = tf.reduce_sum(d_out * out, axis=-1)  # [B, T_pad, K, G]
     row_dot = tf.reshape(row_dot, [batch, plan.num_q, plan.block_q, plan.kv_heads, plan.groups])
@@ -543,13 +557,6 @@ def _attention_backward(plan, q, k, v, bias, out, lse, d_out):
     else:
         d_bias0 = tf.zeros([], acc)
 
-    def key_major(x):
-        """A ``[b, k, g, block_q, block_k]`` tile (any axis broadcast, leading ones
-        possibly absent) → ``[b, k, block_k, g, block_q]``."""
-        if x.shape.rank < 5:
-            x = x[(None,) * (5 - x.shape.rank)]
-        return tf.transpose(x, [0, 1, 4, 2, 3])
-
     def query_major(x):
         """``[b, k, block_k, g, block_q]`` → ``[b, k, g, block_q, block_k]``."""
         return tf.transpose(x, [0, 1, 3, 4, 2])
@@ -563,8 +570,7 @@ def _attention_backward(plan, q, k, v, bias, out, lse, d_out):
     def per_row(x):  # [B, K, G, block_q] → [B, K, 1, G, block_q], broadcast over keys
         return x[:, :, None]
 
-    q_blocks, do_blocks = _query_blocks(plan, q), _query_blocks(plan, d_out)
-    k_blocks, v_blocks = _key_blocks(plan, k), _key_blocks(plan, v)
+    do_blocks = _query_blocks(plan, d_out)
 
     def key_block(j, d_q, d_bias, d_keys, d_values):
         k_j, v_j = k_blocks[j], v_blocks[j]  # [B, K, block_k, H|D]
@@ -573,18 +579,13 @@ def _attention_backward(plan, q, k, v, bias, out, lse, d_out):
         def query_block(i, d_k, d_v, d_q, d_bias):
             q_i, do_i = q_blocks[i], do_blocks[i]  # [B, K, G·block_q, H|D]
             s = split_rows(tf.matmul(k_j, q_i, transpose_b=True))
-            if bias is not None:
-                s += key_major(plan.tile(bias, i, j))
-            valid = plan.valid(i, j)
-            if valid is not None:
-                valid = key_major(valid)
-                s = tf.where(valid, s, mask_value(acc))
+            s, valid = plan.mask_scores(s, bias, i, j, arrange=_key_major)
             p = tf.exp(s - per_row(lse[i]))
             if valid is not None:
                 p = tf.where(valid, p, tf.zeros([], acc))
             drop = plan.dropout(batch, i, j)
             if drop is not None:
-                drop = key_major(drop)
+                drop = _key_major(drop)
             p_dropped = p if drop is None else p * drop
             d_v += tf.matmul(merge_rows(p_dropped), do_i)
             d_p = split_rows(tf.matmul(v_j, do_i, transpose_b=True))
@@ -623,8 +624,8 @@ def _attention_backward(plan, q, k, v, bias, out, lse, d_out):
             tf.constant(0),
             d_q0,
             d_bias0,
-            tf.TensorArray(acc, size=plan.num_k, element_shape=[k.shape[0], plan.kv_heads, plan.block_k, k.shape[-1]]),
-            tf.TensorArray(acc, size=plan.num_k, element_shape=[v.shape[0], plan.kv_heads, plan.block_k, v.shape[-1]]),
+            tf.TensorArray(acc, size=plan.num_k, element_shape=k_blocks.shape[1:]),
+            tf.TensorArray(acc, size=plan.num_k, element_shape=v_blocks.shape[1:]),
         ),
         maximum_iterations=plan.num_k,
         parallel_iterations=1,
@@ -666,11 +667,14 @@ def dot_product_attention_compiled(
     """The graph/XLA algorithm: blockwise online softmax with a recomputing gradient.
 
     Same signature and semantics as ``dot_product_attention_reference``; ``bias`` and
-    ``mask`` are rank 4. Inputs stay in their ``[B, T, N, H]`` layout (a query block
-    is a contiguous slice; heads are regrouped per tile), so the only full-length
-    copies are the float32 casts of half-precision inputs and the block padding of
-    lengths that are not whole blocks. Half-precision operands are cast to float32
-    because the CPUs here have no native half-precision dot products.
+    ``mask`` are rank 4. Memory stays linear in ``T`` and ``S``: besides one score
+    tile, it holds copies of ``q``, ``k`` and ``v`` rearranged block-major (each
+    tile's rows contiguous, made once and reused by the gradient), their float32
+    casts and block padding where needed, the float32 output and the per-row
+    logsumexp; a ``mask`` costs one select over the inputs (``_hide_unseen``). At
+    B=1, N=8, H=64 the forward at T=S=32768 peaks at about 330 MiB above its inputs
+    under XLA (see ``bench/test_attention.py``). Operands are float32 because XLA's
+    CPU dot and Eigen have no faster half-precision products.
     """
     blocks = block_sizes or DEFAULT_BLOCK_SIZES
     query, key, value, bias, mask = _restore_layout(layout, query, key, value, bias, mask)
@@ -698,11 +702,13 @@ def dot_product_attention_compiled(
         k = plan.pad_sequence(tf.cast(k_in, acc), queries=False)
         v = plan.pad_sequence(tf.cast(v_in, acc), queries=False)
         bias5 = plan.bias5(maybe_bias[0]) if maybe_bias else None
-        out, lse = _attention_forward(plan, q, k, v, bias5)
+        # Block-major copies, made once: the gradient reuses them.
+        blocks = _query_blocks(plan, q), _key_blocks(plan, k), _key_blocks(plan, v)
+        out, lse = _attention_forward(plan, *blocks, bias5)
 
         def grad(d_output):
             d_out = plan.pad_sequence(split(tf.cast(d_output, acc)), queries=True)
-            d_q, d_k, d_v, d_bias = _attention_backward(plan, q, k, v, bias5, out, lse, d_out)
+            d_q, d_k, d_v, d_bias = _attention_backward(plan, *blocks, bias5, out, lse, d_out)
             if plan.pads_keys:
                 d_k, d_v = d_k[:, : plan.s_len], d_v[:, : plan.s_len]
             grads = [
@@ -838,7 +844,8 @@ def dot_product_attention(
             the scaled scores. Differentiable.
         mask: optional boolean tensor broadcastable to ``[B, N, T, S]``; True keeps.
             Query rows and key/value positions it hides from every score (padding)
-            are never read, so NaN there reaches no output or gradient.
+            are never read, so NaN there reaches no other output or gradient; a
+            query row the mask leaves visible is read, padded or not.
         scale: multiplier of the scores; None means ``1 / sqrt(H)``.
         is_causal: whether query ``t`` may attend only to keys ``s <= t``.
         dropout_rate: probability in [0, 1) of dropping each attention probability

@@ -210,7 +210,6 @@ def max_pool2d(
     Returns:
         ``[B, P, Q, C]`` or ``[B, C, P, Q]`` tensor of the dtype of ``x``.
     """
-    dispatch.check_implementation(implementation)
     strides = pool_size if strides is None else strides
     check_pool_arguments(pool_size, strides, padding, data_format)
     x = dispatch.floating_input(x, implementation)

@@ -101,6 +101,36 @@ def test_nan_padding_does_not_leak_from_dot_product_attention(rng, implementatio
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_key_only_mask_leaves_padded_queries_live(rng, implementation):
+    """Self-attention masked by keys only ([B, 1, 1, S]): the padded query rows are
+    real rows to the kernel, so their NaN reaches their own outputs and, through the
+    key and value gradients they contribute to, every key's gradient (0·NaN), as in
+    numpy. The unpadded outputs and query gradients stay clean. The fix is the mask
+    Keras builds from a query mask: hide the padded rows too (see the "self" case)."""
+    (q, k, v, bias), padded, _ = _attention_padding_case(rng, "self")
+    queries_padded = padded[0]
+    mask = tf.constant((~padded[1])[:, None, None, :])
+    weights = np.where(queries_padded[:, :, None, None], 0.0, rng.standard_normal(q.shape[:3] + (v.shape[3],)))
+    weights = tf.constant(weights, tf.float32)
+
+    def run(query, key, value):
+        return kernels.dot_product_attention(query, key, value, mask=mask, block_sizes=BLOCKS,
+                                             implementation=implementation)
+
+    poisoned = [_poisoned(x, p) for x, p in zip((q, k, v), padded)]
+    clean = [_clean(x, p) for x, p in zip((q, k, v), padded)]
+    out, (d_query, d_key, d_value) = _outputs_and_gradients(run, poisoned, weights)
+    expected_out, (expected_d_query, _, _) = _outputs_and_gradients(run, clean, weights)
+    live = ~queries_padded
+    _check_same(out.numpy()[live], expected_out.numpy()[live], "float32", what="unpadded output")
+    _check_same(d_query.numpy()[live], expected_d_query.numpy()[live], "float32", grad=True,
+                what="unpadded dquery")
+    # Sequence 1 has 6 real keys: its padded rows attend to them. Sequence 2 has none.
+    assert np.isnan(out.numpy()[1, 6:]).all()
+    assert np.isnan(d_key.numpy()[~padded[1]]).any() and np.isnan(d_value.numpy()[~padded[1]]).any()
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_nan_padding_does_not_leak_from_attention_pooling(rng, implementation):
     x = rng.standard_normal((4, 9, 5))
     padded = np.arange(9)[None, :] >= np.array([9, 5, 1, 0])[:, None]
