@@ -79,6 +79,32 @@ class BlockSizes:
 DEFAULT_BLOCK_SIZES = BlockSizes()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Tiling:
+    """How the compiled algorithm computes a tile; ``tiling_for`` picks it per call.
+
+    ``native_operands``: matmul operands stay in the input's half-precision dtype
+    (where the platform's products accumulate in float32 natively) instead of being
+    cast to float32. ``fused_softmax``: each score tile goes through one
+    ``tf.nn.softmax`` (oneDNN's single-pass kernel) and tiles are merged by their
+    logsumexp, instead of the separate max / exp / sum ops of the online softmax.
+    """
+
+    native_operands: bool = False
+    fused_softmax: bool = False
+
+
+def tiling_for(implementation, platform, dtype):
+    """The ``_Tiling`` of a compiled call: the graph path takes oneDNN's kernels where
+    TensorFlow uses oneDNN; XLA compiles its own dots and fuses the elementwise ops."""
+    if implementation != "graph":
+        return _Tiling()
+    return _Tiling(
+        native_operands=dispatch.native_low_precision_matmul(platform, dtype),
+        fused_softmax=platform.startswith("cpu-onednn"),
+    )
+
+
 # ---------------------------------------------------------------------------------
 # Dropout: a counter-based hash of (seed, batch, head, query, key) positions. It is a
 # pure function of the position, so the reference and every block layout (graph, XLA,
@@ -226,15 +252,16 @@ def dot_product_attention_reference(
     dropout_rate=0.0,
     seed=None,
     block_sizes=None,
+    tiling=None,
     layout=None,
 ):
     """The spec: the whole ``[B, N, T, S]`` softmax in float32, then ``· V``.
 
-    ``block_sizes`` is accepted for a uniform signature and ignored. ``bias`` and
+    ``block_sizes`` and ``tiling`` are accepted for a uniform signature and ignored. ``bias`` and
     ``mask`` are rank 4 here (``dot_product_attention`` expands them); ``layout`` is
     ``static_layout(...)`` of the inputs.
     """
-    del block_sizes
+    del block_sizes, tiling
     query, key, value, bias, mask = _restore_layout(layout, query, key, value, bias, mask)
     if mask is not None:
         query, key, value = _hide_unseen(query, key, value, mask)
@@ -293,8 +320,12 @@ def _static_sizes(x):
 class _Plan:
     """Static facts of one compiled call: padded layout, block counts, options."""
 
-    def __init__(self, query, key, value, bias, mask, scale, is_causal, rate, seed, blocks):
+    def __init__(self, query, key, value, bias, mask, scale, is_causal, rate, seed, blocks, tiles):
         self.acc = accumulation_dtype(query.dtype)
+        # Matmul operands: the input dtype where its products accumulate in float32
+        # natively, float32 otherwise. Scores, softmax and outputs stay float32.
+        self.operand = query.dtype if tiles.native_operands else self.acc
+        self.fused_softmax = tiles.fused_softmax
         self.kv_heads = key.shape[2]
         self.groups = query.shape[2] // self.kv_heads
         self.t_len, self.s_len = _length(query, 1), _length(key, 1)
@@ -396,10 +427,15 @@ class _Plan:
         if bias is not None:
             s += arrange(self.tile(bias, i, j))
         valid = self.valid(i, j)
-        if valid is not None:
-            valid = arrange(valid)
-            s = tf.where(valid, s, mask_value(self.acc))
-        return s, valid
+        if valid is None:
+            return s, None
+        valid = arrange(valid)
+        masked = lambda: tf.where(valid, s, mask_value(self.acc))  # noqa: E731
+        if self.pads_keys and not self.is_causal and self.mask is None:
+            # Only key padding to mask, and only the last key block holds padded keys
+            # (the lengths are dynamic here): the other tiles skip the select's pass.
+            return tf.cond((j + 1) * self.block_k > self.s_len, masked, lambda: s), valid
+        return masked(), valid
 
 
 def _batch(x):
@@ -451,10 +487,31 @@ def _attention_forward(plan, q_blocks, k_blocks, v_blocks, bias):
         q_i = q_blocks[i]  # [B, K, G·block_q, H]
         stat_shape = tf.concat([[batch], [plan.kv_heads, plan.groups, plan.block_q]], axis=0)
 
+        def scores(j):
+            s = tf.cast(tf.matmul(q_i, k_blocks[j], transpose_b=True), acc)
+            return plan.mask_scores(_tile_5d(plan, s), bias, i, j)
+
+        def weighted_values(p, j):  # p [B, K, G, block_q, block_k] → p·V [B, K, G, block_q, D]
+            drop = plan.dropout(batch, i, j)
+            if drop is not None:
+                p *= drop
+            pv = tf.matmul(tf.cast(_tile_4d(plan, p), plan.operand), v_blocks[j])
+            return _tile_5d(plan, tf.cast(pv, acc))
+
+        def fused_key_block(j, out, lse):
+            """``out``: the softmax-weighted values of the keys so far; ``lse``: their logsumexp."""
+            s, _ = scores(j)
+            p = tf.nn.softmax(s)
+            # softmax(s) = exp(s - lse_tile); at the row's max score it is exp(max - lse_tile),
+            # at least 1/block_k, so the log is accurate. A row with every key of the
+            # tile masked gets lse_tile = mask value: zero weight in the merge below.
+            tile_lse = tf.reduce_max(s, axis=-1) - tf.math.log(tf.reduce_max(p, axis=-1))
+            new_lse = tf.maximum(lse, tile_lse) + tf.math.log1p(tf.exp(-tf.abs(lse - tile_lse)))
+            out = out * tf.exp(lse - new_lse)[..., None] + weighted_values(p, j) * tf.exp(tile_lse - new_lse)[..., None]
+            return j + 1, out, new_lse
+
         def key_block(j, out, peak, total):
-            k_j, v_j = k_blocks[j], v_blocks[j]  # [B, K, block_k, H|D]
-            s = _tile_5d(plan, tf.matmul(q_i, k_j, transpose_b=True))
-            s, valid = plan.mask_scores(s, bias, i, j)
+            s, valid = scores(j)
             new_peak = tf.maximum(peak, tf.reduce_max(s, axis=-1))
             p = tf.exp(s - new_peak[..., None])
             if valid is not None:
@@ -462,29 +519,30 @@ def _attention_forward(plan, q_blocks, k_blocks, v_blocks, bias):
                 p = tf.where(valid, p, tf.zeros([], acc))
             correction = tf.exp(peak - new_peak)
             total = total * correction + tf.reduce_sum(p, axis=-1)
-            drop = plan.dropout(batch, i, j)
-            if drop is not None:
-                p *= drop
-            out = out * correction[..., None] + _tile_5d(plan, tf.matmul(_tile_4d(plan, p), v_j))
+            out = out * correction[..., None] + weighted_values(p, j)
             return j + 1, out, new_peak, total
 
-        _, out, peak, total = tf.while_loop(
-            lambda j, *_: j < plan.key_blocks_for(i),
-            key_block,
-            (
-                tf.constant(0),
-                tf.zeros(tf.concat([stat_shape, [value_dim]], axis=0), acc),
-                tf.fill(stat_shape, tf.constant(floor, acc)),
-                tf.zeros(stat_shape, acc),
-            ),
-            maximum_iterations=plan.num_k,
-            parallel_iterations=2,
-        )
-        # A fully masked row has total 0 and out 0: dividing by 1 keeps it at 0.
-        safe_total = tf.where(total > 0, total, tf.ones([], acc))
-        out = tf.transpose(out / safe_total[..., None], [0, 3, 1, 2, 4])  # [B, block_q, K, G, D]
-        outputs = outputs.write(i, out)
-        logsumexps = logsumexps.write(i, peak + tf.math.log(safe_total))
+        zero_out = tf.zeros(tf.concat([stat_shape, [value_dim]], axis=0), acc)
+        floors = tf.fill(stat_shape, tf.constant(floor, acc))
+        loop = dict(maximum_iterations=plan.num_k, parallel_iterations=2)
+        more_keys = lambda j, *_: j < plan.key_blocks_for(i)  # noqa: E731
+        if plan.fused_softmax:
+            _, out, lse = tf.while_loop(more_keys, fused_key_block, (tf.constant(0), zero_out, floors), **loop)
+            # A row that saw no key kept a logsumexp near the mask value: zeros. A NaN
+            # row stays NaN, as in the reference (grappler rewrites not(a <= b) to a > b).
+            seen = tf.logical_or(lse > 0.5 * floor, tf.math.is_nan(lse))
+            out = tf.where(seen[..., None], out, tf.zeros([], acc))
+            lse = tf.where(seen, lse, floors)
+        else:
+            _, out, peak, total = tf.while_loop(
+                more_keys, key_block, (tf.constant(0), zero_out, floors, tf.zeros(stat_shape, acc)), **loop
+            )
+            # A fully masked row has total 0 and out 0: dividing by 1 keeps it at 0.
+            safe_total = tf.where(total > 0, total, tf.ones([], acc))
+            out = out / safe_total[..., None]
+            lse = peak + tf.math.log(safe_total)
+        outputs = outputs.write(i, tf.transpose(out, [0, 3, 1, 2, 4]))  # [B, block_q, K, G, D]
+        logsumexps = logsumexps.write(i, lse)
         return i + 1, outputs, logsumexps
 
     _, outputs, logsumexps = tf.while_loop(
@@ -662,6 +720,7 @@ def dot_product_attention_compiled(
     dropout_rate=0.0,
     seed=None,
     block_sizes=None,
+    tiling=None,
     layout=None,
 ):
     """The graph/XLA algorithm: blockwise online softmax with a recomputing gradient.
@@ -673,14 +732,16 @@ def dot_product_attention_compiled(
     casts and block padding where needed, the float32 output and the per-row
     logsumexp; a ``mask`` costs one select over the inputs (``_hide_unseen``). At
     B=1, N=8, H=64 the forward at T=S=32768 peaks at about 330 MiB above its inputs
-    under XLA (see ``bench/test_attention.py``). Operands are float32 because XLA's
-    CPU dot and Eigen have no faster half-precision products.
+    under XLA (see ``bench/test_attention.py``). ``tiling`` (from ``tiling_for``) says
+    whether half-precision matmul operands stay half precision (oneDNN with bfloat16
+    instructions, GPUs) or are cast to float32 (XLA's CPU dot and Eigen have no
+    faster half-precision products), and how a score tile's softmax is computed.
     """
     blocks = block_sizes or DEFAULT_BLOCK_SIZES
     query, key, value, bias, mask = _restore_layout(layout, query, key, value, bias, mask)
     if mask is not None:
         query, key, value = _hide_unseen(query, key, value, mask)
-    plan = _Plan(query, key, value, bias, mask, scale, is_causal, dropout_rate, seed, blocks)
+    plan = _Plan(query, key, value, bias, mask, scale, is_causal, dropout_rate, seed, blocks, tiling or _Tiling())
     acc = plan.acc
     scale = tf.cast(scale, acc)
 
@@ -698,9 +759,9 @@ def dot_product_attention_compiled(
     @tf.custom_gradient
     def attend(q_in, k_in, v_in, *maybe_bias):
         # The scale multiplies q once (linear in T), not every score tile.
-        q = plan.pad_sequence(split(tf.cast(q_in, acc) * scale), queries=True)
-        k = plan.pad_sequence(tf.cast(k_in, acc), queries=False)
-        v = plan.pad_sequence(tf.cast(v_in, acc), queries=False)
+        q = plan.pad_sequence(split(tf.cast(tf.cast(q_in, acc) * scale, plan.operand)), queries=True)
+        k = plan.pad_sequence(tf.cast(k_in, plan.operand), queries=False)
+        v = plan.pad_sequence(tf.cast(v_in, plan.operand), queries=False)
         bias5 = plan.bias5(maybe_bias[0]) if maybe_bias else None
         # Block-major copies, made once: the gradient reuses them.
         blocks = _query_blocks(plan, q), _key_blocks(plan, k), _key_blocks(plan, v)
@@ -708,7 +769,8 @@ def dot_product_attention_compiled(
 
         def grad(d_output):
             d_out = plan.pad_sequence(split(tf.cast(d_output, acc)), queries=True)
-            d_q, d_k, d_v, d_bias = _attention_backward(plan, *blocks, bias5, out, lse, d_out)
+            operands = [tf.cast(x, acc) for x in blocks]  # the gradient's products run in float32
+            d_q, d_k, d_v, d_bias = _attention_backward(plan, *operands, bias5, out, lse, d_out)
             if plan.pads_keys:
                 d_k, d_v = d_k[:, : plan.s_len], d_v[:, : plan.s_len]
             grads = [
@@ -875,7 +937,8 @@ def dot_product_attention(
     if seed is not None:
         # A tensor, so a new seed per step reuses the traced graph instead of retracing.
         seed = tf.convert_to_tensor(seed)
-    chosen = ATTENTION.select(implementation, platform=dispatch.platform_of(query), dtype=query.dtype)
+    platform = dispatch.platform_of(query)
+    chosen = ATTENTION.select(implementation, platform=platform, dtype=query.dtype)
     return ATTENTION.run(
         chosen,
         query,
@@ -888,5 +951,6 @@ def dot_product_attention(
         dropout_rate=float(dropout_rate),
         seed=seed,
         block_sizes=block_sizes,
+        tiling=tiling_for(chosen, platform, query.dtype),
         layout=static_layout(query, key, value, bias, mask, lengths=chosen == "xla"),
     )

@@ -1,0 +1,111 @@
+"""The compiled attention's tile variants (``_Tiling``): each one against numpy and the
+reference, whichever the platform running the tests would pick for itself."""
+
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_attention_kernel import SMALL_BLOCKS, attention_oracle, make_case, to_tensors
+
+from fastlayers.kernels import attention, tolerance
+
+TILINGS = [attention._Tiling(native, fused) for native, fused in itertools.product((False, True), repeat=2)]
+CASES = ("causal", "padding", "bias", "gqa", "fully_masked")
+
+
+def _name(tiling):
+    return f"native={tiling.native_operands}-fused={tiling.fused_softmax}"
+
+
+def _compiled(tiling, **signature):
+    def run(query, key, value, bias=None, mask=None, **options):
+        return attention.dot_product_attention_compiled(
+            query, key, value, bias, mask, scale=1.0 / np.sqrt(query.shape[-1]),
+            block_sizes=SMALL_BLOCKS, tiling=tiling, **options)
+
+    return tf.function(run, autograph=False, **signature)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("tiling", TILINGS, ids=_name)
+def test_tiling_matches_numpy(rng, tiling, dtype, case):
+    q, k, v, options = make_case(rng, case, dtype)
+    tensors, kwargs = to_tensors(dtype, q, k, v, options)
+    out = _compiled(tiling)(**tensors, **kwargs)
+    assert out.dtype == tf.as_dtype(dtype)
+    expected = attention_oracle(q, k, v, **options)
+    tolerance(dtype).check(out.numpy(), expected, what=f"{_name(tiling)} {dtype} {case}")
+    if case == "fully_masked":
+        np.testing.assert_array_equal(out.numpy()[:, ::5].astype(np.float64), 0.0)
+
+
+@pytest.mark.parametrize("tiling", TILINGS, ids=_name)
+def test_tiling_with_dynamic_lengths(rng, tiling):
+    """Lengths unknown when traced: every key block may hold padding, and with no
+    other mask only the last one is masked (a ``tf.cond`` per tile)."""
+    spec = tf.TensorSpec([None, None, 4, 8], tf.float32)
+    run = _compiled(tiling, input_signature=[spec, spec, spec])
+    for t, s in ((37, 53), (16, 48), (5, 1)):
+        q, k, v = (rng.standard_normal((2, length, 4, 8)) for length in (t, s, s))
+        out = run(*(tf.constant(x, tf.float32) for x in (q, k, v)))
+        tolerance("float32").check(out.numpy(), attention_oracle(q, k, v), what=f"T={t} S={s}")
+
+
+@pytest.mark.parametrize("case", ["causal", "bias", "fully_masked"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("tiling", TILINGS, ids=_name)
+def test_tiling_gradients_match_reference(rng, tiling, dtype, case):
+    q, k, v, options = make_case(rng, case, dtype, t=29, s=41)
+    tensors, kwargs = to_tensors(dtype, q, k, v, options)
+    weights = tf.constant(rng.standard_normal((2, 29, 4, 8)), tf.float32)
+    sources = {**tensors, **({"bias": kwargs.pop("bias")} if "bias" in kwargs else {})}
+
+    def grads(run):
+        with tf.GradientTape() as tape:
+            tape.watch(list(sources.values()))
+            loss = tf.reduce_sum(tf.cast(run(**sources, **kwargs), tf.float32) * weights)
+        return tape.gradient(loss, list(sources.values()))
+
+    def reference(query, key, value, bias=None, mask=None, **options):
+        return attention.dot_product_attention_reference(
+            query, key, value, bias, mask, scale=1.0 / np.sqrt(8), **options)
+
+    for name, got, want in zip(sources, grads(_compiled(tiling)), grads(reference)):
+        assert got.dtype == want.dtype
+        tolerance(dtype, grad=True).check(got.numpy().astype(np.float64), want.numpy().astype(np.float64),
+                                          what=f"d{name} {_name(tiling)}")
+
+
+@pytest.mark.parametrize("tiling", TILINGS, ids=_name)
+def test_tiling_dropout_matches_reference(rng, tiling):
+    q, k, v, _ = make_case(rng, "causal", "float32")
+    tensors, _ = to_tensors("float32", q, k, v, {})
+    options = {"is_causal": True, "dropout_rate": 0.3, "seed": tf.constant(7)}
+    out = _compiled(tiling)(**tensors, **options)
+    expected = attention.dot_product_attention_reference(
+        *tensors.values(), scale=1.0 / np.sqrt(8), **options)
+    tolerance("float32").check(out.numpy(), expected.numpy(), what=_name(tiling))
+
+
+@pytest.mark.parametrize("tiling", TILINGS, ids=_name)
+def test_tiling_keeps_nan_rows_nan(rng, tiling):
+    """A NaN query row gives NaN in that row only, as in the reference."""
+    q = rng.standard_normal((1, 9, 2, 4))
+    q[0, 4, 1] = np.nan
+    k, v = rng.standard_normal((1, 11, 2, 4)), rng.standard_normal((1, 11, 2, 4))
+    out = _compiled(tiling)(*(tf.constant(x, tf.float32) for x in (q, k, v))).numpy()
+    assert np.isnan(out[0, 4, 1]).all()
+    out[0, 4, 1] = 0.0
+    assert np.isfinite(out).all()
+
+
+def test_tiling_for_picks_onednn_kernels_only_for_the_graph_path():
+    bf16, f32 = tf.bfloat16, tf.float32
+    assert attention.tiling_for("xla", "cpu-onednn-bf16", bf16) == attention._Tiling()
+    assert attention.tiling_for("graph", "cpu", bf16) == attention._Tiling()
+    assert attention.tiling_for("graph", "cpu-onednn", bf16) == attention._Tiling(False, True)
+    assert attention.tiling_for("graph", "cpu-onednn-bf16", bf16) == attention._Tiling(True, True)
+    assert attention.tiling_for("graph", "cpu-onednn-bf16", f32) == attention._Tiling(False, True)
+    assert attention.tiling_for("graph", "gpu", tf.float16) == attention._Tiling(True, False)
