@@ -88,10 +88,14 @@ class _Tiling:
     cast to float32. ``fused_softmax``: each score tile goes through one
     ``tf.nn.softmax`` (oneDNN's single-pass kernel) and tiles are merged by their
     logsumexp, instead of the separate max / exp / sum ops of the online softmax.
+    ``in_place``: the gradient adds into its block accumulators with TensorFlow's
+    in-place ``InplaceAdd`` (which XLA lacks; XLA updates a scatter's operand in
+    place by itself, while TensorFlow's scatter copies it on every call).
     """
 
     native_operands: bool = False
     fused_softmax: bool = False
+    in_place: bool = False
 
 
 def tiling_for(implementation, platform, dtype):
@@ -102,6 +106,7 @@ def tiling_for(implementation, platform, dtype):
     return _Tiling(
         native_operands=dispatch.native_low_precision_matmul(platform, dtype),
         fused_softmax=platform.startswith("cpu-onednn"),
+        in_place=True,
     )
 
 
@@ -326,6 +331,7 @@ class _Plan:
         # natively, float32 otherwise. Scores, softmax and outputs stay float32.
         self.operand = query.dtype if tiles.native_operands else self.acc
         self.fused_softmax = tiles.fused_softmax
+        self.in_place = tiles.in_place
         self.kv_heads = key.shape[2]
         self.groups = query.shape[2] // self.kv_heads
         self.t_len, self.s_len = _length(query, 1), _length(key, 1)
@@ -571,6 +577,13 @@ def _reduce_to(x, shape):
     return tf.reduce_sum(x, axis=axes, keepdims=True) if axes else x
 
 
+def _add_into(plan, x, index, update):
+    """``x[index] += update`` along axis 0 of a loop's accumulator (see ``_Tiling.in_place``)."""
+    if plan.in_place:
+        return tf.raw_ops.InplaceAdd(x=x, i=tf.reshape(index, [1]), v=update[None])
+    return tf.tensor_scatter_nd_add(x, tf.reshape(index, [1, 1]), update[None])
+
+
 def _key_major(x):
     """A ``[b, k, g, block_q, block_k]`` tile (any axis broadcast, leading ones possibly
     absent) → ``[b, k, block_k, g, block_q]``, the backward's arrangement."""
@@ -608,10 +621,10 @@ def _attention_backward(plan, q_blocks, k_blocks, v_blocks, bias, out, lse, d_ou
         acc,
     )
     if bias is not None:
-        # Blocked layout [num_q|1, num_k|1, b, k, g, block_q|1, block_k|1].
+        # Blocked layout [(num_q|1)·(num_k|1), b, k, g, block_q|1, block_k|1].
         tile_shape = tf.shape(plan.tile(bias, 0, 0))
-        blocks = [plan.num_q if bias.shape[3] != 1 else 1, plan.num_k if bias.shape[4] != 1 else 1]
-        d_bias0 = tf.zeros(tf.concat([blocks, tile_shape], axis=0), acc)
+        bias_blocks = [plan.num_q if bias.shape[3] != 1 else 1, plan.num_k if bias.shape[4] != 1 else 1]
+        d_bias0 = tf.zeros(tf.concat([[bias_blocks[0] * bias_blocks[1]], tile_shape], axis=0), acc)
     else:
         d_bias0 = tf.zeros([], acc)
 
@@ -651,13 +664,14 @@ def _attention_backward(plan, q_blocks, k_blocks, v_blocks, bias, out, lse, d_ou
                 d_p *= drop
             d_s = p * (d_p - per_row(row_dot[i]))
             d_k += tf.matmul(merge_rows(d_s), q_i)
-            d_q = tf.tensor_scatter_nd_add(d_q, [[i]], tf.matmul(k_t, merge_rows(d_s))[None])
+            d_q = _add_into(plan, d_q, i, tf.matmul(k_t, merge_rows(d_s)))
             if bias is not None:
                 d_s = query_major(d_s)
                 d_tile = _reduce_to(d_s, bias.shape[:3] + (d_s.shape[3], d_s.shape[4]))
                 d_tile = _reduce_to(d_tile, [None] * 3 + [bias.shape[3], bias.shape[4]])
-                index = [i if bias.shape[3] != 1 else 0, j if bias.shape[4] != 1 else 0]
-                d_bias = tf.tensor_scatter_nd_add(d_bias, [index], d_tile[None])
+                row = i if bias.shape[3] != 1 else 0
+                column = j if bias.shape[4] != 1 else 0
+                d_bias = _add_into(plan, d_bias, row * bias_blocks[1] + column, d_tile)
             return i + 1, d_k, d_v, d_q, d_bias
 
         _, d_k, d_v, d_q, d_bias = tf.while_loop(
@@ -698,7 +712,8 @@ def _attention_backward(plan, q_blocks, k_blocks, v_blocks, bias, out, lse, d_ou
         return tf.reshape(x, [batch, plan.s_pad, plan.kv_heads, x.shape[-1]])
 
     if bias is not None:
-        # [nq, nk, b, k, g, tq, tk] → [b, k, g, nq, tq, nk, tk] → [b, k·g, T|1, S|1]
+        # [nq·nk, b, k, g, tq, tk] → [b, k, g, nq, tq, nk, tk] → [b, k·g, T|1, S|1]
+        d_bias = tf.reshape(d_bias, tf.concat([bias_blocks, tf.shape(d_bias)[1:]], axis=0))
         d_bias = tf.transpose(d_bias, [2, 3, 4, 0, 5, 1, 6])
         shape = tf.shape(d_bias)
         d_bias = tf.reshape(
