@@ -1,6 +1,8 @@
 """kernels.dot_product_attention against a float64 numpy oracle, its gradients against
 the reference's, dropout, awkward lengths, and bad input."""
 
+import itertools
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -140,6 +142,62 @@ def test_gradients_match_reference(rng, implementation, dtype, case):
         )
 
 
+def check_gradients_match_reference(implementation, tensors, kwargs, weights, block_sizes=SMALL_BLOCKS):
+    """Output and gradients (of each input, and of the bias) against the reference's, in float32."""
+    reference, expected = loss_and_grads("reference", tensors, kwargs, weights, block_sizes)
+    out, actual = loss_and_grads(implementation, tensors, kwargs, weights, block_sizes)
+    tolerance("float32").check(out, reference, what=f"{implementation} output")
+    sources = {**tensors, **({"bias": kwargs["bias"]} if "bias" in kwargs else {})}
+    assert set(actual) == set(sources)
+    for name, source in sources.items():
+        assert actual[name].shape == source.shape, (implementation, name)
+        tolerance("float32", grad=True).check(actual[name], expected[name], what=f"{implementation} d{name}")
+
+
+@pytest.mark.parametrize("implementation", ["graph", "xla"])
+@pytest.mark.parametrize("bias_shape", [(1, 4, 29, 41), (2, 1, 1, 41)], ids=["1NTS", "B11S"])
+def test_grouped_query_gradients_with_a_bias(rng, implementation, bias_shape):
+    q, k, v, options = make_case(rng, "gqa", "float32", t=29, s=41)
+    assert (q.shape[2], k.shape[2]) == (4, 2)
+    options["bias"] = rng.standard_normal(bias_shape)
+    tensors, kwargs = to_tensors("float32", q, k, v, options)
+    weights = tf.constant(rng.standard_normal((2, 29, 4, 8)), tf.float32)
+    check_gradients_match_reference(implementation, tensors, kwargs, weights)
+
+
+FORMS = ["".join(form) for form in itertools.product("B1", "N1", "T1", "S1")]
+
+
+def form_shape(form, full):
+    """``full`` [B, N, T, S] with the axes ``form`` writes as 1 (e.g. "B11S") at size 1."""
+    return tuple(1 if letter == "1" else size for letter, size in zip(form, full))
+
+
+def mask_and_bias_forms():
+    """Every form [B|1, N|1, T|1, S|1] of the mask, with the bias in the complementary
+    form, so the 16 cases hold every form of both. Two run by default, with biases
+    that vary along S: a bias constant along S shifts whole softmax rows, which
+    changes nothing, so its gradient is zero."""
+    for form in FORMS:
+        bias_form = "".join("BNTS"[axis] if letter == "1" else "1" for axis, letter in enumerate(form))
+        marks = () if form in ("BN11", "B1T1") else (pytest.mark.slow,)
+        yield pytest.param(form, bias_form, id=f"mask {form}, bias {bias_form}", marks=marks)
+
+
+@pytest.mark.parametrize("implementation", ["graph", "xla"])
+@pytest.mark.parametrize("mask_form, bias_form", list(mask_and_bias_forms()))
+def test_gradients_with_every_broadcast_form(rng, implementation, mask_form, bias_form):
+    full = (b, n, t, s) = (2, 4, 11, 13)
+    q, k, v, options = make_case(rng, "gqa", "float32", b=b, t=t, s=s, n=n, h=4)
+    mask = rng.random(form_shape(mask_form, full)) < 0.7
+    if "T" in mask_form:
+        mask[..., 3, :] = False  # a query row that sees no key
+    options.update(mask=mask, bias=rng.standard_normal(form_shape(bias_form, full)))
+    tensors, kwargs = to_tensors("float32", q, k, v, options)
+    weights = tf.constant(rng.standard_normal((b, t, n, 4)), tf.float32)
+    check_gradients_match_reference(implementation, tensors, kwargs, weights, BlockSizes(4, 5))
+
+
 def test_reference_gradient_matches_finite_differences(rng):
     q, k, v, options = make_case(rng, "bias", "float64", b=1, t=3, s=4, n=2, kv=2, h=2)
     options["mask"] = np.array([True, True, False, True])
@@ -249,6 +307,18 @@ class TestDropout:
         for name in expected:
             tolerance("float32", grad=True).check(actual[name], expected[name], what=f"d{name}")
 
+    @pytest.mark.parametrize("implementation", ["graph", "xla"])
+    def test_gradients_with_a_batch_of_one(self, rng, implementation):
+        """In a tf.function the batch of one is static, as on every XLA call."""
+        q, k, v, options = make_case(rng, "bias", "float32", b=1, t=20, s=30)
+        options.update(dropout_rate=0.3, seed=9)
+        tensors, kwargs = to_tensors("float32", q, k, v, options)
+        weights = tf.constant(rng.standard_normal((1, 20, 4, 8)), tf.float32)
+        _, expected = loss_and_grads("reference", tensors, kwargs, weights)
+        actual = tf.function(lambda: loss_and_grads(implementation, tensors, kwargs, weights)[1])()
+        for name in expected:
+            tolerance("float32", grad=True).check(actual[name], expected[name], what=f"d{name}")
+
 
 def test_inside_a_function_with_unknown_batch_and_length(rng):
     q = rng.standard_normal((2, 21, 2, 8)).astype(np.float32)
@@ -261,6 +331,64 @@ def test_inside_a_function_with_unknown_batch_and_length(rng):
         )
 
     tolerance("float32").check(attend(q).numpy(), attention_oracle(q, q, q, is_causal=True))
+
+
+def check_gradients_in_a_function(rng, implementation, signature, shapes, is_causal=False):
+    """Gradients of ``sum(out * cotangent)`` from a tf.function with ``signature``
+    (query, key, value, bias [1, N, T, S], padding mask [B, 1, 1, S], cotangent),
+    called once for each (B, T, S) in ``shapes``, against the reference's."""
+    n, kv, h = 4, 2, 8
+
+    @tf.function(input_signature=signature)
+    def gradients(query, key, value, bias, mask, weights):
+        with tf.GradientTape() as tape:
+            tape.watch([query, key, value, bias])
+            out = kernels.dot_product_attention(
+                query, key, value, bias, mask, is_causal=is_causal,
+                block_sizes=SMALL_BLOCKS, implementation=implementation,
+            )
+            loss = tf.reduce_sum(out * weights)
+        return tape.gradient(loss, [query, key, value, bias])
+
+    for b, t, s in shapes:
+        q, k, v, options = make_case(rng, "padding", "float32", b=b, t=t, s=s, n=n, kv=kv, h=h)
+        options.update(bias=rng.standard_normal((1, n, t, s)), is_causal=is_causal)
+        tensors, kwargs = to_tensors("float32", q, k, v, options)
+        weights = tf.constant(rng.standard_normal((b, t, n, h)), tf.float32)
+        _, expected = loss_and_grads("reference", tensors, kwargs, weights)
+        actual = gradients(*tensors.values(), kwargs["bias"], kwargs["mask"], weights)
+        for name, got in zip(["query", "key", "value", "bias"], actual):
+            assert got.shape == expected[name].shape, (b, t, s, name)
+            tolerance("float32", grad=True).check(got, expected[name], what=f"B={b} T={t} S={s} d{name}")
+
+
+@pytest.mark.parametrize("implementation", ["graph", "xla"])
+def test_gradients_in_a_function_with_unknown_batch(rng, implementation):
+    t, s = 29, 41
+    signature = [
+        tf.TensorSpec([None, t, 4, 8], tf.float32),
+        tf.TensorSpec([None, s, 2, 8], tf.float32),
+        tf.TensorSpec([None, s, 2, 8], tf.float32),
+        tf.TensorSpec([1, 4, t, s], tf.float32),
+        tf.TensorSpec([None, 1, 1, s], tf.bool),
+        tf.TensorSpec([None, t, 4, 8], tf.float32),
+    ]
+    check_gradients_in_a_function(rng, implementation, signature, [(2, t, s), (3, t, s)])
+
+
+@pytest.mark.parametrize("implementation", ["graph", "xla"])
+def test_gradients_in_a_function_with_unknown_lengths(rng, implementation):
+    b = 2
+    signature = [
+        tf.TensorSpec([b, None, 4, 8], tf.float32),
+        tf.TensorSpec([b, None, 2, 8], tf.float32),
+        tf.TensorSpec([b, None, 2, 8], tf.float32),
+        tf.TensorSpec([1, 4, None, None], tf.float32),
+        tf.TensorSpec([b, 1, 1, None], tf.bool),
+        tf.TensorSpec([b, None, 4, 8], tf.float32),
+    ]
+    # lengths that end mid-block, then whole blocks of SMALL_BLOCKS
+    check_gradients_in_a_function(rng, implementation, signature, [(b, 29, 41), (b, 16, 24)], is_causal=True)
 
 
 @pytest.mark.parametrize("implementation", ["graph", "xla"])

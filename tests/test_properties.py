@@ -19,6 +19,9 @@ QUICK = settings(max_examples=12, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.too_slow])
 LONG = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
+# A differentiated attention call compiles a forward and a backward program per
+# path (about 2 s an example), so its quick run has fewer examples.
+QUICK_GRADIENTS = settings(QUICK, max_examples=8)
 
 sizes = st.one_of(st.sampled_from([1, 2, 3, 7, 64, 127]), st.integers(1, 200))
 float_dtypes = st.sampled_from(["float16", "bfloat16", "float32"])
@@ -202,7 +205,7 @@ def test_residual_projection_paths_agree(leading, k, n, dtype, seed):
 
 # --- attention: random shapes, masks, biases and implementations -----------------------
 
-from test_attention_kernel import attention_oracle  # noqa: E402
+from test_attention_kernel import attention_oracle, check_gradients_match_reference, to_tensors  # noqa: E402
 from test_attention_pooling import pooling_oracle  # noqa: E402
 
 lengths = st.one_of(st.sampled_from([1, 2, 7]), st.integers(1, 40))
@@ -277,6 +280,66 @@ def test_dot_product_attention_paths_agree(problem, dtype):
 @given(attention_problems(), float_dtypes)
 def test_dot_product_attention_paths_agree_long(problem, dtype):
     _check_attention(problem, dtype)
+
+
+def _broadcast_form(draw, full):
+    """A shape that broadcasts to ``full`` ([B, N, T, S]): each axis 1 or full size,
+    and at times the leading size-1 axes left out (rank < 4)."""
+    shape = tuple(size if draw(st.booleans()) else 1 for size in full)
+    leading_ones = next((axis for axis, size in enumerate(shape) if size != 1), len(shape))
+    return shape[draw(st.integers(0, leading_ones)):]
+
+
+@st.composite
+def attention_gradient_problems(draw):
+    """Inputs (float64), options and a cotangent of one differentiated call.
+
+    Mask and bias take any of the 16 forms [B|1, N|1, T|1, S|1] (and shorter ranks;
+    test_attention_kernel runs each form for certain); tiles of 1 to 8 rows and
+    columns, so both lengths span several blocks and mostly end mid-block; dropout at
+    times, with a seed.
+    """
+    b, t, s = draw(st.integers(1, 3)), draw(st.integers(1, 20)), draw(st.integers(1, 20))
+    kv_heads = draw(st.integers(1, 2))
+    n = kv_heads * draw(st.integers(1, 3))
+    h = draw(st.sampled_from([1, 4]))
+    d = draw(st.sampled_from([h, 3]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    q, k, v = (rng.standard_normal(shape) for shape in ((b, t, n, h), (b, s, kv_heads, h), (b, s, kv_heads, d)))
+    options = {"is_causal": draw(st.booleans()), "scale": draw(st.sampled_from([None, 0.3]))}
+    if draw(st.booleans()):
+        mask = rng.random(_broadcast_form(draw, (b, n, t, s))) < draw(st.sampled_from([0.3, 0.8]))
+        if mask.ndim >= 2 and mask.shape[-2] == t:
+            mask[..., draw(st.integers(0, t - 1)), :] = False  # a row that sees no key
+        options["mask"] = mask
+    if draw(st.booleans()):
+        options["bias"] = rng.standard_normal(_broadcast_form(draw, (b, n, t, s)))
+    if draw(st.booleans()):
+        options.update(dropout_rate=0.3, seed=draw(st.integers(0, 2**31 - 1)))
+    blocks = kernels.BlockSizes(draw(st.integers(1, 8)), draw(st.integers(1, 8)))
+    cotangent = rng.standard_normal((b, t, n, d))
+    return q, k, v, options, blocks, cotangent
+
+
+def _check_attention_gradients(problem):
+    q, k, v, options, blocks, cotangent = problem
+    tensors, kwargs = to_tensors("float32", q, k, v, options)
+    weights = tf.constant(cotangent, tf.float32)
+    for implementation in COMPILED:
+        check_gradients_match_reference(implementation, tensors, kwargs, weights, blocks)
+
+
+@QUICK_GRADIENTS
+@given(attention_gradient_problems())
+def test_dot_product_attention_gradients_agree(problem):
+    _check_attention_gradients(problem)
+
+
+@pytest.mark.slow
+@LONG
+@given(attention_gradient_problems())
+def test_dot_product_attention_gradients_agree_long(problem):
+    _check_attention_gradients(problem)
 
 
 def _check_attention_pooling(shape, per_step_bias, mask_kind, dtype, seed):
