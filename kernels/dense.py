@@ -11,6 +11,7 @@ from fastlayers.kernels import dispatch
 from fastlayers.kernels import flops as flops_lib
 from fastlayers.kernels.auto import AUTO
 from fastlayers.kernels.precision import (
+    LOW_PRECISION_DTYPES,
     accumulation_dtype,
     check_floating,
     check_same_dtype,
@@ -62,6 +63,24 @@ def unflatten_rows(y, x, kernel):
     return y
 
 
+@tf.RegisterGradient("FastlayersBiasAdd")
+def _bias_add_grad(op, grad):
+    """BiasAdd's gradient with the bias term summed in float32 (TensorFlow's
+    ``BiasAddGrad`` sums half-precision gradients in their own dtype)."""
+    acc = accumulation_dtype(grad.dtype)
+    rows = tf.reshape(tf.cast(grad, acc), [-1, tf.shape(grad)[-1]])
+    return grad, tf.cast(tf.reduce_sum(rows, axis=0), op.inputs[1].dtype)
+
+
+def _bias_add(y, bias):
+    """``tf.nn.bias_add``, the op grappler fuses into the matmul, with the float32 bias
+    gradient above where ``y`` has half precision (in graphs: eager ops keep theirs)."""
+    if y.dtype not in LOW_PRECISION_DTYPES or tf.executing_eagerly():
+        return tf.nn.bias_add(y, bias)
+    with tf.compat.v1.get_default_graph().gradient_override_map({"BiasAdd": "FastlayersBiasAdd"}):
+        return tf.nn.bias_add(y, bias)
+
+
 def dense_compiled(x, kernel, bias=None, *, activation=None):
     """The graph/XLA algorithm: one 2-D MatMul → BiasAdd → activation chain.
 
@@ -71,7 +90,7 @@ def dense_compiled(x, kernel, bias=None, *, activation=None):
     """
     y = rows_matmul(x, kernel)  # [M, N]
     if bias is not None:
-        y = tf.nn.bias_add(y, tf.cast(bias, y.dtype))
+        y = _bias_add(y, tf.cast(bias, y.dtype))
     fuse_activation = activation is not None and _acts_on_last_axis_only(activation)
     if fuse_activation:
         y = activation(y)

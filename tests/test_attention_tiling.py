@@ -10,15 +10,12 @@ from test_attention_kernel import SMALL_BLOCKS, attention_oracle, make_case, to_
 
 from fastlayers.kernels import attention, tolerance
 
-# The XLA path's tiling, and every variant the graph path can take.
-TILINGS = [attention._Tiling()] + [
-    attention._Tiling(native, fused, in_place=True) for native, fused in itertools.product((False, True), repeat=2)
-]
+TILINGS = [attention._Tiling(native, fused) for native, fused in itertools.product((False, True), repeat=2)]
 CASES = ("causal", "padding", "bias", "gqa", "fully_masked")
 
 
 def _name(tiling):
-    return f"native={tiling.native_operands}-fused={tiling.fused_softmax}-in_place={tiling.in_place}"
+    return f"native={tiling.native_operands}-fused={tiling.fused_softmax}"
 
 
 def _compiled(tiling, **signature):
@@ -104,11 +101,11 @@ def test_tiling_keeps_nan_rows_nan(rng, tiling):
     assert np.isfinite(out).all()
 
 
-def test_tiling_for_picks_tensorflow_kernels_only_for_the_graph_path():
+def test_tiling_for_picks_onednn_kernels_only_for_the_graph_path():
     bf16, f32 = tf.bfloat16, tf.float32
     assert attention.tiling_for("xla", "cpu-onednn-bf16", bf16) == attention._Tiling()
-    assert attention.tiling_for("graph", "cpu", bf16) == attention._Tiling(False, False, True)
-    assert attention.tiling_for("graph", "cpu-onednn", bf16) == attention._Tiling(False, True, True)
-    assert attention.tiling_for("graph", "cpu-onednn-bf16", bf16) == attention._Tiling(True, True, True)
-    assert attention.tiling_for("graph", "cpu-onednn-bf16", f32) == attention._Tiling(False, True, True)
-    assert attention.tiling_for("graph", "gpu", tf.float16) == attention._Tiling(True, False, True)
+    assert attention.tiling_for("graph", "cpu", bf16) == attention._Tiling()
+    assert attention.tiling_for("graph", "cpu-onednn", bf16) == attention._Tiling(False, True)
+    assert attention.tiling_for("graph", "cpu-onednn-bf16", bf16) == attention._Tiling(True, True)
+    assert attention.tiling_for("graph", "cpu-onednn-bf16", f32) == attention._Tiling(False, True)
+    assert attention.tiling_for("graph", "gpu", tf.float16) == attention._Tiling(True, False)

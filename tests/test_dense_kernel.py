@@ -8,6 +8,7 @@ from graphs import grappler_ops, xla_hlo
 from helpers import COMPILED, IMPLEMENTATIONS, round_to
 
 from fastlayers import kernels
+from fastlayers.kernels import dispatch
 from fastlayers.kernels.dense import dense_compiled
 from fastlayers.kernels.precision import tolerance
 
@@ -89,9 +90,33 @@ def test_gradients_match_the_reference(rng, implementation, dtype):
             loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
         return tape.gradient(loss, [x, w, b])
 
-    for name, actual, expected in zip("xwb", grads(implementation), grads("reference")):
+    if not dispatch.native_low_precision_matmul(dispatch.platform_of(x), x.dtype):
+        for name, actual, expected in zip("xwb", grads(implementation), grads("reference")):
+            assert actual.dtype == dtype
+            tolerance(dtype, grad=True).check(actual, expected, what=f"d{name}")
+        return
+    # Native low-precision matmuls (oneDNN with bfloat16 instructions, GPUs): the
+    # activation and its derivative run in the compute dtype, as in Keras's Dense, and
+    # tanh'(z) = 1 - y² from a rounded y is coarse where tanh saturates. The bar is
+    # issue-6's: at most twice the error of the plain same-dtype computation.
+    def naive(x, w, b):
+        return tf.tanh(tf.matmul(x, w) + b)
+
+    xs, ws, bs, g = (a.numpy().astype(np.float64) for a in (x, w, b, upstream))
+    d_z = g * (1 - np.tanh(xs @ ws + bs) ** 2)
+    truth = (d_z @ ws.T, xs.T @ d_z, d_z.sum(0))
+    with tf.GradientTape() as tape:
+        tape.watch([x, w, b])
+        loss = tf.reduce_sum(tf.cast(naive(x, w, b), tf.float32) * upstream)
+    naive_grads = tape.gradient(loss, [x, w, b])
+    for name, actual, plain, want in zip("xwb", grads(implementation), naive_grads, truth):
         assert actual.dtype == dtype
-        tolerance(dtype, grad=True).check(actual, expected, what=f"d{name}")
+        error = np.abs(actual.numpy().astype(np.float64) - want)
+        naive_error = np.abs(plain.numpy().astype(np.float64) - want)
+        print(f"d{name}: max {error.max():.3g} mean {error.mean():.3g}; "
+              f"naive max {naive_error.max():.3g} mean {naive_error.mean():.3g}")
+        assert error.max() <= 2 * naive_error.max(), name
+        assert error.mean() <= 2 * naive_error.mean(), name
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -109,15 +134,20 @@ def test_reference_gradients_match_numpy(rng, implementation):
     tol.check(db, g.sum(0), what="db")
 
 
-@pytest.mark.parametrize("dtype, casts", [(tf.float32, 0), (tf.bfloat16, 4), (tf.float16, 4)])
-def test_graph_path_fuses_bias_and_activation_into_the_matmul(dtype, casts):
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16, tf.float16])
+def test_graph_path_fuses_bias_and_activation_into_the_matmul(dtype):
+    # low precision without native half-precision dots: operands widened to float32
+    # and the result narrowed (4 casts); with them (bfloat16 on oneDNN CPUs with
+    # bfloat16 instructions) the fused matmul takes the operands as they are.
+    native = dispatch.native_low_precision_matmul(dispatch.cpu_platform(), dtype)
+    casts = 0 if dtype == tf.float32 or native else 4
+
     def fn(x, w, b):
         return dense_compiled(x, w, b, activation=keras.activations.relu)
 
     specs = (tf.TensorSpec([8, 4], dtype), tf.TensorSpec([4, 3], dtype), tf.TensorSpec([3], dtype))
     ops = grappler_ops(fn, *specs)
     assert ("_FusedMatMul", ("BiasAdd", "Relu")) in ops, ops
-    # low precision on a CPU without native bfloat16 dots: operands widened to float32
     assert sum(op == "Cast" for op, _ in ops) == casts, ops
     assert len(ops) == casts + 1, ops
 
