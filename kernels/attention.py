@@ -45,7 +45,8 @@ class BlockSizes:
     multiple of the block with masked positions.
 
     ``block_sizes=None`` takes 256x256 for XLA and for the graph path on Eigen, and
-    1024x1024 for the graph path on oneDNN (``_Tiling.default_block_sizes``).
+    512x2048 for the graph path on oneDNN (``_Tiling.default_block_sizes``), whose
+    float32 tile is 4 MiB per batch entry and head.
 
     256x256, measured on a 2-core Zen 3 CPU (float32, medians of 5 interleaved
     runs, as speed-ups over the best Keras path of the same run) against 512x1024,
@@ -61,11 +62,14 @@ class BlockSizes:
     in the last-level cache between the elementwise passes); 256x256 has fewer loop
     iterations on long sequences.
 
-    1024x1024 on oneDNN, measured on a Zen 4 core (one thread, float32, B=4, N=8,
-    H=64, T=S=2048, against graph-mode ``keras.ops.dot_product_attention``):
-    forward 0.97x against 0.83x at 256x256 (512x512 0.92x, 2048x2048 0.98x);
-    forward+backward 0.83x against 0.78x. oneDNN's one-pass softmax costs the same
-    on a large tile as on a cached one, and fewer, larger matmuls run faster.
+    512x2048 on oneDNN, measured on a 2-core Zen 4 CPU (B=4, N=8, H=64, T=S=2048,
+    medians of interleaved runs, against graph-mode ``keras.ops.dot_product_attention``,
+    the faster Keras path there): forward float32 1.08x and bfloat16 1.52x, against
+    0.95x and 0.88x at 1024x1024 and 0.83x at 256x256 (where every row's keys span
+    several tiles to merge); 1024x2048 was 1.09x and 1.64x, with twice the tile;
+    forward+backward float32 0.87x (1024x1024: 0.86x). With every key in one block
+    a tile's softmax is its rows' whole softmax: oneDNN's one-pass kernel, no
+    logsumexp to merge, and in bfloat16 no casts.
 
     Args:
         block_q: positive integer, query rows per tile.
@@ -86,7 +90,7 @@ class BlockSizes:
 
 
 DEFAULT_BLOCK_SIZES = BlockSizes()
-ONEDNN_BLOCK_SIZES = BlockSizes(block_q=1024, block_k=1024)
+ONEDNN_BLOCK_SIZES = BlockSizes(block_q=512, block_k=2048)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,6 +354,9 @@ class _Plan:
         self.block_k = blocks.block_k if static_s is None else min(blocks.block_k, static_s)
         self.num_q = (self.t_len + self.block_q - 1) // self.block_q
         self.num_k = (self.s_len + self.block_k - 1) // self.block_k
+        # Every key in one block (S static and at most block_k): with the fused softmax,
+        # a tile's softmax is its rows' whole softmax, with no logsumexp to merge or save.
+        self.whole_rows = tiles.fused_softmax and isinstance(self.num_k, int) and self.num_k == 1
         self.t_pad = self.num_q * self.block_q
         self.s_pad = self.num_k * self.block_k
         self.pads_queries = static_t is None or static_t % self.block_q != 0
@@ -445,12 +452,12 @@ class _Plan:
         """
         arrange = arrange or (lambda x: x)
         if bias is not None:
-            s += arrange(self.tile(bias, i, j))
+            s += tf.cast(arrange(self.tile(bias, i, j)), s.dtype)
         valid = self.valid(i, j)
         if valid is None:
             return s, None
         valid = arrange(valid)
-        masked = lambda: tf.where(valid, s, mask_value(self.acc))  # noqa: E731
+        masked = lambda: tf.where(valid, s, mask_value(s.dtype))  # noqa: E731
         if self.pads_keys and not self.is_causal and self.mask is None:
             # Only key padding to mask, and only the last key block holds padded keys
             # (the lengths are dynamic here): the other tiles skip the select's pass.
@@ -494,7 +501,8 @@ def _attention_forward(plan, q_blocks, k_blocks, v_blocks, bias):
     ``_query_blocks``, ``k_blocks``/``v_blocks`` from ``_key_blocks``.
 
     Returns the output ``[B, T_pad, K, G, D]`` and the per-row logsumexp by query
-    block, ``[num_q, B, K, G, block_q]``. Every product is a plain batched matmul over
+    block, ``[num_q, B, K, G, block_q]`` (None with ``plan.whole_rows``: the gradient
+    recomputes the softmax itself). Every product is a plain batched matmul over
     ``(B, K)`` with one contracted axis (query tiles as ``[B, K, G·block_q, H]``):
     XLA's CPU dot emitter hands those to its fast GEMM.
     """
@@ -514,7 +522,7 @@ def _attention_forward(plan, q_blocks, k_blocks, v_blocks, bias):
         def weighted_values(p, j):  # p [B, K, G, block_q, block_k] → p·V [B, K, G, block_q, D]
             drop = plan.dropout(_batch(q_i), i, j)
             if drop is not None:
-                p *= drop
+                p *= tf.cast(drop, p.dtype)
             pv = tf.matmul(tf.cast(_tile_4d(plan, p), plan.operand), v_blocks[j])
             return _tile_5d(plan, tf.cast(pv, acc))
 
@@ -541,6 +549,17 @@ def _attention_forward(plan, q_blocks, k_blocks, v_blocks, bias):
             total = total * correction + tf.reduce_sum(p, axis=-1)
             out = out * correction[..., None] + weighted_values(p, j)
             return j + 1, out, new_peak, total
+
+        if plan.whole_rows:
+            # Scores stay in the operand dtype when there is no bias to add: oneDNN's
+            # softmax computes in float32 whatever its input, and p is narrowed to the
+            # operand dtype for p·V anyway.
+            s = tf.matmul(q_i, k_blocks[0], transpose_b=True)
+            s, valid = plan.mask_scores(_tile_5d(plan, s if bias is None else tf.cast(s, acc)), bias, i, 0)
+            out = weighted_values(tf.nn.softmax(s), 0)
+            if valid is not None:  # rows that see no key: zeros, not a mean of the values
+                out = tf.where(tf.reduce_any(valid, axis=-1, keepdims=True), out, tf.zeros([], acc))
+            return i + 1, outputs.write(i, tf.transpose(out, [0, 3, 1, 2, 4])), logsumexps
 
         zero_out = tf.zeros(tf.concat([stat_shape, [value_dim]], axis=0), acc)
         floors = tf.fill(stat_shape, tf.constant(floor, acc))
@@ -582,7 +601,7 @@ def _attention_forward(plan, q_blocks, k_blocks, v_blocks, bias):
     if out.shape[1] != 1:  # with one sequence the transpose only moves a unit axis
         out = tf.transpose(out, [1, 0, 2, 3, 4, 5])
     out = tf.reshape(out, [batch, plan.t_pad, plan.kv_heads, plan.groups, value_dim])
-    return out, logsumexps.stack()
+    return out, None if plan.whole_rows else logsumexps.stack()
 
 
 def _reduce_to(x, shape):
@@ -671,9 +690,15 @@ def _attention_backward(plan, q_blocks, k_blocks, v_blocks, bias, out, lse, d_ou
 
         def query_block(i, d_k, d_v, d_q, d_bias):
             q_i, do_i = q_blocks[i], do_blocks[i]  # [B, K, G·block_q, H|D]
-            s = split_rows(tf.matmul(k_j, q_i, transpose_b=True))
-            s, valid = plan.mask_scores(s, bias, i, j, arrange=_key_major)
-            p = tf.exp(s - per_row(lse[i]))
+            if plan.whole_rows:
+                s = _tile_5d(plan, tf.matmul(q_i, k_j, transpose_b=True))
+                s, valid = plan.mask_scores(s, bias, i, j)
+                p = _key_major(tf.nn.softmax(s))
+                valid = None if valid is None else _key_major(valid)
+            else:
+                s = split_rows(tf.matmul(k_j, q_i, transpose_b=True))
+                s, valid = plan.mask_scores(s, bias, i, j, arrange=_key_major)
+                p = tf.exp(s - per_row(lse[i]))
             if valid is not None:
                 p = tf.where(valid, p, tf.zeros([], acc))
             drop = plan.dropout(_batch(q_i), i, j)

@@ -8,32 +8,36 @@ import pytest
 import tensorflow as tf
 from test_attention_kernel import SMALL_BLOCKS, attention_oracle, make_case, to_tensors
 
-from fastlayers.kernels import attention, tolerance
+from fastlayers.kernels import BlockSizes, attention, tolerance
 
 TILINGS = [attention._Tiling(native, fused) for native, fused in itertools.product((False, True), repeat=2)]
 CASES = ("causal", "padding", "bias", "gqa", "fully_masked")
+# Keys in several blocks (logsumexp merges), or all in one (the fused softmax's whole
+# rows: no merge, and the gradient recomputes the softmax).
+BLOCKS = {"key_blocks": SMALL_BLOCKS, "whole_rows": BlockSizes(block_q=16, block_k=64)}
 
 
 def _name(tiling):
     return f"native={tiling.native_operands}-fused={tiling.fused_softmax}"
 
 
-def _compiled(tiling, **signature):
+def _compiled(tiling, blocks="key_blocks", **signature):
     def run(query, key, value, bias=None, mask=None, **options):
         return attention.dot_product_attention_compiled(
             query, key, value, bias, mask, scale=1.0 / np.sqrt(query.shape[-1]),
-            block_sizes=SMALL_BLOCKS, tiling=tiling, **options)
+            block_sizes=BLOCKS[blocks], tiling=tiling, **options)
 
     return tf.function(run, autograph=False, **signature)
 
 
+@pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("tiling", TILINGS, ids=_name)
-def test_tiling_matches_numpy(rng, tiling, dtype, case):
+def test_tiling_matches_numpy(rng, tiling, dtype, case, blocks):
     q, k, v, options = make_case(rng, case, dtype)
     tensors, kwargs = to_tensors(dtype, q, k, v, options)
-    out = _compiled(tiling)(**tensors, **kwargs)
+    out = _compiled(tiling, blocks)(**tensors, **kwargs)
     assert out.dtype == tf.as_dtype(dtype)
     expected = attention_oracle(q, k, v, **options)
     tolerance(dtype).check(out.numpy(), expected, what=f"{_name(tiling)} {dtype} {case}")
@@ -53,10 +57,11 @@ def test_tiling_with_dynamic_lengths(rng, tiling):
         tolerance("float32").check(out.numpy(), attention_oracle(q, k, v), what=f"T={t} S={s}")
 
 
+@pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("case", ["causal", "bias", "fully_masked"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("tiling", TILINGS, ids=_name)
-def test_tiling_gradients_match_reference(rng, tiling, dtype, case):
+def test_tiling_gradients_match_reference(rng, tiling, dtype, case, blocks):
     q, k, v, options = make_case(rng, case, dtype, t=29, s=41)
     tensors, kwargs = to_tensors(dtype, q, k, v, options)
     weights = tf.constant(rng.standard_normal((2, 29, 4, 8)), tf.float32)
@@ -72,30 +77,43 @@ def test_tiling_gradients_match_reference(rng, tiling, dtype, case):
         return attention.dot_product_attention_reference(
             query, key, value, bias, mask, scale=1.0 / np.sqrt(8), **options)
 
-    for name, got, want in zip(sources, grads(_compiled(tiling)), grads(reference)):
+    for name, got, want in zip(sources, grads(_compiled(tiling, blocks)), grads(reference)):
         assert got.dtype == want.dtype
         tolerance(dtype, grad=True).check(got.numpy().astype(np.float64), want.numpy().astype(np.float64),
                                           what=f"d{name} {_name(tiling)}")
 
 
+@pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("tiling", TILINGS, ids=_name)
-def test_tiling_dropout_matches_reference(rng, tiling):
+def test_tiling_dropout_matches_reference(rng, tiling, blocks):
     q, k, v, _ = make_case(rng, "causal", "float32")
     tensors, _ = to_tensors("float32", q, k, v, {})
     options = {"is_causal": True, "dropout_rate": 0.3, "seed": tf.constant(7)}
-    out = _compiled(tiling)(**tensors, **options)
-    expected = attention.dot_product_attention_reference(
-        *tensors.values(), scale=1.0 / np.sqrt(8), **options)
-    tolerance("float32").check(out.numpy(), expected.numpy(), what=_name(tiling))
+    weights = tf.constant(rng.standard_normal(q.shape), tf.float32)
+
+    def outputs_and_grads(run):
+        with tf.GradientTape() as tape:
+            tape.watch(list(tensors.values()))
+            out = run(**tensors, **options)
+            loss = tf.reduce_sum(out * weights)
+        return [out, *tape.gradient(loss, list(tensors.values()))]
+
+    def reference(query, key, value, **options):
+        return attention.dot_product_attention_reference(query, key, value, scale=1.0 / np.sqrt(8), **options)
+
+    got, want = outputs_and_grads(_compiled(tiling, blocks)), outputs_and_grads(reference)
+    for name, a, b in zip(["out", "dquery", "dkey", "dvalue"], got, want):
+        tolerance("float32", grad=name != "out").check(a.numpy(), b.numpy(), what=f"{name} {_name(tiling)}")
 
 
+@pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("tiling", TILINGS, ids=_name)
-def test_tiling_keeps_nan_rows_nan(rng, tiling):
+def test_tiling_keeps_nan_rows_nan(rng, tiling, blocks):
     """A NaN query row gives NaN in that row only, as in the reference."""
     q = rng.standard_normal((1, 9, 2, 4))
     q[0, 4, 1] = np.nan
     k, v = rng.standard_normal((1, 11, 2, 4)), rng.standard_normal((1, 11, 2, 4))
-    out = _compiled(tiling)(*(tf.constant(x, tf.float32) for x in (q, k, v))).numpy()
+    out = _compiled(tiling, blocks)(*(tf.constant(x, tf.float32) for x in (q, k, v))).numpy()
     assert np.isnan(out[0, 4, 1]).all()
     out[0, 4, 1] = 0.0
     assert np.isfinite(out).all()
