@@ -637,7 +637,8 @@ def _attention_backward(plan, q_blocks, k_blocks, v_blocks, bias, out, lse, d_ou
     """Blockwise gradients, recomputing each score tile from the saved logsumexp.
 
     ``q_blocks``, ``k_blocks``, ``v_blocks``: the forward's block-major operands
-    (``q`` scaled); ``out``, ``d_out``: ``[B, T_pad, K, G, D]``; ``lse``:
+    (``q`` scaled, in ``plan.operand``: products accumulate in float32 and every
+    elementwise step runs in float32); ``out``, ``d_out``: ``[B, T_pad, K, G, D]``; ``lse``:
     ``[num_q, B, K, G, block_q]``. Key blocks outside,
     query blocks inside: ``dK``/``dV`` of a key block accumulate in the inner loop;
     ``dQ`` (and a bias gradient spanning T or S) is added into block-indexed
@@ -684,7 +685,11 @@ def _attention_backward(plan, q_blocks, k_blocks, v_blocks, bias, out, lse, d_ou
     def per_row(x):  # [B, K, G, block_q] → [B, K, 1, G, block_q], broadcast over keys
         return x[:, :, None]
 
-    do_blocks = _query_blocks(plan, d_out)
+    do_blocks = _query_blocks(plan, tf.cast(d_out, plan.operand))
+
+    def matmul(a, b, **kwargs):
+        """A product of the operands in ``plan.operand``, its result in float32."""
+        return tf.cast(tf.matmul(tf.cast(a, plan.operand), tf.cast(b, plan.operand), **kwargs), acc)
 
     def key_block(j, d_q, d_bias, d_keys, d_values):
         k_j, v_j = k_blocks[j], v_blocks[j]  # [B, K, block_k, H|D]
@@ -693,12 +698,12 @@ def _attention_backward(plan, q_blocks, k_blocks, v_blocks, bias, out, lse, d_ou
         def query_block(i, d_k, d_v, d_q, d_bias):
             q_i, do_i = q_blocks[i], do_blocks[i]  # [B, K, G·block_q, H|D]
             if plan.whole_rows:
-                s = _tile_5d(plan, tf.matmul(q_i, k_j, transpose_b=True))
+                s = _tile_5d(plan, matmul(q_i, k_j, transpose_b=True))
                 s, valid = plan.mask_scores(s, bias, i, j)
                 p = _key_major(tf.nn.softmax(s))
                 valid = None if valid is None else _key_major(valid)
             else:
-                s = split_rows(tf.matmul(k_j, q_i, transpose_b=True))
+                s = split_rows(matmul(k_j, q_i, transpose_b=True))
                 s, valid = plan.mask_scores(s, bias, i, j, arrange=_key_major)
                 p = tf.exp(s - per_row(lse[i]))
             if valid is not None:
@@ -707,13 +712,13 @@ def _attention_backward(plan, q_blocks, k_blocks, v_blocks, bias, out, lse, d_ou
             if drop is not None:
                 drop = _key_major(drop)
             p_dropped = p if drop is None else p * drop
-            d_v += tf.matmul(merge_rows(p_dropped), do_i)
-            d_p = split_rows(tf.matmul(v_j, do_i, transpose_b=True))
+            d_v += matmul(merge_rows(p_dropped), do_i)
+            d_p = split_rows(matmul(v_j, do_i, transpose_b=True))
             if drop is not None:
                 d_p *= drop
             d_s = p * (d_p - per_row(row_dot[i]))
-            d_k += tf.matmul(merge_rows(d_s), q_i)
-            d_q = _add_block(d_q, i, tf.matmul(k_t, merge_rows(d_s)))
+            d_k += matmul(merge_rows(d_s), q_i)
+            d_q = _add_block(d_q, i, matmul(k_t, merge_rows(d_s)))
             if bias is not None:
                 d_s = query_major(d_s)
                 d_tile = _reduce_to(d_s, bias.shape[:3] + (d_s.shape[3], d_s.shape[4]))
@@ -728,8 +733,8 @@ def _attention_backward(plan, q_blocks, k_blocks, v_blocks, bias, out, lse, d_ou
             query_block,
             (
                 plan.first_query_block_for(j),
-                tf.zeros_like(k_j),
-                tf.zeros_like(v_j),
+                tf.zeros_like(k_j, dtype=acc),
+                tf.zeros_like(v_j, dtype=acc),
                 d_q,
                 d_bias,
             ),
@@ -835,8 +840,7 @@ def dot_product_attention_compiled(
 
         def grad(d_output):
             d_out = plan.pad_sequence(split(tf.cast(d_output, acc)), queries=True)
-            operands = [tf.cast(x, acc) for x in blocks]  # the gradient's products run in float32
-            d_q, d_k, d_v, d_bias = _attention_backward(plan, *operands, bias5, out, lse, d_out)
+            d_q, d_k, d_v, d_bias = _attention_backward(plan, *blocks, bias5, out, lse, d_out)
             if plan.pads_keys:
                 d_k, d_v = d_k[:, : plan.s_len], d_v[:, : plan.s_len]
             grads = [
