@@ -140,9 +140,11 @@ AUTO["dot_product_attention"] = {
     ("cpu-onednn", "*"): ("xla", "graph", "reference"),
     # 2-core AMD EPYC (Zen 4, AVX-512 with BF16; oneDNN on), same command: the graph
     # path runs oneDNN's matmuls (bfloat16 ones natively) and its one-pass softmax over
-    # 512x2048 tiles. Forward: graph 1.05x float32, 1.4x bfloat16; XLA 0.83x, 0.44x
-    # (XLA computes bfloat16 dots in float32 here). Forward+backward: graph 0.87x, XLA
-    # 0.70x. Keras's own fastest path here is graph mode: oneDNN's batched matmuls.
+    # 512x2048 tiles (256x256 when causal). Forward: graph 1.09-1.10x float32, 1.58-1.65x
+    # bfloat16 (62% of the bfloat16 peak); XLA 0.81x, 0.74x (XLA computes bfloat16 dots
+    # in float32 here). Forward+backward: graph 0.86-0.88x float32, 0.80x bfloat16; XLA
+    # 0.75x, 0.59x. Keras's fastest path here is graph mode, on oneDNN's batched
+    # matmuls; the backward's recomputed scores cost one matmul more than Keras's.
     ("cpu-onednn-bf16", "*"): ("graph", "xla", "reference"),
     # Not measured (no GPU here): XLA fuses each tile's softmax into one kernel.
     ("gpu", "*"): ("xla", "graph", "reference"),
