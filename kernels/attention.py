@@ -15,7 +15,9 @@ walks query blocks × key blocks with an online softmax (a running max and a run
 sum per query row, in float32), so no ``T·S`` tensor is ever held whole; causal blocks
 above the diagonal are never computed. Its gradient (``tf.custom_gradient``) recomputes
 the blocks from the saved per-row logsumexp, so the backward pass is linear in ``T``
-too.
+too. Where TensorFlow runs on oneDNN, the graph path instead softmaxes each tile with
+oneDNN's one-pass kernel and merges tiles by logsumexp, or, when every key fits in one
+tile, takes each row's whole softmax at once (``_Tiling``).
 """
 
 from __future__ import annotations
