@@ -48,7 +48,8 @@ class BlockSizes:
 
     ``block_sizes=None`` takes 256x256, except on the graph path on oneDNN without a
     causal mask: 512x2048 (``_Tiling.default_block_sizes``), whose float32 tile is
-    4 MiB per batch entry and head.
+    4 MiB per batch entry and head, with fewer query rows beyond B·N = 32 so that the
+    tile stays at 128 MiB.
 
     256x256, measured on a 2-core Zen 3 CPU (float32, medians of 5 interleaved
     runs, as speed-ups over the best Keras path of the same run) against 512x1024,
@@ -95,6 +96,9 @@ class BlockSizes:
 
 DEFAULT_BLOCK_SIZES = BlockSizes()
 ONEDNN_BLOCK_SIZES = BlockSizes(block_q=512, block_k=2048)
+# The oneDNN tile's size where it was measured (B·N = 32): 128 MiB of float32 scores.
+# With more batch entries and heads, fewer query rows per tile keep it there.
+ONEDNN_TILE_SCORES = 32 * ONEDNN_BLOCK_SIZES.block_q * ONEDNN_BLOCK_SIZES.block_k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +115,17 @@ class _Tiling:
     native_operands: bool = False
     fused_softmax: bool = False
 
-    def default_block_sizes(self, is_causal):
+    def default_block_sizes(self, is_causal, batch_heads=None):
         """Wide tiles for oneDNN's kernels, which run fewer, bigger ops best, except
         under a causal mask, where small tiles skip more work above the diagonal
-        (measured beside ``BlockSizes``)."""
-        return ONEDNN_BLOCK_SIZES if self.fused_softmax and not is_causal else DEFAULT_BLOCK_SIZES
+        (measured beside ``BlockSizes``). ``batch_heads``: B·N where known; above 32,
+        query rows shrink (to 16 at least) so the tile stays ``ONEDNN_TILE_SCORES``."""
+        if not self.fused_softmax or is_causal:
+            return DEFAULT_BLOCK_SIZES
+        if not batch_heads:
+            return ONEDNN_BLOCK_SIZES
+        rows = ONEDNN_TILE_SCORES // (batch_heads * ONEDNN_BLOCK_SIZES.block_k)
+        return BlockSizes(max(16, min(ONEDNN_BLOCK_SIZES.block_q, rows)), ONEDNN_BLOCK_SIZES.block_k)
 
 
 def tiling_for(implementation, platform, dtype):
@@ -810,7 +820,8 @@ def dot_product_attention_compiled(
     faster half-precision products), and how a score tile's softmax is computed.
     """
     tiling = tiling or _Tiling()
-    blocks = block_sizes or tiling.default_block_sizes(is_causal)
+    batch_heads = None if query.shape[0] is None else query.shape[0] * query.shape[2]
+    blocks = block_sizes or tiling.default_block_sizes(is_causal, batch_heads)
     query, key, value, bias, mask = _restore_layout(layout, query, key, value, bias, mask)
     if mask is not None:
         query, key, value = _hide_unseen(query, key, value, mask)

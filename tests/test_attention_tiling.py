@@ -127,3 +127,23 @@ def test_tiling_for_picks_onednn_kernels_only_for_the_graph_path():
     assert attention.tiling_for("graph", "cpu-onednn-bf16", bf16) == attention._Tiling(True, True)
     assert attention.tiling_for("graph", "cpu-onednn-bf16", f32) == attention._Tiling(False, True)
     assert attention.tiling_for("graph", "gpu", tf.float16) == attention._Tiling(True, False)
+
+
+@pytest.mark.parametrize("batch_heads, rows", [(None, 512), (8, 512), (32, 512), (64, 256), (96, 170), (4096, 16)])
+def test_onednn_tiles_keep_their_size_as_batch_and_heads_grow(batch_heads, rows):
+    fused = attention._Tiling(fused_softmax=True)
+    assert fused.default_block_sizes(False, batch_heads) == BlockSizes(rows, 2048)
+    # causal calls and the XLA path keep the small tiles
+    assert fused.default_block_sizes(True, batch_heads) == attention.DEFAULT_BLOCK_SIZES
+    assert attention._Tiling().default_block_sizes(False, batch_heads) == attention.DEFAULT_BLOCK_SIZES
+
+
+def test_many_batch_entries_and_heads_take_short_query_tiles(rng):
+    """B·N = 256: the default oneDNN tile holds 64 query rows, so T=150 spans three
+    query blocks, the last one partial, with every key in one block."""
+    q, k, v = (rng.standard_normal((32, length, 8, 8)) for length in (150, 41, 41))
+    fused = attention._Tiling(fused_softmax=True)
+    assert fused.default_block_sizes(False, 32 * 8).block_q == 64
+    out = tf.function(lambda *x: attention.dot_product_attention_compiled(*x, scale=1.0 / np.sqrt(8), tiling=fused))(
+        *(tf.constant(x, tf.float32) for x in (q, k, v)))
+    tolerance("float32").check(out.numpy(), attention_oracle(q, k, v), what="B·N=256")
