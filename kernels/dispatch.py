@@ -66,6 +66,49 @@ def check_implementation(implementation):
     )
 
 
+def check_auto_row(auto, kernel: str = "kernel") -> dict[tuple[str, str], tuple[str, ...]]:
+    """Returns an auto row as a dict of tuples if every key and entry is valid; else raises.
+
+    A row maps ``(platform, dtype name or "*")`` to a non-empty ordered sequence of
+    implementations; platforms are ``PLATFORMS``.
+    """
+    try:
+        items = list(dict(auto).items())
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"Received an invalid auto row for kernel {kernel!r}, expected a dict mapping "
+            f"(platform, dtype name) to a tuple of implementations. Received: auto={auto!r}"
+        ) from error
+    row = {}
+    for key, entries in items:
+        problem = None
+        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)):
+            problem = "a key is not a (platform, dtype name) pair of strings"
+        elif key[0] not in PLATFORMS:
+            problem = f"platform {key[0]!r} is not one of {', '.join(map(repr, PLATFORMS))}"
+        elif key[1] != "*" and not _is_floating_dtype_name(key[1]):
+            problem = f"dtype {key[1]!r} is not a floating dtype name or '*'"
+        elif isinstance(entries, str) or not entries or any(e not in IMPLEMENTATIONS for e in entries):
+            problem = (
+                "entries must be a non-empty tuple of "
+                f"{', '.join(map(repr, IMPLEMENTATIONS))}"
+            )
+        if problem:
+            raise ValueError(
+                f"Received an invalid auto row for kernel {kernel!r}: {problem}. "
+                f"Received: {key!r}: {entries!r}"
+            )
+        row[key] = tuple(entries)
+    return row
+
+
+def _is_floating_dtype_name(name: str) -> bool:
+    try:
+        return tf.as_dtype(name).is_floating
+    except TypeError:
+        return False
+
+
 def floating_input(x, implementation, name="x"):
     """A public kernel's first checks: ``implementation`` is valid and ``x`` converts
     to a floating tensor, which it returns; ValueError or TypeError otherwise."""
@@ -109,7 +152,11 @@ def cpu_platform() -> str:
 
 def platform_of(x) -> str:
     """The platform a tensor's computation runs on: a ``PLATFORMS`` entry."""
-    device = getattr(x, "device", "") or ""
+    return _platform_of_device(getattr(x, "device", "") or "")
+
+
+@functools.lru_cache(maxsize=64)
+def _platform_of_device(device: str) -> str:
     if device:
         device_type = tf.DeviceSpec.from_string(device).device_type
     else:  # a symbolic tensor not yet placed: TF places it on a GPU when one is visible
@@ -160,7 +207,7 @@ class Kernel:
         self.name = name
         self.reference = _upcasting(reference) if upcast else reference
         self.compiled = _upcasting(compiled or reference) if upcast else compiled or reference
-        self.auto = dict(auto)
+        self.auto = check_auto_row(auto, name)
         self._reasons = not_supported_reasons
         # reduce_retracing: a second input shape traces a shape-generic graph instead
         # of one graph per batch size (XLA still compiles one program per shape), so
@@ -254,16 +301,33 @@ class Kernel:
 
     def __call__(self, *tensors, implementation=None, **options):
         """Runs the kernel: the implementation is selected for the first floating tensor."""
+        return self.apply(tensors, options, implementation=implementation)
+
+    def apply(self, tensors, options, *, implementation=None, dtype=None):
+        """Runs the kernel on ``tensors`` (a tuple) with ``options`` (a dict).
+
+        The implementation is selected for ``dtype``, by default the dtype of the
+        first floating tensor; a layer passes its compute dtype, which also serves
+        a call whose inputs are all integers (an embedding lookup, say).
+        """
         check_implementation(implementation)
-        tensors = tf.nest.map_structure(_as_tensor, tensors)
-        leaders = [t for t in tf.nest.flatten(tensors) if isinstance(t, tf.Tensor) and t.dtype.is_floating]
-        if not leaders:
-            raise TypeError(
-                f"Kernel {self.name!r} needs at least one floating tensor argument. "
-                f"Received: {tensors!r}"
-            )
-        x = leaders[0]
-        chosen = self.select(implementation, platform=platform_of(x), dtype=x.dtype, **options)
+        if all(isinstance(t, tf.Tensor) for t in tensors):  # the common case, kept cheap
+            flat = tensors = tuple(tensors)
+        else:
+            tensors = tf.nest.map_structure(_as_tensor, tuple(tensors))
+            flat = [t for t in tf.nest.flatten(tensors) if isinstance(t, tf.Tensor)]
+        if dtype is None:
+            leaders = [t for t in flat if t.dtype.is_floating]
+            if not leaders:
+                raise TypeError(
+                    f"Kernel {self.name!r} needs at least one floating tensor argument. "
+                    f"Received: {tensors!r}"
+                )
+            dtype = leaders[0].dtype
+        platform = platform_of(flat[0]) if flat else platform_of(None)
+        chosen = self.select(
+            implementation, platform=platform, dtype=tf.as_dtype(dtype), **options
+        )
         return self.run(chosen, *tensors, **options)
 
 
@@ -273,7 +337,8 @@ def _as_tensor(value):
     return value
 
 
-def _cast_floating(structure, dtype):
+def cast_floating(structure, dtype):
+    """``structure`` with every floating tensor cast to ``dtype``; the rest unchanged."""
     return tf.nest.map_structure(
         lambda t: tf.cast(t, dtype) if isinstance(t, tf.Tensor) and t.dtype.is_floating else t,
         structure,
@@ -291,13 +356,13 @@ def _upcasting(fn: Callable) -> Callable:
         dtype = floating[0].dtype if floating else None
         if dtype not in (tf.float16, tf.bfloat16):
             return fn(*tensors, **options)
-        return _cast_floating(fn(*_cast_floating(tensors, tf.float32), **options), dtype)
+        return cast_floating(fn(*cast_floating(tensors, tf.float32), **options), dtype)
 
     return upcast
 
 
 def kernel(
-    name: str | None = None,
+    name: str | Callable | None = None,
     *,
     compiled: Callable | None = None,
     auto: dict[tuple[str, str], Sequence[str]] | None = None,
@@ -316,6 +381,8 @@ def kernel(
     y = scaled_tanh(x, scale=2.0, implementation="xla")
     ```
 
+    ``@fastlayers.kernels.kernel`` without arguments declares one with the defaults.
+
     Args:
         name: the kernel's name in errors and profiler scopes (default: the
             function's name).
@@ -327,6 +394,9 @@ def kernel(
             returning why an implementation cannot take a call.
         upcast: run float16/bfloat16 calls in float32 (see ``Kernel``).
     """
+    if callable(name):  # used bare, as @kernel
+        return kernel()(name)
+
     def declare(reference: Callable) -> Kernel:
         declared = Kernel(
             name or reference.__name__,

@@ -8,6 +8,8 @@ import re
 import types
 
 import keras
+import tensorflow as tf
+from keras.src.backend import AutocastScope  # what Layer.__call__ enters; not exported
 
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.auto import DEFAULT
@@ -63,10 +65,14 @@ class CompiledLayer(FastLayer):
     A subclass's ``call`` is the reference: plain TF or ``keras.ops`` code. The class
     turns it into a kernel with ``"graph"`` and ``"xla"`` paths behind
     ``implementation=`` (auto by ``fastlayers.kernels.auto.DEFAULT``, or the class's
-    ``auto`` row), registers the class for ``.keras`` files (package: the class's
-    module, or ``package=`` in the class statement), and derives ``get_config`` from
-    the constructor's arguments when they are plain values (str, int, float, bool,
-    None, and lists or dicts of them); a layer taking other objects writes its own.
+    ``auto`` row), selected for the layer's compute dtype. It registers the class for
+    ``.keras`` files under Keras's default package, ``"Custom"``, as
+    ``keras.saving.register_keras_serializable()`` does (``package=`` in the class
+    statement names another), so a file saved while the class lived in a notebook
+    loads once the class has moved into a module: import the module that defines it
+    before ``keras.saving.load_model``. It derives ``get_config`` from the
+    constructor's arguments when they are plain values (str, int, float, bool, None,
+    and lists or dicts of them); a layer taking other objects writes its own.
     Keras's dtype policies apply as to any layer: inputs and weights arrive in the
     compute dtype, variables stay in the variable dtype.
 
@@ -87,17 +93,27 @@ class CompiledLayer(FastLayer):
             return self.activation(x @ self.kernel + self.bias)
     ```
 
-    Subclasses may set ``auto`` (an auto row) and override
+    Class attributes a subclass may set:
+        auto: its auto row (``{(platform, dtype name or "*"): (implementation, ...)}``),
+            checked when the layer is first called.
+        upcast: True runs float16/bfloat16 calls in float32 (inputs and weights cast
+            up, outputs cast back), which gives a ``call`` written without care for
+            precision the float32 accumulation of the precision contract.
+
+    A subclass may override
     ``not_supported_reasons(implementation, *, platform, dtype, **options)``.
+    A subclass of a subclass may call ``super().call(...)``: the outermost ``call``
+    dispatches and the inner one runs inside it.
     """
 
     auto = None
+    upcast = False
 
-    def __init_subclass__(cls, package=None, **kwargs):
+    def __init_subclass__(cls, package="Custom", **kwargs):
         super().__init_subclass__(**kwargs)
         if "call" in cls.__dict__:
             cls.call = _dispatching(cls.__dict__["call"])
-        keras.saving.register_keras_serializable(package=package or cls.__module__)(cls)
+        keras.saving.register_keras_serializable(package=package)(cls)
 
     def not_supported_reasons(self, implementation, *, platform, dtype, **options):
         """Why ``implementation`` cannot run this layer's call; empty when it can."""
@@ -118,20 +134,41 @@ class CompiledLayer(FastLayer):
 
 
 def _dispatching(reference_call):
-    """Wraps a reference ``call`` so it runs through a per-layer ``Kernel``."""
+    """Wraps a reference ``call`` so it runs through a per-layer ``Kernel``.
+
+    The outermost call dispatches; a ``super().call(...)`` inside a subclass's
+    reference is part of that reference and runs as plain code, so one kernel (and
+    one compiled function) serves the whole call.
+    """
+
+    def reference(self, *args, **kwargs):
+        self.__dict__["_fastlayers_in_call"] = True
+        try:
+            if not (self.upcast and self.compute_dtype in ("float16", "bfloat16")):
+                return reference_call(self, *args, **kwargs)
+            # Inputs and variables in float32; floating outputs back in the compute dtype.
+            with AutocastScope("float32"):
+                outputs = reference_call(self, *dispatch.cast_floating(args, tf.float32), **kwargs)
+            return dispatch.cast_floating(outputs, self.compute_dtype)
+        finally:
+            self.__dict__["_fastlayers_in_call"] = False
 
     @functools.wraps(reference_call)
     def call(self, *args, **kwargs):
-        kernel = self.__dict__.get("_fastlayers_kernel")
-        if kernel is None or kernel.reference.__func__ is not reference_call:
-            kernel = dispatch.Kernel(
+        if self.__dict__.get("_fastlayers_in_call"):
+            return reference_call(self, *args, **kwargs)
+        kernels = self.__dict__.setdefault("_fastlayers_kernels", {})
+        kernel = kernels.get(reference_call)
+        if kernel is None:
+            kernel = kernels[reference_call] = dispatch.Kernel(
                 _snake_case(type(self).__name__),
-                types.MethodType(reference_call, self),
+                types.MethodType(reference, self),
                 auto=self.auto or DEFAULT,
                 not_supported_reasons=self.not_supported_reasons,
             )
-            self.__dict__["_fastlayers_kernel"] = kernel
-        return kernel(*args, implementation=self.implementation, **kwargs)
+        return kernel.apply(
+            args, kwargs, implementation=self.implementation, dtype=self.compute_dtype
+        )
 
     return call
 

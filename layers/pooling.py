@@ -6,7 +6,6 @@ import numbers
 
 import keras
 
-from fastlayers import kernels
 from fastlayers.kernels import pooling
 from fastlayers.layers.base import FastLayer, register
 
@@ -109,12 +108,18 @@ class MaxPooling2D(FastLayer):
         self.input_spec = keras.layers.InputSpec(ndim=4)
 
     def call(self, inputs):
-        return kernels.max_pool2d(
+        # The arguments were checked at construction and the rank by `input_spec`:
+        # only the window's fit is left to check before the kernel, so an eager call
+        # costs no more Python than Keras's layer.
+        pooling.pooled_shape(
+            inputs.shape, self.pool_size, self.strides, self.padding, self.data_format
+        )
+        return pooling.MAX_POOL2D[self.data_format](
             inputs,
-            self.pool_size,
-            self.strides,
-            self.padding,
-            self.data_format,
+            pool_size=self.pool_size,
+            strides=self.strides,
+            padding=self.padding,
+            data_format=self.data_format,
             implementation=self.implementation,
         )
 

@@ -50,6 +50,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "POLICIES",
     "assert_gradients_match_reference",
+    "assert_kernel_gradients_match_reference",
     "assert_kernel_matches",
     "assert_keras_round_trip",
     "assert_layer_matches",
@@ -74,15 +75,22 @@ def dtype_policy(name):
         keras.config.set_dtype_policy(previous)
 
 
-def _check(actual, expected, dtype, *, grad=False, what="output"):
+def _check(actual, expected, dtype, *, grad=False, what="output", names=None):
     actual_flat, expected_flat = tf.nest.flatten(actual), tf.nest.flatten(expected)
     assert len(actual_flat) == len(expected_flat), (
         f"{what}: {len(actual_flat)} results, the oracle gave {len(expected_flat)}"
     )
-    for i, (a, e) in enumerate(zip(actual_flat, expected_flat)):
+    names = names or [f"[{i}]" for i in range(len(actual_flat))]
+    for name, a, e in zip(names, actual_flat, expected_flat):
+        if a is None or e is None:
+            assert a is None and e is None, (
+                f"{what} {name}: no gradient "
+                + ("here" if a is None else "in the expected result") + ", the other has one"
+            )
+            continue
         a = np.asarray(tf.cast(a, tf.float64) if isinstance(a, tf.Tensor) else a, np.float64)
-        assert a.shape == np.shape(e), f"{what}[{i}]: shape {a.shape}, oracle {np.shape(e)}"
-        tolerance(dtype, grad=grad).check(a, e, what=f"{what}[{i}]")
+        assert a.shape == np.shape(e), f"{what} {name}: shape {a.shape}, oracle {np.shape(e)}"
+        tolerance(dtype, grad=grad).check(a, e, what=f"{what} {name}")
 
 
 def assert_kernel_matches(
@@ -102,12 +110,59 @@ def assert_kernel_matches(
         rounded = [round_to(x, dtype) for x in inputs]
         expected = oracle(*rounded, **options)
         for implementation in implementations:
+            what = f"{dtype} implementation={implementation!r}"
             actual = kernel(
                 *[tf.constant(x, dtype) for x in rounded],
                 implementation=implementation,
                 **options,
             )
-            _check(actual, expected, dtype, what=f"{dtype} implementation={implementation!r}")
+            for i, output in enumerate(tf.nest.flatten(actual)):
+                if output.dtype.is_floating:
+                    assert output.dtype == dtype, (
+                        f"{what}: output [{i}] is {output.dtype.name}, the inputs' dtype is {dtype}"
+                    )
+            _check(actual, expected, dtype, what=what)
+
+
+def assert_kernel_gradients_match_reference(
+    kernel, *inputs, dtypes=DTYPES, implementations=COMPILED, **options
+):
+    """Gradients of each compiled path of ``kernel`` equal the reference's, per input.
+
+    The loss is the sum of squares of the floating outputs in float32; every input
+    is rounded to the dtype and watched. This is the check a hand-written compiled
+    algorithm (``kernel(compiled=...)``) needs: its gradient is its own.
+
+    Args:
+        kernel: a fastlayers kernel (built-in or from ``fastlayers.kernels.kernel``).
+        *inputs: numpy arrays.
+        dtypes: dtypes to run in.
+        implementations: implementations compared with ``"reference"``.
+        **options: passed to the kernel.
+    """
+
+    def gradients(dtype, implementation):
+        xs = [tf.constant(round_to(x, dtype), dtype) for x in inputs]
+        with tf.GradientTape() as tape:
+            tape.watch(xs)
+            outputs = kernel(*xs, implementation=implementation, **options)
+            loss = _sum_of_squares(outputs)
+        return tape.gradient(loss, xs)
+
+    names = [f"input [{i}]" for i in range(len(inputs))]
+    for dtype in dtypes:
+        expected = gradients(dtype, "reference")
+        for implementation in implementations:
+            _check(gradients(dtype, implementation), expected, dtype, grad=True, names=names,
+                   what=f"gradients {dtype} implementation={implementation!r}")
+
+
+def _sum_of_squares(outputs):
+    return tf.add_n([
+        tf.reduce_sum(tf.cast(o, tf.float32) ** 2)
+        for o in tf.nest.flatten(outputs)
+        if o.dtype.is_floating
+    ])
 
 
 def assert_layer_matches(
@@ -156,16 +211,17 @@ def assert_gradients_match_reference(
         x = tf.nest.map_structure(lambda a: tf.constant(a, tf.float32), inputs)
         with tf.GradientTape() as tape:
             tape.watch(x)
-            outputs = layer(x)
-            loss = tf.add_n([tf.reduce_sum(tf.cast(o, tf.float32) ** 2) for o in tf.nest.flatten(outputs)])
-        return layer.compute_dtype, tape.gradient(loss, [layer.trainable_weights, x])
+            loss = _sum_of_squares(layer(x))
+        weights = layer.trainable_weights
+        names = [w.path for w in weights] + [f"input {i}" for i in range(len(tf.nest.flatten(x)))]
+        return layer.compute_dtype, names, tape.gradient(loss, [weights, x])
 
     for policy in policies:
         with dtype_policy(policy):
-            compute, expected = gradients("reference")
+            compute, names, expected = gradients("reference")
             for implementation in implementations:
-                _, actual = gradients(implementation)
-                _check(actual, expected, compute, grad=True,
+                _, _, actual = gradients(implementation)
+                _check(actual, expected, compute, grad=True, names=names,
                        what=f"gradients policy={policy} implementation={implementation!r}")
 
 
@@ -191,8 +247,22 @@ def assert_keras_round_trip(layer, inputs, directory, *, call=None):
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
     restored = next(l for l in loaded.layers if l.name == layer.name)
-    assert type(restored) is type(layer), f"loaded {type(restored).__name__}"
-    assert restored.get_config() == layer.get_config()
-    for actual, expected in zip(tf.nest.flatten(loaded(arrays)), tf.nest.flatten(model(arrays))):
-        np.testing.assert_array_equal(np.asarray(actual), np.asarray(expected))
+    assert type(restored) is type(layer), (
+        f"the .keras file loaded a {type(restored).__module__}.{type(restored).__qualname__}, "
+        f"not a {type(layer).__module__}.{type(layer).__qualname__}: two classes are "
+        f"registered as {keras.saving.get_registered_name(type(layer))!r}"
+    )
+    restored_config, config = restored.get_config(), layer.get_config()
+    changed = {
+        key: (config.get(key), restored_config.get(key))
+        for key in config.keys() | restored_config.keys()
+        if config.get(key) != restored_config.get(key)
+    }
+    assert not changed, f"get_config() changed in the round trip, (saved, loaded): {changed}"
+    outputs = zip(tf.nest.flatten(loaded(arrays)), tf.nest.flatten(model(arrays)))
+    for i, (actual, expected) in enumerate(outputs):
+        np.testing.assert_array_equal(
+            np.asarray(actual), np.asarray(expected),
+            err_msg=f"output [{i}] of the loaded model differs from the saved model's",
+        )
     return loaded

@@ -1,5 +1,9 @@
 """The bring-your-own-layer kit: kernels.kernel, layers.CompiledLayer, fastlayers.testing."""
 
+import re
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -18,8 +22,12 @@ def softplus_oracle(x, scale=1.0):
     return scale * np.logaddexp(0.0, x)
 
 
-class MyDense(layers.CompiledLayer):
-    """The tutorial's simplified Dense, written as a reference call only."""
+class MyDense(layers.CompiledLayer, package="fastlayers_tests"):
+    """The tutorial's simplified Dense, written as a reference call only.
+
+    Registered under its own package: the README's and the CLI tests' MyDense take
+    Keras's default one.
+    """
 
     def __init__(self, units, activation=None, **kwargs):
         super().__init__(**kwargs)
@@ -123,7 +131,7 @@ def test_compiled_layer_config_registration_and_keras_file(implementation, rng, 
     config = layer.get_config()
     assert {"units": 3, "activation": "tanh", "implementation": implementation}.items() <= config.items()
     assert MyDense.from_config(config).get_config() == config
-    assert keras.saving.get_registered_name(MyDense) == f"{__name__}>MyDense"
+    assert keras.saving.get_registered_name(MyDense) == "fastlayers_tests>MyDense"
     loaded = testing.assert_keras_round_trip(layer, rng.standard_normal((2, 6)), tmp_path)
     assert loaded.layers[-1].implementation == implementation
 
@@ -159,7 +167,8 @@ def test_compiled_layer_reasons_and_auto_row():
     x = np.ones((1, 3), "float32")
     layer = NoXLA(2)
     assert layer(x).shape == (1, 2)
-    chosen = layer._fastlayers_kernel.select(None, platform=dispatch.cpu_platform(), dtype=tf.float32)
+    (kernel,) = layer._fastlayers_kernels.values()
+    chosen = kernel.select(None, platform=dispatch.cpu_platform(), dtype=tf.float32)
     assert chosen == "graph"
     with pytest.raises(ValueError, match="implementation='xla' cannot run kernel 'no_xla'.*refused for this test"):
         NoXLA(2, implementation="xla")(x)
@@ -190,3 +199,256 @@ def test_testing_checks_fail_on_a_wrong_oracle(rng):
             lambda x, w: my_dense_oracle(x, w) * 1.1,
             rng.standard_normal((2, 3)), policies=("float32",), implementations=("xla",),
         )
+
+
+def test_a_bare_kernel_decorator_declares_one_with_the_defaults():
+    @kernels.kernel
+    def double(x):
+        return 2 * x
+
+    assert isinstance(double, dispatch.Kernel) and double.name == "double"
+    for implementation in testing.IMPLEMENTATIONS:
+        np.testing.assert_array_equal(double(tf.ones([2]), implementation=implementation), [2, 2])
+
+
+@pytest.mark.parametrize(
+    "auto, message",
+    [
+        ({("cpu-onednn-bf16", "*"): ("jit",)},
+         "entries must be a non-empty tuple of 'reference', 'graph', 'xla'. "
+         "Received: ('cpu-onednn-bf16', '*'): ('jit',)"),
+        ({("CPU", "*"): ("xla",)},
+         "platform 'CPU' is not one of 'cpu', 'cpu-onednn', 'cpu-onednn-bf16', 'gpu'. "
+         "Received: ('CPU', '*'): ('xla',)"),
+        ({("cpu", "int32"): ("xla",)}, "dtype 'int32' is not a floating dtype name or '*'"),
+        ({("cpu", "*"): "xla"}, "entries must be a non-empty tuple"),
+        ({("cpu", "*"): ()}, "entries must be a non-empty tuple"),
+        ({"cpu": ("xla",)}, "a key is not a (platform, dtype name) pair of strings. Received: 'cpu'"),
+        ("xla", "expected a dict mapping (platform, dtype name) to a tuple"),
+    ],
+)
+def test_a_bad_auto_row_is_refused_when_declared(auto, message):
+    with pytest.raises(ValueError, match=r"invalid auto row for kernel 'identity'.*" + re.escape(message)):
+        kernels.kernel(name="identity", auto=auto)(lambda x: x)
+
+    class Identity(layers.CompiledLayer, package="fastlayers_tests"):
+        def call(self, x):
+            return x
+
+    Identity.auto = auto
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Identity()(np.ones((1, 2), "float32"))
+
+
+def test_auto_says_why_when_nothing_in_its_row_can_run():
+    platform = dispatch.cpu_platform()
+
+    @kernels.kernel(
+        auto={(platform, "*"): ("xla", "graph")},
+        not_supported_reasons=lambda implementation, **_: [f"no {implementation} today"],
+    )
+    def picky(x):
+        return x
+
+    with pytest.raises(ValueError, match=re.escape(
+            f"No implementation of kernel 'picky' supports dtype float32 on {platform}. "
+            "Refused: 'xla': no xla today | 'graph': no graph today")):
+        picky(tf.ones([2]))
+
+
+class Doubled(MyDense, package="fastlayers_tests"):
+    """A subclass whose reference calls its parent's."""
+
+    def call(self, x):
+        return 2.0 * super().call(x)
+
+
+def test_a_subclass_calling_super_call_compiles_once(rng):
+    x = rng.standard_normal((4, 8)).astype("float32")
+    layer = Doubled(3, "tanh", implementation="xla")
+    outputs = [layer(x) for _ in range(3)]
+    (kernel,) = layer._fastlayers_kernels.values()
+    assert kernel.name == "doubled"
+    assert kernel._functions["xla"].experimental_get_tracing_count() == 1
+    weights = [w.numpy() for w in layer.weights]
+    for y in outputs:
+        np.testing.assert_allclose(y, 2 * my_dense_oracle(x, weights), rtol=1e-5, atol=1e-6)
+    testing.assert_layer_matches(
+        lambda **kw: Doubled(3, "tanh", **kw), lambda x, w: 2 * my_dense_oracle(x, w), x,
+        policies=("float32", "mixed_bfloat16"),
+    )
+
+
+def test_compiled_layer_registers_under_kerass_default_package():
+    class KitDefaultPackage(layers.CompiledLayer):
+        def call(self, x):
+            return x
+
+    assert keras.saving.get_registered_name(KitDefaultPackage) == "Custom>KitDefaultPackage"
+
+
+NOTEBOOK = """
+import sys
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+from fastlayers import layers
+
+class NotebookDense(layers.CompiledLayer):
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], self.units))
+
+    def call(self, x):
+        return x @ self.kernel
+
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input((3,)), NotebookDense(2, implementation="xla")])
+np.save(sys.argv[2], model(np.ones((1, 3), "float32")))
+model.save(sys.argv[1])
+"""
+
+
+def test_a_file_saved_from_a_script_loads_once_the_class_lives_in_a_module(tmp_path, monkeypatch):
+    """The class written in a notebook or script (module __main__), then moved into a module."""
+    script = tmp_path / "notebook.py"
+    script.write_text(NOTEBOOK)
+    path, expected = tmp_path / "model.keras", tmp_path / "expected.npy"
+    done = subprocess.run([sys.executable, str(script), str(path), str(expected)],
+                          capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    module = tmp_path / "fl_moved_layers.py"
+    module.write_text(NOTEBOOK.split("keras.utils.set_random_seed")[0])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fl_moved_layers  # noqa: F401  (registers the class, as a user's import would)
+
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert type(loaded.layers[0]).__module__ == "fl_moved_layers"
+    assert loaded.layers[0].implementation == "xla"
+    np.testing.assert_array_equal(loaded(np.ones((1, 3), "float32")), np.load(expected))
+
+
+class Lookup(layers.CompiledLayer, package="fastlayers_tests"):
+    """An embedding: integer inputs, floating table."""
+
+    def build(self, input_shape):
+        self.table = self.add_weight(shape=(10, 3))
+
+    def call(self, ids):
+        return tf.gather(self.table, ids)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_a_compiled_layer_with_integer_inputs_dispatches_on_its_compute_dtype(policy):
+    ids = np.array([[1, 2], [9, 0]], "int32")
+    with testing.dtype_policy(policy):
+        reference = Lookup(implementation="reference")
+        expected = reference(ids)
+        assert expected.dtype == reference.compute_dtype
+        for implementation in (None, "graph", "xla"):
+            layer = Lookup(implementation=implementation)
+            layer.build(ids.shape)
+            layer.table.assign(reference.table)
+            y = layer(ids)
+            assert y.dtype == layer.compute_dtype
+            np.testing.assert_array_equal(y, expected)
+
+
+class Recorded(layers.CompiledLayer, package="fastlayers_tests"):
+    """Records the dtypes its reference sees."""
+
+    upcast = True
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], 2))
+        self.seen = []
+
+    def call(self, x):
+        self.seen.append((x.dtype.name, self.kernel.value.dtype.name))
+        return x @ self.kernel
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("implementation", ["reference", "graph", "xla"])
+def test_upcast_layers_compute_in_float32_and_answer_in_the_compute_dtype(policy, implementation, rng):
+    x = rng.standard_normal((4, 8))
+    with testing.dtype_policy(policy):
+        layer = Recorded(implementation=implementation)
+        y = layer(x.astype("float32"))
+    assert layer.seen == [("float32", "float32")]
+    assert y.dtype == layer.compute_dtype
+    # float32 products of the rounded operands, rounded once to the compute dtype.
+    kernel = testing.round_to(layer.kernel.numpy(), layer.variable_dtype)
+    expected = testing.round_to(testing.round_to(x, layer.compute_dtype) @ kernel, layer.compute_dtype)
+    np.testing.assert_allclose(np.asarray(tf.cast(y, tf.float64)), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_checks_catch_a_wrong_dtype_and_a_wrong_gradient(rng):
+    @kernels.kernel(compiled=lambda x: tf.cast(tf.exp(tf.cast(x, tf.float32)), tf.float32))
+    def widening(x):
+        return tf.exp(x)
+
+    with pytest.raises(AssertionError, match="bfloat16 implementation='graph': output \\[0\\] is float32"):
+        testing.assert_kernel_matches(widening, np.exp, rng.standard_normal((2, 3)),
+                                      dtypes=("bfloat16",), implementations=("graph",))
+
+    @tf.custom_gradient
+    def wrong_square(x):
+        return x * x, lambda dy: dy * x  # d(x²)/dx is 2x
+
+    @kernels.kernel(compiled=wrong_square)
+    def square(x):
+        return x * x
+
+    x = rng.standard_normal((2, 3)) + 3.0
+    testing.assert_kernel_gradients_match_reference(square, x, implementations=("reference",))
+    with pytest.raises(AssertionError, match=r"gradients float32 implementation='graph' input \[0\]: max error"):
+        testing.assert_kernel_gradients_match_reference(square, x, dtypes=("float32",))
+
+
+def test_kernel_gradients_of_a_hand_written_variant_match(rng):
+    def stable_softplus(x, scale=1.0):
+        return scale * (tf.nn.relu(x) + tf.math.log1p(tf.exp(-tf.abs(x))))
+
+    @kernels.kernel(compiled=stable_softplus, upcast=True)
+    def softplus(x, scale=1.0):
+        return scale * tf.math.softplus(x)
+
+    testing.assert_kernel_gradients_match_reference(softplus, rng.standard_normal((3, 65)), scale=2.0)
+
+
+class LosesBiasGradient(MyDense, package="fastlayers_tests"):
+    def call(self, x):
+        bias = tf.stop_gradient(self.bias) if self.implementation == "xla" else self.bias
+        return self.activation(x @ self.kernel + bias)
+
+
+def test_layer_gradient_check_names_a_missing_gradient(rng):
+    with pytest.raises(AssertionError, match=r"implementation='xla' losesbiasgradient/bias|"
+                                             r"implementation='xla' .*bias: no gradient here"):
+        testing.assert_gradients_match_reference(
+            lambda **kw: LosesBiasGradient(2, **kw), rng.standard_normal((2, 3)),
+            policies=("float32",), implementations=("xla",))
+
+
+class ForgetsScale(layers.CompiledLayer, package="fastlayers_tests"):
+    def __init__(self, scale=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = scale
+
+    def call(self, x):
+        return self.scale * x
+
+    def get_config(self):  # drops `scale`
+        return layers.FastLayer.get_config(self)
+
+
+def test_keras_round_trip_check_fails_when_a_layer_forgets_an_argument(rng, tmp_path):
+    with pytest.raises(AssertionError, match="output \\[0\\] of the loaded model differs"):
+        testing.assert_keras_round_trip(ForgetsScale(2.0), rng.standard_normal((2, 3)), tmp_path)
