@@ -170,6 +170,9 @@ def assert_layer_matches(
 ):
     """A layer equals its numpy oracle under every policy and implementation.
 
+    Also checks that outputs come in the policy's compute dtype and floating weights
+    in its variable dtype (float32 under the mixed policies).
+
     Args:
         make_layer: ``make_layer(implementation=...)`` returns a new layer.
         oracle: ``oracle(inputs, weights)`` in numpy float64, where ``inputs`` has
@@ -188,6 +191,13 @@ def assert_layer_matches(
                 for output in tf.nest.flatten(outputs):
                     assert output.dtype == compute, (
                         f"{policy}: output dtype {output.dtype.name}, compute dtype {compute}"
+                    )
+                for weight in layer.weights:
+                    assert not weight.dtype.startswith(("float", "bfloat")) or (
+                        weight.dtype == layer.variable_dtype
+                    ), (
+                        f"{policy}: weight {weight.path} is {weight.dtype}, the variable "
+                        f"dtype is {layer.variable_dtype}"
                     )
                 weights = [round_to(w.numpy(), compute) for w in layer.weights]
                 expected = oracle(tf.nest.map_structure(lambda x: round_to(x, compute), inputs), weights)

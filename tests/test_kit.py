@@ -452,3 +452,20 @@ class ForgetsScale(layers.CompiledLayer, package="fastlayers_tests"):
 def test_keras_round_trip_check_fails_when_a_layer_forgets_an_argument(rng, tmp_path):
     with pytest.raises(AssertionError, match="output \\[0\\] of the loaded model differs"):
         testing.assert_keras_round_trip(ForgetsScale(2.0), rng.standard_normal((2, 3)), tmp_path)
+
+
+class Bfloat16Weight(layers.CompiledLayer, package="fastlayers_tests"):
+    """Keeps its weight in bfloat16 whatever the policy: not what a mixed policy asks."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(), initializer="ones", dtype="bfloat16")
+
+    def call(self, x):
+        return x * keras.ops.cast(self.scale, x.dtype)
+
+
+def test_layer_check_fails_on_a_weight_outside_the_variable_dtype():
+    with pytest.raises(AssertionError, match="mixed_bfloat16: weight .*scale is bfloat16, "
+                                             "the variable dtype is float32"):
+        testing.assert_layer_matches(lambda **kw: Bfloat16Weight(**kw), lambda x, w: x,
+                                     np.ones((2, 3)), policies=("mixed_bfloat16",))
