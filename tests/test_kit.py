@@ -458,7 +458,7 @@ class Bfloat16Weight(layers.CompiledLayer, package="fastlayers_tests"):
     """Keeps its weight in bfloat16 whatever the policy: not what a mixed policy asks."""
 
     def build(self, input_shape):
-        self.scale = self.add_weight(shape=(), initializer="ones", dtype="bfloat16")
+        self.scale = self.add_weight(name="scale", shape=(), initializer="ones", dtype="bfloat16")
 
     def call(self, x):
         return x * keras.ops.cast(self.scale, x.dtype)
