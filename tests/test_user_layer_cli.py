@@ -83,8 +83,8 @@ FAST = ["--repeats", "2", "--quiet", "--dtypes", "float32"]
 def user_dir(tmp_path_factory):
     """A directory holding the user's layer module and two that fail to import.
 
-    Imported once per session: a CompiledLayer registers itself for .keras files
-    under its module's name, and Keras refuses a second registration.
+    Imported once per session, as a user's module is: importing it again would
+    define (and register for .keras files) a second set of its classes.
     """
     directory = tmp_path_factory.mktemp("user")
     (directory / f"{MODULE}.py").write_text(SOURCE)
