@@ -11,10 +11,19 @@ padding row or column after the input, not before.
 Gradient routing of ties: when several inputs of a window share its maximum, the
 window's whole gradient goes to the first of them in row-major order within the
 window, and overlapping windows add up. TensorFlow's CPU ``MaxPoolGrad`` (strict
-``>`` while scanning the window) and XLA's ``select-and-scatter`` (selector ``>=``
-keeps the earlier element) both do this, and so does the element-wise gradient the
-XLA path uses for windows that tile the input; every implementation routes ties
-alike, and the tests pin it against a numpy oracle and Keras.
+``>`` while scanning the window) does this. XLA lowers ``MaxPoolGrad`` to
+``select-and-scatter`` (selector ``>=`` keeps the earlier element), which does it
+too without padding or with even padding; with uneven ``"same"`` padding (the odd
+row or column after the input) it sends a tied window's gradient to another of its
+maxima, even in windows that hold no padding (pool 2, stride 2 on a 3x3 input whose
+top-left window is ``[[0, 1], [1, 0]]``: to (1, 0), not (0, 1)). So under XLA the
+compiled path never gives ``"same"`` to the pooling op: it pads the input with
+``-inf`` by TensorFlow's ``"same"`` amounts and pools ``"valid"``, which routes ties
+as the CPU kernel does; where the windows then tile the padded input, the
+element-wise gradient below replaces ``select-and-scatter`` altogether. With that,
+every implementation routes ties alike, and the tests pin it against a numpy oracle
+and Keras. (One difference remains: a window whose inputs are all ``-inf`` and that
+overlaps leading padding may route its gradient to the padding, i.e. drop it.)
 """
 
 from __future__ import annotations
@@ -103,15 +112,44 @@ def _tiled_max_pool2d_xla(x, pool_size, data_format):
     return y, grad
 
 
+def _same_padding(size, pool, stride):
+    """TensorFlow's ``"same"`` padding of one axis: ``(before, after)``, the odd one after.
+
+    ``size`` is an int, or a scalar tensor when the axis is unknown at trace time.
+    """
+    out = -(-size // stride)  # ceil(size / stride)
+    total = (out - 1) * stride + pool - size
+    total = max(total, 0) if isinstance(total, int) else tf.maximum(total, 0)
+    before = total // 2
+    return before, total - before
+
+
+def _pad_same(x, pool_size, strides, data_format):
+    """``x`` padded with ``-inf`` as ``"same"`` pads it, for ``"valid"`` pooling."""
+    spatial_axes = (1, 2) if data_format == "channels_last" else (2, 3)
+    static, dynamic = x.shape, tf.shape(x)
+    paddings = [[0, 0] for _ in range(4)]
+    for axis, pool, stride in zip(spatial_axes, pool_size, strides, strict=True):
+        size = static[axis] if static[axis] is not None else dynamic[axis]
+        paddings[axis] = list(_same_padding(size, pool, stride))
+    return tf.pad(x, paddings, constant_values=float("-inf"))
+
+
 def max_pool2d_compiled(x, *, pool_size, strides, padding, data_format):
     """The graph/XLA algorithm: pool in the input's own layout wherever a kernel exists.
 
     XLA's ``reduce-window`` and cuDNN take NCHW directly, which saves two full
     transposes of the input; TensorFlow's CPU graph kernel still needs NHWC. Under
-    XLA, windows that tile the input (``strides == pool_size``, ``"valid"``) also get
-    an element-wise gradient in place of ``select-and-scatter``.
+    XLA, ``"same"`` is explicit ``-inf`` padding then ``"valid"`` pooling (XLA's own
+    ``"same"`` gradient routes ties differently when the padding is uneven; see the
+    module docstring), and windows that tile the (padded) input
+    (``strides == pool_size``) get an element-wise gradient in place of
+    ``select-and-scatter``.
     """
     in_xla = _in_xla_context()
+    if in_xla and padding == "same":
+        x = _pad_same(x, pool_size, strides, data_format)
+        padding = "valid"
     if in_xla and padding == "valid" and tuple(strides) == tuple(pool_size):
         return tf.custom_gradient(
             lambda t: _tiled_max_pool2d_xla(t, tuple(pool_size), data_format)

@@ -17,6 +17,12 @@ CASES = [
     ((3, 3), (1, 1), "same", "channels_last", (1, 5, 6, 2)),
     ((2, 3), (3, 1), "valid", "channels_first", (2, 2, 8, 7)),
     ((2, 3), (2, 3), "valid", "channels_first", (2, 2, 7, 8)),  # tiles, with leftovers
+    # Uneven "same" padding (the odd row or column after the input), where XLA's
+    # own "same" gradient routes ties elsewhere: tiling the padded input, then not.
+    ((2, 2), (2, 2), "same", "channels_last", (1, 3, 3, 1)),
+    ((2, 2), (1, 2), "same", "channels_first", (1, 2, 3, 9)),
+    ((2, 3), (2, 3), "same", "channels_last", (2, 4, 5, 3)),
+    ((2, 2), (1, 1), "same", "channels_last", (1, 3, 8, 3)),
 ]
 
 
@@ -103,6 +109,43 @@ def test_ties_route_the_gradient_to_the_first_maximum(implementation, rng):
         np.testing.assert_array_equal(grad.numpy(), expected_grad, err_msg=str(case))
         _, keras_grad = _input_gradient(theirs, x, upstream)
         np.testing.assert_array_equal(grad.numpy(), keras_grad.numpy(), err_msg=str(case))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_tied_window_beside_uneven_same_padding_routes_to_its_first_maximum(implementation):
+    # Pool 2, stride 2, "same" on 3x3 pads one row and column after the input; the
+    # top-left window [[0, 1], [1, 0]] holds no padding and sends its gradient to (0, 1).
+    x = np.zeros((1, 3, 3, 1), np.float32)
+    x[0, 0, 1, 0] = x[0, 1, 0, 0] = 1.0
+    layer = layers.MaxPooling2D(2, 2, "same", implementation=implementation)
+    _, grad = _input_gradient(layer, x, np.ones((1, 2, 2, 1), np.float32))
+    expected = np.zeros((3, 3))
+    expected[0, 1] = expected[0, 2] = expected[2, 0] = expected[2, 2] = 1.0
+    np.testing.assert_array_equal(grad.numpy()[0, :, :, 0], expected)
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_same_padding_under_xla_with_unknown_spatial_axes(data_format, rng):
+    # The explicit padding is computed from the run-time shape when the trace has none.
+    pool_size, strides = (2, 3), (2, 2)
+    shape = (2, 5, 7, 3) if data_format == "channels_last" else (2, 3, 5, 7)
+    x = rng.integers(0, 2, size=shape).astype(np.float32)
+    options = dict(pool_size=pool_size, strides=strides, padding="same", data_format=data_format)
+    upstream = rng.integers(1, 5, size=pooling.pooled_shape(shape, **options)).astype(np.float32)
+
+    @tf.function(jit_compile=True, input_signature=[tf.TensorSpec([None] * 4, tf.float32)])
+    def pool_and_grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = pooling.max_pool2d_compiled(x, **options)
+        return y, tape.gradient(y, x, output_gradients=upstream)
+
+    y, grad = pool_and_grad(tf.constant(x))
+    expected_y, expected_grad = pool_oracle(
+        x, pool_size, strides, "same", data_format, upstream=upstream
+    )
+    np.testing.assert_array_equal(y.numpy(), expected_y)
+    np.testing.assert_array_equal(grad.numpy(), expected_grad)
 
 
 @pytest.mark.parametrize("device", DEVICES)
