@@ -76,6 +76,28 @@ def test_compute_output_shape_over_lists():
     assert layer.compute_output_shape([(None, 3, 6), (None, 3, 4)]) == [(None, 3, 4), (None, 3)]
 
 
+@pytest.mark.parametrize(
+    "shapes, expected",
+    [
+        # The first output's last axis is `units` even where b's is unknown.
+        ([(None, None, 6), (None, 3, None)], [(None, 3, 4), (None, 3)]),
+        # A leading axis known in a alone is known in the outputs.
+        ([(None, 3, 6), (None, None, 4)], [(None, 3, 4), (None, 3)]),
+        ([(2, None, 6), (None, 5, 4)], [(2, 5, 4), (2, 5)]),
+        ([(None, 6), (None, None)], [(None, 4), (None,)]),
+    ],
+)
+def test_compute_output_shape_merges_known_axes(shapes, expected):
+    assert layers.ResidualProjection(4).compute_output_shape(shapes) == expected
+
+
+def test_symbolic_outputs_keep_every_known_axis():
+    y, mean = layers.ResidualProjection(4)([keras.Input((3, 6)), keras.Input((None, 4))])
+    assert (tuple(y.shape), tuple(mean.shape)) == ((None, 3, 4), (None, 3))
+    y, mean = layers.ResidualProjection(4)([keras.Input((None, 6)), keras.Input((3, None))])
+    assert (tuple(y.shape), tuple(mean.shape)) == ((None, 3, 4), (None, 3))
+
+
 def test_config_and_keras_file_round_trip(tmp_path, rng):
     a_in, b_in = keras.Input((6,)), keras.Input((4,))
     layer = layers.ResidualProjection(4, kernel_initializer="random_uniform", implementation="xla")
