@@ -55,7 +55,7 @@ BAD_INPUTS = [
     ("exponential dtype", lambda: kernels.exponential(tf.ones([2], tf.int32)), TypeError,
      r"Received: x.dtype=int32"),
     ("residual not a pair", _call(layers.ResidualProjection(2), (3, 2)), ValueError,
-     r"list of two inputs \[a, b\]"),
+     r"list of two inputs \[a, b\]. Received: input_shape=\(3, 2\)"),
     ("residual units", lambda: layers.ResidualProjection(0), ValueError, r"Received: units=0"),
     ("kernel implementation", lambda: kernels.dense(tf.ones([2, 3]), tf.ones([3, 2]), implementation=1),
      ValueError, r"Received: implementation=1"),
