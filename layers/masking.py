@@ -24,11 +24,14 @@ class FixedMask(FastLayer):
     Args:
         mask: array-like of numbers whose shape broadcasts against the input without
             its batch axis and leaves that shape unchanged, e.g. ``(H, W)`` for
-            inputs ``(batch, H, W)`` or ``(batch, C, H, W)``.
+            inputs ``(batch, H, W)`` or ``(batch, C, H, W)``; or that shape behind a
+            leading batch axis of size 1, ``(1, H, W)`` for inputs ``(batch, H, W)``,
+            as numpy broadcasts ``x * mask``. A mask that would grow the input fails,
+            at run time where the input's axes are unknown when traced.
         implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
 
     Input shape:
-        ``(batch, ...)``, rank 1 or more.
+        ``(batch, ...)``: a batch axis, then at least the mask's axes.
 
     Output shape:
         The input's shape.
@@ -53,11 +56,6 @@ class FixedMask(FastLayer):
         self.supports_masking = True
 
     def build(self, input_shape):
-        if len(input_shape) < 1:
-            raise ValueError(
-                f"Layer {self.name!r} expects an input with a batch axis. "
-                f"Received: input_shape={tuple(input_shape)}"
-            )
         masking.check_mask_broadcasts(self.mask.shape, input_shape)
 
     def call(self, inputs):

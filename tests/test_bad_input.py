@@ -47,6 +47,8 @@ BAD_INPUTS = [
     ("maxpool padding", lambda: layers.MaxPooling2D(padding="full"), ValueError, r"padding.*'full'"),
     ("fixed mask broadcast", _call(layers.FixedMask(np.ones((3, 4))), (2, 5, 4)), ValueError,
      r"mask.shape=\(3, 4\)"),
+    ("fixed mask rank", _call(layers.FixedMask(np.ones((3, 4))), (3, 4)), ValueError,
+     r"rank 3 or more.*Received: mask.shape=\(3, 4\), inputs.shape=\(3, 4\)"),
     ("fixed mask value", lambda: layers.FixedMask("ones"), ValueError, r"Received: mask='ones'"),
     ("center zero window", _call(layers.CenterZero((3, 2)), (1, 2, 5)), ValueError,
      r"size=\(3, 2\), inputs.shape=\(1, 2, 5\)"),
