@@ -86,7 +86,11 @@ class CenterZero(FastLayer):
         implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
 
     Input shape:
-        ``(..., H, W)``, rank 2 or more, with ``H`` and ``W`` known.
+        ``(..., H, W)``, rank 2 or more, with ``H`` and ``W`` known. The window is
+        always over the last two axes, whatever the rank: a rank-2 input is one 2-D
+        array ``(H, W)``, not a batch, so its first axis is one of the two windowed
+        axes (the tutorial calls the layer on a bare ``(10, 10)`` array this way).
+        A batch of such arrays is ``(batch, H, W)``.
 
     Output shape:
         The input's shape.
