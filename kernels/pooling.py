@@ -29,6 +29,7 @@ overlaps leading padding may route its gradient to the padding, i.e. drop it.)
 from __future__ import annotations
 
 import math
+import numbers
 
 import tensorflow as tf
 from fastlayers.kernels import dispatch
@@ -201,28 +202,35 @@ def pooled_shape(input_shape, pool_size, strides, padding, data_format):
     return tuple(output_shape)
 
 
-def check_pool_arguments(pool_size, strides, padding, data_format):
-    """Validates standardized pooling arguments (pairs, lower-case strings)."""
-    for name, pair in (("pool_size", pool_size), ("strides", strides)):
-        if (
-            not isinstance(pair, tuple)
-            or len(pair) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair)
-        ):
-            raise ValueError(
-                f"Received an invalid value for `{name}`, expected a tuple of 2 positive "
-                f"integers. Received: {name}={pair!r}"
-            )
-    if padding not in PADDINGS:
-        raise ValueError(
-            "Received an invalid value for `padding`, expected 'valid' or 'same'. "
-            f"Received: padding={padding!r}"
+def check_positive_pair(name: str, value) -> tuple[int, int]:
+    """``value`` as a pair of positive ints (an int is used for both); else raises."""
+    pair = (value, value) if isinstance(value, numbers.Integral) else value
+    try:
+        pair = tuple(pair)
+    except TypeError:
+        pair = None
+    if (
+        pair is None
+        or len(pair) != 2
+        or not all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in pair
         )
-    if data_format not in DATA_FORMATS:
+    ):
         raise ValueError(
-            "Received an invalid value for `data_format`, expected 'channels_last' or "
-            f"'channels_first'. Received: data_format={data_format!r}"
+            f"Received an invalid value for `{name}`, expected a positive integer or a "
+            f"tuple of 2 positive integers. Received: {name}={value!r}"
         )
+    return int(pair[0]), int(pair[1])
+
+
+def standardize_choice(name: str, value, choices) -> str:
+    """``value`` lower-cased if it is one of ``choices`` (case-insensitive); else raises."""
+    if isinstance(value, str) and value.lower() in choices:
+        return value.lower()
+    raise ValueError(
+        f"Received an invalid value for `{name}`, expected one of "
+        f"{', '.join(repr(c) for c in choices)}. Received: {name}={value!r}"
+    )
 
 
 def max_pool2d(
@@ -236,20 +244,27 @@ def max_pool2d(
 ):
     """2-D max pooling, equal to ``keras.ops.max_pool`` on a rank-4 input.
 
+    The arguments are standardized as ``keras.ops.max_pool`` and
+    ``keras.layers.MaxPooling2D`` take them (an int for both axes, any case), except
+    that ``data_format`` defaults to ``"channels_last"`` rather than to
+    ``keras.config.image_data_format()``: a kernel reads no Keras configuration.
+
     Args:
         x: ``[B, H, W, C]`` (channels_last) or ``[B, C, H, W]`` (channels_first)
             floating tensor.
-        pool_size: tuple of 2 positive ints, the window's height and width.
-        strides: tuple of 2 positive ints, or None for ``pool_size``.
-        padding: ``"valid"`` or ``"same"``.
-        data_format: ``"channels_last"`` or ``"channels_first"``.
+        pool_size: positive int or tuple of 2, the window's height and width.
+        strides: positive int or tuple of 2, or None for ``pool_size``.
+        padding: ``"valid"`` or ``"same"`` (case-insensitive).
+        data_format: ``"channels_last"`` or ``"channels_first"`` (case-insensitive).
         implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
 
     Returns:
         ``[B, P, Q, C]`` or ``[B, C, P, Q]`` tensor of the dtype of ``x``.
     """
-    strides = pool_size if strides is None else strides
-    check_pool_arguments(pool_size, strides, padding, data_format)
+    pool_size = check_positive_pair("pool_size", pool_size)
+    strides = pool_size if strides is None else check_positive_pair("strides", strides)
+    padding = standardize_choice("padding", padding, PADDINGS)
+    data_format = standardize_choice("data_format", data_format, DATA_FORMATS)
     x = dispatch.floating_input(x, implementation)
     if x.shape.rank != 4:
         layout = "[B, H, W, C]" if data_format == "channels_last" else "[B, C, H, W]"

@@ -54,9 +54,9 @@ class FixedMask(FastLayer):
         super().__init__(implementation=implementation, **kwargs)
         self.mask = array
         self.supports_masking = True
-
-    def build(self, input_shape):
-        masking.check_mask_broadcasts(self.mask.shape, input_shape)
+        # Weightless: built at construction, as in Keras. The input's shape is checked
+        # by the kernel at call time and by compute_output_shape on symbolic inputs.
+        self._build_at_init()
 
     def call(self, inputs):
         return kernels.fixed_mask(inputs, self.mask, implementation=self.implementation)
@@ -107,9 +107,9 @@ class CenterZero(FastLayer):
         self.size = check_positive_pair("size", size)
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
-
-    def build(self, input_shape):
-        masking.check_center_window(input_shape, self.size)
+        # Weightless: built at construction, as in Keras. The input's shape is checked
+        # by the kernel at call time and by compute_output_shape on symbolic inputs.
+        self._build_at_init()
 
     def call(self, inputs):
         return kernels.center_zero(inputs, self.size, implementation=self.implementation)

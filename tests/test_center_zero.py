@@ -91,6 +91,14 @@ def test_config_and_keras_file_round_trip(tmp_path, rng):
     assert layer.weights == []
 
 
+def test_built_at_construction_with_no_parameters():
+    layer = layers.CenterZero()
+    assert layer.built and layer.count_params() == 0
+    # Built at construction, it still checks the window against each input.
+    with pytest.raises(ValueError, match=r"size=\(3, 3\), inputs.shape=\(1, 2, 5\)"):
+        layers.CenterZero(3)(np.ones((1, 2, 5), np.float32))
+
+
 def test_compute_output_shape():
     assert layers.CenterZero().compute_output_shape((None, 3, 10, 10)) == (None, 3, 10, 10)
 

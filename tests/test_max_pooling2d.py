@@ -232,6 +232,38 @@ def test_data_format_none_follows_keras_config():
     assert layers.MaxPooling2D().data_format == "channels_last"
 
 
+def test_built_at_construction_with_no_parameters():
+    # Keras builds its weightless layers in __init__: count_params() works at once.
+    layer, theirs = layers.MaxPooling2D(), keras.layers.MaxPooling2D()
+    assert layer.built and theirs.built
+    assert layer.count_params() == theirs.count_params() == 0
+
+
+def test_max_pool2d_is_an_alias_as_in_keras():
+    assert keras.layers.MaxPool2D is keras.layers.MaxPooling2D
+    assert layers.MaxPool2D is layers.MaxPooling2D
+    config = layers.MaxPool2D(3, padding="same").get_config()
+    assert config == layers.MaxPooling2D(3, padding="same", name=config["name"]).get_config()
+    assert keras.saving.get_registered_name(layers.MaxPool2D) == "fastlayers>MaxPooling2D"
+
+
+def test_kernel_standardizes_arguments_as_keras_ops(rng):
+    x = rng.standard_normal((1, 5, 6, 2)).astype(np.float32)
+    for kwargs in [
+        dict(pool_size=2),
+        dict(pool_size=[2, 3], strides=1),
+        dict(pool_size=(3, 3), strides=2, padding="SAME"),
+        dict(pool_size=2, padding="Valid", data_format="CHANNELS_LAST"),
+    ]:
+        np.testing.assert_array_equal(
+            kernels.max_pool2d(x, **kwargs), keras.ops.max_pool(x, **kwargs), err_msg=str(kwargs)
+        )
+    with pytest.raises(ValueError, match=r"`pool_size`.*Received: pool_size=\[2, 0\]"):
+        kernels.max_pool2d(x, pool_size=[2, 0])
+    with pytest.raises(ValueError, match=r"`padding`.*Received: padding='full'"):
+        kernels.max_pool2d(x, padding="full")
+
+
 def test_config_round_trip():
     layer = layers.MaxPooling2D((3, 2), (1, 2), "same", "channels_first", implementation="xla")
     config = layer.get_config()
