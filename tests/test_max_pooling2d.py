@@ -327,6 +327,10 @@ def test_pool_larger_than_input_with_valid_raises():
 def test_wrong_rank_raises():
     with pytest.raises(ValueError, match=r"expected ndim=4, found ndim=3"):
         layers.MaxPooling2D()(np.zeros((2, 4, 4), np.float32))
+    layer = layers.MaxPooling2D(name="pool")
+    message = r"^Layer 'pool' expects a 4D input. Received: input_shape=\(None, 4, 4\)$"
+    with pytest.raises(ValueError, match=message):
+        layer.compute_output_shape((None, 4, 4))
     with pytest.raises(ValueError, match=r"x.shape=\(2, 4, 4\)"):
         kernels.max_pool2d(np.zeros((2, 4, 4), np.float32))
 
