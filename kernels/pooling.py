@@ -17,13 +17,17 @@ too without padding or with even padding; with uneven ``"same"`` padding (the od
 row or column after the input) it sends a tied window's gradient to another of its
 maxima, even in windows that hold no padding (pool 2, stride 2 on a 3x3 input whose
 top-left window is ``[[0, 1], [1, 0]]``: to (1, 0), not (0, 1)). So under XLA the
-compiled path never gives ``"same"`` to the pooling op: it pads the input with
-``-inf`` by TensorFlow's ``"same"`` amounts and pools ``"valid"``, which routes ties
-as the CPU kernel does; where the windows then tile the padded input, the
-element-wise gradient below replaces ``select-and-scatter`` altogether. With that,
-every implementation routes ties alike, and the tests pin it against a numpy oracle
-and Keras. (One difference remains: a window whose inputs are all ``-inf`` and that
-overlaps leading padding may route its gradient to the padding, i.e. drop it.)
+compiled path gives ``"same"`` to the pooling op only where the padding is known
+(static shapes) to be even; otherwise it pads the input with ``-inf`` by
+TensorFlow's ``"same"`` amounts and pools ``"valid"``, which routes ties as the CPU
+kernel does; where the windows then tile the padded input, the element-wise
+gradient below replaces ``select-and-scatter`` altogether. With that, every
+implementation routes ties alike, and the tests pin it against a numpy oracle and
+Keras. One difference remains on that explicit padding where some of it comes
+before the input (uneven padding of 3 or more rows or columns, or spatial sizes
+unknown when traced, as in the shape-generic retrace of a kernel called with a
+second shape): a window whose inputs are all ``-inf`` ties with the padding before
+them, which comes first, so its gradient goes to the padding and is dropped.
 """
 
 from __future__ import annotations
@@ -125,15 +129,24 @@ def _same_padding(size, pool, stride):
     return before, total - before
 
 
-def _pad_same(x, pool_size, strides, data_format):
-    """``x`` padded with ``-inf`` as ``"same"`` pads it, for ``"valid"`` pooling."""
+def _same_paddings(x, pool_size, strides, data_format):
+    """``tf.pad`` paddings of rank-4 ``x`` as ``"same"`` pads its spatial axes."""
     spatial_axes = (1, 2) if data_format == "channels_last" else (2, 3)
     static, dynamic = x.shape, tf.shape(x)
     paddings = [[0, 0] for _ in range(4)]
     for axis, pool, stride in zip(spatial_axes, pool_size, strides, strict=True):
         size = static[axis] if static[axis] is not None else dynamic[axis]
         paddings[axis] = list(_same_padding(size, pool, stride))
-    return tf.pad(x, paddings, constant_values=float("-inf"))
+    return paddings
+
+
+def _xla_same_is_exact(paddings):
+    # XLA's own "same" routes ties as TensorFlow's CPU kernel when the padding is even,
+    # -inf inputs included (its padding never takes a gradient); it must be known to be.
+    if not all(isinstance(amount, int) for pair in paddings for amount in pair):
+        return False
+    padded = [(before, after) for before, after in paddings if before or after]
+    return bool(padded) and all(before == after for before, after in padded)
 
 
 def max_pool2d_compiled(x, *, pool_size, strides, padding, data_format):
@@ -141,16 +154,18 @@ def max_pool2d_compiled(x, *, pool_size, strides, padding, data_format):
 
     XLA's ``reduce-window`` and cuDNN take NCHW directly, which saves two full
     transposes of the input; TensorFlow's CPU graph kernel still needs NHWC. Under
-    XLA, ``"same"`` is explicit ``-inf`` padding then ``"valid"`` pooling (XLA's own
-    ``"same"`` gradient routes ties differently when the padding is uneven; see the
-    module docstring), and windows that tile the (padded) input
-    (``strides == pool_size``) get an element-wise gradient in place of
-    ``select-and-scatter``.
+    XLA, ``"same"`` is explicit ``-inf`` padding then ``"valid"`` pooling unless the
+    padding is known to be even (XLA's own ``"same"`` gradient routes ties
+    differently when it is uneven; see the module docstring), and windows that tile
+    the (padded) input (``strides == pool_size``) get an element-wise gradient in
+    place of ``select-and-scatter``.
     """
     in_xla = _in_xla_context()
     if in_xla and padding == "same":
-        x = _pad_same(x, pool_size, strides, data_format)
-        padding = "valid"
+        paddings = _same_paddings(x, pool_size, strides, data_format)
+        if not _xla_same_is_exact(paddings):
+            x = tf.pad(x, paddings, constant_values=float("-inf"))
+            padding = "valid"
     if in_xla and padding == "valid" and tuple(strides) == tuple(pool_size):
         return tf.custom_gradient(
             lambda t: _tiled_max_pool2d_xla(t, tuple(pool_size), data_format)

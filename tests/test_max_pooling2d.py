@@ -125,6 +125,26 @@ def test_tied_window_beside_uneven_same_padding_routes_to_its_first_maximum(impl
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_windows_of_minus_inf_beside_even_same_padding_keep_their_gradient(data_format):
+    # Pool 3, stride 1, "same" pads one row and column on each side. Explicit -inf
+    # padding would tie with these inputs and come first in each corner window, so
+    # with static shapes XLA keeps its own "same" here, which routes ties exactly.
+    shape = (1, 3, 3, 1) if data_format == "channels_last" else (1, 1, 3, 3)
+    x = np.full(shape, -np.inf, np.float32)
+    options = dict(pool_size=(3, 3), strides=(1, 1), padding="same", data_format=data_format)
+
+    @tf.function(jit_compile=True)
+    def grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = pooling.max_pool2d_compiled(x, **options)
+        return tape.gradient(y, x)
+
+    _, expected = pool_oracle(x, (3, 3), (1, 1), "same", data_format, upstream=np.ones(shape))
+    np.testing.assert_array_equal(grad(tf.constant(x)).numpy(), expected)
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 def test_same_padding_under_xla_with_unknown_spatial_axes(data_format, rng):
     # The explicit padding is computed from the run-time shape when the trace has none.
     pool_size, strides = (2, 3), (2, 2)
