@@ -50,11 +50,13 @@ def builtin_names() -> list[str]:
     """The fastlayers layers that can be named without a module."""
     from fastlayers import layers
 
-    # MultiHeadAttention subclasses Keras's own layer, not FastLayer
+    # MultiHeadAttention subclasses Keras's own layer, not FastLayer. An alias
+    # (MaxPool2D for MaxPooling2D) is left out: resolve_layer takes it as its class.
     return sorted(
         name for name in layers.__all__
         if issubclass(getattr(layers, name), keras.layers.Layer)
         and getattr(layers, name) not in (layers.FastLayer, layers.CompiledLayer)
+        and getattr(layers, name).__name__ == name
     )
 
 
@@ -254,9 +256,10 @@ def resolve_layer(layer, *, input_shape=None, layer_args: dict | None = None) ->
                          f"Received: {layer!r}")
     elif ":" in layer:
         cls, name = import_layer_class(layer), layer
-    elif layer in builtin_names():
-        cls, name = getattr(layers, layer), layer
-        defaults = LAYER_DEFAULTS.get(layer)
+    elif layer in layers.__all__ and getattr(layers, layer).__name__ in builtin_names():
+        cls = getattr(layers, layer)
+        name = cls.__name__  # an alias runs as its class, with the class's defaults
+        defaults = LAYER_DEFAULTS.get(name)
     else:
         raise LayerError(f"unknown layer {layer!r}; fastlayers.layers has "
                          f"{', '.join(builtin_names())}, or name your own as module:Class")

@@ -2,7 +2,8 @@
 
 Shape letters: ``x [B, ..., H, W]`` where ``H`` and ``W`` are the last two axes (rows
 and columns of the window), ``B`` the batch; a fixed ``mask`` has a shape that
-broadcasts against ``x.shape[1:]`` without changing it.
+broadcasts against ``x.shape[1:]`` without changing it, or that shape behind a
+leading batch axis of size 1.
 
 The centred window of ``size = (h, w)`` covers rows ``[(H - h) // 2, (H - h) // 2 + h)``
 and the same for columns. When ``H - h`` is odd the window sits half a row nearer the
@@ -19,30 +20,74 @@ from fastlayers.kernels.auto import AUTO
 
 
 def fixed_mask_reference(x, mask):
-    """The spec: ``x * mask`` in the dtype of ``x``, the mask broadcast over the batch."""
-    return x * tf.cast(mask, x.dtype)
+    """The spec: ``x * mask`` in the dtype of ``x``, the mask broadcast over the batch.
+
+    ``mask`` spans the axes after the batch (see ``feature_mask_shape``).
+    """
+    y = x * tf.cast(mask, x.dtype)
+    if x.shape.rank is None or not x.shape[1:].is_fully_defined():
+        # Where an axis of x is unknown here, the product would broadcast a larger
+        # mask axis over a run-time size of 1 and grow x. The assertion names the
+        # shapes (XLA drops assertions); the reshape to the shape of x is free when
+        # the mask fits and fails anywhere when y grew, as y then has more elements.
+        # (Not tf.broadcast_to(mask, ...): grappler drops it as a no-op in graph mode.)
+        fits = tf.debugging.Assert(
+            tf.reduce_all(tf.equal(tf.shape(y), tf.shape(x))),
+            [
+                "`mask` must broadcast against the input without its batch axis, "
+                "leaving its shape unchanged. Received: mask.shape=",
+                tf.shape(mask),
+                "inputs.shape=",
+                tf.shape(x),
+            ],
+        )
+        with tf.control_dependencies([fits]):
+            y = tf.reshape(y, tf.shape(x))
+    return y
 
 
 FIXED_MASK = dispatch.Kernel("fixed_mask", fixed_mask_reference, auto=AUTO["fixed_mask"])
 
 
-def check_mask_broadcasts(mask_shape, input_shape):
-    """Raises unless ``mask_shape`` broadcasts against ``input_shape[1:]`` unchanged.
+def feature_mask_shape(mask_shape, input_rank):
+    """``mask_shape`` without a leading batch axis of size 1, if it has one.
 
-    Unknown input axes accept any mask axis; the multiplication checks them at run time.
+    A mask of the input's rank whose first axis is 1 spans the batch axis too, as in
+    numpy's ``x * mask``; any other mask spans the input's axes after the batch.
+    """
+    mask_shape = tuple(mask_shape)
+    if input_rank == len(mask_shape) >= 1 and mask_shape[0] == 1:
+        return mask_shape[1:]
+    return mask_shape
+
+
+def check_mask_broadcasts(mask_shape, input_shape):
+    """Raises unless ``mask_shape`` broadcasts against ``input_shape`` unchanged.
+
+    The mask spans the axes after the batch, or all of them with a leading 1 for the
+    batch (``feature_mask_shape``). Unknown input axes accept any mask axis here;
+    ``fixed_mask_reference`` checks them at run time.
     """
     mask_shape, input_shape = tuple(mask_shape), tuple(input_shape)
+    received = f"Received: mask.shape={mask_shape}, inputs.shape={input_shape}"
+    min_rank = max(len(mask_shape) + (0 if mask_shape[:1] == (1,) else 1), 1)
+    if len(input_shape) < min_rank:
+        raise ValueError(
+            f"The input must have rank {min_rank} or more: a batch axis and the mask's "
+            f"axes after it. {received}"
+        )
+    mask_features = feature_mask_shape(mask_shape, len(input_shape))
     features = input_shape[1:]
-    fits = len(mask_shape) <= len(features) and all(
+    fits = all(
         m == 1 or f is None or m == f
         # Broadcasting aligns trailing axes; a shorter mask repeats over the rest.
-        for m, f in zip(reversed(mask_shape), reversed(features), strict=False)
+        for m, f in zip(reversed(mask_features), reversed(features), strict=False)
     )
     if not fits:
         raise ValueError(
             "`mask` must broadcast against the input without its batch axis, leaving its "
-            f"shape unchanged: mask.shape={mask_shape} cannot broadcast to {features}. "
-            f"Received: mask.shape={mask_shape}, inputs.shape={input_shape}"
+            f"shape unchanged: mask.shape={mask_features} cannot broadcast to {features}. "
+            + received
         )
 
 
@@ -51,20 +96,24 @@ def fixed_mask(x, mask, *, implementation=None):
 
     Args:
         x: ``[B, ...]`` floating tensor.
-        mask: array-like whose shape broadcasts against ``x.shape[1:]`` unchanged;
-            cast to the dtype of ``x``.
+        mask: array-like whose shape broadcasts against ``x.shape[1:]`` unchanged,
+            optionally with a leading batch axis of size 1 (``x.shape`` ``(B, 3, 4)``
+            takes ``(3, 4)``, ``(4,)``, ``(1, 3, 4)``); cast to the dtype of ``x``.
         implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
 
     Returns:
         A tensor of the shape and dtype of ``x``.
     """
     x = dispatch.floating_input(x, implementation)
-    if x.shape.rank is None or x.shape.rank < 1:
+    if x.shape.rank is None:
         raise ValueError(
-            f"`x` must have a batch axis (rank 1 or more). Received: x.shape={tuple(x.shape)}"
+            f"`x` must have a known rank (1 or more). Received: x.shape={tuple(x.shape)}"
         )
     mask = tf.convert_to_tensor(mask)
     check_mask_broadcasts(mask.shape, x.shape)
+    features = feature_mask_shape(mask.shape, x.shape.rank)
+    if len(features) < mask.shape.rank:
+        mask = tf.reshape(mask, features)  # drops the batch axis of size 1
     return FIXED_MASK(x, mask, implementation=implementation)
 
 

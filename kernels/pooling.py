@@ -11,15 +11,29 @@ padding row or column after the input, not before.
 Gradient routing of ties: when several inputs of a window share its maximum, the
 window's whole gradient goes to the first of them in row-major order within the
 window, and overlapping windows add up. TensorFlow's CPU ``MaxPoolGrad`` (strict
-``>`` while scanning the window) and XLA's ``select-and-scatter`` (selector ``>=``
-keeps the earlier element) both do this, and so does the element-wise gradient the
-XLA path uses for windows that tile the input; every implementation routes ties
-alike, and the tests pin it against a numpy oracle and Keras.
+``>`` while scanning the window) does this. XLA lowers ``MaxPoolGrad`` to
+``select-and-scatter`` (selector ``>=`` keeps the earlier element), which does it
+too without padding or with even padding; with uneven ``"same"`` padding (the odd
+row or column after the input) it sends a tied window's gradient to another of its
+maxima, even in windows that hold no padding (pool 2, stride 2 on a 3x3 input whose
+top-left window is ``[[0, 1], [1, 0]]``: to (1, 0), not (0, 1)). So under XLA the
+compiled path gives ``"same"`` to the pooling op only where the padding is known
+(static shapes) to be even; otherwise it pads the input with ``-inf`` by
+TensorFlow's ``"same"`` amounts and pools ``"valid"``, which routes ties as the CPU
+kernel does; where the windows then tile the padded input, the element-wise
+gradient below replaces ``select-and-scatter`` altogether. With that, every
+implementation routes ties alike, and the tests pin it against a numpy oracle and
+Keras. One difference remains on that explicit padding where some of it comes
+before the input (uneven padding of 3 or more rows or columns, or spatial sizes
+unknown when traced, as in the shape-generic retrace of a kernel called with a
+second shape): a window whose inputs are all ``-inf`` ties with the padding before
+them, which comes first, so its gradient goes to the padding and is dropped.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import tensorflow as tf
 from fastlayers.kernels import dispatch
@@ -103,15 +117,55 @@ def _tiled_max_pool2d_xla(x, pool_size, data_format):
     return y, grad
 
 
+def _same_padding(size, pool, stride):
+    """TensorFlow's ``"same"`` padding of one axis: ``(before, after)``, the odd one after.
+
+    ``size`` is an int, or a scalar tensor when the axis is unknown at trace time.
+    """
+    out = -(-size // stride)  # ceil(size / stride)
+    total = (out - 1) * stride + pool - size
+    total = max(total, 0) if isinstance(total, int) else tf.maximum(total, 0)
+    before = total // 2
+    return before, total - before
+
+
+def _same_paddings(x, pool_size, strides, data_format):
+    """``tf.pad`` paddings of rank-4 ``x`` as ``"same"`` pads its spatial axes."""
+    spatial_axes = (1, 2) if data_format == "channels_last" else (2, 3)
+    static, dynamic = x.shape, tf.shape(x)
+    paddings = [[0, 0] for _ in range(4)]
+    for axis, pool, stride in zip(spatial_axes, pool_size, strides, strict=True):
+        size = static[axis] if static[axis] is not None else dynamic[axis]
+        paddings[axis] = list(_same_padding(size, pool, stride))
+    return paddings
+
+
+def _xla_same_is_exact(paddings):
+    # XLA's own "same" routes ties as TensorFlow's CPU kernel when the padding is even,
+    # -inf inputs included (its padding never takes a gradient); it must be known to be.
+    if not all(isinstance(amount, int) for pair in paddings for amount in pair):
+        return False
+    padded = [(before, after) for before, after in paddings if before or after]
+    return bool(padded) and all(before == after for before, after in padded)
+
+
 def max_pool2d_compiled(x, *, pool_size, strides, padding, data_format):
     """The graph/XLA algorithm: pool in the input's own layout wherever a kernel exists.
 
     XLA's ``reduce-window`` and cuDNN take NCHW directly, which saves two full
     transposes of the input; TensorFlow's CPU graph kernel still needs NHWC. Under
-    XLA, windows that tile the input (``strides == pool_size``, ``"valid"``) also get
-    an element-wise gradient in place of ``select-and-scatter``.
+    XLA, ``"same"`` is explicit ``-inf`` padding then ``"valid"`` pooling unless the
+    padding is known to be even (XLA's own ``"same"`` gradient routes ties
+    differently when it is uneven; see the module docstring), and windows that tile
+    the (padded) input (``strides == pool_size``) get an element-wise gradient in
+    place of ``select-and-scatter``.
     """
     in_xla = _in_xla_context()
+    if in_xla and padding == "same":
+        paddings = _same_paddings(x, pool_size, strides, data_format)
+        if not _xla_same_is_exact(paddings):
+            x = tf.pad(x, paddings, constant_values=float("-inf"))
+            padding = "valid"
     if in_xla and padding == "valid" and tuple(strides) == tuple(pool_size):
         return tf.custom_gradient(
             lambda t: _tiled_max_pool2d_xla(t, tuple(pool_size), data_format)
@@ -163,28 +217,35 @@ def pooled_shape(input_shape, pool_size, strides, padding, data_format):
     return tuple(output_shape)
 
 
-def check_pool_arguments(pool_size, strides, padding, data_format):
-    """Validates standardized pooling arguments (pairs, lower-case strings)."""
-    for name, pair in (("pool_size", pool_size), ("strides", strides)):
-        if (
-            not isinstance(pair, tuple)
-            or len(pair) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair)
-        ):
-            raise ValueError(
-                f"Received an invalid value for `{name}`, expected a tuple of 2 positive "
-                f"integers. Received: {name}={pair!r}"
-            )
-    if padding not in PADDINGS:
-        raise ValueError(
-            "Received an invalid value for `padding`, expected 'valid' or 'same'. "
-            f"Received: padding={padding!r}"
+def check_positive_pair(name: str, value) -> tuple[int, int]:
+    """``value`` as a pair of positive ints (an int is used for both); else raises."""
+    pair = (value, value) if isinstance(value, numbers.Integral) else value
+    try:
+        pair = tuple(pair)
+    except TypeError:
+        pair = None
+    if (
+        pair is None
+        or len(pair) != 2
+        or not all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in pair
         )
-    if data_format not in DATA_FORMATS:
+    ):
         raise ValueError(
-            "Received an invalid value for `data_format`, expected 'channels_last' or "
-            f"'channels_first'. Received: data_format={data_format!r}"
+            f"Received an invalid value for `{name}`, expected a positive integer or a "
+            f"tuple of 2 positive integers. Received: {name}={value!r}"
         )
+    return int(pair[0]), int(pair[1])
+
+
+def standardize_choice(name: str, value, choices) -> str:
+    """``value`` lower-cased if it is one of ``choices`` (case-insensitive); else raises."""
+    if isinstance(value, str) and value.lower() in choices:
+        return value.lower()
+    raise ValueError(
+        f"Received an invalid value for `{name}`, expected one of "
+        f"{', '.join(repr(c) for c in choices)}. Received: {name}={value!r}"
+    )
 
 
 def max_pool2d(
@@ -198,20 +259,27 @@ def max_pool2d(
 ):
     """2-D max pooling, equal to ``keras.ops.max_pool`` on a rank-4 input.
 
+    The arguments are standardized as ``keras.ops.max_pool`` and
+    ``keras.layers.MaxPooling2D`` take them (an int for both axes, any case), except
+    that ``data_format`` defaults to ``"channels_last"`` rather than to
+    ``keras.config.image_data_format()``: a kernel reads no Keras configuration.
+
     Args:
         x: ``[B, H, W, C]`` (channels_last) or ``[B, C, H, W]`` (channels_first)
             floating tensor.
-        pool_size: tuple of 2 positive ints, the window's height and width.
-        strides: tuple of 2 positive ints, or None for ``pool_size``.
-        padding: ``"valid"`` or ``"same"``.
-        data_format: ``"channels_last"`` or ``"channels_first"``.
+        pool_size: positive int or tuple of 2, the window's height and width.
+        strides: positive int or tuple of 2, or None for ``pool_size``.
+        padding: ``"valid"`` or ``"same"`` (case-insensitive).
+        data_format: ``"channels_last"`` or ``"channels_first"`` (case-insensitive).
         implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
 
     Returns:
         ``[B, P, Q, C]`` or ``[B, C, P, Q]`` tensor of the dtype of ``x``.
     """
-    strides = pool_size if strides is None else strides
-    check_pool_arguments(pool_size, strides, padding, data_format)
+    pool_size = check_positive_pair("pool_size", pool_size)
+    strides = pool_size if strides is None else check_positive_pair("strides", strides)
+    padding = standardize_choice("padding", padding, PADDINGS)
+    data_format = standardize_choice("data_format", data_format, DATA_FORMATS)
     x = dispatch.floating_input(x, implementation)
     if x.shape.rank != 4:
         layout = "[B, H, W, C]" if data_format == "channels_last" else "[B, C, H, W]"

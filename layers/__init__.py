@@ -11,7 +11,7 @@ from fastlayers.layers.exponential import Exponential
 from fastlayers.layers.linear import Linear
 from fastlayers.layers.masking import CenterZero, FixedMask
 from fastlayers.layers.multi_head_attention import MultiHeadAttention
-from fastlayers.layers.pooling import MaxPooling2D
+from fastlayers.layers.pooling import MaxPool2D, MaxPooling2D
 from fastlayers.layers.residual import ResidualProjection
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "FastLayer",
     "FixedMask",
     "Linear",
+    "MaxPool2D",
     "MaxPooling2D",
     "MultiHeadAttention",
     "ResidualProjection",

@@ -37,6 +37,7 @@ class Exponential(FastLayer):
     def __init__(self, *, implementation=None, **kwargs):
         super().__init__(implementation=implementation, **kwargs)
         self.supports_masking = True
+        self._build_at_init()  # weightless: built at construction, as in Keras
 
     def call(self, inputs):
         return kernels.exponential(inputs, implementation=self.implementation)

@@ -24,11 +24,14 @@ class FixedMask(FastLayer):
     Args:
         mask: array-like of numbers whose shape broadcasts against the input without
             its batch axis and leaves that shape unchanged, e.g. ``(H, W)`` for
-            inputs ``(batch, H, W)`` or ``(batch, C, H, W)``.
+            inputs ``(batch, H, W)`` or ``(batch, C, H, W)``; or that shape behind a
+            leading batch axis of size 1, ``(1, H, W)`` for inputs ``(batch, H, W)``,
+            as numpy broadcasts ``x * mask``. A mask that would grow the input fails,
+            at run time where the input's axes are unknown when traced.
         implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
 
     Input shape:
-        ``(batch, ...)``, rank 1 or more.
+        ``(batch, ...)``: a batch axis, then at least the mask's axes.
 
     Output shape:
         The input's shape.
@@ -51,14 +54,9 @@ class FixedMask(FastLayer):
         super().__init__(implementation=implementation, **kwargs)
         self.mask = array
         self.supports_masking = True
-
-    def build(self, input_shape):
-        if len(input_shape) < 1:
-            raise ValueError(
-                f"Layer {self.name!r} expects an input with a batch axis. "
-                f"Received: input_shape={tuple(input_shape)}"
-            )
-        masking.check_mask_broadcasts(self.mask.shape, input_shape)
+        # Weightless: built at construction, as in Keras. The input's shape is checked
+        # by the kernel at call time and by compute_output_shape on symbolic inputs.
+        self._build_at_init()
 
     def call(self, inputs):
         return kernels.fixed_mask(inputs, self.mask, implementation=self.implementation)
@@ -88,7 +86,11 @@ class CenterZero(FastLayer):
         implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
 
     Input shape:
-        ``(..., H, W)``, rank 2 or more, with ``H`` and ``W`` known.
+        ``(..., H, W)``, rank 2 or more, with ``H`` and ``W`` known. The window is
+        always over the last two axes, whatever the rank: a rank-2 input is one 2-D
+        array ``(H, W)``, not a batch, so its first axis is one of the two windowed
+        axes (the tutorial calls the layer on a bare ``(10, 10)`` array this way).
+        A batch of such arrays is ``(batch, H, W)``.
 
     Output shape:
         The input's shape.
@@ -105,9 +107,9 @@ class CenterZero(FastLayer):
         self.size = check_positive_pair("size", size)
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
-
-    def build(self, input_shape):
-        masking.check_center_window(input_shape, self.size)
+        # Weightless: built at construction, as in Keras. The input's shape is checked
+        # by the kernel at call time and by compute_output_shape on symbolic inputs.
+        self._build_at_init()
 
     def call(self, inputs):
         return kernels.center_zero(inputs, self.size, implementation=self.implementation)

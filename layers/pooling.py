@@ -2,43 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
-
 import keras
 
 from fastlayers.kernels import pooling
+from fastlayers.kernels.pooling import check_positive_pair, standardize_choice
 from fastlayers.layers.base import FastLayer, register
-
-
-def check_positive_pair(name: str, value) -> tuple[int, int]:
-    """``value`` as a pair of positive ints (an int is used for both); else raises."""
-    pair = (value, value) if isinstance(value, numbers.Integral) else value
-    try:
-        pair = tuple(pair)
-    except TypeError:
-        pair = None
-    if (
-        pair is None
-        or len(pair) != 2
-        or not all(
-            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in pair
-        )
-    ):
-        raise ValueError(
-            f"Received an invalid value for `{name}`, expected a positive integer or a "
-            f"tuple of 2 positive integers. Received: {name}={value!r}"
-        )
-    return int(pair[0]), int(pair[1])
-
-
-def standardize_choice(name: str, value, choices) -> str:
-    """``value`` lower-cased if it is one of ``choices`` (case-insensitive); else raises."""
-    if isinstance(value, str) and value.lower() in choices:
-        return value.lower()
-    raise ValueError(
-        f"Received an invalid value for `{name}`, expected one of "
-        f"{', '.join(repr(c) for c in choices)}. Received: {name}={value!r}"
-    )
 
 
 @register
@@ -106,6 +74,7 @@ class MaxPooling2D(FastLayer):
             pooling.DATA_FORMATS,
         )
         self.input_spec = keras.layers.InputSpec(ndim=4)
+        self._build_at_init()  # weightless, as Keras's pooling layers: built, 0 params
 
     def call(self, inputs):
         # The arguments were checked at construction and the rank by `input_spec`:
@@ -141,3 +110,8 @@ class MaxPooling2D(FastLayer):
             "strides": self.strides,
             "data_format": self.data_format,
         }
+
+
+# Keras exports the layer under both names; the alias is the same class, so configs
+# and `.keras` files name MaxPooling2D either way.
+MaxPool2D = MaxPooling2D

@@ -103,8 +103,12 @@ class ResidualProjection(FastLayer):
         return [y, mean]
 
     def compute_output_shape(self, input_shape):
-        _, shape_b = self._check_shapes(input_shape)
-        return [shape_b, shape_b[:-1]]
+        shape_a, shape_b = self._check_shapes(input_shape)
+        # a and b share their leading axes: each is known where either input knows it.
+        leading = tuple(
+            p if p is not None else q for p, q in zip(shape_a[:-1], shape_b[:-1], strict=True)
+        )
+        return [leading + (self.units,), leading]
 
     def get_config(self):
         return {

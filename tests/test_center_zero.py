@@ -27,6 +27,16 @@ def test_tutorial_sixes(implementation):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_tutorial_literal_call_on_one_array(implementation):
+    # The tutorial calls the layer on a bare (10, 10) array, no batch axis: a rank-2
+    # input is one 2-D array, windowed over both of its axes.
+    y = layers.CenterZero(implementation=implementation)(np.full((10, 10), 6.0))
+    expected = np.full((10, 10), 6.0)
+    expected[4:6, 4:6] = 0.0
+    np.testing.assert_array_equal(y, expected)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_matches_numpy_under_every_policy(implementation, policy, rng):
     x = rng.standard_normal((2, 3, 7, 8)).astype(np.float32)
     y = layers.CenterZero((3, 2), implementation=implementation)(x)
@@ -79,6 +89,14 @@ def test_config_and_keras_file_round_trip(tmp_path, rng):
     x = rng.standard_normal((2, 6, 6)).astype(np.float32)
     np.testing.assert_array_equal(loaded(x), model(x))
     assert layer.weights == []
+
+
+def test_built_at_construction_with_no_parameters():
+    layer = layers.CenterZero()
+    assert layer.built and layer.count_params() == 0
+    # Built at construction, it still checks the window against each input.
+    with pytest.raises(ValueError, match=r"size=\(3, 3\), inputs.shape=\(1, 2, 5\)"):
+        layers.CenterZero(3)(np.ones((1, 2, 5), np.float32))
 
 
 def test_compute_output_shape():

@@ -22,6 +22,11 @@ def test_matches_numpy_under_every_policy(implementation, policy, rng):
     kernels.tolerance(dtype).check(np.asarray(y, np.float64) / expected, np.ones_like(expected))
 
 
+def test_built_at_construction_with_no_parameters():
+    layer = layers.Exponential()
+    assert layer.built and layer.count_params() == 0
+
+
 @pytest.mark.parametrize("implementation", COMPILED)
 def test_compiled_gradients_match_reference(implementation, policy, rng):
     x = tf.constant(rng.uniform(-2.0, 2.0, size=(4, 6)).astype(np.float32))

@@ -64,6 +64,11 @@ def test_keras_file_round_trip_in_safe_mode(tmp_path, rng):
     np.testing.assert_array_equal(loaded.layers[0].mask, MASK)
 
 
+def test_built_at_construction_with_no_parameters():
+    layer = layers.FixedMask(MASK)
+    assert layer.built and layer.count_params() == 0
+
+
 def test_compute_output_shape():
     layer = layers.FixedMask(MASK)
     assert layer.compute_output_shape((None, 7, 3, 4)) == (None, 7, 3, 4)
@@ -79,6 +84,62 @@ def test_mask_that_cannot_broadcast_raises():
         layers.FixedMask(np.ones((2, 3, 4))).compute_output_shape((None, 3, 4))
     with pytest.raises(ValueError, match=r"mask.shape=\(3, 4\), inputs.shape=\(5, 4\)"):
         kernels.fixed_mask(np.ones((5, 4), np.float32), MASK)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_mask_that_would_grow_an_unknown_axis_fails_at_run_time(implementation):
+    layer = layers.FixedMask(MASK, implementation=implementation)
+    traced = tf.function(layer, input_signature=[tf.TensorSpec([None, None, 4], tf.float32)])
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    np.testing.assert_array_equal(traced(x), x * MASK)  # the axis fits when it is run
+    # (2, 1, 4) * (3, 4) broadcasts to (2, 3, 4): the layer must refuse, not grow x.
+    message = (
+        r"Received: mask.shape=\] \[3 4\] \[inputs.shape=\] \[2 1 4\]"
+        if implementation != "xla"
+        else r"24 values.*8"  # XLA drops assertions; the reshape fails
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        traced(np.ones((2, 1, 4), np.float32))
+
+
+def test_known_axes_take_a_plain_product():
+    graph = tf.function(lambda x: kernels.fixed_mask(x, MASK, implementation="reference"))
+    known = graph.get_concrete_function(tf.TensorSpec([None, 3, 4], tf.float32))
+    assert "Reshape" not in {op.type for op in known.graph.get_operations()}
+    unknown = graph.get_concrete_function(tf.TensorSpec([None, None, 4], tf.float32))
+    assert "Reshape" in {op.type for op in unknown.graph.get_operations()}
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_mask_with_a_leading_batch_axis_of_one(implementation, rng):
+    # x (B, 3, 4) * mask (1, 3, 4) is numpy's broadcast over the batch.
+    mask = MASK[None]
+    layer = layers.FixedMask(mask, implementation=implementation)
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    np.testing.assert_allclose(layer(x), x * mask, rtol=1e-6)
+    assert layer.compute_output_shape((None, 3, 4)) == (None, 3, 4)
+    assert tuple(layer(keras.Input((3, 4))).shape) == (None, 3, 4)
+    config = layer.get_config()
+    assert config["mask"] == mask.tolist()  # saved as given, leading axis included
+    clone = layers.FixedMask.from_config(config)
+    assert clone.get_config() == config and clone.mask.shape == (1, 3, 4)
+    np.testing.assert_allclose(clone(x), x * mask, rtol=1e-6)
+    np.testing.assert_allclose(kernels.fixed_mask(x, mask), x * mask, rtol=1e-6)
+    # On a deeper input the leading 1 is an ordinary broadcast axis, not the batch.
+    deeper = rng.standard_normal((2, 5, 3, 4)).astype(np.float32)
+    np.testing.assert_allclose(layer(deeper), deeper * mask, rtol=1e-6)
+
+
+def test_input_of_lower_rank_than_the_mask_raises():
+    message = r"rank 3 or more.*Received: mask.shape=\(3, 4\), inputs.shape=\(3, 4\)"
+    with pytest.raises(ValueError, match=message):
+        layers.FixedMask(MASK)(np.ones((3, 4), np.float32))
+    with pytest.raises(ValueError, match=r"rank 3 or more.*inputs.shape=\(None, 4\)"):
+        layers.FixedMask(MASK)(keras.Input((4,)))
+    with pytest.raises(ValueError, match=r"rank 3 or more.*inputs.shape=\(4,\)"):
+        layers.FixedMask(MASK[None])(np.ones((4,), np.float32))
+    with pytest.raises(ValueError, match=r"rank 3 or more.*inputs.shape=\(3, 4\)"):
+        kernels.fixed_mask(np.ones((3, 4), np.float32), MASK)
 
 
 def test_bad_mask_raises():

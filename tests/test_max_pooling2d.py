@@ -17,6 +17,12 @@ CASES = [
     ((3, 3), (1, 1), "same", "channels_last", (1, 5, 6, 2)),
     ((2, 3), (3, 1), "valid", "channels_first", (2, 2, 8, 7)),
     ((2, 3), (2, 3), "valid", "channels_first", (2, 2, 7, 8)),  # tiles, with leftovers
+    # Uneven "same" padding (the odd row or column after the input), where XLA's
+    # own "same" gradient routes ties elsewhere: tiling the padded input, then not.
+    ((2, 2), (2, 2), "same", "channels_last", (1, 3, 3, 1)),
+    ((2, 2), (1, 2), "same", "channels_first", (1, 2, 3, 9)),
+    ((2, 3), (2, 3), "same", "channels_last", (2, 4, 5, 3)),
+    ((2, 2), (1, 1), "same", "channels_last", (1, 3, 8, 3)),
 ]
 
 
@@ -105,6 +111,63 @@ def test_ties_route_the_gradient_to_the_first_maximum(implementation, rng):
         np.testing.assert_array_equal(grad.numpy(), keras_grad.numpy(), err_msg=str(case))
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_tied_window_beside_uneven_same_padding_routes_to_its_first_maximum(implementation):
+    # Pool 2, stride 2, "same" on 3x3 pads one row and column after the input; the
+    # top-left window [[0, 1], [1, 0]] holds no padding and sends its gradient to (0, 1).
+    x = np.zeros((1, 3, 3, 1), np.float32)
+    x[0, 0, 1, 0] = x[0, 1, 0, 0] = 1.0
+    layer = layers.MaxPooling2D(2, 2, "same", implementation=implementation)
+    _, grad = _input_gradient(layer, x, np.ones((1, 2, 2, 1), np.float32))
+    expected = np.zeros((3, 3))
+    expected[0, 1] = expected[0, 2] = expected[2, 0] = expected[2, 2] = 1.0
+    np.testing.assert_array_equal(grad.numpy()[0, :, :, 0], expected)
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_windows_of_minus_inf_beside_even_same_padding_keep_their_gradient(data_format):
+    # Pool 3, stride 1, "same" pads one row and column on each side. Explicit -inf
+    # padding would tie with these inputs and come first in each corner window, so
+    # with static shapes XLA keeps its own "same" here, which routes ties exactly.
+    shape = (1, 3, 3, 1) if data_format == "channels_last" else (1, 1, 3, 3)
+    x = np.full(shape, -np.inf, np.float32)
+    options = dict(pool_size=(3, 3), strides=(1, 1), padding="same", data_format=data_format)
+
+    @tf.function(jit_compile=True)
+    def grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = pooling.max_pool2d_compiled(x, **options)
+        return tape.gradient(y, x)
+
+    _, expected = pool_oracle(x, (3, 3), (1, 1), "same", data_format, upstream=np.ones(shape))
+    np.testing.assert_array_equal(grad(tf.constant(x)).numpy(), expected)
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_same_padding_under_xla_with_unknown_spatial_axes(data_format, rng):
+    # The explicit padding is computed from the run-time shape when the trace has none.
+    pool_size, strides = (2, 3), (2, 2)
+    shape = (2, 5, 7, 3) if data_format == "channels_last" else (2, 3, 5, 7)
+    x = rng.integers(0, 2, size=shape).astype(np.float32)
+    options = dict(pool_size=pool_size, strides=strides, padding="same", data_format=data_format)
+    upstream = rng.integers(1, 5, size=pooling.pooled_shape(shape, **options)).astype(np.float32)
+
+    @tf.function(jit_compile=True, input_signature=[tf.TensorSpec([None] * 4, tf.float32)])
+    def pool_and_grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = pooling.max_pool2d_compiled(x, **options)
+        return y, tape.gradient(y, x, output_gradients=upstream)
+
+    y, grad = pool_and_grad(tf.constant(x))
+    expected_y, expected_grad = pool_oracle(
+        x, pool_size, strides, "same", data_format, upstream=upstream
+    )
+    np.testing.assert_array_equal(y.numpy(), expected_y)
+    np.testing.assert_array_equal(grad.numpy(), expected_grad)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_output_and_gradient_equal_keras_on_device(implementation, device, rng):
@@ -189,6 +252,38 @@ def test_data_format_none_follows_keras_config():
     assert layers.MaxPooling2D().data_format == "channels_last"
 
 
+def test_built_at_construction_with_no_parameters():
+    # Keras builds its weightless layers in __init__: count_params() works at once.
+    layer, theirs = layers.MaxPooling2D(), keras.layers.MaxPooling2D()
+    assert layer.built and theirs.built
+    assert layer.count_params() == theirs.count_params() == 0
+
+
+def test_max_pool2d_is_an_alias_as_in_keras():
+    assert keras.layers.MaxPool2D is keras.layers.MaxPooling2D
+    assert layers.MaxPool2D is layers.MaxPooling2D
+    config = layers.MaxPool2D(3, padding="same").get_config()
+    assert config == layers.MaxPooling2D(3, padding="same", name=config["name"]).get_config()
+    assert keras.saving.get_registered_name(layers.MaxPool2D) == "fastlayers>MaxPooling2D"
+
+
+def test_kernel_standardizes_arguments_as_keras_ops(rng):
+    x = rng.standard_normal((1, 5, 6, 2)).astype(np.float32)
+    for kwargs in [
+        dict(pool_size=2),
+        dict(pool_size=[2, 3], strides=1),
+        dict(pool_size=(3, 3), strides=2, padding="SAME"),
+        dict(pool_size=2, padding="Valid", data_format="CHANNELS_LAST"),
+    ]:
+        np.testing.assert_array_equal(
+            kernels.max_pool2d(x, **kwargs), keras.ops.max_pool(x, **kwargs), err_msg=str(kwargs)
+        )
+    with pytest.raises(ValueError, match=r"`pool_size`.*Received: pool_size=\[2, 0\]"):
+        kernels.max_pool2d(x, pool_size=[2, 0])
+    with pytest.raises(ValueError, match=r"`padding`.*Received: padding='full'"):
+        kernels.max_pool2d(x, padding="full")
+
+
 def test_config_round_trip():
     layer = layers.MaxPooling2D((3, 2), (1, 2), "same", "channels_first", implementation="xla")
     config = layer.get_config()
@@ -252,6 +347,10 @@ def test_pool_larger_than_input_with_valid_raises():
 def test_wrong_rank_raises():
     with pytest.raises(ValueError, match=r"expected ndim=4, found ndim=3"):
         layers.MaxPooling2D()(np.zeros((2, 4, 4), np.float32))
+    layer = layers.MaxPooling2D(name="pool")
+    message = r"^Layer 'pool' expects a 4D input. Received: input_shape=\(None, 4, 4\)$"
+    with pytest.raises(ValueError, match=message):
+        layer.compute_output_shape((None, 4, 4))
     with pytest.raises(ValueError, match=r"x.shape=\(2, 4, 4\)"):
         kernels.max_pool2d(np.zeros((2, 4, 4), np.float32))
 

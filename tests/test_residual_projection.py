@@ -56,6 +56,28 @@ def test_compiled_gradients_match_reference(implementation, policy, rng):
         tol.check(np.asarray(actual) / scale, np.asarray(expected) / scale, what=f"d{name}")
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_gradients_match_numpy(implementation, rng):
+    # loss = sum(Y²) + sum(3·mean(b)) with Y = a·K + b over N = units columns:
+    # dY = 2Y, so da = 2Y·Kᵀ, dK = aᵀ·2Y (over every leading axis), db = 2Y + 3/N.
+    units = 4
+    a = tf.constant(rng.standard_normal((2, 3, 6)).astype(np.float32))
+    b = tf.constant(rng.standard_normal((2, 3, units)).astype(np.float32))
+    layer = layers.ResidualProjection(units, implementation=implementation)
+    with tf.GradientTape() as tape:
+        tape.watch([a, b])
+        y, mean = layer([a, b])
+        loss = tf.reduce_sum(y**2) + tf.reduce_sum(3.0 * mean)
+    da, db, dk = tape.gradient(loss, [a, b, layer.kernel])
+    a64, b64 = a.numpy().astype(np.float64), b.numpy().astype(np.float64)
+    k64 = layer.kernel.numpy().astype(np.float64)
+    dy = 2.0 * (a64 @ k64 + b64)
+    tol = kernels.tolerance("float32", grad=True)
+    tol.check(da, dy @ k64.T, what="da")
+    tol.check(db, dy + 3.0 / units, what="db")
+    tol.check(dk, a64.reshape(-1, 6).T @ dy.reshape(-1, units), what="dkernel")
+
+
 def test_two_input_two_output_model_fits(rng):
     a_in, b_in = keras.Input((6,), name="a"), keras.Input((4,), name="b")
     y, mean = layers.ResidualProjection(4)([a_in, b_in])
@@ -76,6 +98,28 @@ def test_compute_output_shape_over_lists():
     assert layer.compute_output_shape([(None, 3, 6), (None, 3, 4)]) == [(None, 3, 4), (None, 3)]
 
 
+@pytest.mark.parametrize(
+    "shapes, expected",
+    [
+        # The first output's last axis is `units` even where b's is unknown.
+        ([(None, None, 6), (None, 3, None)], [(None, 3, 4), (None, 3)]),
+        # A leading axis known in a alone is known in the outputs.
+        ([(None, 3, 6), (None, None, 4)], [(None, 3, 4), (None, 3)]),
+        ([(2, None, 6), (None, 5, 4)], [(2, 5, 4), (2, 5)]),
+        ([(None, 6), (None, None)], [(None, 4), (None,)]),
+    ],
+)
+def test_compute_output_shape_merges_known_axes(shapes, expected):
+    assert layers.ResidualProjection(4).compute_output_shape(shapes) == expected
+
+
+def test_symbolic_outputs_keep_every_known_axis():
+    y, mean = layers.ResidualProjection(4)([keras.Input((3, 6)), keras.Input((None, 4))])
+    assert (tuple(y.shape), tuple(mean.shape)) == ((None, 3, 4), (None, 3))
+    y, mean = layers.ResidualProjection(4)([keras.Input((None, 6)), keras.Input((3, None))])
+    assert (tuple(y.shape), tuple(mean.shape)) == ((None, 3, 4), (None, 3))
+
+
 def test_config_and_keras_file_round_trip(tmp_path, rng):
     a_in, b_in = keras.Input((6,)), keras.Input((4,))
     layer = layers.ResidualProjection(4, kernel_initializer="random_uniform", implementation="xla")
@@ -93,11 +137,13 @@ def test_config_and_keras_file_round_trip(tmp_path, rng):
 
 def test_input_that_is_not_a_pair_raises():
     layer = layers.ResidualProjection(4)
-    with pytest.raises(ValueError, match=r"list of two inputs \[a, b\]. Received: input_shape"):
+    expects = r"expects a list of two inputs \[a, b\]. "
+    with pytest.raises(ValueError, match=expects + r"Received: input_shape=\[\(None, 6\)\]$"):
         layer.compute_output_shape([(None, 6)])
-    with pytest.raises(ValueError, match=r"list of two inputs \[a, b\]"):
+    with pytest.raises(ValueError, match=expects + r"Received: input_shape=\(2, 6\)$"):
         layer(np.ones((2, 6), np.float32))
-    with pytest.raises(ValueError, match=r"list of two inputs \[a, b\]"):
+    three = r"Received: input_shape=\[\(2, 6\), \(2, 6\), \(2, 6\)\]$"
+    with pytest.raises(ValueError, match=expects + three):
         layer([np.ones((2, 6), np.float32)] * 3)
 
 

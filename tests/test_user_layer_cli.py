@@ -259,6 +259,10 @@ def test_every_fastlayers_layer_has_a_defaults_row_that_builds():
         assert spec.input_shapes == layer_spec.normalize_shapes(
             profile.LAYER_DEFAULTS[name].input_shape)
     assert len(layer_spec.resolve_layer("ResidualProjection").input_shapes) == 2
+    # Keras's alias names the same class, with the same defaults.
+    alias = layer_spec.resolve_layer("MaxPool2D")
+    assert (alias.name, alias.cls.__name__) == ("MaxPooling2D", "MaxPooling2D")
+    assert "MaxPool2D" not in layer_spec.builtin_names()
 
 
 @pytest.mark.parametrize("mode, implementation", [("function", "graph"), ("eager", "xla")])
