@@ -21,7 +21,7 @@ compiled path gives ``"same"`` to the pooling op only where the padding is known
 (static shapes) to be even; otherwise it pads the input with ``-inf`` by
 TensorFlow's ``"same"`` amounts and pools ``"valid"``, which routes ties as the CPU
 kernel does; where the windows then tile the padded input, the element-wise
-gradient below replaces ``select-and-scatter`` altogether. With that, every
+passes below replace ``reduce-window`` and ``select-and-scatter`` altogether. With that, every
 implementation routes ties alike, and the tests pin it against a numpy oracle and
 Keras. One difference remains on that explicit padding where some of it comes
 before the input (uneven padding of 3 or more rows or columns, or spatial sizes
@@ -32,6 +32,7 @@ them, which comes first, so its gradient goes to the padding and is dropped.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -71,50 +72,76 @@ def max_pool2d_reference(x, *, pool_size, strides, padding, data_format):
 
 
 def _tiled_max_pool2d_xla(x, pool_size, data_format):
-    """Non-overlapping ``"valid"`` pooling whose gradient is one fused element-wise pass.
+    """Non-overlapping ``"valid"`` pooling as element-wise passes, forward and backward.
 
-    XLA lowers TensorFlow's ``MaxPoolGrad`` to ``select-and-scatter``, which is slow
-    on CPU (2.2x the reference's forward+backward on 32x112x112x64). When the windows
-    tile the input, the gradient is a select instead: each input gets its window's
+    XLA lowers TensorFlow's ``MaxPool`` to ``reduce-window``, which reads the input
+    with a stride, and ``MaxPoolGrad`` to ``select-and-scatter``, which is slow on CPU.
+    When the windows tile the input, a window's ``ph·pw`` elements are ``ph·pw``
+    strided views of it (``_window_elements``): the forward is their element-wise
+    maximum, and the gradient a select per element: each input gets its window's
     gradient if it is the window's first maximum in row-major order, else zero; rows
     and columns past the last whole window get zero. Same routing, ties included.
+    Each direction is one fused loop that streams through memory once.
     """
-    ph, pw = pool_size
-    channels_last = data_format == "channels_last"
-    y = tf.nn.max_pool2d(
-        x, pool_size, pool_size, "VALID", data_format="NHWC" if channels_last else "NCHW"
-    )
+    elements = _window_elements(x, pool_size, data_format)
+    y = functools.reduce(tf.maximum, [e for row in elements for e in row])
 
     def grad(dy):
-        shape = tf.shape(x)
-        if channels_last:  # x [B, H, W, C] -> windows [B, P, ph, Q, pw, C]
-            b, h, w, c = shape[0], shape[1], shape[2], shape[3]
-            p, q = h // ph, w // pw
-            windows = tf.reshape(x[:, : p * ph, : q * pw, :], [b, p, ph, q, pw, c])
-            row_axis, col_axis = 2, 4
-            peak, dy_w = y[:, :, None, :, None, :], dy[:, :, None, :, None, :]
-        else:  # x [B, C, H, W] -> windows [B, C, P, ph, Q, pw]
-            b, c, h, w = shape[0], shape[1], shape[2], shape[3]
-            p, q = h // ph, w // pw
-            windows = tf.reshape(x[:, :, : p * ph, : q * pw], [b, c, p, ph, q, pw])
-            row_axis, col_axis = 3, 5
-            peak, dy_w = y[:, :, :, None, :, None], dy[:, :, :, None, :, None]
-        hit = tf.cast(tf.equal(windows, peak), tf.int32)
-        # A hit is the first in row-major order when no earlier row of its window
-        # holds a hit and no earlier column of its own row does.
-        row_hit = tf.reduce_max(hit, axis=col_axis, keepdims=True)
-        earlier = tf.cumsum(row_hit, axis=row_axis, exclusive=True) + tf.cumsum(
-            hit, axis=col_axis, exclusive=True
-        )
-        first = (hit > 0) & (earlier == 0)
-        dx = tf.where(first, dy_w, tf.zeros([], dy.dtype))
-        if channels_last:
-            dx = tf.reshape(dx, [b, p * ph, q * pw, c])
-            return tf.pad(dx, [[0, 0], [0, h - p * ph], [0, w - q * pw], [0, 0]])
-        dx = tf.reshape(dx, [b, c, p * ph, q * pw])
-        return tf.pad(dx, [[0, 0], [0, 0], [0, h - p * ph], [0, w - q * pw]])
+        zero = tf.zeros([], dy.dtype)
+        taken = None  # where an earlier element of the window was the first maximum
+        dx = []
+        for row in elements:
+            dx.append([])
+            for element in row:
+                hit = tf.equal(element, y)
+                first = hit if taken is None else hit & ~taken
+                taken = first if taken is None else taken | first
+                dx[-1].append(tf.where(first, dy, zero))
+        return _from_window_elements(dx, x, pool_size, data_format)
 
     return y, grad
+
+
+def _dims(x):
+    """The axes' sizes of ``x``: ints where known when traced, scalar tensors elsewhere."""
+    dynamic = tf.shape(x)
+    return [size if size is not None else dynamic[i] for i, size in enumerate(x.shape)]
+
+
+def _window_elements(x, pool_size, data_format):
+    """``e[i][j]``: element ``(i, j)`` of every whole window, shaped as the pooled output.
+
+    A window row is a contiguous run of ``pw`` pixels, so one reshape puts the
+    window's rows on an axis and, channels_last, its columns side by side on the
+    last one: ``[B, H, W, C] -> [B, P, ph, Q, pw·C]``, ``[B, C, H, W] -> [B, C, P,
+    ph, Q, pw]``. Rows and columns past the last whole window are left out.
+    """
+    ph, pw = pool_size
+    if data_format == "channels_last":
+        b, h, w, c = _dims(x)
+        p, q = h // ph, w // pw
+        rows = tf.reshape(x[:, : p * ph, : q * pw, :], [b, p, ph, q, pw * c])
+        return [[rows[:, :, i, :, j * c : (j + 1) * c] for j in range(pw)] for i in range(ph)]
+    b, c, h, w = _dims(x)
+    p, q = h // ph, w // pw
+    windows = tf.reshape(x[:, :, : p * ph, : q * pw], [b, c, p, ph, q, pw])
+    return [[windows[:, :, :, i, :, j] for j in range(pw)] for i in range(ph)]
+
+
+def _from_window_elements(elements, x, pool_size, data_format):
+    """The inverse of ``_window_elements``: a tensor shaped as ``x``, zero past the windows."""
+    ph, pw = pool_size
+    if data_format == "channels_last":
+        b, h, w, c = _dims(x)
+        p, q = h // ph, w // pw
+        rows = tf.stack([tf.concat(row, axis=-1) for row in elements], axis=2)
+        dx = tf.reshape(rows, [b, p * ph, q * pw, c])
+        return tf.pad(dx, [[0, 0], [0, h - p * ph], [0, w - q * pw], [0, 0]])
+    b, c, h, w = _dims(x)
+    p, q = h // ph, w // pw
+    windows = tf.stack([tf.stack(row, axis=-1) for row in elements], axis=3)
+    dx = tf.reshape(windows, [b, c, p * ph, q * pw])
+    return tf.pad(dx, [[0, 0], [0, 0], [0, h - p * ph], [0, w - q * pw]])
 
 
 def _same_padding(size, pool, stride):
@@ -157,8 +184,9 @@ def max_pool2d_compiled(x, *, pool_size, strides, padding, data_format):
     XLA, ``"same"`` is explicit ``-inf`` padding then ``"valid"`` pooling unless the
     padding is known to be even (XLA's own ``"same"`` gradient routes ties
     differently when it is uneven; see the module docstring), and windows that tile
-    the (padded) input (``strides == pool_size``) get an element-wise gradient in
-    place of ``select-and-scatter``.
+    the (padded) input (``strides == pool_size``) are pooled and differentiated by
+    element-wise passes over strided views in place of ``reduce-window`` and
+    ``select-and-scatter`` (``_tiled_max_pool2d_xla``).
     """
     in_xla = _in_xla_context()
     if in_xla and padding == "same":

@@ -201,12 +201,16 @@ def test_compiled_gradients_match_reference_under_every_policy(implementation, p
         )
 
 
-def test_channels_first_pools_in_place_under_xla():
-    x = tf.zeros((1, 3, 4, 4))
-    options = dict(pool_size=(2, 2), strides=(2, 2), padding="valid", data_format="channels_first")
+@pytest.mark.parametrize("pool_size, strides, pooled_by", [
+    ((2, 2), (2, 2), "Maximum"),  # tiled windows: element-wise maxima of strided views
+    ((3, 3), (2, 2), "MaxPool"),  # overlapping windows: XLA's reduce-window, in NCHW
+])
+def test_channels_first_pools_in_place_under_xla(pool_size, strides, pooled_by):
+    x = tf.zeros((1, 3, 8, 8))
+    options = dict(pool_size=pool_size, strides=strides, padding="valid", data_format="channels_first")
     traced = tf.function(lambda x: pooling.max_pool2d_compiled(x, **options), jit_compile=True)
     ops = {op.type for op in traced.get_concrete_function(x).graph.get_operations()}
-    assert "MaxPool" in ops and "Transpose" not in ops
+    assert pooled_by in ops and "Transpose" not in ops
     graph = tf.function(lambda x: pooling.max_pool2d_compiled(x, **options))
     assert "Transpose" in {op.type for op in graph.get_concrete_function(x).graph.get_operations()}
 
