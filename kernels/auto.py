@@ -50,9 +50,10 @@ AUTO = {
     },
     # Rows below: ratios of median time to the reference's on the 2-core AMD EPYC
     # (Zen 3, AVX2), TF 2.21, interleaved runs on a shared machine (lower is faster).
-    # The "cpu" rows were measured with oneDNN off. Only max pooling was measured with
-    # TF_ENABLE_ONEDNN_OPTS=1 (oneDNN has its own pooling); the other oneDNN rows
-    # repeat the "cpu" rows.
+    # The "cpu" rows were measured with oneDNN off; there only max pooling was
+    # measured with TF_ENABLE_ONEDNN_OPTS=1 (oneDNN has its own pooling). The
+    # "cpu-onednn-bf16" rows were measured on a 2-core Zen 4 EPYC, where oneDNN is on
+    # by default; those figures are speeds (higher is faster), as the comments say.
     "max_pool2d": {
         # channels_last 2x2/2 on 64x112x112x64 float32: keras 0.90-1.0, graph
         # 0.90-1.13 (all three run TF's MaxPool op), XLA's reduce-window 1.13-1.33
@@ -64,6 +65,25 @@ AUTO = {
         # 1.03, graph 1.03, XLA 0.93 (within noise); float16/bfloat16 XLA 3.2-11.
         ("cpu", "*"): ("reference", "graph", "xla"),
         ("cpu-onednn", "*"): ("reference", "graph", "xla"),
+        ("cpu-onednn-bf16", "*"): ("reference", "graph", "xla"),
+        ("gpu", "*"): ("graph", "xla", "reference"),
+    },
+    # Windows that tile the input ("valid", strides == pool_size), which XLA pools
+    # and differentiates by element-wise passes over strided views. 2-core AMD EPYC
+    # (Zen 4, oneDNN on), 2x2/2, as speed relative to Keras's layer (higher is
+    # faster), interleaved medians:
+    #   float32 forward on 64x112x112x64: reference 0.99-1.01 (TF's MaxPool, as
+    #   Keras; 41 alternating pairs of the layers: 0.99), XLA 0.99-1.06;
+    #   forward+backward on 32x112x112x64 inside a tf.function: XLA 0.20 (oneDNN's
+    #   MaxPoolGrad reuses the forward's workspace), called eagerly 1.19;
+    #   mixed_float16 (no oneDNN kernel: Eigen): forward XLA 1.35-2.6, forward+
+    #   backward in a tf.function 2.26; mixed_bfloat16: forward XLA 0.70-0.87,
+    #   forward+backward 0.30.
+    # Unmeasured on the other CPUs: they keep the general row.
+    "max_pool2d_tiled": {
+        ("cpu", "*"): ("reference", "graph", "xla"),
+        ("cpu-onednn", "*"): ("reference", "graph", "xla"),
+        ("cpu-onednn-bf16", "float16"): ("xla", "reference", "graph"),
         ("cpu-onednn-bf16", "*"): ("reference", "graph", "xla"),
         ("gpu", "*"): ("graph", "xla", "reference"),
     },
@@ -85,10 +105,27 @@ AUTO = {
         ("cpu-onednn-bf16", "*"): ("graph", "reference", "xla"),
         ("gpu", "*"): ("graph", "xla", "reference"),
     },
+    # Tiled windows in channels_first. Zen 4 with oneDNN, 2x2/2, speed relative to
+    # Keras's layer (which transposes to channels_last and back): forward on
+    # 16x64x112x112 and 64x64x112x112, XLA in place: float32 3.0-3.8, mixed_bfloat16
+    # 2.3-5.5, mixed_float16 5.7-10.8; forward+backward on 32x64x112x112 inside a
+    # tf.function: float32 0.76 (called eagerly 2.08), mixed_bfloat16 0.95,
+    # mixed_float16 3.75. Forward wins; so does training but in float32 graphs.
+    "max_pool2d_channels_first_tiled": {
+        ("cpu", "float32"): ("xla", "graph", "reference"),
+        ("cpu", "*"): ("graph", "reference", "xla"),
+        ("cpu-onednn", "float32"): ("xla", "graph", "reference"),
+        ("cpu-onednn", "bfloat16"): ("xla", "graph", "reference"),
+        ("cpu-onednn", "*"): ("graph", "reference", "xla"),
+        ("cpu-onednn-bf16", "*"): ("xla", "graph", "reference"),
+        ("gpu", "*"): ("graph", "xla", "reference"),
+    },
     "fixed_mask": {
         # x * mask on 256x128x128: float32 XLA 0.90-1.13, graph 1.08-2.74 (a lone
         # element-wise op gains nothing from a function call); float16/bfloat16 XLA
-        # 2.8-4.7, graph 1.05-1.14.
+        # 2.8-4.7, graph 1.05-1.14. Zen 4 with oneDNN (`fastlayers bench --layer
+        # FixedMask`, speed relative to the reference): eager graph 0.82-0.83, XLA
+        # 0.22-0.77; in a tf.function graph 1.00-1.13, XLA 0.20-0.71.
         ("cpu", "*"): ("reference", "graph", "xla"),
         ("cpu-onednn", "*"): ("reference", "graph", "xla"),
         ("cpu-onednn-bf16", "*"): ("reference", "graph", "xla"),
@@ -97,13 +134,17 @@ AUTO = {
     "center_zero": {
         # 256x128x128: XLA fuses the window test into the select, no mask in memory:
         # float32 0.53-0.85, float16 0.38-0.52, bfloat16 0.44-0.53; graph 0.59-1.04.
+        # Zen 4 with oneDNN, speed relative to the reference: XLA 2.2-3.6 eager,
+        # 1.3-2.5 in a tf.function; graph 1.4-1.8 eager, 1.0 in a tf.function.
         ("cpu", "*"): ("xla", "graph", "reference"),
         ("cpu-onednn", "*"): ("xla", "graph", "reference"),
         ("cpu-onednn-bf16", "*"): ("xla", "graph", "reference"),
         ("gpu", "*"): ("xla", "graph", "reference"),
     },
     "exponential": {
-        # exp on 256x128x128: bfloat16 XLA 0.79-0.87, graph 1.08-1.19.
+        # exp on 256x128x128: bfloat16 XLA 0.79-0.87, graph 1.08-1.19. Zen 4 with
+        # oneDNN, speed relative to the reference: bfloat16 XLA 1.25 eager, 1.77 in a
+        # tf.function; float32 XLA 0.96 / 1.14, float16 XLA 0.30 / 0.31.
         ("cpu", "bfloat16"): ("xla", "reference", "graph"),
         ("cpu-onednn", "bfloat16"): ("xla", "reference", "graph"),
         ("cpu-onednn-bf16", "bfloat16"): ("xla", "reference", "graph"),
@@ -117,7 +158,10 @@ AUTO = {
     "residual_projection": {
         # a, b 4096x512, kernel 512x512: XLA 0.70-1.05 and graph 0.71-1.01 over three
         # runs in all three dtypes, within noise of each other; XLA's dot beats
-        # Eigen's on larger matmuls (see "dense"), so the rows follow "dense".
+        # Eigen's on larger matmuls (see "dense"), so the rows follow "dense". Zen 4
+        # with oneDNN, speed relative to the reference: graph 1.38 / 1.12 / 1.78 eager
+        # (float32 / float16 / bfloat16), 1.01 / 1.03 / 1.69 in a tf.function; XLA
+        # 1.31 / 0.91 / 1.06 eager, 0.73 / 0.98 / 0.96.
         ("cpu", "*"): ("xla", "graph", "reference"),
         ("cpu-onednn", "*"): ("graph", "xla", "reference"),
         ("cpu-onednn-bf16", "*"): ("graph", "xla", "reference"),

@@ -205,18 +205,26 @@ def max_pool2d_compiled(x, *, pool_size, strides, padding, data_format):
     )
 
 
-# Two rows because the fastest path depends on the layout (see kernels/auto.py).
+def _kernel(name):
+    return dispatch.Kernel(name, max_pool2d_reference, max_pool2d_compiled, auto=AUTO[name])
+
+
+# One kernel per layout and per kind of window, because the fastest path depends on
+# both (see kernels/auto.py): windows that tile the input pool by element-wise passes
+# under XLA, the others by reduce-window.
 MAX_POOL2D = {
-    "channels_last": dispatch.Kernel(
-        "max_pool2d", max_pool2d_reference, max_pool2d_compiled, auto=AUTO["max_pool2d"]
-    ),
-    "channels_first": dispatch.Kernel(
-        "max_pool2d_channels_first",
-        max_pool2d_reference,
-        max_pool2d_compiled,
-        auto=AUTO["max_pool2d_channels_first"],
-    ),
+    ("channels_last", False): _kernel("max_pool2d"),
+    ("channels_last", True): _kernel("max_pool2d_tiled"),
+    ("channels_first", False): _kernel("max_pool2d_channels_first"),
+    ("channels_first", True): _kernel("max_pool2d_channels_first_tiled"),
 }
+
+
+def kernel_for(pool_size, strides, padding, data_format) -> dispatch.Kernel:
+    """The kernel of a standardized call: by layout, and whether the windows tile the
+    input (``"valid"``, ``strides == pool_size``)."""
+    tiled = padding == "valid" and tuple(strides) == tuple(pool_size)
+    return MAX_POOL2D[data_format, tiled]
 
 
 def pooled_size(size, pool, stride, padding):
@@ -315,7 +323,7 @@ def max_pool2d(
             f"`x` must have rank 4 ({layout}). Received: x.shape={tuple(x.shape)}"
         )
     pooled_shape(x.shape, pool_size, strides, padding, data_format)
-    kernel = MAX_POOL2D[data_format]
+    kernel = kernel_for(pool_size, strides, padding, data_format)
     return kernel(
         x, pool_size=pool_size, strides=strides, padding=padding, data_format=data_format,
         implementation=implementation,

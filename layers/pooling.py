@@ -83,7 +83,8 @@ class MaxPooling2D(FastLayer):
         pooling.pooled_shape(
             inputs.shape, self.pool_size, self.strides, self.padding, self.data_format
         )
-        return pooling.MAX_POOL2D[self.data_format](
+        kernel = pooling.kernel_for(self.pool_size, self.strides, self.padding, self.data_format)
+        return kernel(
             inputs,
             pool_size=self.pool_size,
             strides=self.strides,

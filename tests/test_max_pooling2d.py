@@ -373,3 +373,26 @@ def test_wrong_rank_raises():
 def test_bad_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         layers.MaxPooling2D(**kwargs)
+
+
+@pytest.mark.parametrize("pool_size, strides, padding, data_format, name", [
+    ((2, 2), (2, 2), "valid", "channels_last", "max_pool2d_tiled"),
+    ((2, 2), (2, 2), "same", "channels_last", "max_pool2d"),
+    ((3, 3), (2, 2), "valid", "channels_last", "max_pool2d"),
+    ((2, 3), (2, 3), "valid", "channels_first", "max_pool2d_channels_first_tiled"),
+    ((2, 2), (1, 1), "valid", "channels_first", "max_pool2d_channels_first"),
+])
+def test_windows_that_tile_the_input_have_their_own_auto_row(
+    pool_size, strides, padding, data_format, name
+):
+    kernel = pooling.kernel_for(pool_size, strides, padding, data_format)
+    assert kernel.name == name
+    layer = layers.MaxPooling2D(pool_size, strides, padding, data_format)
+
+    @tf.function
+    def step(x):
+        return layer(x)
+
+    shape = (1, 6, 6, 2) if data_format == "channels_last" else (1, 2, 6, 6)
+    graph = step.get_concrete_function(tf.TensorSpec(shape)).graph
+    assert any(f"fastlayers/{name}/" in op.name for op in graph.get_operations())
