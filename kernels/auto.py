@@ -74,11 +74,11 @@ AUTO = {
     # faster), interleaved medians:
     #   float32 forward on 64x112x112x64: reference 0.99-1.01 (TF's MaxPool, as
     #   Keras; 41 alternating pairs of the layers: 0.99), XLA 0.99-1.06;
-    #   forward+backward on 32x112x112x64 inside a tf.function: XLA 0.20 (oneDNN's
-    #   MaxPoolGrad reuses the forward's workspace), called eagerly 1.19;
+    #   forward+backward on 32x112x112x64 inside a tf.function: XLA 0.33 (oneDNN's
+    #   MaxPoolGrad reuses the forward's workspace), called eagerly 1.76;
     #   mixed_float16 (no oneDNN kernel: Eigen): forward XLA 1.35-2.6, forward+
-    #   backward in a tf.function 2.26; mixed_bfloat16: forward XLA 0.70-0.87,
-    #   forward+backward 0.30.
+    #   backward in a tf.function 3.12; mixed_bfloat16: forward XLA 0.70-0.87,
+    #   forward+backward 0.52.
     # Unmeasured on the other CPUs: they keep the general row.
     "max_pool2d_tiled": {
         ("cpu", "*"): ("reference", "graph", "xla"),
