@@ -14,6 +14,7 @@ auto moves on to the next entry of its row, and never past the end of it.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -87,8 +88,8 @@ def check_auto_row(auto, kernel: str = "kernel") -> dict[tuple[str, str], tuple[
         elif key[0] not in PLATFORMS:
             problem = f"platform {key[0]!r} is not one of {', '.join(map(repr, PLATFORMS))}"
         elif key[1] != "*" and not _is_floating_dtype_name(key[1]):
-            problem = f"dtype {key[1]!r} is not a floating dtype name or '*'"
-        elif isinstance(entries, str) or not entries or any(e not in IMPLEMENTATIONS for e in entries):
+            problem = f"dtype {key[1]!r} is not the name of a floating dtype (e.g. 'float16') or '*'"
+        elif not _is_implementation_sequence(entries):
             problem = (
                 "entries must be a non-empty tuple of "
                 f"{', '.join(map(repr, IMPLEMENTATIONS))}"
@@ -103,10 +104,36 @@ def check_auto_row(auto, kernel: str = "kernel") -> dict[tuple[str, str], tuple[
 
 
 def _is_floating_dtype_name(name: str) -> bool:
+    # Canonical names only: the table is looked up by ``dtype.name`` ("half" never matches).
     try:
-        return tf.as_dtype(name).is_floating
+        dtype = tf.as_dtype(name)
     except TypeError:
         return False
+    return dtype.is_floating and dtype.name == name
+
+
+def _is_implementation_sequence(entries) -> bool:
+    if isinstance(entries, str) or not isinstance(entries, Sequence):
+        return False
+    return bool(entries) and all(e in IMPLEMENTATIONS for e in entries)
+
+
+# Keywords the dispatcher passes beside a kernel's own options.
+RESERVED_OPTIONS = ("implementation", "platform", "dtype", "work")
+
+
+def check_option_names(fn: Callable, what: str) -> None:
+    """Raises TypeError if ``fn`` takes an argument the dispatcher reserves."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C function: nothing to check
+        return
+    clashes = [name for name in parameters if name in RESERVED_OPTIONS]
+    if clashes:
+        raise TypeError(
+            f"{what} cannot take arguments named {', '.join(map(repr, RESERVED_OPTIONS))}: "
+            f"dispatch passes those itself. Received arguments named: {', '.join(clashes)}"
+        )
 
 
 def floating_input(x, implementation, name="x"):
@@ -316,15 +343,20 @@ class Kernel:
         else:
             tensors = tf.nest.map_structure(_as_tensor, tuple(tensors))
             flat = [t for t in tf.nest.flatten(tensors) if isinstance(t, tf.Tensor)]
+        floating = [t for t in flat if t.dtype.is_floating]
         if dtype is None:
-            leaders = [t for t in flat if t.dtype.is_floating]
-            if not leaders:
+            if not floating:
+                received = ", ".join(
+                    t.dtype.name if isinstance(t, tf.Tensor) else type(t).__name__
+                    for t in tf.nest.flatten(tensors)
+                )
                 raise TypeError(
                     f"Kernel {self.name!r} needs at least one floating tensor argument. "
-                    f"Received: {tensors!r}"
+                    f"Received arguments of types: {received}"
                 )
-            dtype = leaders[0].dtype
-        platform = platform_of(flat[0]) if flat else platform_of(None)
+            dtype = floating[0].dtype
+        leader = floating[0] if floating else flat[0] if flat else None
+        platform = platform_of(leader)
         chosen = self.select(
             implementation, platform=platform, dtype=tf.as_dtype(dtype), **options
         )
@@ -398,6 +430,7 @@ def kernel(
         return kernel()(name)
 
     def declare(reference: Callable) -> Kernel:
+        check_option_names(reference, f"Kernel {name or reference.__name__!r}'s reference")
         declared = Kernel(
             name or reference.__name__,
             reference,

@@ -274,7 +274,7 @@ def pooled_shape(input_shape, pool_size, strides, padding, data_format):
         size = pooled_size(input_shape[axis], pool, stride, padding)
         if size is not None and size <= 0:
             raise ValueError(
-                f"With padding='valid', `pool_size` must fit in the input's spatial axes "
+                f"With padding={padding!r}, `pool_size` must fit in the input's spatial axes "
                 f"({data_format}: axes {spatial_axes}). "
                 f"Received: pool_size={tuple(pool_size)}, inputs.shape={input_shape}"
             )
@@ -351,9 +351,16 @@ def max_pool2d(
         raise ValueError(
             f"`x` must have rank 4 ({layout}). Received: x.shape={tuple(x.shape)}"
         )
+    return pool_checked(x, pool_size, strides, padding, data_format, implementation)
+
+
+def pool_checked(x, pool_size, strides, padding, data_format, implementation):
+    """``max_pool2d`` on standardized arguments and a rank-4 tensor: checks the window
+    fits, then dispatches. A non-floating ``x`` (``MaxPooling2D`` takes integer
+    images, as Keras's does) runs TensorFlow's op, the reference."""
     pooled_shape(x.shape, pool_size, strides, padding, data_format)
+    options = dict(pool_size=pool_size, strides=strides, padding=padding, data_format=data_format)
+    if not x.dtype.is_floating:
+        return max_pool2d_reference(x, **options)
     kernel = kernel_for(pool_size, strides, padding, data_format)
-    return kernel(
-        x, pool_size=pool_size, strides=strides, padding=padding, data_format=data_format,
-        implementation=implementation,
-    )
+    return kernel(x, implementation=implementation, **options)

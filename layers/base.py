@@ -5,11 +5,11 @@ from __future__ import annotations
 import functools
 import numbers
 import re
+import threading
 import types
 
 import keras
 import tensorflow as tf
-from keras.src.backend import AutocastScope  # what Layer.__call__ enters; not exported
 
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.auto import DEFAULT
@@ -111,7 +111,10 @@ class CompiledLayer(FastLayer):
 
     def __init_subclass__(cls, package="Custom", **kwargs):
         super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("auto") is not None:
+            dispatch.check_auto_row(cls.auto, cls.__name__)
         if "call" in cls.__dict__:
+            dispatch.check_option_names(cls.__dict__["call"], f"{cls.__name__}.call")
             cls.call = _dispatching(cls.__dict__["call"])
         keras.saving.register_keras_serializable(package=package)(cls)
 
@@ -133,29 +136,45 @@ class CompiledLayer(FastLayer):
         return {**captured.config, **config}
 
 
+# The layers (by id) whose reference call is running on this thread: a call made
+# inside one, such as a subclass's ``super().call(...)``, is part of it.
+_RUNNING = threading.local()
+
+
+def _running() -> set[int]:
+    if not hasattr(_RUNNING, "layers"):
+        _RUNNING.layers = set()
+    return _RUNNING.layers
+
+
 def _dispatching(reference_call):
     """Wraps a reference ``call`` so it runs through a per-layer ``Kernel``.
 
     The outermost call dispatches; a ``super().call(...)`` inside a subclass's
     reference is part of that reference and runs as plain code, so one kernel (and
-    one compiled function) serves the whole call.
+    one compiled function) serves the whole call. Other threads calling the same
+    layer meanwhile dispatch on their own.
     """
 
     def reference(self, *args, **kwargs):
-        self.__dict__["_fastlayers_in_call"] = True
+        running = _running()
+        running.add(id(self))
         try:
             if not (self.upcast and self.compute_dtype in ("float16", "bfloat16")):
                 return reference_call(self, *args, **kwargs)
             # Inputs and variables in float32; floating outputs back in the compute dtype.
+            from keras.src.backend import AutocastScope  # Layer.__call__'s; not exported
+
+            args, kwargs = dispatch.cast_floating((args, kwargs), tf.float32)
             with AutocastScope("float32"):
-                outputs = reference_call(self, *dispatch.cast_floating(args, tf.float32), **kwargs)
+                outputs = reference_call(self, *args, **kwargs)
             return dispatch.cast_floating(outputs, self.compute_dtype)
         finally:
-            self.__dict__["_fastlayers_in_call"] = False
+            running.discard(id(self))
 
     @functools.wraps(reference_call)
     def call(self, *args, **kwargs):
-        if self.__dict__.get("_fastlayers_in_call"):
+        if id(self) in _running():
             return reference_call(self, *args, **kwargs)
         kernels = self.__dict__.setdefault("_fastlayers_kernels", {})
         kernel = kernels.get(reference_call)

@@ -7,8 +7,8 @@ import numpy as np
 
 from fastlayers import kernels
 from fastlayers.kernels import masking
+from fastlayers.kernels.pooling import check_positive_pair
 from fastlayers.layers.base import FastLayer, register
-from fastlayers.layers.pooling import check_positive_pair
 
 
 @register

@@ -32,7 +32,8 @@ class MaxPooling2D(FastLayer):
 
     Input shape:
         4D tensor ``(batch, height, width, channels)`` or
-        ``(batch, channels, height, width)``.
+        ``(batch, channels, height, width)``. Integer images (uint8, say) are pooled
+        by TensorFlow's op, as by Keras's layer, whatever ``implementation``.
 
     Output shape:
         4D tensor ``(batch, pooled_height, pooled_width, channels)`` or
@@ -77,20 +78,11 @@ class MaxPooling2D(FastLayer):
         self._build_at_init()  # weightless, as Keras's pooling layers: built, 0 params
 
     def call(self, inputs):
-        # The arguments were checked at construction and the rank by `input_spec`:
-        # only the window's fit is left to check before the kernel, so an eager call
-        # costs no more Python than Keras's layer.
-        pooling.pooled_shape(
-            inputs.shape, self.pool_size, self.strides, self.padding, self.data_format
-        )
-        kernel = pooling.kernel_for(self.pool_size, self.strides, self.padding, self.data_format)
-        return kernel(
-            inputs,
-            pool_size=self.pool_size,
-            strides=self.strides,
-            padding=self.padding,
-            data_format=self.data_format,
-            implementation=self.implementation,
+        # The arguments were checked at construction and the rank by `input_spec`, so
+        # an eager call costs no more Python than Keras's layer.
+        return pooling.pool_checked(
+            inputs, self.pool_size, self.strides, self.padding, self.data_format,
+            self.implementation,
         )
 
     def compute_output_shape(self, input_shape):

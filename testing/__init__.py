@@ -81,6 +81,11 @@ def _check(actual, expected, dtype, *, grad=False, what="output", names=None):
         f"{what}: {len(actual_flat)} results, the oracle gave {len(expected_flat)}"
     )
     names = names or [f"[{i}]" for i in range(len(actual_flat))]
+    if grad:
+        assert any(e is not None for e in expected_flat), (
+            f"{what}: the reference has no gradient for any of {', '.join(names)}, "
+            "so there is nothing to compare"
+        )
     for name, a, e in zip(names, actual_flat, expected_flat):
         if a is None or e is None:
             assert a is None and e is None, (

@@ -396,3 +396,12 @@ def test_windows_that_tile_the_input_have_their_own_auto_row(
     shape = (1, 6, 6, 2) if data_format == "channels_last" else (1, 2, 6, 6)
     graph = step.get_concrete_function(tf.TensorSpec(shape)).graph
     assert any(f"fastlayers/{name}/" in op.name for op in graph.get_operations())
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_integer_images_pool_as_kerass_layer_does(implementation, rng):
+    x = rng.integers(0, 256, (2, 5, 6, 3)).astype(np.uint8)
+    y = layers.MaxPooling2D(implementation=implementation)(x)
+    expected = keras.layers.MaxPooling2D()(x)
+    assert y.dtype == expected.dtype == tf.uint8
+    np.testing.assert_array_equal(y, expected)
