@@ -55,7 +55,9 @@ AUTO = {
     # "cpu-onednn-bf16" rows were measured on a 2-core Zen 4 EPYC, where oneDNN is on
     # by default; those figures are speeds (higher is faster), as the comments say.
     "max_pool2d": {
-        # channels_last 2x2/2 on 64x112x112x64 float32: keras 0.90-1.0, graph
+        # Measured with 2x2/2 windows, which now have their own row below; the other
+        # windows (3x3/2 "same" below) rank the same way. channels_last 2x2/2 on
+        # 64x112x112x64 float32: keras 0.90-1.0, graph
         # 0.90-1.13 (all three run TF's MaxPool op), XLA's reduce-window 1.13-1.33
         # (XLA slices or reshapes instead: 1.02-1.08; the op is memory-bound). The
         # layer with auto vs Keras's layer, 31 alternating pairs: 1.02 (IQR 0.98-1.06);
@@ -88,7 +90,9 @@ AUTO = {
         ("gpu", "*"): ("graph", "xla", "reference"),
     },
     "max_pool2d_channels_first": {
-        # 2x2/2 on 32x64x112x112 float32: XLA pools NCHW in place at 0.08 (one
+        # Measured with 2x2/2 windows (now the tiled row below) before they pooled by
+        # element-wise passes; reduce-window pools the other windows NCHW in place
+        # the same way. 2x2/2 on 32x64x112x112 float32: XLA pools NCHW in place at 0.08 (one
         # pass instead of two transposes, which Keras also runs: keras 1.10).
         # Forward+backward: XLA 0.91 called eagerly, 0.55 inside one jit-compiled
         # step (its tiled-window gradient replaces select-and-scatter, which took 1.23).
@@ -111,6 +115,7 @@ AUTO = {
     # 2.3-5.5, mixed_float16 5.7-10.8; forward+backward on 32x64x112x112 inside a
     # tf.function: float32 0.76 (called eagerly 2.08), mixed_bfloat16 0.95,
     # mixed_float16 3.75. Forward wins; so does training but in float32 graphs.
+    # Unmeasured on the other CPUs: they keep the general row.
     "max_pool2d_channels_first_tiled": {
         ("cpu", "float32"): ("xla", "graph", "reference"),
         ("cpu", "*"): ("graph", "reference", "xla"),

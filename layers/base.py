@@ -70,7 +70,9 @@ class CompiledLayer(FastLayer):
     ``keras.saving.register_keras_serializable()`` does (``package=`` in the class
     statement names another), so a file saved while the class lived in a notebook
     loads once the class has moved into a module: import the module that defines it
-    before ``keras.saving.load_model``. It derives ``get_config`` from the
+    before ``keras.saving.load_model``. As with Keras's decorator, two classes of one
+    name in one package overwrite each other's registration (the last one wins when
+    a file loads): give one of them its own ``package=``. It derives ``get_config`` from the
     constructor's arguments when they are plain values (str, int, float, bool, None,
     and lists or dicts of them); a layer taking other objects writes its own.
     Keras's dtype policies apply as to any layer: inputs and weights arrive in the
