@@ -18,6 +18,11 @@ def test_my_dense(tmp_path):
     testing.assert_layer_matches(lambda **kw: MyDense(3, "relu", **kw), oracle, x)
     testing.assert_gradients_match_reference(lambda **kw: MyDense(3, "relu", **kw), x)
     testing.assert_keras_round_trip(MyDense(3, "relu"), x, tmp_path)
+
+def test_my_kernel():  # a kernel from fastlayers.kernels.kernel, compiled= a faster algorithm
+    x = np.linspace(-5, 5, 64)
+    testing.assert_kernel_matches(my_softplus, lambda x: np.logaddexp(0, x), x)
+    testing.assert_kernel_gradients_match_reference(my_softplus, x)
 ```
 """
 
