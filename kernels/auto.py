@@ -55,9 +55,9 @@ AUTO = {
     # "cpu-onednn-bf16" rows were measured on a 2-core Zen 4 EPYC, where oneDNN is on
     # by default; those figures are speeds (higher is faster), as the comments say.
     "max_pool2d": {
-        # Measured with 2x2/2 windows, which now have their own row below; the other
-        # windows (3x3/2 "same" below) rank the same way. channels_last 2x2/2 on
-        # 64x112x112x64 float32: keras 0.90-1.0, graph
+        # Measured with 2x2/2 windows, which now have their own row after this
+        # table; the other windows (3x3/2 "same" below) rank the same way.
+        # channels_last 2x2/2 on 64x112x112x64 float32: keras 0.90-1.0, graph
         # 0.90-1.13 (all three run TF's MaxPool op), XLA's reduce-window 1.13-1.33
         # (XLA slices or reshapes instead: 1.02-1.08; the op is memory-bound). The
         # layer with auto vs Keras's layer, 31 alternating pairs: 1.02 (IQR 0.98-1.06);
@@ -70,30 +70,12 @@ AUTO = {
         ("cpu-onednn-bf16", "*"): ("reference", "graph", "xla"),
         ("gpu", "*"): ("graph", "xla", "reference"),
     },
-    # Windows that tile the input ("valid", strides == pool_size), which XLA pools
-    # and differentiates by element-wise passes over strided views. 2-core AMD EPYC
-    # (Zen 4, oneDNN on), 2x2/2, as speed relative to Keras's layer (higher is
-    # faster), interleaved medians:
-    #   float32 forward on 64x112x112x64: reference 0.99-1.01 (TF's MaxPool, as
-    #   Keras; 41 alternating pairs of the layers: 0.99), XLA 0.99-1.06;
-    #   forward+backward on 32x112x112x64 inside a tf.function: XLA 0.33 (oneDNN's
-    #   MaxPoolGrad reuses the forward's workspace), called eagerly 1.76;
-    #   mixed_float16 (no oneDNN kernel: Eigen): forward XLA 1.35-2.6, forward+
-    #   backward in a tf.function 3.12; mixed_bfloat16: forward XLA 0.70-0.87,
-    #   forward+backward 0.52.
-    # Unmeasured on the other CPUs: they keep the general row.
-    "max_pool2d_tiled": {
-        ("cpu", "*"): ("reference", "graph", "xla"),
-        ("cpu-onednn", "*"): ("reference", "graph", "xla"),
-        ("cpu-onednn-bf16", "float16"): ("xla", "reference", "graph"),
-        ("cpu-onednn-bf16", "*"): ("reference", "graph", "xla"),
-        ("gpu", "*"): ("graph", "xla", "reference"),
-    },
     "max_pool2d_channels_first": {
-        # Measured with 2x2/2 windows (now the tiled row below) before they pooled by
-        # element-wise passes; reduce-window pools the other windows NCHW in place
-        # the same way. 2x2/2 on 32x64x112x112 float32: XLA pools NCHW in place at 0.08 (one
-        # pass instead of two transposes, which Keras also runs: keras 1.10).
+        # Measured with 2x2/2 windows (now the tiled row after this table) before
+        # they pooled by element-wise passes; reduce-window pools the other windows
+        # NCHW in place the same way. 2x2/2 on 32x64x112x112 float32: XLA pools NCHW
+        # in place at 0.08 (one pass instead of two transposes, which Keras also
+        # runs: keras 1.10).
         # Forward+backward: XLA 0.91 called eagerly, 0.55 inside one jit-compiled
         # step (its tiled-window gradient replaces select-and-scatter, which took 1.23).
         ("cpu", "float32"): ("xla", "graph", "reference"),
@@ -107,22 +89,6 @@ AUTO = {
         ("cpu-onednn", "*"): ("graph", "reference", "xla"),
         ("cpu-onednn-bf16", "bfloat16"): ("xla", "graph", "reference"),
         ("cpu-onednn-bf16", "*"): ("graph", "reference", "xla"),
-        ("gpu", "*"): ("graph", "xla", "reference"),
-    },
-    # Tiled windows in channels_first. Zen 4 with oneDNN, 2x2/2, speed relative to
-    # Keras's layer (which transposes to channels_last and back): forward on
-    # 16x64x112x112 and 64x64x112x112, XLA in place: float32 3.0-3.8, mixed_bfloat16
-    # 2.3-5.5, mixed_float16 5.7-10.8; forward+backward on 32x64x112x112 inside a
-    # tf.function: float32 0.76 (called eagerly 2.08), mixed_bfloat16 0.95,
-    # mixed_float16 3.75. Forward wins; so does training but in float32 graphs.
-    # Unmeasured on the other CPUs: they keep the general row.
-    "max_pool2d_channels_first_tiled": {
-        ("cpu", "float32"): ("xla", "graph", "reference"),
-        ("cpu", "*"): ("graph", "reference", "xla"),
-        ("cpu-onednn", "float32"): ("xla", "graph", "reference"),
-        ("cpu-onednn", "bfloat16"): ("xla", "graph", "reference"),
-        ("cpu-onednn", "*"): ("graph", "reference", "xla"),
-        ("cpu-onednn-bf16", "*"): ("xla", "graph", "reference"),
         ("gpu", "*"): ("graph", "xla", "reference"),
     },
     "fixed_mask": {
@@ -173,6 +139,37 @@ AUTO = {
         ("gpu", "*"): ("graph", "xla", "reference"),
     },
 }
+
+
+def _remeasured(row, platform, entries):
+    """``row`` with every entry of ``platform`` replaced by ``entries``
+    (``{dtype name or "*": implementations}``), the other platforms unchanged."""
+    kept = {key: value for key, value in row.items() if key[0] != platform}
+    return {**kept, **{(platform, dtype): order for dtype, order in entries.items()}}
+
+
+# Windows that tile the input ("valid", strides == pool_size), which XLA pools and
+# differentiates by element-wise passes over strided views. Measured on the 2-core
+# AMD EPYC (Zen 4, oneDNN on) only; the other platforms keep the general rows.
+# 2x2/2, as speed relative to Keras's layer (higher is faster), interleaved medians:
+#   float32 forward on 64x112x112x64: reference 0.99-1.01 (TF's MaxPool, as Keras;
+#   41 alternating pairs of the layers: 0.99), XLA 0.99-1.06; forward+backward on
+#   32x112x112x64 inside a tf.function: XLA 0.33 (oneDNN's MaxPoolGrad reuses the
+#   forward's workspace), called eagerly 1.76; mixed_float16 (no oneDNN kernel:
+#   Eigen): forward XLA 1.35-2.6, forward+backward in a tf.function 3.12;
+#   mixed_bfloat16: forward XLA 0.70-0.87, forward+backward 0.52.
+AUTO["max_pool2d_tiled"] = _remeasured(AUTO["max_pool2d"], "cpu-onednn-bf16", {
+    "float16": ("xla", "reference", "graph"),
+    "*": ("reference", "graph", "xla"),
+})
+# channels_first, where Keras's layer transposes to channels_last and back: forward
+# on 16x64x112x112 and 64x64x112x112, XLA in place: float32 3.0-3.8, mixed_bfloat16
+# 2.3-5.5, mixed_float16 5.7-10.8; forward+backward on 32x64x112x112 inside a
+# tf.function: float32 0.76 (called eagerly 2.08), mixed_bfloat16 0.95,
+# mixed_float16 3.75. Forward wins; so does training but in float32 graphs.
+AUTO["max_pool2d_channels_first_tiled"] = _remeasured(
+    AUTO["max_pool2d_channels_first"], "cpu-onednn-bf16", {"*": ("xla", "graph", "reference")}
+)
 
 AUTO["dot_product_attention"] = {
     # 2-core AMD EPYC (Zen 3, AVX2), TF 2.21, B=4 N=8 H=64 T=S=2048, 256x256 tiles,
