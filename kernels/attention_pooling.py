@@ -13,10 +13,9 @@ from __future__ import annotations
 import tensorflow as tf
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.auto import AUTO
+from fastlayers.kernels.validation import check_floating, check_same_dtype
 from fastlayers.kernels.precision import (
     accumulation_dtype,
-    check_floating,
-    check_same_dtype,
     mask_value,
 )
 

@@ -10,11 +10,10 @@ import tensorflow as tf
 from fastlayers.kernels import dispatch
 from fastlayers.kernels import flops as flops_lib
 from fastlayers.kernels.auto import AUTO
+from fastlayers.kernels.validation import check_floating, check_same_dtype
 from fastlayers.kernels.precision import (
     LOW_PRECISION_DTYPES,
     accumulation_dtype,
-    check_floating,
-    check_same_dtype,
 )
 
 

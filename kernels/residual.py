@@ -14,10 +14,9 @@ import tensorflow as tf
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.auto import AUTO
 from fastlayers.kernels.dense import rows_matmul, unflatten_rows
+from fastlayers.kernels.validation import check_floating, check_same_dtype
 from fastlayers.kernels.precision import (
     accumulation_dtype,
-    check_floating,
-    check_same_dtype,
 )
 
 

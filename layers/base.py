@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import numbers
 import re
 import threading
 import types
@@ -13,6 +12,7 @@ import tensorflow as tf
 
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.auto import DEFAULT
+from fastlayers.kernels.validation import check_positive_int  # noqa: F401 (the layers' import)
 
 PACKAGE = "fastlayers"
 
@@ -20,16 +20,6 @@ PACKAGE = "fastlayers"
 def register(cls):
     """Registers a layer for ``.keras`` files, loadable with ``safe_mode=True``."""
     return keras.saving.register_keras_serializable(package=PACKAGE)(cls)
-
-
-def check_positive_int(name: str, value) -> int:
-    """Returns ``value`` as an int if it is a positive integer (not a bool); else raises."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(
-            f"Received an invalid value for `{name}`, expected a positive integer. "
-            f"Received: {name}={value!r}"
-        )
-    return int(value)
 
 
 def get_activation(activation):
