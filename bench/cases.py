@@ -296,7 +296,7 @@ def _dense_auto_choice(shape, policy, device):
 
     return "auto: " + DENSE.select(
         None, platform=platform_for(device), dtype=compute_dtype(policy)
-    )
+    ).implementation
 
 
 def _dense_kernel_providers(fastlayers_build, keras_build):
@@ -429,7 +429,7 @@ def _attention_auto_choice(shape, policy, device):
 
     return "auto: " + KERNEL.select(
         None, platform=platform_for(device), dtype=compute_dtype(policy)
-    )
+    ).implementation
 
 
 def _attention_suite(backward: bool) -> Suite:

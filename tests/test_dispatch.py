@@ -32,17 +32,17 @@ def test_unknown_implementation_names_the_value(bad):
         dispatch.check_implementation(bad)
 
 
-@pytest.mark.parametrize("good", [None, "reference", "graph", "xla"])
+@pytest.mark.parametrize("good", [None, "reference", "graph", "xla", "native"])
 def test_known_implementations_pass(good):
     assert dispatch.check_implementation(good) == good
 
 
 def test_auto_takes_the_first_supported_entry_of_its_row():
     kernel = _kernel()
-    assert kernel.select(None, platform="cpu", dtype=tf.float32) == "xla"
-    assert kernel.select(None, platform="cpu", dtype=tf.float64) == "reference"
+    assert kernel.select(None, platform="cpu", dtype=tf.float32).implementation == "xla"
+    assert kernel.select(None, platform="cpu", dtype=tf.float64).implementation == "reference"
     # the row refuses xla for float16, so auto moves on to the row's next entry
-    assert kernel.select(None, platform="cpu", dtype=tf.float16) == "graph"
+    assert kernel.select(None, platform="cpu", dtype=tf.float16).implementation == "graph"
 
 
 def test_auto_without_a_row_prefers_compiled_paths():
@@ -114,7 +114,8 @@ def test_native_low_precision_matmul_table(platform, dtype, native):
 
 def test_auto_table_rows_name_known_platforms_and_implementations():
     for name, row in AUTO.items():
-        for (platform, dtype), preferences in row.items():
+        assert dispatch.check_auto_row(row, name)
+        for (platform, dtype, *_), preferences in row.items():
             assert platform in dispatch.PLATFORMS, (name, platform)
             assert dtype == "*" or tf.as_dtype(dtype).is_floating, (name, dtype)
             assert preferences and set(preferences) <= set(dispatch.IMPLEMENTATIONS)
@@ -123,15 +124,15 @@ def test_auto_table_rows_name_known_platforms_and_implementations():
 def test_auto_runs_small_eager_calls_with_the_reference():
     kernel = _kernel()
     small, large = EAGER_REFERENCE_BELOW_FLOPS / 10, EAGER_REFERENCE_BELOW_FLOPS * 10
-    assert kernel.select(None, platform="cpu", dtype=tf.float32, work=small) == "reference"
-    assert kernel.select(None, platform="cpu", dtype=tf.float32, work=large) == "xla"
-    assert kernel.select(None, platform="cpu", dtype=tf.float32) == "xla"  # work unknown
-    assert kernel.select("graph", platform="cpu", dtype=tf.float32, work=small) == "graph"
+    assert kernel.select(None, platform="cpu", dtype=tf.float32, work=small).implementation == "reference"
+    assert kernel.select(None, platform="cpu", dtype=tf.float32, work=large).implementation == "xla"
+    assert kernel.select(None, platform="cpu", dtype=tf.float32).implementation == "xla"  # work unknown
+    assert kernel.select("graph", platform="cpu", dtype=tf.float32, work=small).implementation == "graph"
 
     @tf.function
     def in_a_graph():
         # no call overhead inside a graph: the table decides whatever the size
-        return tf.constant(kernel.select(None, platform="cpu", dtype=tf.float32, work=small))
+        return tf.constant(kernel.select(None, platform="cpu", dtype=tf.float32, work=small).implementation)
 
     assert in_a_graph().numpy().decode() == "xla"
 
@@ -142,7 +143,9 @@ def test_dense_states_its_work_to_auto(monkeypatch):
 
     chosen = []
     run = DENSE.run
-    monkeypatch.setattr(DENSE, "run", lambda impl, *a, **k: chosen.append(impl) or run(impl, *a, **k))
+    monkeypatch.setattr(
+        DENSE, "run", lambda sel, *a, **k: chosen.append(sel.implementation) or run(sel, *a, **k)
+    )
     kernels.dense(tf.ones([4, 8]), tf.ones([8, 2]))
     kernels.dense(tf.ones([1024, 512]), tf.ones([512, 512]))
     tf.function(lambda x, w: kernels.dense(x, w))(tf.ones([4, 8]), tf.ones([8, 2]))
