@@ -22,6 +22,7 @@ auto moves on to the next entry of its row, and never past the end of it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -103,7 +104,7 @@ def check_auto_row(auto, kernel: str = "kernel") -> dict[tuple, tuple[str, ...]]
     for key, entries in items:
         problem = None
         if not (isinstance(key, tuple) and len(key) in (2, 3) and all(isinstance(k, str) for k in key)):
-            problem = "a key is not a (platform, dtype name) pair of strings"
+            problem = "a key is not a (platform, dtype name) or (platform, dtype name, row) tuple of strings"
         elif key[0] not in PLATFORMS:
             problem = f"platform {key[0]!r} is not one of {', '.join(map(repr, PLATFORMS))}"
         elif key[1] != "*" and not _is_floating_dtype_name(key[1]):
@@ -648,7 +649,37 @@ class Kernel:
             tensors=tensors,
             **options,
         )
+        if _RECORDERS and implementation is None:
+            for calls in _RECORDERS:
+                calls.append(Call(self, tensors, dict(options), tf.as_dtype(dtype), selection))
         return self.run(selection, *tensors, **options)
+
+
+@dataclasses.dataclass
+class Call:
+    """One auto call of a kernel, as ``recording`` keeps it: what ``tuning.tune`` needs."""
+
+    kernel: Kernel
+    tensors: tuple
+    options: dict
+    dtype: tf.DType
+    selection: Selection
+
+
+# The lists ``recording`` blocks append to; empty (the common case) costs one test.
+_RECORDERS: list[list[Call]] = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Collects every auto kernel call made inside the block, in order: what
+    ``fastlayers tune --layer/--model`` tunes. Yields the list of ``Call``s."""
+    calls: list[Call] = []
+    _RECORDERS.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDERS.remove(calls)
 
 
 def _static_shape(t):

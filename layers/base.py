@@ -37,8 +37,11 @@ class FastLayer(keras.layers.Layer):
     """A Keras layer whose computation dispatches through ``implementation=``.
 
     Args:
-        implementation: None (auto: the fastest for the device and dtype),
-            ``"reference"``, ``"graph"`` or ``"xla"``. Kept in ``get_config()``.
+        implementation: None (auto: this machine's tuned choice where
+            ``fastlayers tune`` or ``FASTLAYERS_AUTOTUNE=1`` measured one, else the
+            table's for the device and dtype), ``"reference"``, ``"graph"``,
+            ``"xla"`` or ``"native"`` (where the kernel has one). Kept in
+            ``get_config()``.
     """
 
     def __init__(self, *, implementation=None, **kwargs):
@@ -54,8 +57,10 @@ class CompiledLayer(FastLayer):
 
     A subclass's ``call`` is the reference: plain TF or ``keras.ops`` code. The class
     turns it into a kernel with ``"graph"`` and ``"xla"`` paths behind
-    ``implementation=`` (auto by ``fastlayers.kernels.auto.DEFAULT``, or the class's
-    ``auto`` row), selected for the layer's compute dtype. It registers the class for
+    ``implementation=`` (auto by this machine's tuning cache, then
+    ``fastlayers.kernels.auto.DEFAULT`` or the class's ``auto`` row), selected for
+    the layer's compute dtype; the tuner keys its records by the class, the input
+    and the weights' shapes. It registers the class for
     ``.keras`` files under Keras's default package, ``"Custom"``, as
     ``keras.saving.register_keras_serializable()`` does (``package=`` in the class
     statement names another), so a file saved while the class lived in a notebook
@@ -176,12 +181,21 @@ def _dispatching(reference_call):
                 types.MethodType(reference, self),
                 auto=self.auto or DEFAULT,
                 not_supported_reasons=self.not_supported_reasons,
+                signature=functools.partial(_layer_signature, self),
             )
         return kernel.apply(
             args, kwargs, implementation=self.implementation, dtype=self.compute_dtype
         )
 
     return call
+
+
+def _layer_signature(layer, *args, **kwargs):
+    """A layer call's tuning key: its inputs' (as any kernel's) and its weights' shapes,
+    which its constructor arguments decide (two ``MyDense`` of other widths differ)."""
+    bucket, flags = dispatch.default_signature(*args, **kwargs)
+    flags["weights"] = [list(weight.shape) for weight in layer.weights]
+    return bucket, flags
 
 
 def _snake_case(name: str) -> str:

@@ -217,7 +217,7 @@ def test_a_bare_kernel_decorator_declares_one_with_the_defaults():
     "auto, message",
     [
         ({("cpu-onednn-bf16", "*"): ("jit",)},
-         "entries must be a non-empty tuple of 'reference', 'graph', 'xla'. "
+         "entries must be a non-empty tuple of 'reference', 'graph', 'xla', 'native'. "
          "Received: ('cpu-onednn-bf16', '*'): ('jit',)"),
         ({("CPU", "*"): ("xla",)},
          "platform 'CPU' is not one of 'cpu', 'cpu-onednn', 'cpu-onednn-bf16', 'gpu'. "
@@ -227,7 +227,7 @@ def test_a_bare_kernel_decorator_declares_one_with_the_defaults():
         ({("cpu", "*"): 5}, "entries must be a non-empty tuple"),
         ({("cpu", "*"): "xla"}, "entries must be a non-empty tuple"),
         ({("cpu", "*"): ()}, "entries must be a non-empty tuple"),
-        ({"cpu": ("xla",)}, "a key is not a (platform, dtype name) pair of strings. Received: 'cpu'"),
+        ({"cpu": ("xla",)}, "a key is not a (platform, dtype name) or (platform, dtype name, row) tuple of strings. Received: 'cpu'"),
         ("xla", "expected a dict mapping (platform, dtype name) to a tuple"),
     ],
 )

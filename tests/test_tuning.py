@@ -335,3 +335,43 @@ def test_compiled_layers_are_tuned_like_kernels():
     tuning.tune(kernel, (x,), {}, budget=10.0, clock=clock, run=clock.run)
     assert kernel.select(None, platform=dispatch.cpu_platform(), dtype=tf.float32, tensors=(x,)).implementation == "xla"
     assert keras.ops.convert_to_numpy(layer(x)).tolist() == (2 * x).numpy().tolist()
+
+
+def test_recording_collects_the_auto_calls_a_model_makes():
+    from fastlayers import kernels
+
+    x = tf.ones([64, 256])
+    with dispatch.recording() as calls:
+        kernels.dense(x, tf.ones([256, 512]))
+        kernels.dense(x, tf.ones([256, 512]), implementation="graph")  # explicit: nothing to tune
+        kernels.exponential(x)
+    assert [call.kernel.name for call in calls] == ["dense", "exponential"]
+    assert calls[0].tensors[0] is x and calls[0].dtype == tf.float32
+    with dispatch.recording() as later:
+        pass
+    assert later == [] and len(calls) == 2
+
+
+def test_compiled_layers_of_other_widths_are_other_signatures():
+    from fastlayers import layers
+
+    class Widen(layers.CompiledLayer, package="fastlayers_tuning_tests"):
+        def __init__(self, units, **kwargs):
+            super().__init__(**kwargs)
+            self.units = units
+
+        def build(self, input_shape):
+            self.w = self.add_weight(shape=(input_shape[-1], self.units))
+
+        def call(self, x):
+            return x @ self.w
+
+    x = tf.ones([4, 8])
+    keys = []
+    for units in (16, 32):
+        layer = Widen(units)
+        with dispatch.recording() as calls:
+            layer(x)
+        [call] = calls
+        keys.append(tuning.make_key(call.kernel, call.tensors, call.options, platform="cpu", dtype=tf.float32))
+    assert keys[0].kernel == keys[1].kernel == "widen" and keys[0] != keys[1]
