@@ -651,7 +651,10 @@ class Kernel:
         )
         if _RECORDERS and implementation is None:
             for calls in _RECORDERS:
-                calls.append(Call(self, tensors, dict(options), tf.as_dtype(dtype), selection))
+                calls.append(Call(
+                    self, tensors, dict(options), tf.as_dtype(dtype), selection,
+                    platform_lib.gradient_recording(),
+                ))
         return self.run(selection, *tensors, **options)
 
 
@@ -664,6 +667,7 @@ class Call:
     options: dict
     dtype: tf.DType
     selection: Selection
+    backward: bool  # whether a gradient tape recorded it (a training step)
 
 
 # The lists ``recording`` blocks append to; empty (the common case) costs one test.

@@ -335,16 +335,13 @@ def sample_inputs(tensors):
     return tf.nest.map_structure(sample, tensors)
 
 
-def _runner(kernel, selection, tensors, options, backward: bool) -> Callable[[], None]:
+def _runner(kernel, selection, tensors, options, backward: bool, in_function: bool) -> Callable[[], None]:
     floating = [
         t for t in tf.nest.flatten(tensors) if isinstance(t, tf.Tensor) and t.dtype.is_floating
     ]
 
     def forward():
         return kernel.run(selection, *tensors, **options)
-
-    if not backward:
-        return forward
 
     def forward_backward():
         with tf.GradientTape() as tape:
@@ -355,12 +352,15 @@ def _runner(kernel, selection, tensors, options, backward: bool) -> Callable[[],
             )
         return tape.gradient(total, floating)
 
-    return forward_backward
+    step = forward_backward if backward else forward
+    return tf.function(step, autograph=False) if in_function else step
 
 
 def measure(candidates, run, *, budget: float, clock=time.perf_counter) -> dict[str, list[float]]:
     """Times ``run(candidate)`` for each candidate, interleaved, until ``budget`` seconds
     (warm-ups included) are spent; at least ``MIN_ROUNDS`` rounds, at most ``MAX_ROUNDS``.
+    Candidates are warmed up in order while the budget lasts; those it does not
+    reach are not timed.
 
     Returns each candidate's label → its timed seconds. A candidate that raises is
     dropped (it cannot serve the call).
@@ -368,6 +368,8 @@ def measure(candidates, run, *, budget: float, clock=time.perf_counter) -> dict[
     start = clock()
     live = []
     for candidate in candidates:  # warm-up: traces and compiles, not timed
+        if live and clock() - start > budget:
+            break  # the budget is spent: the later candidates in the table's order go untried
         try:
             run(candidate)
         except Exception:  # noqa: BLE001 - a failing candidate is simply not chosen
@@ -406,6 +408,7 @@ def tune(
     platform: str | None = None,
     dtype=None,
     backward: bool = False,
+    in_function: bool = False,
     budget: float | None = None,
     clock=time.perf_counter,
     run: Callable | None = None,
@@ -422,6 +425,8 @@ def tune(
         platform: the ``PLATFORMS`` entry; by default that of the first tensor.
         dtype: the dtype to select for; by default the first floating tensor's.
         backward: time forward and backward passes (a training step's use).
+        in_function: time each candidate inside a ``tf.function`` (as a model's
+            compiled step calls it) rather than called eagerly.
         budget: seconds for the whole measurement; ``budget_seconds()`` by default.
         clock: the timer, ``time.perf_counter`` by default (tests inject a fake).
         run: ``run(selection)`` runs one candidate once; by default the kernel call
@@ -443,7 +448,9 @@ def tune(
         return None
     table = kernel.table_selection(platform=platform, dtype=dtype, shapes=shapes, **options)
     if run is None:
-        runners = {c.label: _runner(kernel, c, tensors, options, backward) for c in candidates}
+        runners = {
+            c.label: _runner(kernel, c, tensors, options, backward, in_function) for c in candidates
+        }
         run = lambda candidate: runners[candidate.label]()  # noqa: E731
     times = measure(candidates, run, budget=budget_seconds() if budget is None else budget, clock=clock)
     winner, medians = choose(candidates, times)
@@ -469,6 +476,8 @@ def tune(
         "table_choice": table.label,
         "seconds": medians,
         "rounds": max((len(v) for v in times.values()), default=0),
+        "timed": ("forward+backward" if backward else "forward")
+        + (" in a tf.function" if in_function else " eagerly"),
         "flops": work,
         "shapes": [list(s) if s is not None else None for s in shapes],
         "tuned_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

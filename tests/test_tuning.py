@@ -375,3 +375,10 @@ def test_compiled_layers_of_other_widths_are_other_signatures():
         [call] = calls
         keys.append(tuning.make_key(call.kernel, call.tensors, call.options, platform="cpu", dtype=tf.float32))
     assert keys[0].kernel == keys[1].kernel == "widen" and keys[0] != keys[1]
+
+
+def test_warm_ups_stop_when_the_budget_is_spent():
+    clock = FakeClock({"graph": 4.0, "xla": 4.0, "reference": 4.0})
+    record = _tune(_kernel(), clock, budget=6.0)
+    assert set(record["seconds"]) == {"graph", "xla"}  # the third was never reached
+    assert clock.calls["reference"] == 0
