@@ -120,7 +120,9 @@ def _suite_cases(names, sizes, policies) -> list[_Case]:
     found = []
     for name in names:
         suite = cases_lib.SUITES[name]
-        chosen = {"quick": suite.quick_sizes, "sweep": suite.sweep_sizes}.get(sizes, sizes)
+        chosen = sizes
+        if isinstance(sizes, str):
+            chosen = suite.sweep_sizes if sizes == "sweep" else suite.quick_sizes
         for size in chosen:
             shape = suite.shape(size)
             for policy in policies:

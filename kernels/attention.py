@@ -169,11 +169,14 @@ def _variants(implementation, *, platform, dtype, shapes, scale, is_causal, drop
     )
     if block_sizes is not None:
         return (first,)
+    t_len = None if query_shape is None else query_shape[1]
     s_len = None if key_shape is None else key_shape[1]
     budget = tile_budget_bytes()
     tiles = list(TUNED_BLOCK_SIZES)
     if s_len is not None:
         tiles = [(q, min(k, s_len)) for q, k in tiles] + [(128, s_len), (256, s_len)]
+    if t_len is not None:
+        tiles = [(min(q, t_len), k) for q, k in tiles]
     found = [first]
     for fused in (first.fused_softmax, not first.fused_softmax) if implementation == "graph" else (False,):
         for block_q, block_k in tiles:

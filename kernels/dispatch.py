@@ -546,18 +546,28 @@ class Kernel:
 
     def tuning_candidates(self, *, platform, dtype, shapes=(), **options) -> list[Selection]:
         """Every supported implementation × variant for a call, in the table's order
-        (its row first, then the implementations it leaves out): what the tuner times."""
+        (its row first, then the implementations it leaves out): each
+        implementation's default variant first, then the other variants. What the
+        tuner times, in this order, while its budget lasts."""
         dtype = tf.as_dtype(dtype)
         order = list(self._row_candidates(platform, dtype, shapes, options))
         order += [name for name in self.implementations() if name not in order]
-        found = []
-        for implementation in order:
-            if self.not_supported_reasons(implementation, platform=platform, dtype=dtype, **options):
-                continue
-            for variant in self.variants(
+        supported = [
+            implementation for implementation in order
+            if not self.not_supported_reasons(implementation, platform=platform, dtype=dtype, **options)
+        ]
+        variants = {
+            implementation: self.variants(
                 implementation, platform=platform, dtype=dtype, shapes=shapes, **options
-            ):
-                found.append(Selection(implementation, variant, "tuned", platform, dtype.name))
+            )
+            for implementation in supported
+        }
+        found = [Selection(i, variants[i][0], "tuned", platform, dtype.name) for i in supported]
+        for implementation in supported:
+            found += [
+                Selection(implementation, variant, "tuned", platform, dtype.name)
+                for variant in variants[implementation][1:]
+            ]
         return found
 
     # -- running ----------------------------------------------------------------
