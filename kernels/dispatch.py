@@ -291,6 +291,11 @@ def default_signature(*tensors, **options) -> tuple[tuple[int, ...], dict]:
     return tuple(bucket), flags
 
 
+_MISSING = object()
+# Signatures whose tuned lookup a kernel remembers before starting afresh.
+_MEMO_SIZE = 1024
+
+
 class Kernel:
     """One kernel: its reference, its compiled algorithm, and its dispatch rules.
 
@@ -363,6 +368,7 @@ class Kernel:
         self._layout = layout
         self._auto_row = auto_row
         self.choice_options = tuple(choice_options)
+        self._tuned_memo: dict = {}
         self._injected = {
             implementation: tuple(
                 keyword for keyword in INJECTED if fn is not None and _declares(fn, keyword)
@@ -497,12 +503,33 @@ class Kernel:
         ):
             return self._selection("reference", "small eager call", platform, dtype, shapes, options)
         if tensors:
+            found = self._tuned_selection(tensors, shapes, options, platform, dtype)
+            if found is not None:
+                return found
+        return self.table_selection(platform=platform, dtype=dtype, shapes=shapes, **options)
+
+    def _tuned_selection(self, tensors, shapes, options, platform, dtype):
+        """The tuned choice of a call, or None; memoized per signature until the cache
+        changes, so that an eager call pays one dict lookup for it."""
+        memo_key = (
+            tuning.generation(),
+            dtype,
+            platform,
+            shapes,
+            tuple((name, _simple(value)) for name, value in options.items()),
+            platform_lib.gradient_recording(),
+            self.native is not None and platform_lib.in_xla_context(),
+        )
+        found = self._tuned_memo.get(memo_key, _MISSING)
+        if found is _MISSING:
             tuned = tuning.choice_for(self, tensors, options, platform=platform, dtype=dtype)
+            found = None
             if tuned is not None:
                 found = self._supported_tuned(tuned, platform, dtype, shapes, options)
-                if found is not None:
-                    return found
-        return self.table_selection(platform=platform, dtype=dtype, shapes=shapes, **options)
+            if len(self._tuned_memo) > _MEMO_SIZE:
+                self._tuned_memo.clear()
+            self._tuned_memo[memo_key] = found
+        return found
 
     def _supported_tuned(self, tuned, platform, dtype, shapes, options):
         implementation, variant_data = tuned

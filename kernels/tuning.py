@@ -230,6 +230,7 @@ class Cache:
             ok = False
         with self._lock:
             self._index(records)
+        _GENERATION[0] += 1
         return ok
 
     @contextlib.contextmanager
@@ -258,6 +259,14 @@ class Cache:
 
 _CACHES: dict[str, Cache] = {}
 _CACHES_LOCK = threading.Lock()
+# Bumped whenever what a lookup could return changes (a record stored, the caches
+# forgotten, the directory changed): callers memoize lookups under it.
+_GENERATION = [0]
+
+
+def generation() -> tuple[int, str, bool]:
+    """A value that changes whenever a memoized lookup may be stale."""
+    return _GENERATION[0], cache_dir(), autotune_enabled()
 
 
 def cache() -> Cache:
@@ -277,6 +286,7 @@ def reset() -> None:
     fingerprint) again."""
     with _CACHES_LOCK:
         _CACHES.clear()
+        _GENERATION[0] += 1
 
 
 def choice_for(kernel, tensors, options, *, platform: str, dtype) -> tuple[str, dict | None] | None:
