@@ -153,18 +153,33 @@ def default_variant(implementation, platform, dtype, *, is_causal=False, batch_h
 TUNED_BLOCK_SIZES = ((256, 256), (128, 256), (256, 1024), (256, 2048), (512, 2048))
 
 
-def _variants(implementation, *, platform, dtype, shapes, scale, is_causal, dropout_rate, seed, block_sizes=None):
+def _batch_heads(shapes):
+    query_shape = shapes[0] if shapes else None
+    if query_shape is None or query_shape[0] is None or query_shape[2] is None:
+        return None
+    return query_shape[0] * query_shape[2]
+
+
+def _default_variant(implementation, *, platform, dtype, shapes, is_causal=False, block_sizes=None, **_):
+    if implementation == "reference":
+        return None
+    return default_variant(
+        implementation, platform, dtype, is_causal=is_causal, batch_heads=_batch_heads(shapes),
+        block_sizes=block_sizes,
+    )
+
+
+def _variants(implementation, *, platform, dtype, shapes, is_causal=False, block_sizes=None, **_):
     """The default variant, then (for the tuner) the other tiles within the memory
     budget, whole score rows where ``S`` is known and they fit, and on the graph
     path both softmax formulations. The reference has none."""
     if implementation == "reference":
         return ()
-    query_shape, key_shape = shapes[0], shapes[1]
-    batch_heads = None
-    if query_shape is not None and query_shape[0] is not None and query_shape[2] is not None:
-        batch_heads = query_shape[0] * query_shape[2]
-    first = default_variant(
-        implementation, platform, dtype, is_causal=is_causal, batch_heads=batch_heads,
+    query_shape = shapes[0] if shapes else None
+    key_shape = shapes[1] if len(shapes) > 1 else None
+    batch_heads = _batch_heads(shapes)
+    first = _default_variant(
+        implementation, platform=platform, dtype=dtype, shapes=shapes, is_causal=is_causal,
         block_sizes=block_sizes,
     )
     if block_sizes is not None:
@@ -1030,6 +1045,7 @@ ATTENTION = dispatch.Kernel(
     dot_product_attention_compiled,
     auto=AUTO["dot_product_attention"],
     variants=_variants,
+    default_variant=_default_variant,
     work=_work,
     signature=_signature,
     layout=_layout,

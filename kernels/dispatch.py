@@ -337,6 +337,9 @@ class Kernel:
             ``not_supported_reasons``) and are not passed to the functions.
         auto_row: optional ``fn(**options)`` naming the row of ``auto`` a call
             takes (keys ``(platform, dtype, row)``), or None for the plain keys.
+        default_variant: optional ``fn`` with the signature of ``variants``
+            returning only the default, where listing every variant costs more
+            than an eager call should spend.
     """
 
     def __init__(
@@ -355,6 +358,7 @@ class Kernel:
         layout: Callable[..., Hashable] | None = None,
         choice_options: Sequence[str] = (),
         auto_row: Callable[..., str | None] | None = None,
+        default_variant: Callable | None = None,
     ):
         self.name = name
         self.reference = _upcasting(reference) if upcast else reference
@@ -363,6 +367,7 @@ class Kernel:
         self.auto = check_auto_row(auto, name)
         self._reasons = not_supported_reasons
         self._variants = variants
+        self._default_variant = default_variant
         self._work = work
         self._signature = signature or default_signature
         self._layout = layout
@@ -456,11 +461,18 @@ class Kernel:
 
     # -- choosing ---------------------------------------------------------------
 
-    def _selection(self, implementation, source, platform, dtype, shapes, options, variant=None):
-        if variant is None:
-            variant = self.variants(
+    def default_variant(self, implementation, *, platform, dtype, shapes=(), **options):
+        """The variant an implementation runs unless tuned: the first of ``variants``."""
+        if self._default_variant is not None and implementation != NATIVE:
+            return self._default_variant(
                 implementation, platform=platform, dtype=dtype, shapes=shapes, **options
-            )[0]
+            )
+        return self.variants(implementation, platform=platform, dtype=dtype, shapes=shapes, **options)[0]
+
+    def _selection(self, implementation, source, platform, dtype, shapes, options):
+        variant = self.default_variant(
+            implementation, platform=platform, dtype=dtype, shapes=shapes, **options
+        )
         return Selection(implementation, variant, source, platform, dtype.name)
 
     def select(
@@ -537,17 +549,17 @@ class Kernel:
             implementation, platform=platform, dtype=dtype, **options
         ):
             return None
-        default = self.variants(
+        default = self.default_variant(
             implementation, platform=platform, dtype=dtype, shapes=shapes, **options
-        )[0]
-        if variant_data is None or default is None:
-            variant = default if variant_data is None else None
-            if variant_data is not None:
-                return None
+        )
+        if variant_data is None:
+            variant = default
+        elif default is None:  # the kernel no longer has variants
+            return None
         else:
             try:
                 variant = dataclasses.replace(default, **variant_data)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError):  # fields that no longer exist or fit
                 return None
         return Selection(implementation, variant, "tuned", platform, dtype.name)
 
@@ -640,10 +652,15 @@ class Kernel:
             return self.compiled(*tensors, **options)
         return self._functions[implementation](*tensors, **options)
 
+    # Dispatch has no tensor-dependent Python control flow for autograph to convert;
+    # converting its hooks when a kernel is called from an autograph'd function only
+    # costs time (and has confused autograph's cache of converted nested functions).
+    @tf.autograph.experimental.do_not_convert
     def __call__(self, *tensors, implementation=None, **options):
         """Runs the kernel: the implementation is selected for the first floating tensor."""
         return self.apply(tensors, options, implementation=implementation)
 
+    @tf.autograph.experimental.do_not_convert
     def apply(self, tensors, options, *, implementation=None, dtype=None):
         """Runs the kernel on ``tensors`` (a tuple) with ``options`` (a dict).
 
