@@ -47,7 +47,6 @@ from fastlayers.kernels.validation import check_floating
 IMPLEMENTATIONS = ("reference", "graph", "xla")
 NATIVE = "native"
 ALL_IMPLEMENTATIONS = IMPLEMENTATIONS + (NATIVE,)
-SOURCES = ("explicit", "table", "tuned", "small eager call")
 
 
 def scope_name(kernel: str, implementation: str) -> str:
@@ -238,11 +237,6 @@ def candidate_label(implementation: str, variant) -> str:
         return implementation
     text = getattr(variant, "label", None) or str(variant)
     return f"{implementation} {text}" if text else implementation
-
-
-def variant_to_json(variant):
-    """A variant as JSON data: its dataclass fields, or None."""
-    return None if variant is None else dataclasses.asdict(variant)
 
 
 def _declares(fn: Callable, name: str) -> bool:
@@ -746,11 +740,6 @@ def _static_shape(t):
     return None
 
 
-def elements(x) -> int | None:
-    """The number of elements of ``x`` where its shape is known, else None."""
-    return x.shape.num_elements() if isinstance(x, (tf.Tensor, tf.Variable)) else None
-
-
 def _as_tensor(value):
     if isinstance(value, (tf.Tensor, tf.Variable)) or hasattr(value, "__array__"):
         return tf.convert_to_tensor(value)
@@ -788,8 +777,12 @@ def kernel(
     auto: dict[tuple[str, str], Sequence[str]] | None = None,
     not_supported_reasons: Callable[..., list[str]] | None = None,
     upcast: bool = False,
+    native: Callable | None = None,
+    variants: Callable[..., Sequence] | None = None,
+    work: Callable[..., float | None] | None = None,
 ):
-    """Declares a kernel from its reference function; the result dispatches like ours.
+    """Declares a kernel from its reference function; the result dispatches like ours,
+    and ``fastlayers tune`` (or ``FASTLAYERS_AUTOTUNE=1``) tunes it like ours.
 
     Example:
 
@@ -813,6 +806,9 @@ def kernel(
         not_supported_reasons: ``fn(implementation, platform=, dtype=, **options)``
             returning why an implementation cannot take a call.
         upcast: run float16/bfloat16 calls in float32 (see ``Kernel``).
+        native: a ``"native"`` implementation (see ``Kernel``).
+        variants: the compiled algorithm's variants for the tuner (see ``Kernel``).
+        work: the call's FLOPs, for auto's small eager calls (see ``Kernel``).
     """
     if callable(name):  # used bare, as @kernel
         return kernel()(name)
@@ -826,6 +822,9 @@ def kernel(
             auto=auto or DEFAULT,
             not_supported_reasons=not_supported_reasons,
             upcast=upcast,
+            native=native,
+            variants=variants,
+            work=work,
         )
         functools.update_wrapper(declared, reference, updated=())
         return declared
