@@ -139,7 +139,7 @@ def _suite_cases(names, sizes, policies) -> list[_Case]:
 
 
 def _layer_cases(args, policies) -> list[_Case]:
-    from fastlayers.bench.layer_spec import LayerError, random_inputs, resolve_layer
+    from fastlayers.bench.layer_spec import LayerError, format_shapes, random_inputs, resolve_layer
 
     _import_from_cwd(args.layer)
     spec = resolve_layer(args.layer, input_shape=args.input_shape, layer_args=args.layer_args)
@@ -151,14 +151,14 @@ def _layer_cases(args, policies) -> list[_Case]:
         except Exception as error:  # noqa: BLE001 - a user's layer: any error is one line
             raise LayerError(f"cannot build {spec.name}: {error}") from None
         inputs = random_inputs(spec.input_shapes, policy)
-        found.append(_Case(f"{spec.name} {spec.input_shapes}", policy,
+        found.append(_Case(f"{spec.name} {format_shapes(spec.input_shapes)}", policy,
                            lambda layer=layer, inputs=inputs: spec.call(layer, inputs), False))
     return found
 
 
 def _model_cases(args, policies) -> list[_Case]:
     import keras
-    from fastlayers.bench.layer_spec import random_inputs
+    from fastlayers.bench.layer_spec import format_shapes, random_inputs
 
     if not args.input_shape:
         raise UsageError("argument --model: needs --input-shape")
@@ -172,7 +172,7 @@ def _model_cases(args, policies) -> list[_Case]:
         raise UsageError(f"argument --model: cannot load {args.model}: {error}") from None
     policy = model.dtype_policy.name if hasattr(model, "dtype_policy") else policies[0]
     inputs = random_inputs(args.input_shape, policy)
-    return [_Case(f"{os.path.basename(args.model)} {args.input_shape}", policy,
+    return [_Case(f"{os.path.basename(args.model)} {format_shapes(args.input_shape)}", policy,
                   lambda: model(inputs), False)]
 
 

@@ -81,3 +81,19 @@ def test_an_unwritable_cache_is_one_line(capsys, tmp_path, monkeypatch):
     assert code == cli.EXIT_USAGE
     assert err.startswith("fastlayers tune: error: cannot write the tuning cache in ")
     assert tuning.CACHE_DIR_ENV in err and err.strip().count("\n") == 0
+
+
+def test_tune_a_saved_model_tunes_every_kernel_call_it_makes(capsys, tmp_path):
+    import keras
+
+    from fastlayers import layers
+
+    inputs = keras.Input((8,))
+    outputs = layers.Exponential()(layers.Dense(16)(inputs))
+    path = tmp_path / "model.keras"
+    keras.Model(inputs, outputs).save(path)
+    code, out, err = run_cli(capsys, "--model", str(path), "--input-shape", "4,8",
+                             "--modes", "eager", "--budget", "0.5", "--quiet")
+    assert code == 0, err
+    kernels_tuned = [line.split("  ")[1].strip() for line in out.strip().splitlines()[1:]]
+    assert kernels_tuned == ["dense", "exponential"]
