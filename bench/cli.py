@@ -25,6 +25,7 @@ import re
 import sys
 from collections.abc import Callable
 
+from fastlayers.bench import tune
 from fastlayers.bench.errors import CommandError
 
 EXIT_REGRESSION = 1
@@ -517,9 +518,14 @@ register(Command(
     run=_profile,
 ))
 
+register(Command(
+    "tune",
+    help=tune.HELP,
+    description=tune.DESCRIPTION,
+    add_arguments=tune.add_arguments,
+    run=tune.run,
+))
+
 
 if __name__ == "__main__":
     sys.exit(main())
-
-# Registered by its own module, after bench and profile (it imports this one).
-import fastlayers.bench.tune  # noqa: E402,F401
