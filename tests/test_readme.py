@@ -72,7 +72,7 @@ def test_the_walkthroughs_shell_commands_run_on_its_module(tmp_path, monkeypatch
     out = capsys.readouterr().out
     assert "my_layers:MyDense 8x16" in out
     assert "kernel scopes in the trace: fastlayers/my_dense/" in out
-    assert list((tmp_path / "logs" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert list((tmp_path / "logs" / "MyDense" / "plugins" / "profile").glob("*/*.xplane.pb"))
     sys.modules.pop("my_layers", None)
 
 
