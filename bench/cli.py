@@ -497,3 +497,6 @@ register(Command(
 
 if __name__ == "__main__":
     sys.exit(main())
+
+# Registered by its own module, after bench and profile (it imports this one).
+import fastlayers.bench.tune  # noqa: E402,F401

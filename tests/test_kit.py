@@ -101,7 +101,7 @@ def test_declared_reasons_refuse_explicit_requests_and_steer_auto():
 
     with pytest.raises(ValueError, match="implementation='xla' cannot run kernel 'no_xla'.*an op XLA lacks"):
         no_xla(tf.ones([2]), implementation="xla")
-    assert no_xla.select(None, platform=dispatch.cpu_platform(), dtype=tf.float32) == "graph"
+    assert no_xla.select(None, platform=dispatch.cpu_platform(), dtype=tf.float32).implementation == "graph"
     np.testing.assert_array_equal(no_xla(tf.ones([2])), [2.0, 2.0])
 
 
@@ -170,7 +170,7 @@ def test_compiled_layer_reasons_and_auto_row():
     layer = NoXLA(2)
     assert layer(x).shape == (1, 2)
     (kernel,) = layer._fastlayers_kernels.values()
-    chosen = kernel.select(None, platform=dispatch.cpu_platform(), dtype=tf.float32)
+    chosen = kernel.select(None, platform=dispatch.cpu_platform(), dtype=tf.float32).implementation
     assert chosen == "graph"
     with pytest.raises(ValueError, match="implementation='xla' cannot run kernel 'no_xla'.*refused for this test"):
         NoXLA(2, implementation="xla")(x)
@@ -217,7 +217,7 @@ def test_a_bare_kernel_decorator_declares_one_with_the_defaults():
     "auto, message",
     [
         ({("cpu-onednn-bf16", "*"): ("jit",)},
-         "entries must be a non-empty tuple of 'reference', 'graph', 'xla'. "
+         "entries must be a non-empty tuple of 'reference', 'graph', 'xla', 'native'. "
          "Received: ('cpu-onednn-bf16', '*'): ('jit',)"),
         ({("CPU", "*"): ("xla",)},
          "platform 'CPU' is not one of 'cpu', 'cpu-onednn', 'cpu-onednn-bf16', 'gpu'. "
@@ -227,7 +227,7 @@ def test_a_bare_kernel_decorator_declares_one_with_the_defaults():
         ({("cpu", "*"): 5}, "entries must be a non-empty tuple"),
         ({("cpu", "*"): "xla"}, "entries must be a non-empty tuple"),
         ({("cpu", "*"): ()}, "entries must be a non-empty tuple"),
-        ({"cpu": ("xla",)}, "a key is not a (platform, dtype name) pair of strings. Received: 'cpu'"),
+        ({"cpu": ("xla",)}, "a key is not a (platform, dtype name) or (platform, dtype name, row) tuple of strings. Received: 'cpu'"),
         ("xla", "expected a dict mapping (platform, dtype name) to a tuple"),
     ],
 )

@@ -34,7 +34,7 @@ def expected_implementation(implementation, mode):
     units = layer_spec.LAYER_DEFAULTS["Dense"].args["units"]
     work = dense_flops(*TINY_SHAPE, units) if mode == "eager" else None
     return DENSE.select(None, platform=cases.platform_for("cpu"),
-                        dtype=cases.compute_dtype("float32"), work=work)
+                        dtype=cases.compute_dtype("float32"), work=work).implementation
 
 
 @pytest.fixture(scope="module")
