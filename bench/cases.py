@@ -8,8 +8,8 @@ Keras dtype policy; the runner wraps it in a ``tf.function`` for the ``function`
 mode and places it on the device. Adding a suite is adding data to ``SUITES``.
 
 Every built-in suite has two kinds of special providers: the **peak** row (a bare
-``tf.matmul``: what this machine's matmul library reaches, against which the others
-are a fraction) and the **baseline** rows (the Keras built-in, against which
+``tf.matmul``: what this machine's matmul library reaches; the others are a
+fraction of it, or of a row that beats it, ``report.peak_gflops``) and the **baseline** rows (the Keras built-in, against which
 speed-ups are quoted; with several, such as Keras's attention with and without XLA,
 the fastest of them in each group). A provider that computes another problem than
 its suite's, like the attention suites' peak row (a square matmul), brings its own

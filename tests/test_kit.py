@@ -538,3 +538,39 @@ def test_threads_calling_one_layer_each_dispatch():
             thread.join(timeout=60)
     assert layer.seen == [("float32", "float32")] * 2
     assert [r.dtype for r in results] == [tf.float16] * 2
+
+
+def test_the_checks_print_no_retracing_warning_but_other_warnings_show(rng, caplog, monkeypatch):
+    from tensorflow.python.eager.polymorphic_function import polymorphic_function
+
+    # TensorFlow warns at most twice per traced Python function and process: a fresh
+    # detector makes the warning below independent of the tests run before this one.
+    monkeypatch.setattr(polymorphic_function, "_frequent_tracing_detector_manager",
+                        polymorphic_function._FrequentTracingDetectorManager())
+    make = lambda **kwargs: MyDense(3, activation="tanh", **kwargs)  # noqa: E731
+    x = rng.standard_normal((4, 5))
+    # Unwrapped, the check builds a layer per policy and implementation, and TensorFlow
+    # warns about the retracing as if it were a mistake.
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        testing.assert_layer_matches.__wrapped__(make, my_dense_oracle, x)
+    assert "triggered tf.function retracing" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        testing.assert_layer_matches(make, my_dense_oracle, x)
+        testing.assert_gradients_match_reference(make, x)
+        testing.assert_kernel_matches(scaled_softplus, softplus_oracle, x)
+        testing.assert_kernel_gradients_match_reference(scaled_softplus, x)
+        with testing.expected_retracing():
+            tf.get_logger().warning("another warning")
+    assert "retracing" not in caplog.text
+    assert "another warning" in caplog.text
+
+
+@pytest.mark.parametrize("where", [".", "tmp_path", None])
+def test_keras_round_trip_leaves_no_file_behind(rng, tmp_path, monkeypatch, where):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where None puts it
+    directory = {"tmp_path": tmp_path}.get(where, where)
+    loaded = testing.assert_keras_round_trip(MyDense(3), rng.standard_normal((2, 4)), directory)
+    assert isinstance(loaded, keras.Model)
+    assert list(tmp_path.iterdir()) == []
