@@ -27,6 +27,7 @@ from fastlayers.kernels.masking import (
     fixed_mask,
     fixed_mask_reference,
 )
+from fastlayers.kernels.normalization import layer_normalization, rms_normalization
 from fastlayers.kernels.pooling import (
     max_pool2d,
     max_pool2d_compiled,
@@ -62,6 +63,7 @@ __all__ = [
     "fixed_mask",
     "fixed_mask_reference",
     "kernel",
+    "layer_normalization",
     "mask_value",
     "max_pool2d",
     "max_pool2d_compiled",
@@ -70,5 +72,6 @@ __all__ = [
     "residual_projection",
     "residual_projection_compiled",
     "residual_projection_reference",
+    "rms_normalization",
     "tolerance",
 ]

@@ -205,3 +205,17 @@ AUTO["attention_pooling"] = {
     ("cpu-onednn-bf16", "*"): ("xla", "graph", "reference"),
     ("gpu", "*"): ("xla", "graph", "reference"),
 }
+
+AUTO["layer_normalization"] = {
+    ("cpu", "*"): ("xla", "graph", "reference"),
+    ("cpu-onednn", "*"): ("xla", "graph", "reference"),
+    ("cpu-onednn-bf16", "*"): ("xla", "graph", "reference"),
+    ("gpu", "*"): ("xla", "graph", "reference"),
+}
+
+AUTO["rms_normalization"] = {
+    ("cpu", "*"): ("xla", "graph", "reference"),
+    ("cpu-onednn", "*"): ("xla", "graph", "reference"),
+    ("cpu-onednn-bf16", "*"): ("xla", "graph", "reference"),
+    ("gpu", "*"): ("xla", "graph", "reference"),
+}

@@ -11,6 +11,7 @@ from fastlayers.layers.exponential import Exponential
 from fastlayers.layers.linear import Linear
 from fastlayers.layers.masking import CenterZero, FixedMask
 from fastlayers.layers.multi_head_attention import MultiHeadAttention
+from fastlayers.layers.normalization import LayerNormalization, RMSNormalization
 from fastlayers.layers.pooling import MaxPool2D, MaxPooling2D
 from fastlayers.layers.residual import ResidualProjection
 
@@ -22,9 +23,11 @@ __all__ = [
     "Exponential",
     "FastLayer",
     "FixedMask",
+    "LayerNormalization",
     "Linear",
     "MaxPool2D",
     "MaxPooling2D",
     "MultiHeadAttention",
+    "RMSNormalization",
     "ResidualProjection",
 ]
