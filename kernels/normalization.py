@@ -30,13 +30,18 @@ from fastlayers.kernels.precision import accumulation_dtype
 
 
 def _broadcast(weight, x, axis):
-    """``weight`` (the sizes of the normalized axes) reshaped to broadcast against ``x``."""
+    """``weight`` (the sizes of the normalized axes) reshaped to broadcast against ``x``.
+
+    ``axis`` counts from the end (negative), so the shape needs no rank: a
+    shape-generic trace may not know it, and XLA needs the shape as a constant. A
+    full-rank weight (checked by the public function) is used as it is.
+    """
     if weight is None:
         return None
     weight = tf.cast(weight, accumulation_dtype(x.dtype))
-    if weight.shape.rank == x.shape.rank:
+    if weight.shape.rank != len(axis):
         return weight
-    shape = [1] * x.shape.rank
+    shape = [1] * -axis[0]
     for i, a in enumerate(axis):
         shape[a] = weight.shape[i] if weight.shape[i] is not None else tf.shape(weight)[i]
     return tf.reshape(weight, shape)
@@ -212,7 +217,7 @@ def layer_normalization(
     beta = _check_weight("beta", beta, x, axis)
     return LAYER_NORMALIZATION(
         x, gamma, beta, implementation=implementation,
-        axis=axis, epsilon=epsilon, rms_scaling=bool(rms_scaling),
+        axis=_from_end(axis, x), epsilon=epsilon, rms_scaling=bool(rms_scaling),
     )
 
 
@@ -235,5 +240,11 @@ def rms_normalization(x, scale=None, *, axis=-1, epsilon=1e-6, implementation=No
     epsilon = check_epsilon(epsilon)
     scale = _check_weight("scale", scale, x, axis)
     return RMS_NORMALIZATION(
-        x, scale, implementation=implementation, axis=axis, epsilon=epsilon
+        x, scale, implementation=implementation, axis=_from_end(axis, x), epsilon=epsilon
     )
+
+
+def _from_end(axis, x):
+    # Negative axes name the same axes of any rank: one trace serves inputs of
+    # several ranks, and the weights' broadcast shape needs no rank (``_broadcast``).
+    return tuple(a - x.shape.rank for a in axis)
