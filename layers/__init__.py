@@ -4,6 +4,7 @@ Write ``from fastlayers import layers`` and ``layers.Dense(64, activation="relu"
 exactly as with ``from keras import layers``.
 """
 
+from fastlayers.layers.acceleration import accelerate
 from fastlayers.layers.attention_pooling import AttentionPooling
 from fastlayers.layers.base import CompiledLayer, FastLayer
 from fastlayers.layers.dense import Dense
@@ -30,4 +31,5 @@ __all__ = [
     "MultiHeadAttention",
     "RMSNormalization",
     "ResidualProjection",
+    "accelerate",
 ]
