@@ -32,7 +32,6 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 
 import keras
-import pytest
 import tensorflow as tf
 from fastlayers.bench import flops as flops_lib
 from fastlayers.bench.layer_spec import format_shapes, random_inputs
@@ -53,19 +52,6 @@ Step = Callable[[], object]
 
 def gpu_available() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
-
-
-# Parameters for pytest suites: GPU cases skip with a reason on machines without one.
-DEVICE_PARAMS = (
-    "cpu",
-    pytest.param(
-        "gpu",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not gpu_available(), reason="no GPU visible to TensorFlow"),
-        ],
-    ),
-)
 
 
 def tf_device(device: str) -> str:

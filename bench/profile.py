@@ -25,64 +25,22 @@ import dataclasses
 import os
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
 from fastlayers.bench import cases, layer_spec
-from fastlayers.bench.layer_spec import call_on_input
+from fastlayers.bench.errors import CommandError
+from fastlayers.bench.layer_spec import SCOPE_PATTERN, call_on_input
 from fastlayers.kernels import dispatch
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerDefaults:
-    """A representative workload for a fastlayers layer named on the command line.
-
-    ``fastlayers bench --layer NAME`` and ``fastlayers profile NAME`` use it;
-    ``--layer-args`` updates ``args`` and ``--input-shape`` replaces ``input_shape``.
-
-    Attributes:
-        args: constructor arguments.
-        input_shape: the input's shape, batch axis first, or a tuple of shapes for
-            a layer with several inputs (called with them as one list).
-        call: ``call(layer, x)``, how a step calls the layer on its input (one
-            tensor, or the list of them); an attention layer, say, as ``layer(x, x)``.
-    """
-
-    args: dict
-    input_shape: tuple
-    call: Callable = call_on_input
-
-
-# FixedMask's workload: a 128x128 image with a 4x4 hole in its middle, as in the
-# tutorial the layer comes from.
-_HOLE_MASK = [[0.0 if 62 <= i < 66 and 62 <= j < 66 else 1.0 for j in range(128)]
-              for i in range(128)]
-
-LAYER_DEFAULTS: dict[str, LayerDefaults] = {
-    "Dense": LayerDefaults({"units": 4096, "activation": "relu"}, (4096, 1024)),
-    "Linear": LayerDefaults({"units": 4096}, (4096, 1024)),
-    # A ResNet stem's activations.
-    "MaxPooling2D": LayerDefaults({"pool_size": 2}, (64, 112, 112, 64)),
-    "FixedMask": LayerDefaults({"mask": _HOLE_MASK}, (256, 128, 128)),
-    "CenterZero": LayerDefaults({"size": [4, 4]}, (256, 128, 128)),
-    "Exponential": LayerDefaults({}, (256, 128, 128)),
-    # Inputs [a, b]: a (4096, 512) projected to b's 512 features.
-    "ResidualProjection": LayerDefaults({"units": 512}, ((4096, 512), (4096, 512))),
-    # Self-attention over 2048 tokens of width 512: 8 heads of 64, the attention bench's shape.
-    "MultiHeadAttention": LayerDefaults(
-        {"num_heads": 8, "key_dim": 64}, (4, 2048, 512), call=lambda layer, x: layer(x, x)
-    ),
-    "AttentionPooling": LayerDefaults({}, (64, 512, 256)),
-}
-
-SCOPE_PATTERN = re.compile(r"fastlayers/[A-Za-z0-9_.]+/(?:reference|graph|xla)\b")
 # A compiled kernel's function and XLA program name (``dispatch.function_name``).
 FUNCTION_PATTERN = re.compile(r"fastlayers__([A-Za-z0-9_.]+?)__(graph|xla)_")
 WARMUP_STEPS = 2
 
 
-class ProfileError(Exception):
+class ProfileError(CommandError):
     """Bad input or an unwritable log directory: reported as one line."""
 
 

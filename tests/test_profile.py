@@ -17,7 +17,7 @@ import urllib.request
 import keras
 import pytest
 from fastlayers import layers
-from fastlayers.bench import cases, cli, profile
+from fastlayers.bench import cases, cli, layer_spec, profile
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.dense import DENSE
 from fastlayers.kernels.flops import dense_flops
@@ -31,7 +31,7 @@ def expected_implementation(implementation, mode):
         return implementation
     # auto runs small eager calls with the reference (kernels/auto.py); in a graph,
     # the table decides
-    units = profile.LAYER_DEFAULTS["Dense"].args["units"]
+    units = layer_spec.LAYER_DEFAULTS["Dense"].args["units"]
     work = dense_flops(*TINY_SHAPE, units) if mode == "eager" else None
     return DENSE.select(None, platform=cases.platform_for("cpu"),
                         dtype=cases.compute_dtype("float32"), work=work)
