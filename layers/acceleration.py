@@ -155,13 +155,13 @@ def _clone_layer(layer, table, report):
         else:
             report.replaced.append((layer, ours))
             return replacement
-    else:
+    elif isinstance(layer, keras.layers.Layer):  # not an op such as `x + y` on Keras tensors
         report.cloned[type(layer).__name__] += 1
     return type(layer).from_config(config)
 
 
 def _copy_weights(original, new):
-    if not original.built:
+    if not isinstance(original, keras.layers.Layer) or not original.built:
         return
     if not new.built:
         new.build_from_config(original.get_build_config())

@@ -16,6 +16,7 @@ def transformer_classifier():
     """Embedding, a pre-norm Transformer block of Keras layers, pooling, softmax."""
     tokens = keras.Input((T,), dtype="int32")
     x = keras.layers.Embedding(VOCAB, D)(tokens)
+    x = x * D**0.5  # an op, not a layer, in the graph
     h = keras.layers.LayerNormalization(epsilon=1e-6)(x)
     h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)(h, h, use_causal_mask=True)
     x = keras.layers.Add()([x, h])
