@@ -277,9 +277,10 @@ def _bench(args) -> int:
         from fastlayers.bench import model_bench
 
         return model_bench.main(args)
-    for option, value in (("--input-shape", args.input_shape), ("--layer-args", args.layer_args)):
+    for option, value, needs in (("--input-shape", args.input_shape, "--layer or --model"),
+                                 ("--layer-args", args.layer_args, "--layer")):
         if value is not None and not args.layer:
-            raise UsageError(f"argument {option}: needs --layer or --model")
+            raise UsageError(f"argument {option}: needs {needs}")
     if args.suite is not None:
         names = args.suite
     elif args.layer:

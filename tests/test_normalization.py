@@ -203,7 +203,9 @@ def test_full_rank_weights_broadcast(rng):
         tolerance("float64").check(y, layer_norm_oracle(x, gamma[0], None, [1, 2], 1e-3))
 
 
-@pytest.mark.parametrize("axis,shape", [AXES[0], AXES[3]], ids=str)
+@pytest.mark.parametrize(
+    "axis,shape", [AXES[0], pytest.param(*AXES[3], marks=pytest.mark.slow)], ids=str
+)
 def test_kernel_gradients_match_the_reference(axis, shape, rng):
     x = rng.standard_normal(shape)
     axes = _positive(axis, len(shape))
