@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.metadata
-import logging
 import os
 import re
 import sys
@@ -445,31 +444,6 @@ def _native_stderr_silenced():
         os.close(saved)
 
 
-class _NoRetracingWarning(logging.Filter):
-    """Drops TensorFlow's "triggered tf.function retracing" warning.
-
-    Every benchmark case wraps its step in a new ``tf.function`` on purpose (a fresh
-    trace per shape, dtype and provider); TensorFlow counts the wrappers of one
-    Python function as one function retracing and warns about a problem the bench
-    does not have.
-    """
-
-    def filter(self, record):
-        return "triggered tf.function retracing" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _retracing_warning_silenced():
-    import tensorflow as tf
-
-    logger, only = tf.get_logger(), _NoRetracingWarning()
-    logger.addFilter(only)
-    try:
-        yield
-    finally:
-        logger.removeFilter(only)
-
-
 def main(argv=None) -> int:
     """Entry point of the ``fastlayers`` console script; returns the exit status."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -477,6 +451,7 @@ def main(argv=None) -> int:
         import tensorflow as tf
 
         tf.config.list_physical_devices("GPU")
+    from fastlayers.testing import expected_retracing
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -492,7 +467,9 @@ def main(argv=None) -> int:
             raise UsageError(
                 f"needs the {command.extra} extra ({', '.join(missing)} not installed): "
                 f'pip install "fastlayers[{command.extra}]"')
-        with _retracing_warning_silenced():
+        # Every benchmark case wraps its step in a new tf.function on purpose (a fresh
+        # trace per shape, dtype and provider), which TensorFlow takes for retracing.
+        with expected_retracing():
             return command.run(args)
     except CommandError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
@@ -528,3 +505,6 @@ register(Command(
 
 if __name__ == "__main__":
     sys.exit(main())
+
+# Registered by its own module, after bench and profile (it imports this one).
+import fastlayers.bench.tune  # noqa: E402,F401

@@ -13,28 +13,13 @@ import platform
 import numpy as np
 import tensorflow as tf
 from fastlayers.kernels import dispatch
-
-CPU_FLAGS_OF_INTEREST = (
-    "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16",
-    "amx_tile",
-)
+from fastlayers.kernels import platform as cpu_facts
 
 
 def _cpu_info() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    present = set(value.split())
-                    flags = [flag for flag in CPU_FLAGS_OF_INTEREST if flag in present]
-                    break
-    except OSError:
-        pass
-    return model, flags
+    info = cpu_facts.cpu_info()
+    model = info.model if info.model != "unknown" else platform.processor() or platform.machine()
+    return model, list(info.flags)
 
 
 def _version(distribution: str) -> str | None:

@@ -74,22 +74,34 @@ class Result:
         }
 
 
+def peak_gflops(results: Sequence[Result]) -> float | None:
+    """The peak of one group: the fastest GFLOP/s measured in it, when it has a peak row.
+
+    The peak row (``tf.matmul``) is what the machine's matmul library reaches; a
+    row faster than it (XLA's dot beats an Eigen matmul, a fused graph beats a
+    lone matmul called from a ``tf.function``) is this machine reaching more, and
+    becomes the peak, so that fractions of it never exceed 1.
+    """
+    rates = [r.gflops for r in results if r.gflops is not None]
+    has_peak = any(r.case.provider.role == PEAK and r.gflops is not None for r in results)
+    return max(rates) if has_peak else None
+
+
 def derive_ratios(results: Sequence[Result]) -> None:
-    """Fraction of the peak row and speed-up over the fastest baseline row, within one group."""
+    """Fraction of the peak (:func:`peak_gflops`) and speed-up over the fastest baseline
+    row, within one group."""
     measured = [r for r in results if r.median is not None]
-    peak = next((r for r in measured if r.case.provider.role == PEAK), None)
+    peak = peak_gflops(measured)
     baseline = min((r for r in measured if r.case.provider.role == BASELINE),
                    key=lambda r: r.median, default=None)
     for result in results:
         if result.median is None:
             continue
-        if peak is not None and result.gflops is not None and peak.gflops is not None:
-            result.fraction_of_peak = result.gflops / peak.gflops
+        if peak is not None and result.gflops is not None:
+            result.fraction_of_peak = result.gflops / peak
         # A row of another problem (the attention suites' matmul peak) has no speed-up.
         if baseline is not None and result.case.provider.flops is None:
             result.speedup_over_baseline = baseline.median / result.median
-
-
 
 # --- comparison with an earlier run ------------------------------------------
 
@@ -158,6 +170,10 @@ def flop_notes(results: Sequence[Result]) -> list[str]:
     return lines
 
 
+PEAK_NOTE = ("% of peak: of the fastest GFLOP/s measured for the same case, dtype and mode "
+             "(tf.matmul's, or a row's that beat it)")
+
+
 def table(results: Sequence[Result]) -> str:
     """A plain-text table: case, dtype, GFLOP/s, % of peak, speed-up over the baseline.
 
@@ -203,6 +219,8 @@ def table(results: Sequence[Result]) -> str:
 
     lines = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
     notes = flop_notes(results)
+    if any(r.fraction_of_peak is not None for r in results):
+        notes.append(PEAK_NOTE)
     if header[6] == "vs baseline":
         over: dict[str, list[str]] = {}
         for suite in {r.case.suite.name: r.case.suite for r in results}.values():

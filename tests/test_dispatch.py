@@ -32,17 +32,17 @@ def test_unknown_implementation_names_the_value(bad):
         dispatch.check_implementation(bad)
 
 
-@pytest.mark.parametrize("good", [None, "reference", "graph", "xla"])
+@pytest.mark.parametrize("good", [None, "reference", "graph", "xla", "native"])
 def test_known_implementations_pass(good):
     assert dispatch.check_implementation(good) == good
 
 
 def test_auto_takes_the_first_supported_entry_of_its_row():
     kernel = _kernel()
-    assert kernel.select(None, platform="cpu", dtype=tf.float32) == "xla"
-    assert kernel.select(None, platform="cpu", dtype=tf.float64) == "reference"
+    assert kernel.select(None, platform="cpu", dtype=tf.float32).implementation == "xla"
+    assert kernel.select(None, platform="cpu", dtype=tf.float64).implementation == "reference"
     # the row refuses xla for float16, so auto moves on to the row's next entry
-    assert kernel.select(None, platform="cpu", dtype=tf.float16) == "graph"
+    assert kernel.select(None, platform="cpu", dtype=tf.float16).implementation == "graph"
 
 
 def test_auto_without_a_row_prefers_compiled_paths():
@@ -114,7 +114,8 @@ def test_native_low_precision_matmul_table(platform, dtype, native):
 
 def test_auto_table_rows_name_known_platforms_and_implementations():
     for name, row in AUTO.items():
-        for (platform, dtype), preferences in row.items():
+        assert dispatch.check_auto_row(row, name)
+        for (platform, dtype, *_), preferences in row.items():
             assert platform in dispatch.PLATFORMS, (name, platform)
             assert dtype == "*" or tf.as_dtype(dtype).is_floating, (name, dtype)
             assert preferences and set(preferences) <= set(dispatch.IMPLEMENTATIONS)
@@ -123,15 +124,15 @@ def test_auto_table_rows_name_known_platforms_and_implementations():
 def test_auto_runs_small_eager_calls_with_the_reference():
     kernel = _kernel()
     small, large = EAGER_REFERENCE_BELOW_FLOPS / 10, EAGER_REFERENCE_BELOW_FLOPS * 10
-    assert kernel.select(None, platform="cpu", dtype=tf.float32, work=small) == "reference"
-    assert kernel.select(None, platform="cpu", dtype=tf.float32, work=large) == "xla"
-    assert kernel.select(None, platform="cpu", dtype=tf.float32) == "xla"  # work unknown
-    assert kernel.select("graph", platform="cpu", dtype=tf.float32, work=small) == "graph"
+    assert kernel.select(None, platform="cpu", dtype=tf.float32, work=small).implementation == "reference"
+    assert kernel.select(None, platform="cpu", dtype=tf.float32, work=large).implementation == "xla"
+    assert kernel.select(None, platform="cpu", dtype=tf.float32).implementation == "xla"  # work unknown
+    assert kernel.select("graph", platform="cpu", dtype=tf.float32, work=small).implementation == "graph"
 
     @tf.function
     def in_a_graph():
         # no call overhead inside a graph: the table decides whatever the size
-        return tf.constant(kernel.select(None, platform="cpu", dtype=tf.float32, work=small))
+        return tf.constant(kernel.select(None, platform="cpu", dtype=tf.float32, work=small).implementation)
 
     assert in_a_graph().numpy().decode() == "xla"
 
@@ -142,9 +143,176 @@ def test_dense_states_its_work_to_auto(monkeypatch):
 
     chosen = []
     run = DENSE.run
-    monkeypatch.setattr(DENSE, "run", lambda impl, *a, **k: chosen.append(impl) or run(impl, *a, **k))
+    monkeypatch.setattr(
+        DENSE, "run", lambda sel, *a, **k: chosen.append(sel.implementation) or run(sel, *a, **k)
+    )
     kernels.dense(tf.ones([4, 8]), tf.ones([8, 2]))
     kernels.dense(tf.ones([1024, 512]), tf.ones([512, 512]))
     tf.function(lambda x, w: kernels.dense(x, w))(tf.ones([4, 8]), tf.ones([8, 2]))
     table_choice = DENSE.candidates(dispatch.cpu_platform(), tf.float32)[0]
     assert chosen == ["reference", table_choice, table_choice]
+
+
+# --- the selection context ------------------------------------------------------
+
+
+def test_every_kernel_module_declares_one_kernel_per_op_with_a_row_and_its_work():
+    import importlib
+    import pkgutil
+
+    import fastlayers.kernels as package
+
+    found = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"fastlayers.kernels.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, dispatch.Kernel):
+                found.setdefault(value.name, {})[id(value)] = value
+    assert all(len(kernels) == 1 for kernels in found.values()), found
+    assert set(found) == set(AUTO)  # pooling's layouts are rows of one kernel, not kernels
+    for kernels in found.values():
+        [kernel] = kernels.values()
+        assert kernel._work is not None, f"{kernel.name} does not state its work"
+
+
+def test_the_public_kernels_leave_out_the_compiled_entry_points():
+    from fastlayers import kernels
+
+    assert not [name for name in kernels.__all__ if name.endswith("_compiled")]
+    assert all(hasattr(kernels, name) for name in kernels.__all__)
+
+
+@pytest.mark.parametrize("call", [
+    lambda k: k.exponential(tf.ones([4, 4])),
+    lambda k: k.max_pool2d(tf.ones([1, 4, 4, 2])),
+    lambda k: k.center_zero(tf.ones([4, 4])),
+    lambda k: k.fixed_mask(tf.ones([2, 4]), [1.0, 0.0, 1.0, 0.0]),
+    lambda k: k.residual_projection(tf.ones([2, 4]), tf.ones([2, 3]), tf.ones([4, 3])),
+    lambda k: k.attention_pooling(tf.ones([2, 3, 4]), tf.ones([4, 1]), tf.ones([1])),
+    lambda k: k.dot_product_attention(tf.ones([1, 4, 2, 8]), tf.ones([1, 4, 2, 8]), tf.ones([1, 4, 2, 8])),
+], ids=["exponential", "max_pool2d", "center_zero", "fixed_mask", "residual_projection",
+        "attention_pooling", "dot_product_attention"])
+def test_every_built_in_kernel_runs_small_eager_calls_with_the_reference(monkeypatch, call):
+    from fastlayers import kernels
+
+    seen = []
+    original = dispatch.Kernel.run
+
+    def run(self, selection, *tensors, **options):
+        seen.append(selection)
+        return original(self, selection, *tensors, **options)
+
+    monkeypatch.setattr(dispatch.Kernel, "run", run)
+    call(kernels)
+    assert [(s.implementation, s.source) for s in seen] == [("reference", "small eager call")]
+
+
+def test_the_selection_reaches_compiled_functions_that_declare_it():
+    received = []
+
+    def compiled(x, *, selection):
+        received.append(selection)
+        return 2 * x
+
+    kernel = dispatch.Kernel("declares", _double, compiled, auto={("cpu", "*"): ("graph",)})
+    for implementation in ("graph", "xla"):
+        kernel(tf.ones([3]), implementation=implementation)
+    assert [(s.implementation, s.source) for s in received] == [("graph", "explicit"), ("xla", "explicit")]
+    # the reference declares nothing and receives nothing
+    assert kernel(tf.ones([3]), implementation="reference").numpy().tolist() == [2.0, 2.0, 2.0]
+    with pytest.raises(TypeError, match=r"fills in 'selection', 'layout' itself. Received options named: selection"):
+        kernel(tf.ones([3]), selection=None)
+
+
+def test_one_choice_from_another_source_reuses_the_trace():
+    traces = []
+
+    def compiled(x, *, selection):
+        traces.append(selection.source)
+        return 2 * x
+
+    kernel = dispatch.Kernel("traced_once", _double, compiled, auto={("cpu", "*"): ("xla",)})
+    x = tf.ones([3])
+    for source in ("explicit", "table", "tuned"):
+        kernel.run(dispatch.Selection("xla", None, source, "cpu", "float32"), x)
+    assert traces == ["explicit"]
+
+
+def test_a_selection_describes_itself():
+    from fastlayers.kernels import AttentionVariant
+
+    selection = dispatch.Selection("graph", AttentionVariant(256, 2048), "tuned")
+    assert selection.describe() == "graph 256x2048, tuned"
+    assert dispatch.Selection("graph", source="table").describe() == "graph, table"
+
+
+class _FakeNative:
+    """A native implementation as a provider plugs one in: callable, with a reason
+    when its op is not built."""
+
+    def __init__(self, reason=None):
+        self.reason = reason
+        self.calls = []
+
+    def __call__(self, x, *, selection):
+        self.calls.append(selection)
+        return 2 * x
+
+    def not_built_reason(self):
+        return self.reason
+
+
+def _native_kernel(native, row=("native", "graph", "reference")):
+    return dispatch.Kernel("with_native", _double, auto={("cpu", "*"): row}, native=native)
+
+
+def test_a_native_implementation_runs_when_asked_and_when_auto_prefers_it():
+    native = _FakeNative()
+    kernel = _native_kernel(native)
+    x = tf.ones([3])
+    assert kernel(x, implementation="native").numpy().tolist() == [2.0, 2.0, 2.0]
+    assert kernel.select(None, platform="cpu", dtype=tf.float32).implementation == "native"
+    assert [s.implementation for s in native.calls] == ["native"]
+    assert "native" in kernel.implementations()
+
+
+def test_a_kernel_without_native_says_so():
+    kernel = _native_kernel(None)
+    with pytest.raises(ValueError, match=r"implementation='native' cannot run kernel 'with_native'.*"
+                                         r"has no native implementation"):
+        kernel.select("native", platform="cpu", dtype=tf.float32)
+    assert kernel.select(None, platform="cpu", dtype=tf.float32).implementation == "graph"
+    assert "native" not in kernel.implementations()
+
+
+def test_a_native_op_that_is_not_built_gives_the_providers_reason():
+    kernel = _native_kernel(_FakeNative("g++ exited with status 1"))
+    with pytest.raises(ValueError, match=r"native op is not available: g\+\+ exited with status 1"):
+        kernel(tf.ones([3]), implementation="native")
+    assert kernel.select(None, platform="cpu", dtype=tf.float32).implementation == "graph"
+
+
+def test_inside_an_xla_cluster_auto_keeps_xla_and_an_explicit_native_request_raises():
+    native = _FakeNative()
+    kernel = _native_kernel(native)
+
+    @tf.function(jit_compile=True)
+    def auto(x):
+        return kernel(x)
+
+    assert auto(tf.ones([3])).numpy().tolist() == [2.0, 2.0, 2.0]
+    assert native.calls == []
+
+    @tf.function(jit_compile=True)
+    def explicit(x):
+        return kernel(x, implementation="native")
+
+    with pytest.raises(ValueError, match=r"cannot run inside an XLA cluster"):
+        explicit(tf.ones([3]))
+
+
+def test_auto_rows_may_name_native_and_rows_by_variant():
+    row = dispatch.check_auto_row({("cpu", "*"): ("native", "xla"), ("cpu", "*", "tiled"): ("xla",)})
+    assert row[("cpu", "*", "tiled")] == ("xla",)
+    with pytest.raises(ValueError, match=r"entries must be a non-empty tuple of 'reference', 'graph', 'xla', 'native'"):
+        dispatch.check_auto_row({("cpu", "*"): ("fast",)})
