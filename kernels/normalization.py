@@ -25,6 +25,7 @@ import numbers
 
 import tensorflow as tf
 from fastlayers.kernels import dispatch
+from fastlayers.kernels import flops as flops_lib
 from fastlayers.kernels.auto import AUTO
 from fastlayers.kernels.precision import accumulation_dtype
 
@@ -97,16 +98,26 @@ def rms_normalization_reference(x, scale, *, axis, epsilon):
     return tf.cast(normalized, x.dtype)
 
 
+def _work(x, *_, rms=False, **__):
+    if not x.shape.is_fully_defined():
+        return None
+    return flops_lib.normalization_flops(x.shape.num_elements(), rms=rms)
+
+
 LAYER_NORMALIZATION = dispatch.Kernel(
     "layer_normalization",
     layer_normalization_reference,
     layer_normalization_compiled,
     auto=AUTO["layer_normalization"],
+    work=_work,
 )
 
 # One reduction and one multiply per element: the reference is already the fused form.
 RMS_NORMALIZATION = dispatch.Kernel(
-    "rms_normalization", rms_normalization_reference, auto=AUTO["rms_normalization"]
+    "rms_normalization",
+    rms_normalization_reference,
+    auto=AUTO["rms_normalization"],
+    work=lambda x, *_, **__: _work(x, rms=True),
 )
 
 
