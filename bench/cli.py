@@ -229,8 +229,11 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
                        help=f"comma-separated suites, of {', '.join(SUITES)} "
                        f"(default: {','.join(headline)}, or none with --layer)")
     bench.add_argument("--layer", metavar="LAYER", help=LAYER_HELP.format(names=names))
+    bench.add_argument("--model", metavar="FILE.keras",
+                       help="time a saved functional or Sequential model against its "
+                       "fastlayers.layers.accelerate copy: predict and one training step")
     bench.add_argument("--input-shape", type=_shapes, metavar="SHAPE",
-                       help="with --layer: " + INPUT_SHAPE_HELP)
+                       help="with --layer or --model: " + INPUT_SHAPE_HELP)
     bench.add_argument("--layer-args", type=_layer_args, metavar="JSON",
                        help="with --layer: " + LAYER_ARGS_HELP.format(
                            what="--dtypes and the providers set"))
@@ -270,9 +273,14 @@ def _bench(args) -> int:
     from fastlayers.bench import files, machine, report, runner
     from fastlayers.bench.layer_spec import resolve_layer
 
-    for option, value in (("--input-shape", args.input_shape), ("--layer-args", args.layer_args)):
+    if args.model:
+        from fastlayers.bench import model_bench
+
+        return model_bench.main(args)
+    for option, value, needs in (("--input-shape", args.input_shape, "--layer or --model"),
+                                 ("--layer-args", args.layer_args, "--layer")):
         if value is not None and not args.layer:
-            raise UsageError(f"argument {option}: needs --layer")
+            raise UsageError(f"argument {option}: needs {needs}")
     if args.suite is not None:
         names = args.suite
     elif args.layer:

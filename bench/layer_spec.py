@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import json
 import numbers
 import re
@@ -88,6 +89,9 @@ LAYER_DEFAULTS: dict[str, LayerDefaults] = {
         {"num_heads": 8, "key_dim": 64}, (4, 2048, 512), call=lambda layer, x: layer(x, x)
     ),
     "AttentionPooling": LayerDefaults({}, (64, 512, 256)),
+    # 8192 tokens of width 1024, the shape of the normalization issue's targets.
+    "LayerNormalization": LayerDefaults({}, (8192, 1024)),
+    "RMSNormalization": LayerDefaults({}, (8192, 1024)),
 }
 
 SCOPE_PATTERN = re.compile(r"fastlayers/[A-Za-z0-9_.]+/(?:reference|graph|xla)\b")
@@ -99,9 +103,11 @@ def builtin_names() -> list[str]:
 
     # MultiHeadAttention subclasses Keras's own layer, not FastLayer. An alias
     # (MaxPool2D for MaxPooling2D) is left out: resolve_layer takes it as its class.
+    # Functions (accelerate) are not layers.
     return sorted(
         name for name in layers.__all__
-        if issubclass(getattr(layers, name), keras.layers.Layer)
+        if isinstance(getattr(layers, name), type)
+        and issubclass(getattr(layers, name), keras.layers.Layer)
         and getattr(layers, name) not in (layers.FastLayer, layers.CompiledLayer)
         and getattr(layers, name).__name__ == name
     )
@@ -169,10 +175,8 @@ class LayerSpec:
 
     @property
     def dispatches(self) -> bool:
-        """Whether the class takes ``implementation=`` (a ``FastLayer``)."""
-        from fastlayers.layers import FastLayer
-
-        return issubclass(self.cls, FastLayer)
+        """Whether the class takes ``implementation=`` (see :func:`takes_implementation`)."""
+        return takes_implementation(self.cls)
 
     @property
     def batch(self) -> int:
@@ -246,6 +250,19 @@ class LayerSpec:
                        for match in SCOPE_PATTERN.findall(op.name)})
 
 
+def takes_implementation(cls) -> bool:
+    """Whether a layer class takes ``implementation=``: a ``FastLayer``, or a drop-in
+    that subclasses Keras's own layer (``LayerNormalization``) and names the argument."""
+    from fastlayers.layers import FastLayer
+
+    if issubclass(cls, FastLayer):
+        return True
+    try:
+        return "implementation" in inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):  # a builtin __init__: no such argument
+        return False
+
+
 def import_layer_class(text: str) -> type:
     """The Keras layer class named by ``module:Class`` (``Class`` may be dotted)."""
     module_name, _, qualname = text.partition(":")
@@ -316,7 +333,7 @@ def resolve_layer(layer, *, input_shape=None, layer_args: dict | None = None) ->
     if "dtype" in given:
         raise LayerError("`dtype` is not a layer argument here: --dtypes (bench) and --dtype "
                          "(profile) set the dtype policy")
-    if "implementation" in given and issubclass(cls, layers.FastLayer):
+    if "implementation" in given and takes_implementation(cls):
         raise LayerError("`implementation` is not a layer argument here: bench measures each "
                          "implementation as a provider, and profile takes --implementation")
     shapes = normalize_shapes(input_shape) or default_shapes

@@ -31,6 +31,7 @@ from fastlayers.kernels.masking import (
     fixed_mask,
     fixed_mask_reference,
 )
+from fastlayers.kernels.normalization import layer_normalization, rms_normalization
 from fastlayers.kernels.pooling import (
     max_pool2d,
     max_pool2d_reference,
@@ -64,11 +65,13 @@ __all__ = [
     "fixed_mask",
     "fixed_mask_reference",
     "kernel",
+    "layer_normalization",
     "mask_value",
     "max_pool2d",
     "max_pool2d_reference",
     "platform_of",
     "residual_projection",
     "residual_projection_reference",
+    "rms_normalization",
     "tolerance",
 ]

@@ -33,6 +33,13 @@ def elementwise_flops(elements: int, per_element: int = 1) -> int:
     return elements * per_element
 
 
+def normalization_flops(elements: int, *, rms: bool = False) -> int:
+    """Layer normalization: 8 per element (the mean's add, the deviation, its square
+    and sum, the scale, gamma, beta; rsqrt per row is negligible); RMS: 4 (square,
+    sum, rsqrt's multiply, scale)."""
+    return elements * (4 if rms else 8)
+
+
 def pooling_flops(outputs: int, pool_size: tuple[int, int]) -> int:
     """One comparison per window element of every output: ``outputs·ph·pw``."""
     return outputs * pool_size[0] * pool_size[1]

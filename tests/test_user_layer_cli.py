@@ -351,7 +351,7 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, user, comman
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["bench", "--input-shape", "4,8"], "argument --input-shape: needs --layer"),
+        (["bench", "--input-shape", "4,8"], "argument --input-shape: needs --layer or --model"),
         (["bench", "--layer-args", "{}"], "argument --layer-args: needs --layer"),
         (["profile", f"{MODULE}:Plain", "--input-shape", "4,8", "--implementation", "xla",
           "--logdir", "{tmp}/logs"],
