@@ -1,5 +1,8 @@
 """layers.MultiHeadAttention as a drop-in for keras.layers.MultiHeadAttention."""
 
+import concurrent.futures
+import threading
+
 import keras
 import numpy as np
 import pytest
@@ -186,3 +189,23 @@ def test_bad_input_raises_like_keras():
     layer = layers.MultiHeadAttention(num_heads=2, key_dim=4)
     with pytest.raises(ValueError, match=r"value_shape=\(2, 5, 8\) and key_shape=\(2, 6, 8\)"):
         layer(tf.zeros([2, 4, 8]), tf.zeros([2, 5, 8]), tf.zeros([2, 6, 8]))
+
+
+@pytest.mark.parametrize("implementation", ["reference", "graph"])
+def test_one_layer_called_from_threads_keeps_each_calls_masking(rng, implementation):
+    layer = layers.MultiHeadAttention(num_heads=2, key_dim=8, implementation=implementation)
+    x = rng.standard_normal((2, 24, 16)).astype(np.float32)
+    expected = {causal: np.asarray(layer(x, x, use_causal_mask=causal)) for causal in (True, False)}
+    assert np.abs(expected[True] - expected[False]).max() > 1e-3
+    barrier = threading.Barrier(4)
+
+    def worker(causal):
+        barrier.wait()
+        return [np.asarray(layer(x, x, use_causal_mask=causal)) for _ in range(30)]
+
+    modes = (True, False, True, False)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(worker, modes))
+    for causal, outputs in zip(modes, results):
+        for output in outputs:
+            np.testing.assert_allclose(output, expected[causal], rtol=1e-5, atol=1e-6)
