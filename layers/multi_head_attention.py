@@ -147,8 +147,12 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
             )
         mask = None
         if attention_mask is not None:
-            # [B, T, S] (or [1, T, S]) → [B, 1, T, S]: one mask for every head.
-            mask = keras.ops.expand_dims(keras.ops.cast(attention_mask, "bool"), axis=1)
+            # [T, S], [B, T, S] or [B, N, T, S], as Keras accepts it: the missing axes
+            # are the leading ones of [B, N], so [T, S] is one mask for every batch
+            # element and head, and [B, T, S] one for every head.
+            mask = keras.ops.cast(attention_mask, "bool")
+            while len(mask.shape) < 4:
+                mask = keras.ops.expand_dims(mask, axis=-3)
         rate = self._dropout if training else 0.0
         seed = self._dropout_layer.seed_generator.next() if rate > 0.0 else None
         output = kernels.dot_product_attention(
