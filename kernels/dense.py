@@ -1,10 +1,14 @@
 """Dense: ``activation(x · kernel + bias)``.
 
 Shape letters: ``x [..., K]``, ``kernel [K, N]``, ``bias [N]``, output ``[..., N]``;
-``M`` is the product of the leading axes of ``x`` (the rows of the matmul).
+``M`` is the product of the leading axes of ``x`` (the rows of the matmul). A LoRA
+update (``lora_a [K, R]``, ``lora_b [R, N]``, rank ``R``) adds
+``lora_scale · (x · lora_a) · lora_b`` before the bias and activation.
 """
 
 from __future__ import annotations
+
+import numbers
 
 import tensorflow as tf
 from fastlayers.kernels import dispatch
@@ -18,10 +22,14 @@ from fastlayers.kernels.precision import (
 )
 
 
-def dense_reference(x, kernel, bias=None, *, activation=None):
-    """The spec: contract in the accumulation dtype, add bias, activate, cast back."""
+def dense_reference(x, kernel, bias=None, lora_a=None, lora_b=None, *, lora_scale=1.0, activation=None):
+    """The spec: contract in the accumulation dtype, add the LoRA update and bias,
+    activate, cast back."""
     acc = accumulation_dtype(x.dtype)
     y = tf.tensordot(tf.cast(x, acc), tf.cast(kernel, acc), axes=1)  # [..., K]·[K, N]
+    if lora_a is not None:
+        low_rank = tf.tensordot(tf.cast(x, acc), tf.cast(lora_a, acc), axes=1)  # [..., R]
+        y = y + lora_scale * tf.tensordot(low_rank, tf.cast(lora_b, acc), axes=1)
     if bias is not None:
         y = y + tf.cast(bias, acc)
     if activation is not None:
@@ -81,14 +89,21 @@ def _bias_add(y, bias):
         return tf.nn.bias_add(y, bias)
 
 
-def dense_compiled(x, kernel, bias=None, *, activation=None):
+def dense_compiled(x, kernel, bias=None, lora_a=None, lora_b=None, *, lora_scale=1.0, activation=None):
     """The graph/XLA algorithm: one 2-D MatMul → BiasAdd → activation chain.
 
     That chain is the pattern grappler's remapper fuses into a single ``_FusedMatMul``
     (oneDNN or Eigen on CPU, cuBLASLt on GPU), and XLA fuses the epilogue into one
-    loop. Operands are widened as ``rows_matmul`` says.
+    loop. Operands are widened as ``rows_matmul`` says. A LoRA update is a second,
+    rank-R product added before the epilogue: the merged kernel ``kernel + A·B`` is
+    never formed, so a training step with a frozen ``kernel`` has no ``[K, N]``
+    weight-gradient product.
     """
     y = rows_matmul(x, kernel)  # [M, N]
+    if lora_a is not None:
+        low_rank = rows_matmul(x, lora_a)  # [M, R]
+        update = tf.matmul(low_rank, tf.cast(lora_b, low_rank.dtype))  # [M, N]
+        y = y + tf.cast(lora_scale, y.dtype) * tf.cast(update, y.dtype)
     if bias is not None:
         y = _bias_add(y, tf.cast(bias, y.dtype))
     fuse_activation = activation is not None and _acts_on_last_axis_only(activation)
@@ -105,7 +120,7 @@ DENSE = dispatch.Kernel(
 )
 
 
-def _check_dense_inputs(x, kernel, bias):
+def _check_dense_inputs(x, kernel, bias, lora_a, lora_b, lora_scale):
     dtype = check_floating("x", x)
     if x.shape.rank is not None and x.shape.rank < 2:
         raise ValueError(
@@ -129,15 +144,59 @@ def _check_dense_inputs(x, kernel, bias):
             f"Received: bias.shape={tuple(bias.shape)}"
         )
     check_same_dtype("x", dtype, kernel=kernel, bias=bias)
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError(
+            "`lora_a` and `lora_b` go together: pass both or neither. "
+            f"Received: lora_a={_shape_or_none(lora_a)}, lora_b={_shape_or_none(lora_b)}"
+        )
+    if lora_a is None:
+        return
+    if (
+        lora_a.shape.rank != 2
+        or lora_b.shape.rank != 2
+        or lora_a.shape[0] != kernel.shape[0]
+        or lora_b.shape[1] != kernel.shape[1]
+        or lora_a.shape[1] != lora_b.shape[0]
+    ):
+        raise ValueError(
+            "`lora_a` must have shape [K, R] and `lora_b` shape [R, N] for "
+            f"kernel.shape={tuple(kernel.shape)} = [K, N]. Received: "
+            f"lora_a.shape={tuple(lora_a.shape)}, lora_b.shape={tuple(lora_b.shape)}"
+        )
+    check_same_dtype("x", dtype, lora_a=lora_a, lora_b=lora_b)
+    if isinstance(lora_scale, bool) or not isinstance(lora_scale, numbers.Real):
+        raise ValueError(
+            "Received an invalid value for `lora_scale`, expected a number. "
+            f"Received: lora_scale={lora_scale!r}"
+        )
 
 
-def dense(x, kernel, bias=None, *, activation=None, implementation=None):
-    """``activation(x · kernel + bias)`` with float32 accumulation.
+def _shape_or_none(t):
+    return None if t is None else f"<tensor of shape {tuple(t.shape)}>"
+
+
+def dense(
+    x,
+    kernel,
+    bias=None,
+    *,
+    lora_a=None,
+    lora_b=None,
+    lora_scale=1.0,
+    activation=None,
+    implementation=None,
+):
+    """``activation(x · kernel + lora_scale · (x · lora_a) · lora_b + bias)`` with
+    float32 accumulation.
 
     Args:
         x: ``[..., K]`` floating tensor.
         kernel: ``[K, N]`` tensor of the dtype of ``x``.
         bias: optional ``[N]`` tensor of the dtype of ``x``.
+        lora_a: optional ``[K, R]`` tensor of the dtype of ``x``, the down
+            projection of a LoRA update; needs ``lora_b``.
+        lora_b: optional ``[R, N]`` tensor of the dtype of ``x``, its up projection.
+        lora_scale: multiplier of the LoRA update (Keras's ``lora_alpha / lora_rank``).
         activation: optional callable applied to the pre-activation.
         implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
 
@@ -147,12 +206,21 @@ def dense(x, kernel, bias=None, *, activation=None, implementation=None):
     dispatch.check_implementation(implementation)
     x = tf.convert_to_tensor(x)
     kernel = tf.convert_to_tensor(kernel)
-    bias = None if bias is None else tf.convert_to_tensor(bias)
-    _check_dense_inputs(x, kernel, bias)
+    bias, lora_a, lora_b = (None if t is None else tf.convert_to_tensor(t) for t in (bias, lora_a, lora_b))
+    _check_dense_inputs(x, kernel, bias, lora_a, lora_b, lora_scale)
     work = None
     if x.shape.is_fully_defined() and kernel.shape.is_fully_defined():
-        work = flops_lib.dense_flops(x.shape.num_elements() // x.shape[-1], *kernel.shape)
+        rows = x.shape.num_elements() // x.shape[-1]
+        work = flops_lib.dense_flops(rows, *kernel.shape)
+        if lora_a is not None:
+            rank = lora_a.shape[1]
+            work += flops_lib.dense_flops(rows, kernel.shape[0], rank)
+            work += flops_lib.dense_flops(rows, rank, kernel.shape[1])
     chosen = DENSE.select(
         implementation, platform=dispatch.platform_of(x), dtype=x.dtype, work=work
     )
-    return DENSE.run(chosen, x, kernel, bias, activation=activation)
+    if lora_a is None:
+        return DENSE.run(chosen, x, kernel, bias, activation=activation)
+    return DENSE.run(
+        chosen, x, kernel, bias, lora_a, lora_b, lora_scale=float(lora_scale), activation=activation
+    )

@@ -194,3 +194,59 @@ def test_bad_dtypes_raise_type_error():
 def test_unknown_implementation_is_refused_before_any_work():
     with pytest.raises(ValueError, match=r"Received: implementation='fused'"):
         kernels.dense(tf.ones([2, 3]), tf.ones([3, 2]), implementation="fused")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_lora_update_matches_numpy(rng, implementation, dtype):
+    x, w, b = _inputs(rng, 5, 12, 7, dtype)
+    a = round_to(rng.standard_normal((12, 3)), dtype)
+    up = round_to(rng.standard_normal((3, 7)), dtype)
+    y = kernels.dense(
+        *(tf.constant(t, dtype) for t in (x, w, b)), lora_a=tf.constant(a, dtype),
+        lora_b=tf.constant(up, dtype), lora_scale=0.5, activation=keras.activations.relu,
+        implementation=implementation,
+    )
+    expected = np.maximum(x @ w + 0.5 * (x @ a) @ up + b, 0)
+    tolerance(dtype).check(np.asarray(tf.cast(y, tf.float64)), expected)
+
+
+@pytest.mark.parametrize("implementation", COMPILED)
+def test_lora_gradients_match_the_reference(rng, implementation):
+    x, w, b = (tf.constant(t, tf.float32) for t in _inputs(rng, 6, 9, 5, "float32"))
+    a = tf.constant(rng.standard_normal((9, 2)), tf.float32)
+    up = tf.constant(rng.standard_normal((2, 5)), tf.float32)
+
+    def grads(impl):
+        with tf.GradientTape() as tape:
+            tape.watch([x, a, up, b])
+            y = kernels.dense(x, w, b, lora_a=a, lora_b=up, lora_scale=2.0,
+                              activation=keras.activations.tanh, implementation=impl)
+            loss = tf.reduce_sum(y * y)
+        return tape.gradient(loss, [x, a, up, b])
+
+    for actual, expected in zip(grads(implementation), grads("reference")):
+        tolerance("float32", grad=True).check(actual, expected)
+
+
+@pytest.mark.parametrize(
+    "lora, message",
+    [
+        ({"lora_a": np.ones((4, 2), "float32")}, r"`lora_a` and `lora_b` go together.*lora_b=None"),
+        ({"lora_a": np.ones((3, 2), "float32"), "lora_b": np.ones((2, 5), "float32")},
+         r"\[K, R\].*Received: lora_a.shape=\(3, 2\), lora_b.shape=\(2, 5\)"),
+        ({"lora_a": np.ones((4, 2), "float32"), "lora_b": np.ones((3, 5), "float32")},
+         r"Received: lora_a.shape=\(4, 2\), lora_b.shape=\(3, 5\)"),
+        ({"lora_a": np.ones((4, 2), "float32"), "lora_b": np.ones((2, 5), "float32"), "lora_scale": "2"},
+         r"`lora_scale`, expected a number. Received: lora_scale='2'"),
+    ],
+)
+def test_bad_lora_factors_raise_value_error(lora, message):
+    with pytest.raises(ValueError, match=message):
+        kernels.dense(np.ones((3, 4), "float32"), np.ones((4, 5), "float32"), **lora)
+
+
+def test_lora_factors_of_another_dtype_raise_type_error():
+    with pytest.raises(TypeError, match="lora_a"):
+        kernels.dense(np.ones((3, 4), "float32"), np.ones((4, 5), "float32"),
+                      lora_a=np.ones((4, 2), "float64"), lora_b=np.ones((2, 5), "float32"))

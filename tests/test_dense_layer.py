@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from helpers import IMPLEMENTATIONS, round_to
 
 from fastlayers import layers, testing
@@ -61,7 +62,6 @@ def test_config_round_trips_and_matches_kerass_keys():
     ours = layers.Dense(**arguments, implementation="xla")
     config = ours.get_config()
     theirs = keras.layers.Dense(**arguments).get_config()
-    theirs.pop("quantization_config")
     assert {key: value for key, value in config.items() if key != "implementation"} == theirs
     clone = layers.Dense.from_config(config)
     assert clone.get_config() == config
@@ -156,7 +156,114 @@ def test_unknown_implementation_and_activation():
         layers.Dense(2, activation="relux")
 
 
-@pytest.mark.parametrize("argument", ["lora_rank", "quantization_config"])
-def test_lora_and_quantization_are_refused_with_a_pointer(argument):
-    with pytest.raises(ValueError, match=rf"use keras.layers.Dense for `{argument}`. Received: {argument}=4"):
-        layers.Dense(2, **{argument: 4})
+def test_is_a_keras_dense():
+    assert issubclass(layers.Dense, keras.layers.Dense)
+
+
+def _lora_pair(rng, implementation, **kwargs):
+    ours, theirs = _pair(6, 5, implementation, activation="relu", bias_initializer="ones", **kwargs)
+    for layer in (ours, theirs):
+        layer.enable_lora(3, lora_alpha=6)
+    b = rng.standard_normal((3, 6)).astype("float32")
+    theirs.lora_kernel_b.assign(b)
+    ours.set_weights(theirs.get_weights())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_lora_matches_kerass_outputs_and_gradients(implementation, rng):
+    ours, theirs = _lora_pair(rng, implementation)
+    assert [w.name for w in ours.trainable_weights] == [w.name for w in theirs.trainable_weights]
+    assert "kernel" not in [w.name for w in ours.trainable_weights]
+    x = tf.constant(rng.standard_normal((4, 5)), tf.float32)
+
+    def outputs_and_grads(layer):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x) ** 2)
+        return [layer(x)] + tape.gradient(loss, [x] + layer.trainable_weights)
+
+    for actual, expected in zip(outputs_and_grads(ours), outputs_and_grads(theirs)):
+        tolerance("float32", grad=True).check(actual, expected)
+
+
+def test_lora_runs_through_the_fused_kernel(rng):
+    ours, _ = _lora_pair(rng, "graph")
+    profile = tf.function(ours).get_concrete_function(tf.TensorSpec((4, 5), tf.float32))
+    ops = {op.type for op in profile.graph.get_operations()}
+    # The low-rank update is a second product: the merged [K, N] kernel is never formed.
+    matmuls = [op for op in profile.graph.get_operations() if op.type in ("MatMul", "BatchMatMulV2")]
+    assert any("fastlayers/dense/graph" in op.name for op in matmuls), ops
+    assert not any(op.outputs[0].shape == (5, 6) for op in matmuls)
+
+
+def test_lora_from_the_constructor_and_config(rng):
+    layer = layers.Dense(4, lora_rank=2, lora_alpha=8, implementation="xla")
+    theirs = keras.layers.Dense(4, lora_rank=2, lora_alpha=8)
+    for built in (layer, theirs):
+        built.build((None, 3))
+    assert layer.lora_enabled and layer.lora_rank == 2
+    config = layer.get_config()
+    # Keras 3.15's build enables LoRA with lora_alpha = lora_rank: the same here.
+    assert config == {**theirs.get_config(), "name": layer.name, "implementation": "xla"}
+
+
+@pytest.mark.parametrize("implementation", [None, "xla"])
+def test_lora_trains_only_the_low_rank_factors(implementation, rng):
+    inputs = keras.Input((8,))
+    outputs = layers.Dense(4, implementation=implementation)(inputs)
+    model = keras.Model(inputs, outputs)
+    model.layers[-1].enable_lora(2)
+    frozen = model.layers[-1]._kernel.numpy()
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    x = rng.standard_normal((64, 8)).astype("float32")
+    y = x @ rng.standard_normal((8, 4)).astype("float32")
+    history = model.fit(x, y, epochs=6, batch_size=16, verbose=0).history["loss"]
+    assert history[-1] < history[0]
+    np.testing.assert_array_equal(model.layers[-1]._kernel.numpy(), frozen)
+
+
+def test_sparse_inputs_run_kerass_computation(rng):
+    ours, theirs = _pair(3, 4)
+    dense_x = np.array([[0, 1.5, 0, 0], [2, 0, 0, -1]], "float32")
+    sparse = tf.sparse.from_dense(dense_x)
+    assert ours.not_supported_reasons(sparse) == ["sparse inputs: the fused kernel takes dense tensors"]
+    tolerance("float32").check(ours(sparse), theirs(dense_x))
+
+
+def test_an_explicit_implementation_refuses_sparse_inputs_naming_the_reason():
+    layer = layers.Dense(3, implementation="xla")
+    sparse = tf.sparse.from_dense(np.eye(4, dtype="float32"))
+    with pytest.raises(ValueError, match=r"implementation='xla' cannot run Dense on this call: sparse inputs"):
+        layer(sparse)
+
+
+def test_integer_inputs_run_kerass_computation():
+    ours, theirs = _pair(3, 4)
+    x = np.arange(8, dtype="int32").reshape(2, 4)
+    assert ours.not_supported_reasons(tf.constant(x)) == [
+        "inputs of dtype int32: the fused kernel takes floating inputs"
+    ]
+    tolerance("float32").check(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "float8"])
+def test_quantized_like_keras(mode, rng):
+    ours, theirs = _pair(8, 16, activation="relu")
+    ours.quantize(mode)
+    theirs.quantize(mode)
+    assert [w.name for w in ours.weights] == [w.name for w in theirs.weights]
+    for mine, keras_weight in zip(ours.get_weights(), theirs.get_weights()):
+        np.testing.assert_array_equal(mine, keras_weight)
+    x = rng.standard_normal((5, 16)).astype("float32")
+    tolerance("float32").check(ours(x), theirs(x))
+
+
+def test_subclasses_of_ours_are_not_quantized_silently():
+    class Custom(layers.Dense):
+        pass
+
+    layer = Custom(3)
+    layer.build((None, 4))
+    with pytest.raises(NotImplementedError, match="does not have a `quantize` method implemented"):
+        layer.quantize("int8")

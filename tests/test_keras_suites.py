@@ -20,6 +20,7 @@ KERAS_LAYER_TESTS = Path(keras.__file__).parent / "src" / "layers"
 # fastlayers layer -> Keras's test file for it, under keras/src/layers. A new drop-in
 # layer is one line here.
 SUITES = {
+    "Dense": "core/dense_test.py",
     "MultiHeadAttention": "attention/multi_head_attention_test.py",
     "MaxPooling2D": "pooling/max_pooling_test.py",
 }
