@@ -22,9 +22,13 @@ from fastlayers.kernels.precision import (
 )
 
 
-def dense_reference(x, kernel, bias=None, lora_a=None, lora_b=None, *, lora_scale=1.0, activation=None):
+def dense_reference(
+    x, kernel, bias=None, lora_a=None, lora_b=None, *, lora_scale=1.0, freeze_kernel=False, activation=None
+):
     """The spec: contract in the accumulation dtype, add the LoRA update and bias,
     activate, cast back."""
+    if freeze_kernel:
+        kernel = tf.stop_gradient(kernel)
     acc = accumulation_dtype(x.dtype)
     y = tf.tensordot(tf.cast(x, acc), tf.cast(kernel, acc), axes=1)  # [..., K]·[K, N]
     if lora_a is not None:
@@ -89,16 +93,21 @@ def _bias_add(y, bias):
         return tf.nn.bias_add(y, bias)
 
 
-def dense_compiled(x, kernel, bias=None, lora_a=None, lora_b=None, *, lora_scale=1.0, activation=None):
+def dense_compiled(
+    x, kernel, bias=None, lora_a=None, lora_b=None, *, lora_scale=1.0, freeze_kernel=False, activation=None
+):
     """The graph/XLA algorithm: one 2-D MatMul → BiasAdd → activation chain.
 
     That chain is the pattern grappler's remapper fuses into a single ``_FusedMatMul``
     (oneDNN or Eigen on CPU, cuBLASLt on GPU), and XLA fuses the epilogue into one
     loop. Operands are widened as ``rows_matmul`` says. A LoRA update is a second,
     rank-R product added before the epilogue: the merged kernel ``kernel + A·B`` is
-    never formed, so a training step with a frozen ``kernel`` has no ``[K, N]``
-    weight-gradient product.
+    never formed. A frozen kernel is cut from autodiff inside the function: a
+    compiled function's gradient returns one for every input, and only a gradient
+    that is never formed spares its ``[K, N]`` weight-gradient product.
     """
+    if freeze_kernel:
+        kernel = tf.stop_gradient(kernel)
     y = rows_matmul(x, kernel)  # [M, N]
     if lora_a is not None:
         low_rank = rows_matmul(x, lora_a)  # [M, R]
@@ -183,6 +192,7 @@ def dense(
     lora_a=None,
     lora_b=None,
     lora_scale=1.0,
+    freeze_kernel=False,
     activation=None,
     implementation=None,
 ):
@@ -197,6 +207,8 @@ def dense(
             projection of a LoRA update; needs ``lora_b``.
         lora_b: optional ``[R, N]`` tensor of the dtype of ``x``, its up projection.
         lora_scale: multiplier of the LoRA update (Keras's ``lora_alpha / lora_rank``).
+        freeze_kernel: whether ``kernel`` is constant to autodiff (the frozen kernel
+            of a LoRA-adapted layer): its gradient is zero and never computed.
         activation: optional callable applied to the pre-activation.
         implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
 
@@ -219,8 +231,9 @@ def dense(
     chosen = DENSE.select(
         implementation, platform=dispatch.platform_of(x), dtype=x.dtype, work=work
     )
+    options = {"activation": activation}
+    if freeze_kernel:
+        options["freeze_kernel"] = True
     if lora_a is None:
-        return DENSE.run(chosen, x, kernel, bias, activation=activation)
-    return DENSE.run(
-        chosen, x, kernel, bias, lora_a, lora_b, lora_scale=float(lora_scale), activation=activation
-    )
+        return DENSE.run(chosen, x, kernel, bias, **options)
+    return DENSE.run(chosen, x, kernel, bias, lora_a, lora_b, lora_scale=float(lora_scale), **options)

@@ -24,8 +24,10 @@ class Dense(keras.layers.Dense):
     Float calls run ``kernels.dense``: the matmul, bias and activation as one fused
     kernel, with float32 accumulation under every dtype policy. With LoRA enabled the
     low-rank update is a second, rank-R product inside that kernel, added before the
-    bias and activation; the merged kernel is never formed, so a training step has
-    no weight-gradient product for the frozen kernel. ``not_supported_reasons(inputs)``
+    bias and activation; the merged kernel is never formed, and the frozen kernel
+    is constant to autodiff (a gradient asked for it is None, where Keras's would
+    come through the merged kernel), so a training step has no ``[K, N]``
+    weight-gradient product. ``not_supported_reasons(inputs)``
     says why a call runs Keras's computation instead (sparse or non-floating inputs);
     with an explicit ``implementation`` such a call raises a ValueError naming them.
 
@@ -118,6 +120,8 @@ class Dense(keras.layers.Dense):
             inputs,
             self._in_compute_dtype(self._kernel),
             None if self.bias is None else self._in_compute_dtype(self.bias),
+            # LoRA's frozen kernel is constant to autodiff: no [K, N] gradient product.
+            freeze_kernel=self.lora_enabled and not self._kernel.trainable,
             activation=self.activation,
             implementation=self.implementation,
             **lora,

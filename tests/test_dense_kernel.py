@@ -250,3 +250,62 @@ def test_lora_factors_of_another_dtype_raise_type_error():
     with pytest.raises(TypeError, match="lora_a"):
         kernels.dense(np.ones((3, 4), "float32"), np.ones((4, 5), "float32"),
                       lora_a=np.ones((4, 2), "float64"), lora_b=np.ones((2, 5), "float32"))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_frozen_kernel_gets_no_gradient_and_the_rest_are_unchanged(rng, implementation):
+    x, w, b = (tf.constant(t, tf.float32) for t in _inputs(rng, 6, 9, 5, "float32"))
+    a = tf.constant(rng.standard_normal((9, 2)), tf.float32)
+    up = tf.constant(rng.standard_normal((2, 5)), tf.float32)
+
+    def grads(freeze):
+        with tf.GradientTape() as tape:
+            tape.watch([x, w, a, up])
+            y = kernels.dense(x, w, b, lora_a=a, lora_b=up, freeze_kernel=freeze,
+                              activation=keras.activations.tanh, implementation=implementation)
+            loss = tf.reduce_sum(y * y)
+        return tape.gradient(loss, [x, w, a, up])
+
+    frozen, free = grads(True), grads(False)
+    assert free[1] is not None and (frozen[1] is None or not np.any(frozen[1]))
+    for actual, expected in zip(frozen[:1] + frozen[2:], free[:1] + free[2:]):
+        tolerance("float32", grad=True).check(actual, expected)
+
+
+def test_xla_backward_of_a_frozen_kernel_has_no_weight_gradient_product(rng):
+    w = tf.constant(rng.standard_normal((32, 48)), tf.float32)
+    specs = [tf.TensorSpec(shape) for shape in ((64, 32), (32, 4), (4, 48))]
+
+    def backward_matmuls(freeze):
+        def step(x, a, up):
+            with tf.GradientTape() as tape:
+                tape.watch([x, a, up])
+                y = kernels.dense(x, w, lora_a=a, lora_b=up, freeze_kernel=freeze, implementation="xla")
+                loss = tf.reduce_sum(y)
+            return tape.gradient(loss, [x, a, up])
+
+        graph = tf.function(step, autograph=False).get_concrete_function(*specs).graph
+        (backward,) = [
+            function for function in graph.as_graph_def().library.function
+            if "backward" in function.signature.name
+        ]
+        return _live_ops(backward).count("MatMul")
+
+    # Two products per matmul of the forward (three); XLA computes only what reaches
+    # the backward function's outputs, where the kernel's gradient is the one dropped.
+    assert backward_matmuls(False) == 6
+    assert backward_matmuls(True) == 5
+
+
+def _live_ops(function):
+    """The op types of a FunctionDef's nodes that its outputs depend on."""
+    nodes = {node.name: node for node in function.node_def}
+    stack = [value.split(":")[0] for value in function.ret.values()]
+    live = set()
+    while stack:
+        name = stack.pop()
+        if name in live or name not in nodes:
+            continue
+        live.add(name)
+        stack.extend(value.lstrip("^").split(":")[0] for value in nodes[name].input)
+    return [nodes[name].op for name in live]
