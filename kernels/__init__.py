@@ -12,7 +12,13 @@ from fastlayers.kernels.attention_pooling import (
     attention_pooling_compiled,
     attention_pooling_reference,
 )
-from fastlayers.kernels.dense import dense, dense_compiled, dense_reference
+from fastlayers.kernels.dense import (
+    dense,
+    dense_compiled,
+    dense_int8,
+    dense_int8_reference,
+    dense_reference,
+)
 from fastlayers.kernels.dispatch import (
     IMPLEMENTATIONS,
     PLATFORMS,
@@ -53,6 +59,8 @@ __all__ = [
     "center_zero_reference",
     "dense",
     "dense_compiled",
+    "dense_int8",
+    "dense_int8_reference",
     "dense_reference",
     "dot_product_attention",
     "dot_product_attention_compiled",

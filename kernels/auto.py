@@ -48,6 +48,15 @@ AUTO = {
         ("cpu-onednn-bf16", "*"): ("graph", "xla", "reference"),
         ("gpu", "*"): ("graph", "xla", "reference"),
     },
+    "dense_int8": {
+        # Keras's int8 Dense, fused. 2-core AMD EPYC (Zen 3, AVX2), oneDNN off, TF 2.21:
+        # TensorFlow's int8 MatMul runs on Eigen, slower than its float32 one, and
+        # XLA's int8 dot is the fastest int8 product here (see bench/test_dense_variants.py).
+        ("cpu", "*"): ("xla", "graph", "reference"),
+        ("cpu-onednn", "*"): ("xla", "graph", "reference"),
+        ("cpu-onednn-bf16", "*"): ("xla", "graph", "reference"),
+        ("gpu", "*"): ("graph", "xla", "reference"),
+    },
     # Rows below: ratios of median time to the reference's on the 2-core AMD EPYC
     # (Zen 3, AVX2), TF 2.21, interleaved runs on a shared machine (lower is faster).
     # The "cpu" rows were measured with oneDNN off; there only max pooling was

@@ -129,7 +129,7 @@ DENSE = dispatch.Kernel(
 )
 
 
-def _check_dense_inputs(x, kernel, bias, lora_a, lora_b, lora_scale):
+def _check_shapes(x, kernel, bias):
     dtype = check_floating("x", x)
     if x.shape.rank is not None and x.shape.rank < 2:
         raise ValueError(
@@ -152,6 +152,11 @@ def _check_dense_inputs(x, kernel, bias, lora_a, lora_b, lora_scale):
             f"`bias` must have shape ({kernel.shape[1]},), one value per unit. "
             f"Received: bias.shape={tuple(bias.shape)}"
         )
+    return dtype
+
+
+def _check_dense_inputs(x, kernel, bias, lora_a, lora_b, lora_scale):
+    dtype = _check_shapes(x, kernel, bias)
     check_same_dtype("x", dtype, kernel=kernel, bias=bias)
     if (lora_a is None) != (lora_b is None):
         raise ValueError(
@@ -237,3 +242,118 @@ def dense(
     if lora_a is None:
         return DENSE.run(chosen, x, kernel, bias, **options)
     return DENSE.run(chosen, x, kernel, bias, lora_a, lora_b, lora_scale=float(lora_scale), **options)
+
+
+# ---------------------------------------------------------------------------------
+# int8: Keras's quantized Dense (``Dense.quantize("int8")``), fused.
+#
+# Keras's semantics, kept exactly: the kernel is int8 ``[K, N]`` with one float scale
+# per unit (``kernel ≈ kernel_q / kernel_scale``); each row of ``x`` is quantized
+# symmetrically, ``x_q = clip(round(x · s), -127, 127)`` with
+# ``s = 127 / (max |x_row| + epsilon)``; the int8 product accumulates in int32 and
+# is divided by ``kernel_scale · s``. The gradient with respect to ``x`` is Keras's
+# straight-through one: ``dy · (kernel_q / kernel_scale)ᵀ``.
+
+INT8_RANGE = 127.0
+
+
+def _quantized_matmul(x, kernel_q, kernel_scale, epsilon):
+    """``x [M, K]`` (float) times int8 ``kernel_q [K, N]``, dequantized: ``[M, N]``."""
+
+    @tf.custom_gradient
+    def product(x):
+        acc = accumulation_dtype(x.dtype)
+        x_acc = tf.cast(x, acc)
+        # Keras computes the scale in the input dtype and quantizes x · scale in it.
+        scale = tf.cast(
+            INT8_RANGE / (tf.reduce_max(tf.abs(x_acc), axis=-1, keepdims=True) + epsilon), x.dtype
+        )
+        x_q = tf.cast(tf.clip_by_value(tf.round(x * scale), -INT8_RANGE, INT8_RANGE), tf.int8)
+        y = tf.cast(tf.linalg.matmul(x_q, kernel_q, output_type=tf.int32), x.dtype)
+        y = y / (tf.cast(kernel_scale, x.dtype) * scale)
+
+        def grad(dy):
+            dequantized = tf.cast(kernel_q, dy.dtype) / tf.cast(kernel_scale, dy.dtype)
+            return tf.matmul(dy, dequantized, transpose_b=True)
+
+        return y, grad
+
+    return product(x)
+
+
+def dense_int8_reference(x, kernel_q, kernel_scale, bias=None, *, epsilon, activation=None):
+    """The spec: Keras's int8 Dense, op by op, on the ``[M, K]`` rows of ``x``."""
+    rows = tf.reshape(x, [-1, _size(kernel_q, 0)])
+    y = _quantized_matmul(rows, kernel_q, kernel_scale, epsilon)
+    if bias is not None:
+        y = y + bias
+    y = unflatten_rows(y, x, kernel_q)
+    if activation is not None:
+        y = activation(y)
+    return y
+
+
+def dense_int8_compiled(x, kernel_q, kernel_scale, bias=None, *, epsilon, activation=None):
+    """The graph/XLA algorithm: the reference's ops, which XLA fuses into a row
+    quantization pass, an int8 dot and one dequantize-bias-activation epilogue."""
+    rows = x if x.shape.rank == 2 else tf.reshape(x, [-1, _size(kernel_q, 0)])
+    y = _quantized_matmul(rows, kernel_q, kernel_scale, epsilon)
+    if bias is not None:
+        y = tf.nn.bias_add(y, bias)
+    fuse_activation = activation is not None and _acts_on_last_axis_only(activation)
+    if fuse_activation:
+        y = activation(y)
+    y = unflatten_rows(y, x, kernel_q)
+    if activation is not None and not fuse_activation:
+        y = activation(y)
+    return y
+
+
+DENSE_INT8 = dispatch.Kernel(
+    "dense_int8", dense_int8_reference, dense_int8_compiled, auto=AUTO["dense_int8"]
+)
+
+
+def dense_int8(x, kernel_q, kernel_scale, bias=None, *, epsilon=1e-7, activation=None, implementation=None):
+    """``activation(x · kernel + bias)`` with Keras's int8 quantization of ``x`` and ``kernel``.
+
+    Computes what ``keras.layers.Dense`` computes after ``quantize("int8")``, from the
+    weights it saves: each row of ``x`` is quantized to int8 with its own abs-max
+    scale, multiplied by the int8 kernel with int32 accumulation, and dequantized.
+
+    Args:
+        x: ``[..., K]`` floating tensor.
+        kernel_q: ``[K, N]`` int8 tensor (Keras's ``_kernel`` after quantization).
+        kernel_scale: ``[N]`` floating tensor, Keras's ``kernel_scale``
+            (``kernel ≈ kernel_q / kernel_scale``).
+        bias: optional ``[N]`` tensor of the dtype of ``x``.
+        epsilon: added to each row's abs-max before the scale is taken (Keras's
+            ``AbsMaxQuantizer.epsilon``, ``keras.config.epsilon()`` by default).
+        activation: optional callable applied to the pre-activation.
+        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
+
+    Returns:
+        ``[..., N]`` tensor of the dtype of ``x``.
+    """
+    dispatch.check_implementation(implementation)
+    x = tf.convert_to_tensor(x)
+    kernel_q = tf.convert_to_tensor(kernel_q)
+    kernel_scale = tf.convert_to_tensor(kernel_scale)
+    bias = None if bias is None else tf.convert_to_tensor(bias)
+    if kernel_q.dtype != tf.int8:
+        raise TypeError(f"`kernel_q` must be an int8 tensor. Received: kernel_q.dtype={kernel_q.dtype.name}")
+    dtype = _check_shapes(x, kernel_q, bias)
+    if tuple(kernel_scale.shape) != (kernel_q.shape[1],):
+        raise ValueError(
+            f"`kernel_scale` must have shape ({kernel_q.shape[1]},), one scale per unit. "
+            f"Received: kernel_scale.shape={tuple(kernel_scale.shape)}"
+        )
+    check_floating("kernel_scale", kernel_scale)
+    check_same_dtype("x", dtype, bias=bias)
+    work = None
+    if x.shape.is_fully_defined() and kernel_q.shape.is_fully_defined():
+        work = flops_lib.dense_flops(x.shape.num_elements() // x.shape[-1], *kernel_q.shape)
+    chosen = DENSE_INT8.select(implementation, platform=dispatch.platform_of(x), dtype=dtype, work=work)
+    return DENSE_INT8.run(
+        chosen, x, kernel_q, kernel_scale, bias, epsilon=float(epsilon), activation=activation
+    )

@@ -127,6 +127,45 @@ class Dense(keras.layers.Dense):
             **lora,
         )
 
+    def _int8_call(self, inputs, training=None):
+        reasons = self.int8_not_supported_reasons(inputs)
+        if reasons:
+            if self.implementation is not None:
+                raise ValueError(
+                    f"implementation={self.implementation!r} cannot run the int8 "
+                    f"{type(self).__name__} on this call: " + "; ".join(reasons)
+                )
+            return super()._int8_call(inputs, training=training)
+        return kernels.dense_int8(
+            inputs,
+            keras.ops.convert_to_tensor(self._kernel),
+            self._in_compute_dtype(self.kernel_scale),
+            None if self.bias is None else self._in_compute_dtype(self.bias),
+            epsilon=self.inputs_quantizer.epsilon,
+            activation=self.activation,
+            implementation=self.implementation,
+        )
+
+    def int8_not_supported_reasons(self, inputs) -> list[str]:
+        """Why the fused int8 kernel cannot take ``inputs`` on this int8-quantized
+        layer; empty when it can. It runs Keras's default int8 scheme: per-row abs-max
+        int8 inputs, no LoRA."""
+        reasons = self.not_supported_reasons(inputs)
+        quantizer = self.inputs_quantizer
+        if not (
+            isinstance(quantizer, keras.quantizers.AbsMaxQuantizer)
+            and tuple(quantizer.value_range) == (-127, 127)
+            and quantizer.axis in (None, -1, (-1,), [-1])
+            and keras.backend.standardize_dtype(quantizer.output_dtype) == "int8"
+        ):
+            reasons.append(
+                f"inputs quantizer {quantizer!r}: the int8 kernel quantizes each input row "
+                "to [-127, 127] by its abs-max, Keras's default"
+            )
+        if self.lora_enabled:
+            reasons.append("LoRA on an int8 kernel runs Keras's computation")
+        return reasons
+
     def _in_compute_dtype(self, variable):
         # Variables read inside `__call__` are autocast to the compute dtype, except
         # where autocasting is off (a layer with `autocast=False`).

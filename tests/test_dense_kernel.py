@@ -309,3 +309,40 @@ def _live_ops(function):
         live.add(name)
         stack.extend(value.lstrip("^").split(":")[0] for value in nodes[name].input)
     return [nodes[name].op for name in live]
+
+
+def _int8_oracle(x, kernel_q, kernel_scale, bias, epsilon=1e-7):
+    """Keras's int8 Dense in numpy: per-row abs-max int8 inputs, int32 products."""
+    scale = 127.0 / (np.abs(x).max(axis=-1, keepdims=True) + epsilon)
+    x_q = np.clip(np.round(x * scale), -127, 127).astype(np.int64)
+    return np.maximum((x_q @ kernel_q.astype(np.int64)) / (kernel_scale * scale) + bias, 0)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (3, 127, 5), (127, 3, 1023)])
+def test_int8_matches_numpy(rng, implementation, m, k, n):
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    kernel_q = rng.integers(-127, 128, (k, n)).astype(np.int8)
+    kernel_scale = rng.uniform(10, 100, n).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    y = kernels.dense_int8(x, kernel_q, kernel_scale, bias, activation=keras.activations.relu,
+                           implementation=implementation)
+    tolerance("float32").check(y, _int8_oracle(x, kernel_q, kernel_scale, bias))
+
+
+@pytest.mark.parametrize(
+    "x_shape, k_shape, scale_shape, error, message",
+    [
+        ((3, 4), (4, 5), (4,), ValueError, r"`kernel_scale` must have shape \(5,\).*Received: kernel_scale.shape=\(4,\)"),
+        ((3, 4), (3, 5), (5,), ValueError, r"Received: x.shape=\(3, 4\), kernel.shape=\(3, 5\)"),
+        ((4,), (4, 5), (5,), ValueError, r"`x` must have rank 2 or more.*Received: x.shape=\(4,\)"),
+    ],
+)
+def test_int8_bad_shapes(x_shape, k_shape, scale_shape, error, message):
+    with pytest.raises(error, match=message):
+        kernels.dense_int8(np.ones(x_shape, "float32"), np.ones(k_shape, "int8"), np.ones(scale_shape, "float32"))
+
+
+def test_int8_kernel_of_another_dtype_is_refused():
+    with pytest.raises(TypeError, match=r"`kernel_q` must be an int8 tensor. Received: kernel_q.dtype=float32"):
+        kernels.dense_int8(np.ones((3, 4), "float32"), np.ones((4, 5), "float32"), np.ones(5, "float32"))

@@ -267,3 +267,82 @@ def test_subclasses_of_ours_are_not_quantized_silently():
     layer.build((None, 4))
     with pytest.raises(NotImplementedError, match="does not have a `quantize` method implemented"):
         layer.quantize("int8")
+
+
+def _int8_pair(rng, implementation=None, units=24, input_dim=40):
+    ours, theirs = _pair(units, input_dim, implementation, activation="relu", bias_initializer="random_normal")
+    float_layer = keras.layers.Dense(units, activation="relu")
+    float_layer.build((None, input_dim))
+    float_layer.set_weights(theirs.get_weights())
+    ours.quantize("int8")
+    theirs.quantize("int8")
+    return ours, theirs, float_layer
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_int8_runs_the_fused_kernel_with_kerass_semantics(implementation, rng):
+    ours, theirs, float_layer = _int8_pair(rng, implementation)
+    x = rng.standard_normal((3, 7, 40)).astype("float32")
+    x[0, 0] = 0.0  # a row of zeros: the epsilon keeps its scale finite
+    assert ours.int8_not_supported_reasons(tf.constant(x)) == []
+    actual, expected = np.asarray(ours(x)), np.asarray(theirs(x))
+    tolerance("float32").check(actual, expected)
+    # Quantized, not float: the error against float32 is Keras's int8 error.
+    float_out = np.asarray(float_layer(x))
+    assert 0 < np.abs(actual - float_out).max() <= 1.5 * np.abs(expected - float_out).max()
+
+
+def test_int8_fused_kernel_is_the_one_that_runs(rng):
+    ours, _, _ = _int8_pair(rng, "graph")
+    graph = tf.function(ours).get_concrete_function(tf.TensorSpec((5, 40), tf.float32)).graph
+    products = [op for op in graph.get_operations() if op.type in ("MatMul", "BatchMatMulV3")]
+    assert products and all("fastlayers/dense_int8/graph" in op.name for op in products)
+    assert all(op.inputs[0].dtype == tf.int8 for op in products)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_int8_input_gradient_is_kerass_straight_through_one(implementation, rng):
+    ours, theirs, _ = _int8_pair(rng, implementation)
+    x = tf.constant(rng.standard_normal((6, 40)), tf.float32)
+
+    def input_gradient(layer):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x) ** 2)
+        return tape.gradient(loss, x)
+
+    tolerance("float32", grad=True).check(input_gradient(ours), input_gradient(theirs))
+
+
+def test_int8_in_a_model_quantized_after_building(rng, tmp_path):
+    inputs = keras.Input((40,))
+    outputs = layers.Dense(8)(layers.Dense(24, activation="relu")(inputs))
+    model = keras.Model(inputs, outputs)
+    x = rng.standard_normal((16, 40)).astype("float32")
+    before = np.asarray(model(x))
+    model.quantize("int8")
+    assert [layer.quantization_mode for layer in model.layers[1:]] == ["int8", "int8"]
+    after = np.asarray(model(x))
+    assert 0 < np.abs(after - before).max() < 0.1 * np.abs(before).max()
+    path = tmp_path / "int8.keras"
+    model.save(path)
+    restored = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(np.asarray(restored(x)), after)
+
+
+def test_int8_with_a_custom_inputs_quantizer_runs_kerass_computation(rng):
+    ours, theirs = _pair(6, 8)
+    config = keras.quantizers.Int8QuantizationConfig(
+        activation_quantizer=keras.quantizers.AbsMaxQuantizer(value_range=(-64, 64))
+    )
+    ours.quantize("int8", config=config)
+    theirs.quantize("int8", config=config)
+    x = rng.standard_normal((3, 8)).astype("float32")
+    (reason,) = ours.int8_not_supported_reasons(tf.constant(x))
+    assert "the int8 kernel quantizes each input row to [-127, 127]" in reason
+    tolerance("float32").check(ours(x), theirs(x))
+    explicit = layers.Dense(6, implementation="xla")
+    explicit.build((None, 8))
+    explicit.quantize("int8", config=config)
+    with pytest.raises(ValueError, match=r"implementation='xla' cannot run the int8 Dense on this call: inputs quantizer"):
+        explicit(x)
