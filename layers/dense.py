@@ -27,9 +27,14 @@ class Dense(keras.layers.Dense):
     bias and activation; the merged kernel is never formed, and the frozen kernel
     is constant to autodiff (a gradient asked for it is None, where Keras's would
     come through the merged kernel), so a training step has no ``[K, N]``
-    weight-gradient product. ``not_supported_reasons(inputs)``
-    says why a call runs Keras's computation instead (sparse or non-floating inputs);
-    with an explicit ``implementation`` such a call raises a ValueError naming them.
+    weight-gradient product. After ``quantize("int8")`` with Keras's default scheme
+    (per-row abs-max int8 inputs), calls run ``kernels.dense_int8``: the same saved
+    int8 kernel and scales, the same outputs, in one fused kernel (an int8 product
+    with int32 sums under XLA on CPU). Other quantization modes run Keras's
+    computation. ``not_supported_reasons(inputs)`` (and, when int8-quantized,
+    ``int8_not_supported_reasons(inputs)``) say why a call runs Keras's computation
+    instead; with an explicit ``implementation`` such a call raises a ValueError
+    naming them.
 
     Args:
         units: positive integer, dimensionality of the output space.
