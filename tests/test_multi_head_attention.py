@@ -191,9 +191,10 @@ def test_bad_input_raises_like_keras():
         layer(tf.zeros([2, 4, 8]), tf.zeros([2, 5, 8]), tf.zeros([2, 6, 8]))
 
 
-@pytest.mark.parametrize("implementation", ["reference", "graph"])
-def test_one_layer_called_from_threads_keeps_each_calls_masking(rng, implementation):
-    layer = layers.MultiHeadAttention(num_heads=2, key_dim=8, implementation=implementation)
+def test_one_layer_called_from_threads_keeps_each_calls_masking(rng):
+    # The causal switch is the layer's, not the kernel's: the eager reference shows a
+    # mix-up as well as a compiled path would, at a fraction of the time.
+    layer = layers.MultiHeadAttention(num_heads=2, key_dim=8, implementation="reference")
     x = rng.standard_normal((2, 24, 16)).astype(np.float32)
     expected = {causal: np.asarray(layer(x, x, use_causal_mask=causal)) for causal in (True, False)}
     assert np.abs(expected[True] - expected[False]).max() > 1e-3
