@@ -14,7 +14,7 @@ from fastlayers.kernels.attention_pooling import (
     attention_pooling,
     attention_pooling_reference,
 )
-from fastlayers.kernels.dense import dense, dense_reference
+from fastlayers.kernels.dense import dense, dense_int8, dense_int8_reference, dense_reference
 from fastlayers.kernels.dispatch import (
     IMPLEMENTATIONS,
     NATIVE,
@@ -57,6 +57,8 @@ __all__ = [
     "center_zero",
     "center_zero_reference",
     "dense",
+    "dense_int8",
+    "dense_int8_reference",
     "dense_reference",
     "dot_product_attention",
     "dot_product_attention_reference",

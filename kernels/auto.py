@@ -49,6 +49,14 @@ AUTO = {
         ("cpu-onednn-bf16", "*"): ("graph", "xla", "reference"),
         ("gpu", "*"): ("graph", "xla", "reference"),
     },
+    "dense_int8": {
+        # Keras's int8 Dense, fused. On Eigen CPUs TensorFlow's int8 MatMul is slower
+        # than its float32 one, and XLA's int8 dot is the fastest int8 product.
+        ("cpu", "*"): ("xla", "graph", "reference"),
+        ("cpu-onednn", "*"): ("xla", "graph", "reference"),
+        ("cpu-onednn-bf16", "*"): ("xla", "graph", "reference"),
+        ("gpu", "*"): ("graph", "xla", "reference"),
+    },
     "max_pool2d": {
         # channels_last, windows that overlap or do not tile: TensorFlow's MaxPool,
         # the op Keras runs, is a memory-bound pass that XLA's reduce-window does

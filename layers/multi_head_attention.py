@@ -54,7 +54,6 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
     def __init__(self, *args, implementation=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.implementation = dispatch.check_implementation(implementation)
-        self._causal_only = False
 
     def get_config(self):
         return {**super().get_config(), "implementation": self.implementation}
@@ -72,33 +71,59 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
         training=None,
         use_causal_mask=False,
     ):
-        # Keras builds a [1, T, S] causal mask for a subclass that overrides
-        # `_compute_attention`. When causality is the only mask, ask for none and
-        # let the kernel skip the blocks above the diagonal instead.
-        causal_only = (
-            use_causal_mask
-            and attention_mask is None
-            and value_mask is None
-            and key_mask is None
-            and keras_backend.get_keras_mask(query) is None
-            and self._sliding_window is None
+        if key is None:
+            key = value
+
+        # The layer handles its inputs' Keras masks here, as Keras's `call` does.
+        query_mask = keras_backend.get_keras_mask(query)
+        keras_backend.set_keras_mask(query, None)
+        keras_backend.set_keras_mask(value, None)
+        keras_backend.set_keras_mask(key, None)
+
+        # Our `_compute_attention` takes causality as a flag, so the kernel skips the
+        # blocks above the diagonal and no [T, S] causal mask is built. The flag goes
+        # down the call, never onto the instance: one layer may be called from several
+        # threads at once. A subclass that overrides `_compute_attention` (perhaps with
+        # Keras's older signature, which has no `use_causal_mask`) gets the causal mask
+        # merged into `attention_mask` instead, as Keras hands it over.
+        causal_flag = use_causal_mask and (
+            type(self)._compute_attention is MultiHeadAttention._compute_attention
         )
-        self._causal_only = causal_only
-        try:
-            return super().call(
-                query,
-                value,
-                key=key,
-                query_mask=query_mask,
-                value_mask=value_mask,
-                key_mask=key_mask,
-                attention_mask=attention_mask,
-                return_attention_scores=return_attention_scores,
-                training=training,
-                use_causal_mask=use_causal_mask and not causal_only,
-            )
-        finally:
-            self._causal_only = False
+        attention_mask = self._compute_attention_mask(
+            query,
+            value,
+            query_mask=query_mask,
+            value_mask=value_mask,
+            key_mask=key_mask,
+            attention_mask=attention_mask,
+            use_causal_mask=use_causal_mask and not causal_flag,
+        )
+
+        # `gate`, `query` = [B, T, N, H]; `key`, `value` = [B, S, N, H]
+        if self._use_gate:
+            gate = self._gate_dense(query)
+        query = self._query_dense(query)
+        key = self._key_dense(key)
+        value = self._value_dense(value)
+        extra_attention_kwargs = {"use_causal_mask": True} if causal_flag else {}
+        attention_output, attention_scores = self._compute_attention(
+            query,
+            key,
+            value,
+            attention_mask,
+            training,
+            return_attention_scores,
+            **extra_attention_kwargs,
+        )
+        if self._use_gate:
+            attention_output = keras.ops.multiply(attention_output, gate)
+        attention_output = self._output_dense(attention_output)
+
+        if query_mask is not None:
+            keras_backend.set_keras_mask(attention_output, query_mask)
+        if return_attention_scores:
+            return attention_output, attention_scores
+        return attention_output
 
     def _compute_attention(
         self,
@@ -110,7 +135,6 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
         return_attention_scores=False,
         use_causal_mask=False,
     ):
-        is_causal = use_causal_mask or self._causal_only
         if return_attention_scores or len(query.shape) != 4 or self._attention_axes != (1,):
             return super()._compute_attention(
                 query,
@@ -119,12 +143,16 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
                 attention_mask,
                 training,
                 return_attention_scores,
-                use_causal_mask=is_causal,
+                use_causal_mask=use_causal_mask,
             )
         mask = None
         if attention_mask is not None:
-            # [B, T, S] (or [1, T, S]) → [B, 1, T, S]: one mask for every head.
-            mask = keras.ops.expand_dims(keras.ops.cast(attention_mask, "bool"), axis=1)
+            # [T, S], [B, T, S] or [B, N, T, S], as Keras accepts it: the missing axes
+            # are the leading ones of [B, N], so [T, S] is one mask for every batch
+            # element and head, and [B, T, S] one for every head.
+            mask = keras.ops.cast(attention_mask, "bool")
+            while len(mask.shape) < 4:
+                mask = keras.ops.expand_dims(mask, axis=-3)
         rate = self._dropout if training else 0.0
         seed = self._dropout_layer.seed_generator.next() if rate > 0.0 else None
         output = kernels.dot_product_attention(
@@ -133,7 +161,7 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
             value,
             mask=mask,
             scale=self._inverse_sqrt_key_dim,
-            is_causal=is_causal,
+            is_causal=use_causal_mask,
             dropout_rate=rate,
             seed=seed,
             implementation=self.implementation,

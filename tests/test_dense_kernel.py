@@ -194,3 +194,155 @@ def test_bad_dtypes_raise_type_error():
 def test_unknown_implementation_is_refused_before_any_work():
     with pytest.raises(ValueError, match=r"Received: implementation='fused'"):
         kernels.dense(tf.ones([2, 3]), tf.ones([3, 2]), implementation="fused")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_lora_update_matches_numpy(rng, implementation, dtype):
+    x, w, b = _inputs(rng, 5, 12, 7, dtype)
+    a = round_to(rng.standard_normal((12, 3)), dtype)
+    up = round_to(rng.standard_normal((3, 7)), dtype)
+    y = kernels.dense(
+        *(tf.constant(t, dtype) for t in (x, w, b)), lora_a=tf.constant(a, dtype),
+        lora_b=tf.constant(up, dtype), lora_scale=0.5, activation=keras.activations.relu,
+        implementation=implementation,
+    )
+    expected = np.maximum(x @ w + 0.5 * (x @ a) @ up + b, 0)
+    tolerance(dtype).check(np.asarray(tf.cast(y, tf.float64)), expected)
+
+
+@pytest.mark.parametrize("implementation", COMPILED)
+def test_lora_gradients_match_the_reference(rng, implementation):
+    x, w, b = (tf.constant(t, tf.float32) for t in _inputs(rng, 6, 9, 5, "float32"))
+    a = tf.constant(rng.standard_normal((9, 2)), tf.float32)
+    up = tf.constant(rng.standard_normal((2, 5)), tf.float32)
+
+    def grads(impl):
+        with tf.GradientTape() as tape:
+            tape.watch([x, a, up, b])
+            y = kernels.dense(x, w, b, lora_a=a, lora_b=up, lora_scale=2.0,
+                              activation=keras.activations.tanh, implementation=impl)
+            loss = tf.reduce_sum(y * y)
+        return tape.gradient(loss, [x, a, up, b])
+
+    for actual, expected in zip(grads(implementation), grads("reference")):
+        tolerance("float32", grad=True).check(actual, expected)
+
+
+@pytest.mark.parametrize(
+    "lora, message",
+    [
+        ({"lora_a": np.ones((4, 2), "float32")}, r"`lora_a` and `lora_b` go together.*lora_b=None"),
+        ({"lora_a": np.ones((3, 2), "float32"), "lora_b": np.ones((2, 5), "float32")},
+         r"\[K, R\].*Received: lora_a.shape=\(3, 2\), lora_b.shape=\(2, 5\)"),
+        ({"lora_a": np.ones((4, 2), "float32"), "lora_b": np.ones((3, 5), "float32")},
+         r"Received: lora_a.shape=\(4, 2\), lora_b.shape=\(3, 5\)"),
+        ({"lora_a": np.ones((4, 2), "float32"), "lora_b": np.ones((2, 5), "float32"), "lora_scale": "2"},
+         r"`lora_scale`, expected a number. Received: lora_scale='2'"),
+    ],
+)
+def test_bad_lora_factors_raise_value_error(lora, message):
+    with pytest.raises(ValueError, match=message):
+        kernels.dense(np.ones((3, 4), "float32"), np.ones((4, 5), "float32"), **lora)
+
+
+def test_lora_factors_of_another_dtype_raise_type_error():
+    with pytest.raises(TypeError, match="lora_a"):
+        kernels.dense(np.ones((3, 4), "float32"), np.ones((4, 5), "float32"),
+                      lora_a=np.ones((4, 2), "float64"), lora_b=np.ones((2, 5), "float32"))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_frozen_kernel_gets_no_gradient_and_the_rest_are_unchanged(rng, implementation):
+    x, w, b = (tf.constant(t, tf.float32) for t in _inputs(rng, 6, 9, 5, "float32"))
+    a = tf.constant(rng.standard_normal((9, 2)), tf.float32)
+    up = tf.constant(rng.standard_normal((2, 5)), tf.float32)
+
+    def grads(freeze):
+        with tf.GradientTape() as tape:
+            tape.watch([x, w, a, up])
+            y = kernels.dense(x, w, b, lora_a=a, lora_b=up, freeze_kernel=freeze,
+                              activation=keras.activations.tanh, implementation=implementation)
+            loss = tf.reduce_sum(y * y)
+        return tape.gradient(loss, [x, w, a, up])
+
+    frozen, free = grads(True), grads(False)
+    assert free[1] is not None and (frozen[1] is None or not np.any(frozen[1]))
+    for actual, expected in zip(frozen[:1] + frozen[2:], free[:1] + free[2:]):
+        tolerance("float32", grad=True).check(actual, expected)
+
+
+def test_xla_backward_of_a_frozen_kernel_has_no_weight_gradient_product(rng):
+    w = tf.constant(rng.standard_normal((32, 48)), tf.float32)
+    specs = [tf.TensorSpec(shape) for shape in ((64, 32), (32, 4), (4, 48))]
+
+    def backward_matmuls(freeze):
+        def step(x, a, up):
+            with tf.GradientTape() as tape:
+                tape.watch([x, a, up])
+                y = kernels.dense(x, w, lora_a=a, lora_b=up, freeze_kernel=freeze, implementation="xla")
+                loss = tf.reduce_sum(y)
+            return tape.gradient(loss, [x, a, up])
+
+        graph = tf.function(step, autograph=False).get_concrete_function(*specs).graph
+        (backward,) = [
+            function for function in graph.as_graph_def().library.function
+            if "backward" in function.signature.name
+        ]
+        return _live_ops(backward).count("MatMul")
+
+    # Two products per matmul of the forward (three); XLA computes only what reaches
+    # the backward function's outputs, where the kernel's gradient is the one dropped.
+    assert backward_matmuls(False) == 6
+    assert backward_matmuls(True) == 5
+
+
+def _live_ops(function):
+    """The op types of a FunctionDef's nodes that its outputs depend on."""
+    nodes = {node.name: node for node in function.node_def}
+    stack = [value.split(":")[0] for value in function.ret.values()]
+    live = set()
+    while stack:
+        name = stack.pop()
+        if name in live or name not in nodes:
+            continue
+        live.add(name)
+        stack.extend(value.lstrip("^").split(":")[0] for value in nodes[name].input)
+    return [nodes[name].op for name in live]
+
+
+def _int8_oracle(x, kernel_q, kernel_scale, bias, epsilon=1e-7):
+    """Keras's int8 Dense in numpy: per-row abs-max int8 inputs, int32 products."""
+    scale = 127.0 / (np.abs(x).max(axis=-1, keepdims=True) + epsilon)
+    x_q = np.clip(np.round(x * scale), -127, 127).astype(np.int64)
+    return np.maximum((x_q @ kernel_q.astype(np.int64)) / (kernel_scale * scale) + bias, 0)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (3, 127, 5), (127, 3, 1023)])
+def test_int8_matches_numpy(rng, implementation, m, k, n):
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    kernel_q = rng.integers(-127, 128, (k, n)).astype(np.int8)
+    kernel_scale = rng.uniform(10, 100, n).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    y = kernels.dense_int8(x, kernel_q, kernel_scale, bias, activation=keras.activations.relu,
+                           implementation=implementation)
+    tolerance("float32").check(y, _int8_oracle(x, kernel_q, kernel_scale, bias))
+
+
+@pytest.mark.parametrize(
+    "x_shape, k_shape, scale_shape, error, message",
+    [
+        ((3, 4), (4, 5), (4,), ValueError, r"`kernel_scale` must have shape \(5,\).*Received: kernel_scale.shape=\(4,\)"),
+        ((3, 4), (3, 5), (5,), ValueError, r"Received: x.shape=\(3, 4\), kernel.shape=\(3, 5\)"),
+        ((4,), (4, 5), (5,), ValueError, r"`x` must have rank 2 or more.*Received: x.shape=\(4,\)"),
+    ],
+)
+def test_int8_bad_shapes(x_shape, k_shape, scale_shape, error, message):
+    with pytest.raises(error, match=message):
+        kernels.dense_int8(np.ones(x_shape, "float32"), np.ones(k_shape, "int8"), np.ones(scale_shape, "float32"))
+
+
+def test_int8_kernel_of_another_dtype_is_refused():
+    with pytest.raises(TypeError, match=r"`kernel_q` must be an int8 tensor. Received: kernel_q.dtype=float32"):
+        kernels.dense_int8(np.ones((3, 4), "float32"), np.ones((4, 5), "float32"), np.ones(5, "float32"))

@@ -1,5 +1,8 @@
 """layers.MultiHeadAttention as a drop-in for keras.layers.MultiHeadAttention."""
 
+import concurrent.futures
+import threading
+
 import keras
 import numpy as np
 import pytest
@@ -186,3 +189,75 @@ def test_bad_input_raises_like_keras():
     layer = layers.MultiHeadAttention(num_heads=2, key_dim=4)
     with pytest.raises(ValueError, match=r"value_shape=\(2, 5, 8\) and key_shape=\(2, 6, 8\)"):
         layer(tf.zeros([2, 4, 8]), tf.zeros([2, 5, 8]), tf.zeros([2, 6, 8]))
+
+
+def test_one_layer_called_from_threads_keeps_each_calls_masking(rng):
+    # The causal switch is the layer's, not the kernel's: the eager reference shows a
+    # mix-up as well as a compiled path would, at a fraction of the time.
+    layer = layers.MultiHeadAttention(num_heads=2, key_dim=8, implementation="reference")
+    x = rng.standard_normal((2, 24, 16)).astype(np.float32)
+    expected = {causal: np.asarray(layer(x, x, use_causal_mask=causal)) for causal in (True, False)}
+    assert np.abs(expected[True] - expected[False]).max() > 1e-3
+    barrier = threading.Barrier(4)
+
+    def worker(causal):
+        barrier.wait()
+        return [np.asarray(layer(x, x, use_causal_mask=causal)) for _ in range(30)]
+
+    modes = (True, False, True, False)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(worker, modes))
+    for causal, outputs in zip(modes, results):
+        for output in outputs:
+            np.testing.assert_allclose(output, expected[causal], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "xla"])
+def test_attention_mask_of_rank_2_3_and_4_as_keras_takes_them(rng, implementation):
+    theirs, ours = twin_layers(implementation, num_heads=2, key_dim=4)
+    x = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    build_and_copy(theirs, ours, x, x)
+    per_head = rng.random((2, 2, 5, 5)) > 0.3
+    for mask in (per_head[0, 0], per_head[:, 0], per_head):
+        tolerance("float32").check(
+            ours(x, x, attention_mask=mask), theirs(x, x, attention_mask=mask), what=str(mask.shape)
+        )
+    # Each head keeps its own mask.
+    one_head = ours(x, x, attention_mask=np.repeat(per_head[:, :1], 2, axis=1))
+    assert np.abs(np.asarray(ours(x, x, attention_mask=per_head)) - np.asarray(one_head)).max() > 1e-3
+
+
+def test_causal_mask_with_padding_matches_keras(rng):
+    theirs, ours = twin_layers("graph", num_heads=2, key_dim=4)
+    x = rng.standard_normal((2, 7, 8)).astype(np.float32)
+    build_and_copy(theirs, ours, x, x)
+    mask = rng.random((2, 7, 7)) > 0.3
+    for kwargs in ({"attention_mask": mask}, {"attention_mask": mask[0]}):
+        tolerance("float32").check(
+            ours(x, x, use_causal_mask=True, **kwargs), theirs(x, x, use_causal_mask=True, **kwargs)
+        )
+
+
+class OlderSignature(layers.MultiHeadAttention):
+    """Overrides `_compute_attention` with Keras's signature before `use_causal_mask`."""
+
+    def _compute_attention(
+        self, query, key, value, attention_mask=None, training=None, return_attention_scores=False
+    ):
+        self.masks_seen.append(attention_mask)
+        return super()._compute_attention(
+            query, key, value, attention_mask, training, return_attention_scores
+        )
+
+
+def test_subclass_with_the_older_signature_still_gets_the_causal_mask(rng):
+    keras_layer = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
+    layer = OlderSignature(num_heads=2, key_dim=4, implementation="reference")
+    layer.masks_seen = []
+    x = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    build_and_copy(keras_layer, layer, x, x)
+    layer.masks_seen.clear()
+    actual = layer(x, x, use_causal_mask=True)
+    (mask,) = layer.masks_seen
+    np.testing.assert_array_equal(np.asarray(mask)[0], np.tril(np.ones((5, 5), bool)))
+    tolerance("float32").check(actual, keras_layer(x, x, use_causal_mask=True))
