@@ -364,17 +364,20 @@ class _Plan:
         self.groups = query.shape[2] // self.kv_heads
         self.t_len, self.s_len = _length(query, 1), _length(key, 1)
         static_t, static_s = query.shape[1], key.shape[1]
-        self.block_q = blocks.block_q if static_t is None else min(blocks.block_q, static_t)
-        self.block_k = blocks.block_k if static_s is None else min(blocks.block_k, static_s)
-        self.num_q = (self.t_len + self.block_q - 1) // self.block_q
-        self.num_k = (self.s_len + self.block_k - 1) // self.block_k
+        self.block_q = blocks.block_q if static_t is None else max(1, min(blocks.block_q, static_t))
+        self.block_k = blocks.block_k if static_s is None else max(1, min(blocks.block_k, static_s))
+        # At least one block, whole padding when T or S is 0: the loops, their arrays
+        # and the gradient keep one shape, and the padding masks give what the spec
+        # gives, no rows (sliced off) or rows that see no key (zeros).
+        self.num_q = _at_least_one((self.t_len + self.block_q - 1) // self.block_q)
+        self.num_k = _at_least_one((self.s_len + self.block_k - 1) // self.block_k)
         # Every key in one block (S static and at most block_k): with the fused softmax,
         # a tile's softmax is its rows' whole softmax, with no logsumexp to merge or save.
         self.whole_rows = tiles.fused_softmax and isinstance(self.num_k, int) and self.num_k == 1
         self.t_pad = self.num_q * self.block_q
         self.s_pad = self.num_k * self.block_k
-        self.pads_queries = static_t is None or static_t % self.block_q != 0
-        self.pads_keys = static_s is None or static_s % self.block_k != 0
+        self.pads_queries = static_t is None or static_t != self.t_pad
+        self.pads_keys = static_s is None or static_s != self.s_pad
         self.is_causal = is_causal
         self.rate = rate
         self.seed = seed
@@ -477,6 +480,10 @@ class _Plan:
             # (the lengths are dynamic here): the other tiles skip the select's pass.
             return tf.cond((j + 1) * self.block_k > self.s_len, masked, lambda: s), valid
         return masked(), valid
+
+
+def _at_least_one(count):
+    return max(1, count) if isinstance(count, int) else tf.maximum(1, count)
 
 
 def _batch(x):
@@ -1016,6 +1023,12 @@ def dot_product_attention(
             f"`block_sizes` must be a BlockSizes or None. Received: block_sizes={block_sizes!r}"
         )
     if scale is None:
+        if query.shape[-1] == 0:
+            raise ValueError(
+                "The head dim H (the last axis of `query` and `key`) is 0, so the default "
+                "`scale` 1/sqrt(H) is undefined: pass `scale`. "
+                f"Received: query.shape={tuple(query.shape)}, key.shape={tuple(key.shape)}"
+            )
         scale = 1.0 / math.sqrt(query.shape[-1])
     if seed is not None:
         # A tensor, so a new seed per step reuses the traced graph instead of retracing.

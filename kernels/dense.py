@@ -51,6 +51,11 @@ def rows_matmul(x, kernel):
     native = dispatch.native_low_precision_matmul(dispatch.platform_of(x), x.dtype)
     operand_dtype = x.dtype if native else accumulation_dtype(x.dtype)
     rows = x if x.shape.rank == 2 else tf.reshape(x, [-1, _size(kernel, 0)])
+    if kernel.shape[0] == 0:
+        # An empty contraction is zeros; as a MatMul, grappler would fuse it with a
+        # following BiasAdd into a _FusedMatMul, which returns zeros without the bias
+        # when K = 0 (see ``dense_compiled`` for a K unknown when traced).
+        return tf.zeros(tf.stack([tf.shape(rows)[0], _size(kernel, 1)]), operand_dtype)
     return tf.matmul(tf.cast(rows, operand_dtype), tf.cast(kernel, operand_dtype))
 
 
@@ -91,6 +96,10 @@ def dense_compiled(x, kernel, bias=None, *, activation=None):
     y = rows_matmul(x, kernel)  # [M, N]
     if bias is not None:
         y = _bias_add(y, tf.cast(bias, y.dtype))
+        if kernel.shape[0] is None:
+            # A trace shared across kernel shapes may meet K = 0 (``rows_matmul``).
+            empty = tf.equal(tf.shape(kernel)[0], 0)
+            y = tf.where(empty, tf.broadcast_to(tf.cast(bias, y.dtype), tf.shape(y)), y)
     fuse_activation = activation is not None and _acts_on_last_axis_only(activation)
     if fuse_activation:
         y = activation(y)
@@ -151,7 +160,7 @@ def dense(x, kernel, bias=None, *, activation=None, implementation=None):
     _check_dense_inputs(x, kernel, bias)
     work = None
     if x.shape.is_fully_defined() and kernel.shape.is_fully_defined():
-        work = flops_lib.dense_flops(x.shape.num_elements() // x.shape[-1], *kernel.shape)
+        work = flops_lib.dense_flops(x.shape[:-1].num_elements(), *kernel.shape)
     chosen = DENSE.select(
         implementation, platform=dispatch.platform_of(x), dtype=x.dtype, work=work
     )

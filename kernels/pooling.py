@@ -270,7 +270,12 @@ def pooled_shape(input_shape, pool_size, strides, padding, data_format):
     input_shape = tuple(input_shape)
     spatial_axes = (1, 2) if data_format == "channels_last" else (2, 3)
     output_shape = list(input_shape)
-    for axis, pool, stride in zip(spatial_axes, pool_size, strides, strict=True):
+    for axis, pool, stride, name in zip(spatial_axes, pool_size, strides, ("height", "width"), strict=True):
+        if input_shape[axis] == 0:
+            raise ValueError(
+                f"The input's {name} axis (axis {axis}, {data_format}) is empty: a pooling "
+                f"window over an empty image has no maximum. Received: inputs.shape={input_shape}"
+            )
         size = pooled_size(input_shape[axis], pool, stride, padding)
         if size is not None and size <= 0:
             raise ValueError(
