@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import IMPLEMENTATIONS
+from layer_cases import LAYER_CASES
 
 from fastlayers import kernels, layers
 from fastlayers.kernels import tolerance
@@ -93,6 +94,9 @@ KERNEL_CASES = [
     KernelCase("max_pool2d C=0", _pool, ((2, 5, 4, 0),), ((0, 1, 2),)),
     KernelCase("attention_pooling B=0", _attention_pooling, ((0, 7, 5), (5, 1), (1,)), ((0, 1), (), ())),
     KernelCase("attention_pooling T=0", _attention_pooling, ((2, 0, 5), (5, 1), (1,)), ((0, 1), (), ())),
+    KernelCase("attention_pooling B=T=F=0", _attention_pooling, ((0, 0, 0), (0, 1), (1,)), ((0, 1), (), ())),
+    KernelCase("max_pool2d C=0 valid", lambda x, implementation: kernels.max_pool2d(x, 1, implementation=implementation),
+               ((0, 1, 1, 0),), ((0, 1, 2),)),
     KernelCase("fixed_mask B=0", _fixed_mask, ((0, 4, 3),), ((0,),)),
     KernelCase("center_zero B=0", _center_zero, ((0, 6, 6),), ((0,),)),
     KernelCase("exponential B=0", _exponential, ((0, 5),), ((0, 1),)),
@@ -247,3 +251,28 @@ def test_layer_matches_keras_on_empty_inputs(name, make, make_keras, shapes, imp
     for grad, x in zip(grads, inputs + ours.trainable_weights, strict=True):
         assert tuple(grad.shape) == tuple(x.shape)
         assert np.all(np.isfinite(grad.numpy()))
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=str)
+def test_every_layer_takes_an_empty_batch(case, rng):
+    """B=0 through every public layer: the auto path gives the reference's empty output
+    and gradients, eagerly and in a trace with an unknown batch size."""
+    full = case.inputs(rng)
+    empty = tf.nest.map_structure(lambda x: tf.constant(x[:0], tf.float32), full)
+    reference, auto = case.make(implementation="reference"), case.make()
+    case.apply(reference, full)
+    case.apply(auto, full)
+    auto.set_weights(reference.get_weights())
+    expected = case.apply(reference, empty)
+    _check_same(case.apply(auto, empty), expected)
+    signature = tf.nest.map_structure(lambda x: tf.TensorSpec((None,) + x.shape[1:]), empty)
+    generic = tf.function(lambda *x: case.apply(auto, x if case.positional else x[0]),
+                          input_signature=signature if case.positional else [signature])
+    _check_same(generic(*empty) if case.positional else generic(empty), expected)
+    with tf.GradientTape() as tape:
+        tape.watch(tf.nest.flatten(empty))
+        loss = _loss(case.apply(auto, empty))
+    sources = tf.nest.flatten(empty) + auto.trainable_weights
+    for grad, x in zip(tape.gradient(loss, sources, unconnected_gradients="zero"), sources, strict=True):
+        assert tuple(grad.shape) == tuple(x.shape)
+        np.testing.assert_array_equal(grad.numpy(), np.zeros(x.shape))
