@@ -266,6 +266,12 @@ def _hide_unseen(query, key, value, mask):
     )
 
 
+def _in_band(t_index, s_index, window):
+    """``[t, s]``: whether key ``s`` lies within ``window - 1`` positions of query ``t``
+    (``|t - s| < window``, Keras's ``sliding_window``)."""
+    return tf.abs(t_index[:, None] - s_index[None, :]) < window
+
+
 def _length(x, axis):
     return x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
 
@@ -283,6 +289,7 @@ def dot_product_attention_reference(
     *,
     scale,
     is_causal=False,
+    sliding_window=None,
     dropout_rate=0.0,
     seed=None,
     block_sizes=None,
@@ -314,6 +321,9 @@ def dot_product_attention_reference(
     if is_causal:
         causal = tf.range(t_len)[:, None] >= tf.range(s_len)[None, :]
         valid = causal if valid is None else tf.logical_and(valid, causal)
+    if sliding_window is not None:
+        band = _in_band(tf.range(t_len), tf.range(s_len), sliding_window)
+        valid = band if valid is None else tf.logical_and(valid, band)
     if valid is not None:
         valid = tf.broadcast_to(valid, tf.shape(logits))
         logits = tf.where(valid, logits, mask_value(acc))
@@ -354,7 +364,7 @@ def _static_sizes(x):
 class _Plan:
     """Static facts of one compiled call: padded layout, block counts, options."""
 
-    def __init__(self, query, key, value, bias, mask, scale, is_causal, rate, seed, blocks, tiles):
+    def __init__(self, query, key, value, bias, mask, scale, is_causal, window, rate, seed, blocks, tiles):
         self.acc = accumulation_dtype(query.dtype)
         # Matmul operands: the input dtype where its products accumulate in float32
         # natively, float32 otherwise. Scores, softmax and outputs stay float32.
@@ -379,6 +389,7 @@ class _Plan:
         self.pads_queries = static_t is None or static_t != self.t_pad
         self.pads_keys = static_s is None or static_s != self.s_pad
         self.is_causal = is_causal
+        self.window = window
         self.rate = rate
         self.seed = seed
         self.mask = None if mask is None else self._pad(_split_mask_heads(mask, self.kv_heads))
@@ -413,18 +424,39 @@ class _Plan:
             begin[4], size[4] = j * self.block_k, self.block_k
         return tf.slice(x, begin, size)
 
+    def first_key_block_for(self, i):
+        """The first key block query block ``i`` sees: with a window, the blocks wholly
+        left of the band are skipped (0 otherwise)."""
+        if self.window is None:
+            return 0
+        first_key = tf.maximum(0, i * self.block_q - self.window + 1)
+        return first_key // self.block_k
+
     def key_blocks_for(self, i):
-        """How many key blocks query block ``i`` sees: causal blocks above the diagonal are skipped."""
-        if not self.is_causal:
+        """The key block after the last one query block ``i`` sees: causal blocks above
+        the diagonal and, with a window, blocks wholly right of the band are skipped."""
+        if not self.is_causal and self.window is None:
             return self.num_k
         last_row = (i + 1) * self.block_q  # exclusive
-        return tf.minimum(self.num_k, (last_row + self.block_k - 1) // self.block_k)
+        end = last_row if self.is_causal else last_row + self.window - 1  # exclusive key
+        return tf.minimum(self.num_k, (end + self.block_k - 1) // self.block_k)
 
     def first_query_block_for(self, j):
-        """The first query block that sees key block ``j`` (0 unless causal)."""
-        if not self.is_causal:
-            return 0
-        return (j * self.block_k) // self.block_q
+        """The first query block that sees key block ``j`` (0 unless causal or windowed)."""
+        first_row = 0
+        if self.window is not None:
+            first_row = tf.maximum(0, j * self.block_k - self.window + 1)
+        if self.is_causal:
+            first_row = j * self.block_k
+        return first_row // self.block_q
+
+    def query_blocks_for(self, j):
+        """The query block after the last one that sees key block ``j``: with a window,
+        the blocks wholly below the band are skipped."""
+        if self.window is None:
+            return self.num_q
+        end = (j + 1) * self.block_k + self.window - 1  # exclusive row
+        return tf.minimum(self.num_q, (end + self.block_q - 1) // self.block_q)
 
     def valid(self, i, j):
         """Boolean tile ``[b|1, k|1, g|1, block_q|1, block_k]`` of allowed scores, or None."""
@@ -436,6 +468,9 @@ class _Plan:
         if self.is_causal:
             causal = t_index[:, None] >= s_index[None, :]
             valid = causal if valid is None else tf.logical_and(valid, causal)
+        if self.window is not None:
+            band = _in_band(t_index, s_index, self.window)
+            valid = band if valid is None else tf.logical_and(valid, band)
         if self.mask is not None:
             tile = self.tile(self.mask, i, j)
             valid = tile if valid is None else tf.logical_and(valid, tile)
@@ -475,7 +510,7 @@ class _Plan:
             return s, None
         valid = arrange(valid)
         masked = lambda: tf.where(valid, s, mask_value(s.dtype))  # noqa: E731
-        if self.pads_keys and not self.is_causal and self.mask is None:
+        if self.pads_keys and not self.is_causal and self.window is None and self.mask is None:
             # Only key padding to mask, and only the last key block holds padded keys
             # (the lengths are dynamic here): the other tiles skip the select's pass.
             return tf.cond((j + 1) * self.block_k > self.s_len, masked, lambda: s), valid
@@ -586,8 +621,9 @@ def _attention_forward(plan, q_blocks, k_blocks, v_blocks, bias):
         floors = tf.fill(stat_shape, tf.constant(floor, acc))
         loop = dict(maximum_iterations=plan.num_k, parallel_iterations=2)
         more_keys = lambda j, *_: j < plan.key_blocks_for(i)  # noqa: E731
+        first = tf.convert_to_tensor(plan.first_key_block_for(i), tf.int32)
         if plan.fused_softmax:
-            _, out, lse = tf.while_loop(more_keys, fused_key_block, (tf.constant(0), zero_out, floors), **loop)
+            _, out, lse = tf.while_loop(more_keys, fused_key_block, (first, zero_out, floors), **loop)
             # A row that saw no key kept a logsumexp near the mask value: zeros. A NaN
             # row stays NaN, as in the reference (grappler rewrites not(a <= b) to a > b).
             seen = tf.logical_or(lse > 0.5 * floor, tf.math.is_nan(lse))
@@ -595,7 +631,7 @@ def _attention_forward(plan, q_blocks, k_blocks, v_blocks, bias):
             lse = tf.where(seen, lse, floors)
         else:
             _, out, peak, total = tf.while_loop(
-                more_keys, key_block, (tf.constant(0), zero_out, floors, tf.zeros(stat_shape, acc)), **loop
+                more_keys, key_block, (first, zero_out, floors, tf.zeros(stat_shape, acc)), **loop
             )
             # A fully masked row has total 0 and out 0: dividing by 1 keeps it at 0.
             safe_total = tf.where(total > 0, total, tf.ones([], acc))
@@ -748,10 +784,10 @@ def _attention_backward(plan, q_blocks, k_blocks, v_blocks, bias, out, lse, d_ou
             return i + 1, d_k, d_v, d_q, d_bias
 
         _, d_k, d_v, d_q, d_bias = tf.while_loop(
-            lambda i, *_: i < plan.num_q,
+            lambda i, *_: i < plan.query_blocks_for(j),
             query_block,
             (
-                plan.first_query_block_for(j),
+                tf.convert_to_tensor(plan.first_query_block_for(j), tf.int32),
                 tf.zeros_like(k_j, dtype=acc),
                 tf.zeros_like(v_j, dtype=acc),
                 d_q,
@@ -806,6 +842,7 @@ def dot_product_attention_compiled(
     *,
     scale,
     is_causal=False,
+    sliding_window=None,
     dropout_rate=0.0,
     seed=None,
     block_sizes=None,
@@ -828,11 +865,12 @@ def dot_product_attention_compiled(
     """
     tiling = tiling or _Tiling()
     batch_heads = None if query.shape[0] is None else query.shape[0] * query.shape[2]
-    blocks = block_sizes or tiling.default_block_sizes(is_causal, batch_heads)
+    # A window skips blocks as a causal mask does: small tiles skip more.
+    blocks = block_sizes or tiling.default_block_sizes(is_causal or sliding_window is not None, batch_heads)
     query, key, value, bias, mask = _restore_layout(layout, query, key, value, bias, mask)
     if mask is not None:
         query, key, value = _hide_unseen(query, key, value, mask)
-    plan = _Plan(query, key, value, bias, mask, scale, is_causal, dropout_rate, seed, blocks, tiling)
+    plan = _Plan(query, key, value, bias, mask, scale, is_causal, sliding_window, dropout_rate, seed, blocks, tiling)
     acc = plan.acc
     scale = tf.cast(scale, acc)
 
@@ -977,6 +1015,7 @@ def dot_product_attention(
     *,
     scale=None,
     is_causal=False,
+    sliding_window=None,
     dropout_rate=0.0,
     seed=None,
     block_sizes=None,
@@ -1000,6 +1039,10 @@ def dot_product_attention(
             query row the mask leaves visible is read, padded or not.
         scale: multiplier of the scores; None means ``1 / sqrt(H)``.
         is_causal: whether query ``t`` may attend only to keys ``s <= t``.
+        sliding_window: None, or a positive int ``w``: query ``t`` attends only to
+            keys with ``|t - s| < w`` (Keras's ``sliding_window``, a symmetric band;
+            with ``is_causal``, the last ``w`` keys up to ``t``). The compiled paths
+            skip the key blocks outside the band, so their work grows with ``T·w``.
         dropout_rate: probability in [0, 1) of dropping each attention probability
             (the survivors are scaled by ``1 / (1 - dropout_rate)``).
         seed: int or integer tensor of shape ``[]`` or ``[2]``, required when
@@ -1021,6 +1064,13 @@ def dot_product_attention(
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise TypeError(
             f"`block_sizes` must be a BlockSizes or None. Received: block_sizes={block_sizes!r}"
+        )
+    if sliding_window is not None and (
+        isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral) or sliding_window <= 0
+    ):
+        raise ValueError(
+            "Received an invalid value for `sliding_window`, expected None or a positive "
+            f"integer. Received: sliding_window={sliding_window!r}"
         )
     if scale is None:
         if query.shape[-1] == 0:
@@ -1044,6 +1094,7 @@ def dot_product_attention(
         mask,
         scale=float(scale),
         is_causal=bool(is_causal),
+        sliding_window=None if sliding_window is None else int(sliding_window),
         dropout_rate=float(dropout_rate),
         seed=seed,
         block_sizes=block_sizes,
