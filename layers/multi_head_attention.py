@@ -9,6 +9,7 @@ from keras.src import backend as keras_backend
 from fastlayers import kernels
 from fastlayers.kernels import dispatch
 from fastlayers.layers.base import register
+from fastlayers.layers.group_query_attention import check_attention_call
 
 
 @register
@@ -55,6 +56,7 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
         super().__init__(*args, **kwargs)
         self.implementation = dispatch.check_implementation(implementation)
         self._causal_only = False
+        self._window_in_kernel = False
 
     def get_config(self):
         return {**super().get_config(), "implementation": self.implementation}
@@ -72,6 +74,15 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
         training=None,
         use_causal_mask=False,
     ):
+        self._check_inputs(query, value, key)
+        # Where the kernel runs, it takes the sliding window as an argument (skipping
+        # the blocks outside the band) instead of Keras's [T, S] band mask.
+        window_in_kernel = (
+            self._sliding_window is not None
+            and not return_attention_scores
+            and len(query.shape) == 3
+            and self._attention_axes in (None, (1,))
+        )
         # Keras builds a [1, T, S] causal mask for a subclass that overrides
         # `_compute_attention`. When causality is the only mask, ask for none and
         # let the kernel skip the blocks above the diagonal instead.
@@ -81,9 +92,10 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
             and value_mask is None
             and key_mask is None
             and keras_backend.get_keras_mask(query) is None
-            and self._sliding_window is None
+            and (self._sliding_window is None or window_in_kernel)
         )
         self._causal_only = causal_only
+        self._window_in_kernel = window_in_kernel
         try:
             return super().call(
                 query,
@@ -99,6 +111,27 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
             )
         finally:
             self._causal_only = False
+            self._window_in_kernel = False
+
+    def _check_inputs(self, query, value, key):
+        """Shapes named where Keras's einsums would fail obscurely (built layers only)."""
+        if not self.built:
+            return
+        check_attention_call(
+            self, query, value, key,
+            query_features=self._query_dense.kernel.shape[0],
+            value_features=self._value_dense.kernel.shape[0],
+            key_features=self._key_dense.kernel.shape[0],
+        )
+
+    def _compute_attention_mask(self, query, value, *args, **kwargs):
+        if not self._window_in_kernel:
+            return super()._compute_attention_mask(query, value, *args, **kwargs)
+        window, self._sliding_window = self._sliding_window, None
+        try:
+            return super()._compute_attention_mask(query, value, *args, **kwargs)
+        finally:
+            self._sliding_window = window
 
     def _compute_attention(
         self,
@@ -134,6 +167,7 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
             mask=mask,
             scale=self._inverse_sqrt_key_dim,
             is_causal=is_causal,
+            sliding_window=self._sliding_window if self._window_in_kernel else None,
             dropout_rate=rate,
             seed=seed,
             implementation=self.implementation,
