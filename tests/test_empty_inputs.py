@@ -157,7 +157,7 @@ def _traced_sweep():
                                marks=[] if fast else [pytest.mark.slow])
 
 
-@pytest.mark.parametrize("case, implementation", _traced_sweep())
+@pytest.mark.parametrize("case, implementation", list(_traced_sweep()))
 def test_kernel_traced_with_static_then_unknown_sizes(case, implementation, reference_of):
     tensors, expected = reference_of(case)
     traced = tf.function(lambda *t: _with_gradients(case, implementation, list(t)))
