@@ -1,7 +1,9 @@
 """Scaled dot-product attention whose memory grows linearly with the sequence.
 
-``softmax(Q·Kᵀ·scale + bias, masked) · V`` with grouped-query heads, a causal option
-and dropout on the attention probabilities.
+``softmax(Q·Kᵀ·scale + bias, masked) · V`` with grouped-query heads, a causal option,
+a sliding window (Keras's band ``|t - s| < w``) and dropout on the attention
+probabilities. Zero-sized axes take what the reference gives: no query rows (T=0)
+give no output rows, no keys (S=0) rows that see no key (zeros), B=0 an empty batch.
 
 Shape letters: ``B`` batch, ``T`` query length, ``S`` key length, ``N`` query heads,
 ``K`` key/value heads (``K`` divides ``N``), ``G = N / K`` query heads per key/value
@@ -13,7 +15,8 @@ broadcast to ``[B, N, T, S]``. Query head ``n`` attends with key/value head
 The reference builds the whole ``[B, N, T, S]`` score tensor. The compiled algorithm
 walks query blocks × key blocks with an online softmax (a running max and a running
 sum per query row, in float32), so no ``T·S`` tensor is ever held whole; causal blocks
-above the diagonal are never computed. Its gradient (``tf.custom_gradient``) recomputes
+above the diagonal, and blocks wholly outside a sliding window's band, are never
+computed. With T or S zero it walks one block of padding, so its loops keep one shape. Its gradient (``tf.custom_gradient``) recomputes
 the blocks from the saved per-row logsumexp, so the backward pass is linear in ``T``
 too. Where TensorFlow runs on oneDNN, the graph path instead softmaxes each tile with
 oneDNN's one-pass kernel and merges tiles by logsumexp, or, when every key fits in one
