@@ -137,8 +137,18 @@ def reference_of(rng):
     return reference
 
 
-@pytest.mark.parametrize("case", KERNEL_CASES, ids=str)
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def _eager_sweep():
+    """XLA compiles each case's forward and backward; beyond attention (and the
+    property tests, which draw zero-sized axes for every kernel and implementation)
+    its eager cases run under -m slow."""
+    for case in KERNEL_CASES:
+        for implementation in IMPLEMENTATIONS:
+            slow = implementation == "xla" and not case.name.startswith("attention ")
+            yield pytest.param(case, implementation, id=f"{implementation}-{case}",
+                               marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("case, implementation", list(_eager_sweep()))
 def test_kernel_eagerly(case, implementation, reference_of):
     tensors, expected = reference_of(case)
     _check_same(_with_gradients(case, implementation, tensors), expected)
