@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
+import time
 
 import keras
 import pytest
@@ -180,3 +182,97 @@ def test_peak_memory(benchmark, provider, t, backward, limit):
     benchmark.extra_info["case"] = f"{provider} T=S={t} {'forward+backward' if backward else 'forward'}"
     if limit is not None:
         assert used < limit, f"{used / GIB:.2f} GiB above inputs, limit {limit / GIB:.0f} GiB"
+
+
+# ---------------------------------------------------------------------------------
+# GroupQueryAttention with a sliding window: the layer against Keras's.
+
+GQA = dict(head_dim=64, num_query_heads=8, num_key_value_heads=2, sliding_window=256)
+GQA_WIDTH = GQA["head_dim"] * GQA["num_query_heads"]
+
+
+def _gqa_forward(provider, t, implementation=None):
+    """A traced causal forward of ``provider``'s layer on a [1, t, 512] input, warmed up."""
+    if provider == "keras":
+        layer = keras.layers.GroupQueryAttention(**GQA)
+    else:
+        layer = layers.GroupQueryAttention(**GQA, implementation=implementation)
+    x = tf.random.normal([1, t, GQA_WIDTH])
+    forward = tf.function(lambda x: layer(x, x, use_causal_mask=True))
+    forward(x).numpy()
+    return lambda: forward(x).numpy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("provider", ("keras", "fastlayers"))
+def test_group_query_attention_forward(benchmark, provider):
+    """Causal GQA forward, 8 query heads, 2 key/value heads, head_dim 64, T=4096,
+    sliding_window=256, in a tf.function (target: 4x Keras's layer)."""
+    benchmark.group = "GroupQueryAttention forward T=4096 window=256 N=8 K=2 H=64 causal"
+    benchmark.pedantic(_gqa_forward(provider, 4096), rounds=ROUNDS, iterations=1)
+
+
+@pytest.mark.slow
+def test_group_query_attention_forward_speedup(benchmark):
+    """The same two forwards interleaved, medians: ours at least 4x Keras's."""
+    benchmark.group = "GroupQueryAttention forward T=4096 window=256 speed-up"
+    ours, theirs = _gqa_forward("fastlayers", 4096), _gqa_forward("keras", 4096)
+    times = {"fastlayers": [], "keras": []}
+
+    def interleaved():
+        for name, run in (("fastlayers", ours), ("keras", theirs)):
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+
+    benchmark.pedantic(interleaved, rounds=5, iterations=1)
+    speedup = statistics.median(times["keras"]) / statistics.median(times["fastlayers"])
+    benchmark.extra_info["speedup_vs_keras"] = round(speedup, 2)
+    assert speedup >= 4.0, f"{speedup:.2f}x Keras's layer, target 4x"
+
+
+_GQA_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+    from fastlayers import layers
+    implementation, t, config = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    width = config["head_dim"] * config["num_query_heads"]
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    layer = layers.GroupQueryAttention(**config, implementation=implementation)
+    run = lambda x: layer(x, x, use_causal_mask=True)
+    # Warm-up on a short input first (code pages, the built weights), as for the kernel.
+    run(tf.random.normal([1, 512, width])).numpy()
+    x = tf.random.normal([1, t, width])
+    x.numpy()
+    base = rss()
+    run(x).numpy()
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    print(json.dumps({"base": base, "peak": peak}))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("implementation", ("xla", "graph"))
+def test_group_query_attention_peak_memory(benchmark, implementation):
+    """The T=32768 causal windowed forward within 1 GiB of peak memory above its input."""
+    benchmark.group = "GroupQueryAttention peak memory above inputs T=32768 window=256"
+
+    def measure():
+        done = subprocess.run(
+            [sys.executable, "-c", _GQA_MEMORY_SCRIPT, implementation, "32768", json.dumps(GQA)],
+            capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), check=True,
+        )
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        return result["peak"] - result["base"]
+
+    used = benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.extra_info["peak_mib_above_inputs"] = round(used / 2**20, 1)
+    assert used < GIB, f"{used / GIB:.2f} GiB above inputs, limit 1 GiB"

@@ -1,7 +1,9 @@
 """Scaled dot-product attention whose memory grows linearly with the sequence.
 
-``softmax(Q·Kᵀ·scale + bias, masked) · V`` with grouped-query heads, a causal option
-and dropout on the attention probabilities.
+``softmax(Q·Kᵀ·scale + bias, masked) · V`` with grouped-query heads, a causal option,
+a sliding window (Keras's band ``|t - s| < w``) and dropout on the attention
+probabilities. Zero-sized axes take what the reference gives: no query rows (T=0)
+give no output rows, no keys (S=0) rows that see no key (zeros), B=0 an empty batch.
 
 Shape letters: ``B`` batch, ``T`` query length, ``S`` key length, ``N`` query heads,
 ``K`` key/value heads (``K`` divides ``N``), ``G = N / K`` query heads per key/value
@@ -13,7 +15,8 @@ broadcast to ``[B, N, T, S]``. Query head ``n`` attends with key/value head
 The reference builds the whole ``[B, N, T, S]`` score tensor. The compiled algorithm
 walks query blocks × key blocks with an online softmax (a running max and a running
 sum per query row, in float32), so no ``T·S`` tensor is ever held whole; causal blocks
-above the diagonal are never computed. Its gradient (``tf.custom_gradient``) recomputes
+above the diagonal, and blocks wholly outside a sliding window's band, are never
+computed. With T or S zero it walks one block of padding, so its loops keep one shape. Its gradient (``tf.custom_gradient``) recomputes
 the blocks from the saved per-row logsumexp, so the backward pass is linear in ``T``
 too. Where TensorFlow runs on oneDNN, the graph path instead softmaxes each tile with
 oneDNN's one-pass kernel and merges tiles by logsumexp, or, when every key fits in one
@@ -160,16 +163,22 @@ def _batch_heads(shapes):
     return query_shape[0] * query_shape[2]
 
 
-def _default_variant(implementation, *, platform, dtype, shapes, is_causal=False, block_sizes=None, **_):
+def _default_variant(
+    implementation, *, platform, dtype, shapes, is_causal=False, sliding_window=None, block_sizes=None, **_
+):
     if implementation == "reference":
         return None
+    # A window skips blocks as a causal mask does: small tiles skip more.
     return default_variant(
-        implementation, platform, dtype, is_causal=is_causal, batch_heads=_batch_heads(shapes),
+        implementation, platform, dtype, is_causal=is_causal or sliding_window is not None,
+        batch_heads=_batch_heads(shapes),
         block_sizes=block_sizes,
     )
 
 
-def _variants(implementation, *, platform, dtype, shapes, is_causal=False, block_sizes=None, **_):
+def _variants(
+    implementation, *, platform, dtype, shapes, is_causal=False, sliding_window=None, block_sizes=None, **_
+):
     """The default variant, then (for the tuner) the other tiles within the memory
     budget, whole score rows where ``S`` is known and they fit, and on the graph
     path both softmax formulations. The reference has none."""
@@ -180,7 +189,7 @@ def _variants(implementation, *, platform, dtype, shapes, is_causal=False, block
     batch_heads = _batch_heads(shapes)
     first = _default_variant(
         implementation, platform=platform, dtype=dtype, shapes=shapes, is_causal=is_causal,
-        block_sizes=block_sizes,
+        sliding_window=sliding_window, block_sizes=block_sizes,
     )
     if block_sizes is not None:
         return (first,)
@@ -209,13 +218,17 @@ def _variants(implementation, *, platform, dtype, shapes, is_causal=False, block
     return tuple(found)
 
 
-def _signature(query, key, value, bias=None, mask=None, *, scale, is_causal, dropout_rate, seed, block_sizes=None):
-    """The tuner's key: (B, T, S, N, K, H, D) bucketed; causal, bias, mask, dropout."""
+def _signature(
+    query, key, value, bias=None, mask=None, *, scale, is_causal, dropout_rate, seed, sliding_window=None,
+    block_sizes=None,
+):
+    """The tuner's key: (B, T, S, N, K, H, D) bucketed; causal, window, bias, mask, dropout."""
     b, t, n, h = query.shape
     s, k, d = key.shape[1], key.shape[2], value.shape[3]
     bucket = tuple(dispatch.size_bucket(size) for size in (b, t, s, n, k, h, d))
     flags = {
         "causal": bool(is_causal),
+        "window": None if sliding_window is None else dispatch.size_bucket(sliding_window),
         "bias": bias is not None,
         "mask": mask is not None,
         "dropout": dropout_rate > 0.0,
@@ -224,11 +237,11 @@ def _signature(query, key, value, bias=None, mask=None, *, scale, is_causal, dro
     return bucket, flags
 
 
-def _work(query, key, value, bias=None, mask=None, *, is_causal, **_):
+def _work(query, key, value, bias=None, mask=None, *, is_causal, sliding_window=None, **_):
     if not (query.shape.is_fully_defined() and key.shape.is_fully_defined()):
         return None
     b, t, n, h = query.shape
-    return flops_lib.attention_flops(b, t, key.shape[1], n, h, causal=is_causal)
+    return flops_lib.attention_flops(b, t, key.shape[1], n, h, causal=is_causal, window=sliding_window)
 
 
 def _layout(selection, query, key, value, bias=None, mask=None, **_):
@@ -362,6 +375,12 @@ def _hide_unseen(query, key, value, mask):
     )
 
 
+def _in_band(t_index, s_index, window):
+    """``[t, s]``: whether key ``s`` lies within ``window - 1`` positions of query ``t``
+    (``|t - s| < window``, Keras's ``sliding_window``)."""
+    return tf.abs(t_index[:, None] - s_index[None, :]) < window
+
+
 def _length(x, axis):
     return x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
 
@@ -379,6 +398,7 @@ def dot_product_attention_reference(
     *,
     scale,
     is_causal=False,
+    sliding_window=None,
     dropout_rate=0.0,
     seed=None,
     layout=None,
@@ -406,6 +426,9 @@ def dot_product_attention_reference(
     if is_causal:
         causal = tf.range(t_len)[:, None] >= tf.range(s_len)[None, :]
         valid = causal if valid is None else tf.logical_and(valid, causal)
+    if sliding_window is not None:
+        band = _in_band(tf.range(t_len), tf.range(s_len), sliding_window)
+        valid = band if valid is None else tf.logical_and(valid, band)
     if valid is not None:
         valid = tf.broadcast_to(valid, tf.shape(logits))
         logits = tf.where(valid, logits, mask_value(acc))
@@ -446,7 +469,7 @@ def _static_sizes(x):
 class _Plan:
     """Static facts of one compiled call: padded layout, block counts, options."""
 
-    def __init__(self, query, key, value, bias, mask, scale, is_causal, rate, seed, blocks, tiles):
+    def __init__(self, query, key, value, bias, mask, scale, is_causal, window, rate, seed, blocks, tiles):
         self.acc = accumulation_dtype(query.dtype)
         # Matmul operands: the input dtype where its products accumulate in float32
         # natively, float32 otherwise. Scores, softmax and outputs stay float32.
@@ -456,18 +479,22 @@ class _Plan:
         self.groups = query.shape[2] // self.kv_heads
         self.t_len, self.s_len = _length(query, 1), _length(key, 1)
         static_t, static_s = query.shape[1], key.shape[1]
-        self.block_q = blocks.block_q if static_t is None else min(blocks.block_q, static_t)
-        self.block_k = blocks.block_k if static_s is None else min(blocks.block_k, static_s)
-        self.num_q = (self.t_len + self.block_q - 1) // self.block_q
-        self.num_k = (self.s_len + self.block_k - 1) // self.block_k
+        self.block_q = blocks.block_q if static_t is None else max(1, min(blocks.block_q, static_t))
+        self.block_k = blocks.block_k if static_s is None else max(1, min(blocks.block_k, static_s))
+        # At least one block, whole padding when T or S is 0: the loops, their arrays
+        # and the gradient keep one shape, and the padding masks give what the spec
+        # gives, no rows (sliced off) or rows that see no key (zeros).
+        self.num_q = _at_least_one((self.t_len + self.block_q - 1) // self.block_q)
+        self.num_k = _at_least_one((self.s_len + self.block_k - 1) // self.block_k)
         # Every key in one block (S static and at most block_k): with the fused softmax,
         # a tile's softmax is its rows' whole softmax, with no logsumexp to merge or save.
         self.whole_rows = tiles.fused_softmax and isinstance(self.num_k, int) and self.num_k == 1
         self.t_pad = self.num_q * self.block_q
         self.s_pad = self.num_k * self.block_k
-        self.pads_queries = static_t is None or static_t % self.block_q != 0
-        self.pads_keys = static_s is None or static_s % self.block_k != 0
+        self.pads_queries = static_t is None or static_t != self.t_pad
+        self.pads_keys = static_s is None or static_s != self.s_pad
         self.is_causal = is_causal
+        self.window = window
         self.rate = rate
         self.seed = seed
         self.mask = None if mask is None else self._pad(_split_mask_heads(mask, self.kv_heads))
@@ -502,18 +529,39 @@ class _Plan:
             begin[4], size[4] = j * self.block_k, self.block_k
         return tf.slice(x, begin, size)
 
+    def first_key_block_for(self, i):
+        """The first key block query block ``i`` sees: with a window, the blocks wholly
+        left of the band are skipped (0 otherwise)."""
+        if self.window is None:
+            return 0
+        first_key = tf.maximum(0, i * self.block_q - self.window + 1)
+        return first_key // self.block_k
+
     def key_blocks_for(self, i):
-        """How many key blocks query block ``i`` sees: causal blocks above the diagonal are skipped."""
-        if not self.is_causal:
+        """The key block after the last one query block ``i`` sees: causal blocks above
+        the diagonal and, with a window, blocks wholly right of the band are skipped."""
+        if not self.is_causal and self.window is None:
             return self.num_k
         last_row = (i + 1) * self.block_q  # exclusive
-        return tf.minimum(self.num_k, (last_row + self.block_k - 1) // self.block_k)
+        end = last_row if self.is_causal else last_row + self.window - 1  # exclusive key
+        return tf.minimum(self.num_k, (end + self.block_k - 1) // self.block_k)
 
     def first_query_block_for(self, j):
-        """The first query block that sees key block ``j`` (0 unless causal)."""
-        if not self.is_causal:
-            return 0
-        return (j * self.block_k) // self.block_q
+        """The first query block that sees key block ``j`` (0 unless causal or windowed)."""
+        first_row = 0
+        if self.window is not None:
+            first_row = tf.maximum(0, j * self.block_k - self.window + 1)
+        if self.is_causal:
+            first_row = j * self.block_k
+        return first_row // self.block_q
+
+    def query_blocks_for(self, j):
+        """The query block after the last one that sees key block ``j``: with a window,
+        the blocks wholly below the band are skipped."""
+        if self.window is None:
+            return self.num_q
+        end = (j + 1) * self.block_k + self.window - 1  # exclusive row
+        return tf.minimum(self.num_q, (end + self.block_q - 1) // self.block_q)
 
     def valid(self, i, j):
         """Boolean tile ``[b|1, k|1, g|1, block_q|1, block_k]`` of allowed scores, or None."""
@@ -525,6 +573,9 @@ class _Plan:
         if self.is_causal:
             causal = t_index[:, None] >= s_index[None, :]
             valid = causal if valid is None else tf.logical_and(valid, causal)
+        if self.window is not None:
+            band = _in_band(t_index, s_index, self.window)
+            valid = band if valid is None else tf.logical_and(valid, band)
         if self.mask is not None:
             tile = self.tile(self.mask, i, j)
             valid = tile if valid is None else tf.logical_and(valid, tile)
@@ -564,11 +615,15 @@ class _Plan:
             return s, None
         valid = arrange(valid)
         masked = lambda: tf.where(valid, s, mask_value(s.dtype))  # noqa: E731
-        if self.pads_keys and not self.is_causal and self.mask is None:
+        if self.pads_keys and not self.is_causal and self.window is None and self.mask is None:
             # Only key padding to mask, and only the last key block holds padded keys
             # (the lengths are dynamic here): the other tiles skip the select's pass.
             return tf.cond((j + 1) * self.block_k > self.s_len, masked, lambda: s), valid
         return masked(), valid
+
+
+def _at_least_one(count):
+    return max(1, count) if isinstance(count, int) else tf.maximum(1, count)
 
 
 def _batch(x):
@@ -671,8 +726,9 @@ def _attention_forward(plan, q_blocks, k_blocks, v_blocks, bias):
         floors = tf.fill(stat_shape, tf.constant(floor, acc))
         loop = dict(maximum_iterations=plan.num_k, parallel_iterations=2)
         more_keys = lambda j, *_: j < plan.key_blocks_for(i)  # noqa: E731
+        first = tf.convert_to_tensor(plan.first_key_block_for(i), tf.int32)
         if plan.fused_softmax:
-            _, out, lse = tf.while_loop(more_keys, fused_key_block, (tf.constant(0), zero_out, floors), **loop)
+            _, out, lse = tf.while_loop(more_keys, fused_key_block, (first, zero_out, floors), **loop)
             # A row that saw no key kept a logsumexp near the mask value: zeros. A NaN
             # row stays NaN, as in the reference (grappler rewrites not(a <= b) to a > b).
             seen = tf.logical_or(lse > 0.5 * floor, tf.math.is_nan(lse))
@@ -680,7 +736,7 @@ def _attention_forward(plan, q_blocks, k_blocks, v_blocks, bias):
             lse = tf.where(seen, lse, floors)
         else:
             _, out, peak, total = tf.while_loop(
-                more_keys, key_block, (tf.constant(0), zero_out, floors, tf.zeros(stat_shape, acc)), **loop
+                more_keys, key_block, (first, zero_out, floors, tf.zeros(stat_shape, acc)), **loop
             )
             # A fully masked row has total 0 and out 0: dividing by 1 keeps it at 0.
             safe_total = tf.where(total > 0, total, tf.ones([], acc))
@@ -833,10 +889,10 @@ def _attention_backward(plan, q_blocks, k_blocks, v_blocks, bias, out, lse, d_ou
             return i + 1, d_k, d_v, d_q, d_bias
 
         _, d_k, d_v, d_q, d_bias = tf.while_loop(
-            lambda i, *_: i < plan.num_q,
+            lambda i, *_: i < plan.query_blocks_for(j),
             query_block,
             (
-                plan.first_query_block_for(j),
+                tf.convert_to_tensor(plan.first_query_block_for(j), tf.int32),
                 tf.zeros_like(k_j, dtype=acc),
                 tf.zeros_like(v_j, dtype=acc),
                 d_q,
@@ -891,6 +947,7 @@ def dot_product_attention_compiled(
     *,
     scale,
     is_causal=False,
+    sliding_window=None,
     dropout_rate=0.0,
     seed=None,
     selection=None,
@@ -916,7 +973,8 @@ def dot_product_attention_compiled(
     if mask is not None:
         query, key, value = _hide_unseen(query, key, value, mask)
     plan = _Plan(
-        query, key, value, bias, mask, scale, is_causal, dropout_rate, seed, variant.block_sizes, variant
+        query, key, value, bias, mask, scale, is_causal, sliding_window, dropout_rate, seed,
+        variant.block_sizes, variant,
     )
     acc = plan.acc
     scale = tf.cast(scale, acc)
@@ -1068,6 +1126,7 @@ def dot_product_attention(
     *,
     scale=None,
     is_causal=False,
+    sliding_window=None,
     dropout_rate=0.0,
     seed=None,
     block_sizes=None,
@@ -1091,6 +1150,10 @@ def dot_product_attention(
             query row the mask leaves visible is read, padded or not.
         scale: multiplier of the scores; None means ``1 / sqrt(H)``.
         is_causal: whether query ``t`` may attend only to keys ``s <= t``.
+        sliding_window: None, or a positive int ``w``: query ``t`` attends only to
+            keys with ``|t - s| < w`` (Keras's ``sliding_window``, a symmetric band;
+            with ``is_causal``, the last ``w`` keys up to ``t``). The compiled paths
+            skip the key blocks outside the band, so their work grows with ``T·w``.
         dropout_rate: probability in [0, 1) of dropping each attention probability
             (the survivors are scaled by ``1 / (1 - dropout_rate)``).
         seed: int or integer tensor of shape ``[]`` or ``[2]``, required when
@@ -1114,7 +1177,20 @@ def dot_product_attention(
         raise TypeError(
             f"`block_sizes` must be a BlockSizes or None. Received: block_sizes={block_sizes!r}"
         )
+    if sliding_window is not None and (
+        isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral) or sliding_window <= 0
+    ):
+        raise ValueError(
+            "Received an invalid value for `sliding_window`, expected None or a positive "
+            f"integer. Received: sliding_window={sliding_window!r}"
+        )
     if scale is None:
+        if query.shape[-1] == 0:
+            raise ValueError(
+                "The head dim H (the last axis of `query` and `key`) is 0, so the default "
+                "`scale` 1/sqrt(H) is undefined: pass `scale`. "
+                f"Received: query.shape={tuple(query.shape)}, key.shape={tuple(key.shape)}"
+            )
         scale = 1.0 / math.sqrt(query.shape[-1])
     if seed is not None:
         # A tensor, so a new seed per step reuses the traced graph instead of retracing.
@@ -1128,6 +1204,7 @@ def dot_product_attention(
         implementation=implementation,
         scale=float(scale),
         is_causal=bool(is_causal),
+        sliding_window=None if sliding_window is None else int(sliding_window),
         dropout_rate=float(dropout_rate),
         seed=seed,
         block_sizes=block_sizes,

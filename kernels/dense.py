@@ -59,6 +59,11 @@ def rows_matmul(x, kernel):
     native = dispatch.native_low_precision_matmul(dispatch.platform_of(x), x.dtype)
     operand_dtype = x.dtype if native else accumulation_dtype(x.dtype)
     rows = x if x.shape.rank == 2 else tf.reshape(x, [-1, _size(kernel, 0)])
+    if kernel.shape[0] == 0:
+        # An empty contraction is zeros; as a MatMul, grappler would fuse it with a
+        # following BiasAdd into a _FusedMatMul, which returns zeros without the bias
+        # when K = 0 (see ``dense_compiled`` for a K unknown when traced).
+        return tf.zeros(tf.stack([tf.shape(rows)[0], _size(kernel, 1)]), operand_dtype)
     return tf.matmul(tf.cast(rows, operand_dtype), tf.cast(kernel, operand_dtype))
 
 
@@ -111,6 +116,10 @@ def dense_compiled(
         y = y + tf.cast(lora_scale, y.dtype) * tf.cast(update, y.dtype)
     if bias is not None:
         y = _bias_add(y, tf.cast(bias, y.dtype))
+        if kernel.shape[0] is None:
+            # A trace shared across kernel shapes may meet K = 0 (``rows_matmul``).
+            empty = tf.equal(tf.shape(kernel)[0], 0)
+            y = tf.where(empty, tf.broadcast_to(tf.cast(bias, y.dtype), tf.shape(y)), y)
     fuse_activation = activation is not None and _acts_on_last_axis_only(activation)
     if fuse_activation:
         y = activation(y)
@@ -123,7 +132,7 @@ def dense_compiled(
 def _work(x, kernel, bias=None, lora_a=None, lora_b=None, **options):
     if not (x.shape.is_fully_defined() and kernel.shape.is_fully_defined()):
         return None
-    rows = x.shape.num_elements() // x.shape[-1]
+    rows = x.shape[:-1].num_elements()
     work = flops_lib.dense_flops(rows, *kernel.shape)
     if lora_a is not None:
         rank = lora_a.shape[1]
@@ -311,7 +320,7 @@ def dense_int8_compiled(x, kernel_q, kernel_scale, bias=None, *, epsilon, activa
 def _int8_work(x, kernel_q, kernel_scale, bias=None, **options):
     if not (x.shape.is_fully_defined() and kernel_q.shape.is_fully_defined()):
         return None
-    return flops_lib.dense_flops(x.shape.num_elements() // x.shape[-1], *kernel_q.shape)
+    return flops_lib.dense_flops(x.shape[:-1].num_elements(), *kernel_q.shape)
 
 
 DENSE_INT8 = dispatch.Kernel(

@@ -17,12 +17,20 @@ def dense_flops(m: int, k: int, n: int) -> int:
 
 
 def attention_flops(
-    b: int, t: int, s: int, n: int, h: int, *, causal: bool = False, backward: bool = False
+    b: int, t: int, s: int, n: int, h: int, *, causal: bool = False, backward: bool = False,
+    window: int | None = None,
 ) -> float:
-    """``4·B·N·T·S·H`` for QKᵀ and PV; half when causal; times 3.5 forward+backward."""
-    flops = 4.0 * b * n * t * s * h
-    if causal:
-        flops /= 2
+    """``4·B·N·T·S·H`` for QKᵀ and PV; half when causal; times 3.5 forward+backward.
+
+    With a sliding ``window`` w, each query row sees at most ``2w - 1`` keys (``w``
+    when causal) instead of ``S`` (or ``S / 2``)."""
+    if window is not None:
+        keys = min(s, window if causal else 2 * window - 1)
+        flops = 4.0 * b * n * t * keys * h
+    else:
+        flops = 4.0 * b * n * t * s * h
+        if causal:
+            flops /= 2
     if backward:
         flops *= 1 + ATTENTION_BACKWARD_FACTOR
     return flops

@@ -189,6 +189,12 @@ def check_center_window(input_shape, size):
             "The last two axes of the input must be known to centre the window. "
             f"Received: inputs.shape={input_shape}"
         )
+    for axis, length in ((-2, rows), (-1, cols)):
+        if length == 0:
+            raise ValueError(
+                f"Axis {axis} of the input is empty: there is no centre window to zero. "
+                f"Received: size={tuple(size)}, inputs.shape={input_shape}"
+            )
     if size[0] > rows or size[1] > cols:
         raise ValueError(
             "`size` must fit in the last two axes of the input. "

@@ -308,7 +308,12 @@ def pooled_shape(input_shape, pool_size, strides, padding, data_format):
     input_shape = tuple(input_shape)
     spatial_axes = (1, 2) if data_format == "channels_last" else (2, 3)
     output_shape = list(input_shape)
-    for axis, pool, stride in zip(spatial_axes, pool_size, strides, strict=True):
+    for axis, pool, stride, name in zip(spatial_axes, pool_size, strides, ("height", "width"), strict=True):
+        if input_shape[axis] == 0:
+            raise ValueError(
+                f"The input's {name} axis (axis {axis}, {data_format}) is empty: a pooling "
+                f"window over an empty image has no maximum. Received: inputs.shape={input_shape}"
+            )
         size = pooled_size(input_shape[axis], pool, stride, padding)
         if size is not None and size <= 0:
             raise ValueError(
@@ -365,7 +370,12 @@ def pool_checked(x, pool_size, strides, padding, data_format, implementation):
     """``max_pool2d`` on standardized arguments and a rank-4 tensor: checks the window
     fits, then dispatches. A non-floating ``x`` (``MaxPooling2D`` takes integer
     images, as Keras's does) runs TensorFlow's op, the reference."""
-    pooled_shape(x.shape, pool_size, strides, padding, data_format)
+    output_shape = pooled_shape(x.shape, pool_size, strides, padding, data_format)
+    channel_axis = 3 if data_format == "channels_last" else 1
+    if x.shape[channel_axis] == 0:
+        # No channel, nothing to compare: any [B, P, Q, 0] slice of x is the output.
+        # (TensorFlow's MaxPool shape function rejects C = 0 in a graph.)
+        return tf.slice(x, [0, 0, 0, 0], [-1 if d is None else d for d in output_shape])
     options = dict(pool_size=pool_size, strides=strides, padding=padding, data_format=data_format)
     if not x.dtype.is_floating:
         return max_pool2d_reference(x, **options)

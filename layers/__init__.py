@@ -9,6 +9,7 @@ from fastlayers.layers.attention_pooling import AttentionPooling
 from fastlayers.layers.base import CompiledLayer, FastLayer
 from fastlayers.layers.dense import Dense
 from fastlayers.layers.exponential import Exponential
+from fastlayers.layers.group_query_attention import GroupedQueryAttention, GroupQueryAttention
 from fastlayers.layers.linear import Linear
 from fastlayers.layers.masking import CenterZero, FixedMask
 from fastlayers.layers.multi_head_attention import MultiHeadAttention
@@ -24,6 +25,8 @@ __all__ = [
     "Exponential",
     "FastLayer",
     "FixedMask",
+    "GroupQueryAttention",
+    "GroupedQueryAttention",
     "LayerNormalization",
     "Linear",
     "MaxPool2D",

@@ -3,12 +3,15 @@ runs the memory-efficient ``kernels.dot_product_attention``."""
 
 from __future__ import annotations
 
+import types
+
 import keras
 from keras.src import backend as keras_backend
 
 from fastlayers import kernels
 from fastlayers.kernels import dispatch
 from fastlayers.layers.base import register
+from fastlayers.layers.group_query_attention import check_attention_call
 
 
 @register
@@ -71,6 +74,7 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
         training=None,
         use_causal_mask=False,
     ):
+        self._check_inputs(query, value, key)
         if key is None:
             key = value
 
@@ -80,24 +84,33 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
         keras_backend.set_keras_mask(value, None)
         keras_backend.set_keras_mask(key, None)
 
-        # Our `_compute_attention` takes causality as a flag, so the kernel skips the
-        # blocks above the diagonal and no [T, S] causal mask is built. The flag goes
-        # down the call, never onto the instance: one layer may be called from several
-        # threads at once. A subclass that overrides `_compute_attention` (perhaps with
-        # Keras's older signature, which has no `use_causal_mask`) gets the causal mask
-        # merged into `attention_mask` instead, as Keras hands it over.
-        causal_flag = use_causal_mask and (
-            type(self)._compute_attention is MultiHeadAttention._compute_attention
+        # Our `_compute_attention` takes causality and the sliding window as arguments,
+        # so the kernel skips the blocks above the diagonal and outside the band and no
+        # [T, S] mask is built for them. They go down the call, never onto the
+        # instance: one layer may be called from several threads at once. A subclass
+        # that overrides `_compute_attention` (perhaps with Keras's older signature,
+        # which has no `use_causal_mask`) gets them merged into `attention_mask`
+        # instead, as Keras hands them over.
+        own_attention = type(self)._compute_attention is MultiHeadAttention._compute_attention
+        causal_flag = use_causal_mask and own_attention
+        window_flag = (
+            own_attention
+            and self._sliding_window is not None
+            and not return_attention_scores
+            and len(query.shape) == 3
+            and self._attention_axes in (None, (1,))
         )
-        attention_mask = self._compute_attention_mask(
-            query,
-            value,
+        masks = dict(
             query_mask=query_mask,
             value_mask=value_mask,
             key_mask=key_mask,
             attention_mask=attention_mask,
             use_causal_mask=use_causal_mask and not causal_flag,
         )
+        if window_flag:
+            attention_mask = _mask_without_window(self, query, value, **masks)
+        else:
+            attention_mask = self._compute_attention_mask(query, value, **masks)
 
         # `gate`, `query` = [B, T, N, H]; `key`, `value` = [B, S, N, H]
         if self._use_gate:
@@ -106,6 +119,8 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
         key = self._key_dense(key)
         value = self._value_dense(value)
         extra_attention_kwargs = {"use_causal_mask": True} if causal_flag else {}
+        if window_flag:
+            extra_attention_kwargs["sliding_window"] = self._sliding_window
         attention_output, attention_scores = self._compute_attention(
             query,
             key,
@@ -134,6 +149,7 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
         training=None,
         return_attention_scores=False,
         use_causal_mask=False,
+        sliding_window=None,
     ):
         if return_attention_scores or len(query.shape) != 4 or self._attention_axes != (1,):
             return super()._compute_attention(
@@ -162,8 +178,28 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
             mask=mask,
             scale=self._inverse_sqrt_key_dim,
             is_causal=use_causal_mask,
+            sliding_window=sliding_window,
             dropout_rate=rate,
             seed=seed,
             implementation=self.implementation,
         )
         return output, None
+
+    def _check_inputs(self, query, value, key):
+        """Shapes named where Keras's einsums would fail obscurely (built layers only)."""
+        if not self.built:
+            return
+        check_attention_call(
+            self, query, value, key,
+            query_features=self._query_dense.kernel.shape[0],
+            value_features=self._value_dense.kernel.shape[0],
+            key_features=self._key_dense.kernel.shape[0],
+        )
+
+
+def _mask_without_window(layer, query, value, **masks):
+    """Keras's attention mask for ``layer`` without its sliding-window band, which the
+    kernel takes as an argument: Keras's own merging of the masks, run on a view of
+    the layer whose window is None (the layer itself is never changed)."""
+    view = types.SimpleNamespace(_sliding_window=None, _compute_causal_mask=layer._compute_causal_mask)
+    return keras.layers.MultiHeadAttention._compute_attention_mask(view, query, value, **masks)

@@ -57,4 +57,8 @@ LAYER_CASES = [
               lambda **kw: layers.MultiHeadAttention(num_heads=2, key_dim=3, value_dim=2, **kw),
               lambda rng: [rng.standard_normal((3, 5, 4)), rng.standard_normal((3, 7, 6))],
               positional=True),
+    LayerCase("GroupQueryAttention",
+              lambda **kw: layers.GroupQueryAttention(4, 4, 2, sliding_window=3, **kw),
+              lambda rng: [rng.standard_normal((3, 5, 6)), rng.standard_normal((3, 7, 6))],
+              positional=True),
 ]

@@ -34,7 +34,7 @@ def attention_oracle(q, k, v, bias=None, mask=None, *, scale=None, is_causal=Fal
     if is_causal:
         valid &= np.tril(np.ones((t, s), bool))
     logits = np.where(valid, logits, -np.inf)
-    peak = np.max(logits, axis=-1, keepdims=True)
+    peak = np.max(logits, axis=-1, keepdims=True, initial=-np.inf)  # S = 0: no key
     weights = np.where(valid, np.exp(logits - np.where(np.isfinite(peak), peak, 0.0)), 0.0)
     total = weights.sum(-1, keepdims=True)
     probs = weights / np.where(total > 0, total, 1.0)

@@ -16,7 +16,7 @@ def pooling_oracle(x, weight, bias, mask=None):
     e = np.tanh(x @ np.asarray(weight, np.float64) + np.asarray(bias, np.float64))[..., 0]
     valid = np.ones(e.shape, bool) if mask is None else np.asarray(mask, bool)
     e = np.where(valid, e, -np.inf)
-    peak = np.max(e, axis=-1, keepdims=True)
+    peak = np.max(e, axis=-1, keepdims=True, initial=-np.inf)  # T = 0: no step
     w = np.where(valid, np.exp(e - np.where(np.isfinite(peak), peak, 0.0)), 0.0)
     total = w.sum(-1, keepdims=True)
     alpha = w / np.where(total > 0, total, 1.0)

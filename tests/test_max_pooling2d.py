@@ -55,7 +55,9 @@ def pool_oracle(x, pool_size, strides, padding, data_format, upstream=None):
             c0 = j * strides[1] - left
             cols = range(max(c0, 0), min(c0 + pool_size[1], w))
             window = x[:, rows.start : rows.stop, cols.start : cols.stop, :]
-            flat = window.reshape(b, -1, c)
+            flat = window.reshape(b, len(rows) * len(cols), c)
+            if flat.size == 0:  # an empty batch or no channels: nothing to pool
+                continue
             y[:, i, j, :] = flat.max(axis=1)
             first = flat.argmax(axis=1)  # argmax returns the first maximum
             if upstream is not None:
