@@ -355,6 +355,18 @@ def _restore_layout(layout, query, key, value, bias, mask):
     return query, key, value, bias, mask
 
 
+def _transpose_bool(x, perm):
+    """``tf.transpose`` of a boolean tensor, through float32.
+
+    With oneDNN on, TensorFlow hands transposes to oneDNN, which has none for
+    booleans (nor integers) on most CPUs and logs "oneDNN supports DT_BOOL only on
+    platforms with AVX-512" before falling back; float32 it transposes everywhere.
+    A select, not a cast: grappler moves a transpose before a widening cast.
+    """
+    one, zero = tf.ones([], tf.float32), tf.zeros([], tf.float32)
+    return tf.transpose(tf.where(x, one, zero), perm) > 0
+
+
 def _hide_unseen(query, key, value, mask):
     """Zeros, by a select, the query rows and key/value positions ``mask`` hides from all scores.
 
@@ -366,7 +378,7 @@ def _hide_unseen(query, key, value, mask):
     (size-1 axes broadcast); the key test spans every head, as padding does.
     """
     zero = tf.zeros([], query.dtype)
-    rows_seen = tf.transpose(tf.reduce_any(mask, axis=3, keepdims=True), [0, 2, 1, 3])  # [b, t, n, 1]
+    rows_seen = _transpose_bool(tf.reduce_any(mask, axis=3, keepdims=True), [0, 2, 1, 3])  # [b, t, n, 1]
     keys_seen = tf.reduce_any(mask, axis=[1, 2])[:, :, None, None]  # [b, s, 1, 1]
     return (
         tf.where(rows_seen, query, zero),
@@ -790,6 +802,8 @@ def _key_major(x):
     absent) → ``[b, k, block_k, g, block_q]``, the backward's arrangement."""
     if x.shape.rank < 5:
         x = x[(None,) * (5 - x.shape.rank)]
+    if x.dtype == tf.bool:
+        return _transpose_bool(x, [0, 1, 4, 2, 3])
     return tf.transpose(x, [0, 1, 4, 2, 3])
 
 

@@ -4,7 +4,7 @@
 modules are collected, ``keras.layers.<Name>`` and ``keras.src.layers.<Name>`` (and
 every alias of Keras's class there, such as ``MaxPool2D``) become fastlayers' class; a
 test module that imported Keras's class by name gets ours in its namespace too. Used by
-tests/test_keras_suites.py: ``python -m pytest -p keras_substitution <keras test file>``
+tests/contracts/test_keras_suites.py: ``python -m pytest -p keras_substitution <keras test file>``
 with this folder on ``PYTHONPATH``.
 """
 

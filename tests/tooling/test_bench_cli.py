@@ -12,7 +12,7 @@ import sys
 import pytest
 from fastlayers.bench import cases, cli, errors, files, flops, plot, report, runner
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--sizes", "8", "--repeats", "2", "--quiet"]
 # A small run: one mode, one dtype, the rows the ratios need plus one fastlayers row.
 SMALL = TINY + ["--dtypes", "float32", "--modes", "function",

@@ -62,7 +62,7 @@ def keras_suite_outcomes(tmp_path_factory):
     env = {
         **os.environ,
         "FASTLAYERS_SUBSTITUTE": ",".join(SUITES),
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
     completed = subprocess.run(

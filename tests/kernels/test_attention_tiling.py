@@ -6,7 +6,8 @@ import itertools
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_attention_kernel import SMALL_BLOCKS, attention_oracle, make_case, to_tensors
+from attention_cases import SMALL_BLOCKS, make_case, to_tensors
+from oracles import attention_oracle
 
 from fastlayers.kernels import AttentionVariant, BlockSizes, Selection, attention, tolerance
 

@@ -132,8 +132,7 @@ def test_nan_and_inf_stay_in_their_row(implementation, poison, rng):
 
 # --- the tutorial kernels: random shapes and arguments, every implementation ---------
 
-from test_center_zero import center_zero_oracle  # noqa: E402
-from test_max_pooling2d import pool_oracle  # noqa: E402
+from oracles import center_zero_oracle, pool_oracle  # noqa: E402
 
 small = st.integers(0, 9)
 windows = st.tuples(st.integers(1, 4), st.integers(1, 4))
@@ -207,8 +206,8 @@ def test_residual_projection_paths_agree(leading, k, n, dtype, seed):
 
 # --- attention: random shapes, masks, biases and implementations -----------------------
 
-from test_attention_kernel import attention_oracle, check_gradients_match_reference, to_tensors  # noqa: E402
-from test_attention_pooling import pooling_oracle  # noqa: E402
+from attention_cases import check_gradients_match_reference, to_tensors  # noqa: E402
+from oracles import attention_oracle, pooling_oracle  # noqa: E402
 
 lengths = st.one_of(st.sampled_from([0, 1, 2, 7]), st.integers(0, 40))
 

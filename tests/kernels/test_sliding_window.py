@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import IMPLEMENTATIONS
-from test_attention_kernel import attention_oracle
+from oracles import attention_oracle
 
 from fastlayers import kernels
 from fastlayers.kernels import BlockSizes, tolerance

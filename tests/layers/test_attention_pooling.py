@@ -5,22 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import IMPLEMENTATIONS, round_to
+from oracles import pooling_oracle
 
 from fastlayers import kernels, layers
 from fastlayers.kernels import tolerance
-
-
-def pooling_oracle(x, weight, bias, mask=None):
-    """float64 numpy, the tutorial's formula with masked steps at zero weight."""
-    x = np.asarray(x, np.float64)
-    e = np.tanh(x @ np.asarray(weight, np.float64) + np.asarray(bias, np.float64))[..., 0]
-    valid = np.ones(e.shape, bool) if mask is None else np.asarray(mask, bool)
-    e = np.where(valid, e, -np.inf)
-    peak = np.max(e, axis=-1, keepdims=True, initial=-np.inf)  # T = 0: no step
-    w = np.where(valid, np.exp(e - np.where(np.isfinite(peak), peak, 0.0)), 0.0)
-    total = w.sum(-1, keepdims=True)
-    alpha = w / np.where(total > 0, total, 1.0)
-    return np.einsum("bt,btf->bf", alpha, x)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import COMPILED, DEVICES, IMPLEMENTATIONS, round_to
+from oracles import pool_oracle
 
 from fastlayers import kernels, layers
 from fastlayers.kernels import dispatch, pooling
@@ -24,50 +25,6 @@ CASES = [
     ((2, 3), (2, 3), "same", "channels_last", (2, 4, 5, 3)),
     ((2, 2), (1, 1), "same", "channels_last", (1, 3, 8, 3)),
 ]
-
-
-def _padding(size, pool, stride, padding):
-    if padding == "valid":
-        return 0, (size - pool) // stride + 1
-    out = -(-size // stride)
-    total = max((out - 1) * stride + pool - size, 0)
-    return total // 2, out  # TensorFlow's "same": the odd row goes after the input
-
-
-def pool_oracle(x, pool_size, strides, padding, data_format, upstream=None):
-    """Max pooling in numpy; with ``upstream``, also the input gradient.
-
-    A window's gradient goes to the first of its maxima in row-major order.
-    """
-    if data_format == "channels_first":
-        x = x.transpose(0, 2, 3, 1)
-        if upstream is not None:
-            upstream = upstream.transpose(0, 2, 3, 1)
-    b, h, w, c = x.shape
-    top, p = _padding(h, pool_size[0], strides[0], padding)
-    left, q = _padding(w, pool_size[1], strides[1], padding)
-    y = np.empty((b, p, q, c))
-    grad = np.zeros_like(x, dtype=np.float64)
-    for i in range(p):
-        r0 = i * strides[0] - top
-        rows = range(max(r0, 0), min(r0 + pool_size[0], h))
-        for j in range(q):
-            c0 = j * strides[1] - left
-            cols = range(max(c0, 0), min(c0 + pool_size[1], w))
-            window = x[:, rows.start : rows.stop, cols.start : cols.stop, :]
-            flat = window.reshape(b, len(rows) * len(cols), c)
-            if flat.size == 0:  # an empty batch or no channels: nothing to pool
-                continue
-            y[:, i, j, :] = flat.max(axis=1)
-            first = flat.argmax(axis=1)  # argmax returns the first maximum
-            if upstream is not None:
-                for n in range(b):
-                    for ch in range(c):
-                        r, s = divmod(first[n, ch], len(cols))
-                        grad[n, rows.start + r, cols.start + s, ch] += upstream[n, i, j, ch]
-    if data_format == "channels_first":
-        y, grad = y.transpose(0, 3, 1, 2), grad.transpose(0, 3, 1, 2)
-    return y, grad
 
 
 def _input_gradient(layer, x, upstream):

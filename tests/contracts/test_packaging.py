@@ -16,7 +16,7 @@ import sys
 import pytest
 from fastlayers.bench import cli
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TOOLING_ONLY = ("pytest", "_pytest", "pytest_benchmark", "matplotlib", "tqdm", "hypothesis",
                 "xdist")
 

@@ -5,17 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import COMPILED, IMPLEMENTATIONS, round_to
+from oracles import center_zero_oracle
 
 from fastlayers import kernels, layers
 from fastlayers.kernels import masking
-
-
-def center_zero_oracle(x, size):
-    rows, cols = x.shape[-2:]
-    top, left = (rows - size[0]) // 2, (cols - size[1]) // 2
-    y = np.array(x, dtype=np.float64)
-    y[..., top : top + size[0], left : left + size[1]] = 0.0
-    return y
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

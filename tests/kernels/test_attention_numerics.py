@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from helpers import IMPLEMENTATIONS
 from keras.src import backend as keras_backend
-from test_attention_kernel import attention_oracle
+from oracles import attention_oracle
 
 from fastlayers import kernels, layers
 from fastlayers.kernels import BlockSizes, tolerance

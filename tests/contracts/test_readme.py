@@ -8,7 +8,7 @@ import sys
 import pytest
 from fastlayers.bench import cli
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 
 
