@@ -29,6 +29,7 @@ import numbers
 import tensorflow as tf
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.auto import AUTO
+from fastlayers.kernels.native import attention as native_attention
 from fastlayers.kernels.precision import (
     accumulation_dtype,
     check_floating,
@@ -953,11 +954,19 @@ def _check_attention_inputs(query, key, value, bias, mask, dropout_rate, seed):
     return bias, mask
 
 
+def _not_supported_reasons(implementation, *, platform, dtype, **options):
+    if implementation == "native":
+        return native_attention.not_supported_reasons(platform=platform, dtype=dtype)
+    return []
+
+
 ATTENTION = dispatch.Kernel(
     "dot_product_attention",
     dot_product_attention_reference,
     dot_product_attention_compiled,
     auto=AUTO["dot_product_attention"],
+    not_supported_reasons=_not_supported_reasons,
+    native=native_attention.dot_product_attention_native,
 )
 
 
@@ -998,8 +1007,9 @@ def dot_product_attention(
         seed: int or integer tensor of shape ``[]`` or ``[2]``, required when
             ``dropout_rate > 0``. The same seed drops the same positions in every
             implementation.
-        block_sizes: optional ``BlockSizes`` of the compiled paths.
-        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
+        block_sizes: optional ``BlockSizes`` of the compiled and native paths.
+        implementation: None (auto), ``"reference"``, ``"graph"``, ``"xla"`` or
+            ``"native"`` (a C++ op built on first use; not inside ``jit_compile``).
 
     Returns:
         ``[B, T, N, D]`` tensor of the dtype of ``query``.

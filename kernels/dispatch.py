@@ -23,7 +23,8 @@ import tensorflow as tf
 from fastlayers.kernels.auto import DEFAULT, EAGER_REFERENCE_BELOW_FLOPS
 from fastlayers.kernels.precision import check_floating
 
-IMPLEMENTATIONS = ("reference", "graph", "xla")
+# "native": a C++ op (``Kernel(native=...)``), for the kernels that ship one.
+IMPLEMENTATIONS = ("reference", "graph", "xla", "native")
 
 # Platforms the auto table distinguishes. On CPU the choice depends on which
 # matmul library TensorFlow runs: Eigen (TF's default on CPUs without
@@ -219,6 +220,8 @@ class Kernel:
         upcast: run float16/bfloat16 calls in float32 and cast floating results
             back, which gives a function written without care for precision the
             float32 accumulation the precision contract asks for.
+        native: optional native implementation with the reference's signature,
+            run by ``"native"`` (its own reasons come from ``not_supported_reasons``).
     """
 
     def __init__(
@@ -230,8 +233,10 @@ class Kernel:
         auto: dict[tuple[str, str], Sequence[str]],
         not_supported_reasons: Callable[..., list[str]] | None = None,
         upcast: bool = False,
+        native: Callable | None = None,
     ):
         self.name = name
+        self.native = native
         self.reference = _upcasting(reference) if upcast else reference
         self.compiled = _upcasting(compiled or reference) if upcast else compiled or reference
         self.auto = check_auto_row(auto, name)
@@ -255,10 +260,12 @@ class Kernel:
         for key in ((platform, dtype.name), (platform, "*")):
             if key in self.auto:
                 return tuple(self.auto[key])
-        return IMPLEMENTATIONS[::-1]
+        return tuple(i for i in IMPLEMENTATIONS[::-1] if i != "native" or self.native is not None)
 
     def not_supported_reasons(self, implementation, *, platform, dtype, **options) -> list[str]:
         """Why ``implementation`` cannot take this call; empty when it can."""
+        if implementation == "native" and self.native is None:
+            return [f"kernel {self.name!r} has no native implementation"]
         if self._reasons is None:
             return []
         return list(self._reasons(implementation, platform=platform, dtype=dtype, **options))
@@ -320,6 +327,8 @@ class Kernel:
     def _call(self, implementation: str, *tensors, **options):
         if implementation == "reference":
             return self.reference(*tensors, **options)
+        if implementation == "native":
+            return self.native(*tensors, **options)
         if implementation == "graph" and not tf.executing_eagerly():
             # Already inside a graph: inline the ops so grappler fuses them with
             # their neighbours; a nested function call would only be inlined later.

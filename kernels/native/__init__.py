@@ -7,11 +7,10 @@ from fastlayers.kernels.native.attention import (
     in_xla_cluster,
     not_supported_reasons,
 )
-from fastlayers.kernels.native.build import BuildError, build, cache_root
+from fastlayers.kernels.native.build import BuildError, cache_root
 
 __all__ = [
     "BuildError",
-    "build",
     "build_status",
     "cache_root",
     "dot_product_attention_native",

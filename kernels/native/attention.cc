@@ -26,7 +26,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -227,16 +226,19 @@ template <int M>
 inline void QkTile(const float* q, int64_t head_dim, const float* kt, int64_t ld_s,
                    float* scores) {
   __m256 acc[M][2];
+  _Pragma("GCC unroll 8")
   for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t h = 0; h < head_dim; ++h) {
     const __m256 b0 = _mm256_loadu_ps(kt + h * ld_s);
     const __m256 b1 = _mm256_loadu_ps(kt + h * ld_s + 8);
+    _Pragma("GCC unroll 8")
     for (int i = 0; i < M; ++i) {
       const __m256 a = _mm256_broadcast_ss(q + i * head_dim + h);
       acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
       acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
     }
   }
+  _Pragma("GCC unroll 8")
   for (int i = 0; i < M; ++i) {
     _mm256_storeu_ps(scores + i * ld_s, acc[i][0]);
     _mm256_storeu_ps(scores + i * ld_s + 8, acc[i][1]);
@@ -336,17 +338,24 @@ template <int M, int V>
 inline void PvTile(const float* p, int64_t ld_s, int64_t cols, const float* v, int64_t ld_o,
                    float* out) {
   __m256 acc[M][V];
+  _Pragma("GCC unroll 8")
   for (int i = 0; i < M; ++i)
+    _Pragma("GCC unroll 8")
     for (int j = 0; j < V; ++j) acc[i][j] = _mm256_loadu_ps(out + i * ld_o + 8 * j);
   for (int64_t c = 0; c < cols; ++c) {
     __m256 b[V];
+    _Pragma("GCC unroll 8")
     for (int j = 0; j < V; ++j) b[j] = _mm256_loadu_ps(v + c * ld_o + 8 * j);
+    _Pragma("GCC unroll 8")
     for (int i = 0; i < M; ++i) {
       const __m256 a = _mm256_broadcast_ss(p + i * ld_s + c);
+      _Pragma("GCC unroll 8")
       for (int j = 0; j < V; ++j) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);
     }
   }
+  _Pragma("GCC unroll 8")
   for (int i = 0; i < M; ++i)
+    _Pragma("GCC unroll 8")
     for (int j = 0; j < V; ++j) _mm256_storeu_ps(out + i * ld_o + 8 * j, acc[i][j]);
 }
 
@@ -379,11 +388,10 @@ void PvAvx2(const float* p, int64_t rows, int64_t ld_s, int64_t cols, const floa
 constexpr Primitives kAvx2 = {"avx2", QkAvx2, SoftmaxAvx2, PvAvx2};
 #endif  // FASTLAYERS_X86
 
-// The best primitives this CPU runs; FASTLAYERS_NATIVE_ISA=portable forces the
-// portable ones (tests compare the two).
-const Primitives& ChoosePrimitives() {
-  const char* forced = std::getenv("FASTLAYERS_NATIVE_ISA");
-  if (forced != nullptr && std::string(forced) == "portable") return kPortable;
+// The best primitives this CPU runs, or the portable ones when asked (the op's
+// `isa` attribute: tests compare the two).
+const Primitives& ChoosePrimitives(const std::string& isa = "best") {
+  if (isa == "portable") return kPortable;
 #ifdef FASTLAYERS_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
@@ -412,6 +420,7 @@ REGISTER_OP("FastlayersAttentionForward")
     .Attr("has_mask: bool = false")
     .Attr("block_q: int = 64")
     .Attr("block_k: int = 256")
+    .Attr("isa: {'best', 'portable'} = 'best'")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       tensorflow::shape_inference::ShapeHandle q, v;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &q));
@@ -452,7 +461,10 @@ template <typename Scalar>
 class AttentionForwardOp : public OpKernel {
  public:
   explicit AttentionForwardOp(OpKernelConstruction* context)
-      : OpKernel(context), primitives_(ChoosePrimitives()) {
+      : OpKernel(context) {
+    std::string isa;
+    OP_REQUIRES_OK(context, context->GetAttr("isa", &isa));
+    primitives_ = &ChoosePrimitives(isa);
     OP_REQUIRES_OK(context, context->GetAttr("scale", &scale_));
     OP_REQUIRES_OK(context, context->GetAttr("is_causal", &is_causal_));
     OP_REQUIRES_OK(context, context->GetAttr("dropout_rate", &dropout_rate_));
@@ -578,7 +590,7 @@ class AttentionForwardOp : public OpKernel {
 
     Scalar* out_data = output->flat<Scalar>().data();
     float* lse_data = logsumexp->flat<float>().data();
-    const Primitives& prim = primitives_;
+    const Primitives& prim = *primitives_;
     const float scale = scale_;
     const bool causal = is_causal_;
 
@@ -671,7 +683,7 @@ class AttentionForwardOp : public OpKernel {
     return absl::OkStatus();
   }
 
-  const Primitives& primitives_;
+  const Primitives* primitives_;
   float scale_;
   bool is_causal_;
   float dropout_rate_;

@@ -26,6 +26,7 @@ _failure: str | None = None
 _warned = False
 
 
+@tf.autograph.experimental.do_not_convert
 def load_library():
     """The op library, built on first use. Raises ``build.BuildError``; a failure is
     remembered, so a process tries (and fails) to build only once."""
@@ -41,6 +42,7 @@ def load_library():
         raise
 
 
+@tf.autograph.experimental.do_not_convert
 def build_status() -> tuple[bool, str]:
     """``(available, detail)``: whether the native op loads in this process, and
     its ISA (``"avx2"`` or ``"portable"``) or why it does not."""
@@ -52,6 +54,7 @@ def build_status() -> tuple[bool, str]:
         return True, library.fastlayers_native_isa().numpy().decode()
 
 
+@tf.autograph.experimental.do_not_convert
 def in_xla_cluster() -> bool:
     """Whether ops traced now would run inside an XLA cluster (``jit_compile=True``)."""
     if tf.executing_eagerly():
@@ -61,11 +64,13 @@ def in_xla_cluster() -> bool:
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
-def not_supported_reasons(*, platform, dtype, explicit=False):
+@tf.autograph.experimental.do_not_convert
+def not_supported_reasons(*, platform, dtype):
     """Why the native op cannot take a call; empty when it can.
 
-    With ``explicit=False`` (auto), a missing or failed build warns once, naming why;
-    an explicit request gets the reason (the build error's first lines) instead.
+    The first call that needs the op builds it. A missing compiler or a failed
+    build is a reason (with the build error's first lines), and warns once per
+    process, so auto, which moves on to the next implementation, says why.
     """
     global _warned
     reasons = []
@@ -85,15 +90,14 @@ def not_supported_reasons(*, platform, dtype, explicit=False):
     try:
         load_library()
     except build_lib.BuildError as error:
-        if not explicit:
-            with _state_lock:
-                warn, _warned = not _warned, True
-            if warn:
-                warnings.warn(
-                    f"fastlayers: the native attention kernel is unavailable, auto skips it: {error}",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+        with _state_lock:
+            warn, _warned = not _warned, True
+        if warn:
+            warnings.warn(
+                f"fastlayers: the native attention kernel is unavailable: {error}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         reasons.append(f"the native kernel could not be built: {error}")
     return reasons
 

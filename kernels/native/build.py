@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -29,8 +30,11 @@ SOURCE = Path(__file__).with_name("attention.cc")
 LIBRARY_NAME = "fastlayers_native.so"
 # The flags of the DESIGN's checked build, plus -O3 for the micro-kernels. No -march:
 # the ISA is chosen at run time, per function, so the library runs on any x86-64.
-BASE_FLAGS = ("-std=c++17", "-shared", "-fPIC", "-O3")
+# TensorFlow's headers deprecate their own error helpers: silenced, so a failed
+# build's output starts with its real error.
+BASE_FLAGS = ("-std=c++17", "-shared", "-fPIC", "-O3", "-Wno-deprecated-declarations")
 ERROR_LINES = 12
+_ERROR_LINE = re.compile(r"(^|\s)(fatal )?error:")
 
 
 class BuildError(RuntimeError):
@@ -92,10 +96,10 @@ def plan() -> BuildPlan:
 
 
 def _first_error_lines(output: str) -> str:
-    """The compiler's first error and what follows it (TensorFlow's headers print
-    deprecation warnings first, which say nothing about the failure)."""
+    """The compiler's first error and what follows it (warnings printed before it
+    say nothing about the failure)."""
     lines = output.strip().splitlines()
-    start = next((i for i, line in enumerate(lines) if "error" in line.lower()), 0)
+    start = next((i for i, line in enumerate(lines) if _ERROR_LINE.search(line)), 0)
     return "\n".join(lines[start : start + ERROR_LINES]) or "(no output)"
 
 
