@@ -180,7 +180,10 @@ AUTO["dot_product_attention"] = {
     #   bfloat16 forward: XLA 1.92x (0.74 of the bfloat16 peak), graph 1.34x;
     #   float32 forward+backward: XLA 1.67x, graph 1.09x.
     # XLA's dot beats Eigen's, and its loop fuses the online softmax's elementwise ops.
-    ("cpu", "*"): ("xla", "graph", "reference"),
+    # The native op (float32/float16/bfloat16, outside XLA clusters, no gradient tape
+    # recording) fuses the whole block loop in registers and L1/L2: first wherever it
+    # builds (`fastlayers bench --suite attention` shows it beside "xla").
+    ("cpu", "*"): ("native", "xla", "graph", "reference"),
     # Not measured with oneDNN on an AVX2 CPU; XLA does not use oneDNN, so the ranking
     # above holds unless oneDNN's matmul and softmax overtake XLA's as they do below.
     ("cpu-onednn", "*"): ("xla", "graph", "reference"),

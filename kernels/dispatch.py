@@ -13,6 +13,8 @@ auto moves on to the next entry of its row, and never past the end of it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
 import os
@@ -30,6 +32,26 @@ IMPLEMENTATIONS = ("reference", "graph", "xla", "native")
 # matmul library TensorFlow runs: Eigen (TF's default on CPUs without
 # AVX512-VNNI/BF16/AMX), oneDNN, or oneDNN on a CPU with native bfloat16 dot products.
 PLATFORMS = ("cpu", "cpu-onednn", "cpu-onednn-bf16", "gpu")
+
+
+_SELECTING_AUTOMATICALLY = contextvars.ContextVar("selecting_automatically", default=False)
+
+
+def selecting_automatically() -> bool:
+    """Whether the current ``not_supported_reasons`` call comes from auto's walk of
+    its row (True) or from an explicit request (False): an implementation that
+    auto should pass over where an explicit request still runs (the native
+    attention under a gradient tape) tells the two apart with this."""
+    return _SELECTING_AUTOMATICALLY.get()
+
+
+@contextlib.contextmanager
+def _automatic_selection():
+    token = _SELECTING_AUTOMATICALLY.set(True)
+    try:
+        yield
+    finally:
+        _SELECTING_AUTOMATICALLY.reset(token)
 
 
 def scope_name(kernel: str, implementation: str) -> str:
@@ -299,9 +321,10 @@ class Kernel:
             return implementation
         refused = []
         for candidate in self.candidates(platform, dtype):
-            reasons = self.not_supported_reasons(
-                candidate, platform=platform, dtype=dtype, **options
-            )
+            with _automatic_selection():
+                reasons = self.not_supported_reasons(
+                    candidate, platform=platform, dtype=dtype, **options
+                )
             if not reasons:
                 return candidate
             refused.append(f"{candidate!r}: " + "; ".join(reasons))

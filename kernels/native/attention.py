@@ -17,6 +17,7 @@ import threading
 import warnings
 
 import tensorflow as tf
+from fastlayers.kernels import dispatch
 from fastlayers.kernels.native import build as build_lib
 
 DTYPES = (tf.float32, tf.float16, tf.bfloat16)
@@ -64,11 +65,19 @@ def in_xla_cluster() -> bool:
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
+def _tape_recording() -> bool:
+    from tensorflow.python.eager import record
+
+    return bool(record.could_possibly_record())
+
+
 @tf.autograph.experimental.do_not_convert
 def not_supported_reasons(*, platform, dtype):
     """Why the native op cannot take a call; empty when it can.
 
-    The first call that needs the op builds it. A missing compiler or a failed
+    Auto passes it over while a gradient tape records (its gradient recomputes the
+    compiled forward, so training is faster on the compiled paths); an explicit
+    request runs it there. The first call that needs the op builds it. A missing compiler or a failed
     build is a reason (with the build error's first lines), and warns once per
     process, so auto, which moves on to the next implementation, says why.
     """
@@ -79,6 +88,11 @@ def not_supported_reasons(*, platform, dtype):
     if tf.as_dtype(dtype) not in DTYPES:
         reasons.append(
             f"the native kernel takes float32, float16 or bfloat16, not {tf.as_dtype(dtype).name}"
+        )
+    if dispatch.selecting_automatically() and _tape_recording():
+        reasons.append(
+            "a gradient tape is recording, and the native op's gradient recomputes the "
+            "compiled forward first: auto trains with the compiled paths"
         )
     if in_xla_cluster():
         reasons.append(
