@@ -351,6 +351,8 @@ class Kernel:
         if implementation == "reference":
             return self.reference(*tensors, **options)
         if implementation == "native":
+            if self.native is None:
+                raise ValueError(f"Kernel {self.name!r} has no native implementation to run.")
             return self.native(*tensors, **options)
         if implementation == "graph" and not tf.executing_eagerly():
             # Already inside a graph: inline the ops so grappler fuses them with

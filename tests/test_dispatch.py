@@ -60,11 +60,24 @@ def test_auto_with_every_candidate_refused_lists_each():
         kernel.select(None, platform="cpu", dtype=tf.float16)
 
 
-@pytest.mark.parametrize("implementation", dispatch.IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", [i for i in dispatch.IMPLEMENTATIONS if i != "native"])
 def test_every_implementation_runs_the_same_function(implementation):
     x = tf.constant([1.0, -2.5, 3.0])
     y = _kernel().run(implementation, x)
     assert y.numpy().tolist() == [2.0, -5.0, 6.0]
+
+
+def test_native_needs_a_native_implementation():
+    kernel = _kernel()
+    assert kernel.not_supported_reasons("native", platform="cpu", dtype=tf.float32) == [
+        "kernel 'double' has no native implementation"
+    ]
+    assert "native" not in kernel.candidates("gpu", tf.float32)
+    with pytest.raises(ValueError, match="Kernel 'double' has no native implementation to run."):
+        kernel.run("native", tf.constant([1.0]))
+    native = dispatch.Kernel("doubled", lambda x: 2 * x, auto={}, native=lambda x: x + x)
+    assert native.candidates("cpu", tf.float32)[0] == "native"
+    assert native.run("native", tf.constant([1.5])).numpy().tolist() == [3.0]
 
 
 def test_graph_run_inside_a_graph_inlines_ops_under_the_profiler_scope():
