@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         POLICIES,
         SUITES,
     )
+    from fastlayers.bench.build_cli import add_command as add_build_command
     from fastlayers.bench.layer_spec import builtin_names
 
     names = ", ".join(builtin_names())
@@ -208,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--device", choices=DEVICES, default="cpu")
     profile.add_argument("--steps", type=_positive_int_arg, default=5,
                          help="profiled steps, after two warm-up steps")
+    add_build_command(commands)
     return parser
 
 
@@ -398,6 +400,8 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         with _retracing_warning_silenced():
+            if args.command == "build":
+                return args.run(args)
             return _bench(args) if args.command == "bench" else _profile(args)
     except (UsageError, BenchError, ProfileError, LayerError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
