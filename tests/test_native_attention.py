@@ -439,7 +439,12 @@ def test_broken_flags_give_the_compiler_error(monkeypatch, fresh_build):
 def test_address_sanitizer_build_runs_the_cases(tmp_path):
     """Builds the op with -fsanitize=address and runs awkward, masked, dropped and
     causal cases in a process with ASan preloaded: any out-of-bounds read aborts it."""
-    libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    # libstdc++ preloaded beside ASan: its __cxa_throw interceptor needs the real one
+    # resolvable at start-up, before TensorFlow loads it.
+    preload = " ".join(
+        subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        for name in ("libasan.so", "libstdc++.so")
+    )
     script = textwrap.dedent(
         """
         import numpy as np, tensorflow as tf
@@ -467,9 +472,10 @@ def test_address_sanitizer_build_runs_the_cases(tmp_path):
         **os.environ,
         "FASTLAYERS_CACHE_DIR": str(tmp_path),
         "FASTLAYERS_NATIVE_CXXFLAGS": "-fsanitize=address -fno-omit-frame-pointer",
-        "LD_PRELOAD": libasan,
+        "LD_PRELOAD": preload,
         "ASAN_OPTIONS": "detect_leaks=0",
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-4000:]
+    report = result.stderr[result.stderr.find("ERROR: AddressSanitizer"):][:4000]
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), report or result.stderr[-4000:]

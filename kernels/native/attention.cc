@@ -50,8 +50,11 @@ using tensorflow::Tensor;
 using tensorflow::TensorShape;
 namespace errors = tensorflow::errors;
 
-// Key block columns are packed in multiples of this (two AVX2 vectors).
-constexpr int64_t kColumnQuantum = 16;
+// Packed operands are panels of kPanel floats: keys as [S/16][H][16] (16 keys'
+// values of one head-dim index side by side), values as [D/16][S][16] (16 value
+// dims of one key). A micro-kernel then streams one contiguous panel; a row-major
+// operand would stride by a power of two and thrash a few L1 sets.
+constexpr int64_t kPanel = 16;
 // The mask value of fastlayers.kernels.precision.mask_value(float32): finite, so a
 // row with every key masked never computes inf - inf.
 constexpr float kFloor = -0.7f * 3.4028234663852886e38f;
@@ -90,34 +93,36 @@ struct RowContext {
 };
 
 // The three primitives, per ISA.
-//   qk:      scores[r*ld_s + c] = sum_h q[r*H + h] * kt[h*ld_s + c], r < rows, c < cols
-//            (cols a multiple of kColumnQuantum)
+//   qk:      scores[r*ld_s + c] = sum_h q[r*H + h] * K[c][h], r < rows, c < cols, with
+//            keys a [cols/16][H][16] panel array (cols a multiple of 16)
 //   softmax: one score row in place: masked, exponentiated against the new running
 //            max, dropped; returns the row sum (before dropout) and updates *max
-//   pv:      out[r*ld_o + d] += sum_c p[r*ld_s + c] * v[c*ld_o + d], d < ld_o
-//            (ld_o a multiple of 8)
+//   pv:      out[r*ld_o + d] += sum_c p[r*ld_s + c] * V[c][d], d < ld_o (a multiple
+//            of 16), with values panels of 16 dims, panel i at values + i*panel_stride
 struct Primitives {
   const char* name;
-  void (*qk)(const float* q, int64_t rows, int64_t head_dim, const float* kt, int64_t ld_s,
+  void (*qk)(const float* q, int64_t rows, int64_t head_dim, const float* keys, int64_t ld_s,
              int64_t cols, float* scores);
   float (*softmax)(float* row, int64_t cols, const RowContext& ctx, const Dropout& drop,
                    float* max);
-  void (*pv)(const float* p, int64_t rows, int64_t ld_s, int64_t cols, const float* v,
-             int64_t ld_o, float* out);
+  void (*pv)(const float* p, int64_t rows, int64_t ld_s, int64_t cols, const float* values,
+             int64_t panel_stride, int64_t ld_o, float* out);
 };
 
 // ---------------------------------------------------------------------------------
 // Portable primitives: plain loops the compiler vectorizes for the baseline ISA.
 
-void QkPortable(const float* q, int64_t rows, int64_t head_dim, const float* kt, int64_t ld_s,
+void QkPortable(const float* q, int64_t rows, int64_t head_dim, const float* keys, int64_t ld_s,
                 int64_t cols, float* scores) {
   for (int64_t r = 0; r < rows; ++r) {
     float* s = scores + r * ld_s;
     std::fill(s, s + cols, 0.0f);
-    for (int64_t h = 0; h < head_dim; ++h) {
-      const float a = q[r * head_dim + h];
-      const float* k = kt + h * ld_s;
-      for (int64_t c = 0; c < cols; ++c) s[c] += a * k[c];
+    for (int64_t c = 0; c < cols; c += kPanel) {
+      const float* panel = keys + c * head_dim;
+      for (int64_t h = 0; h < head_dim; ++h) {
+        const float a = q[r * head_dim + h];
+        for (int64_t l = 0; l < kPanel; ++l) s[c + l] += a * panel[h * kPanel + l];
+      }
     }
   }
 }
@@ -154,14 +159,16 @@ float SoftmaxPortable(float* row, int64_t cols, const RowContext& ctx, const Dro
   return sum;
 }
 
-void PvPortable(const float* p, int64_t rows, int64_t ld_s, int64_t cols, const float* v,
-                int64_t ld_o, float* out) {
+void PvPortable(const float* p, int64_t rows, int64_t ld_s, int64_t cols, const float* values,
+                int64_t panel_stride, int64_t ld_o, float* out) {
   for (int64_t r = 0; r < rows; ++r) {
-    float* o = out + r * ld_o;
-    for (int64_t c = 0; c < cols; ++c) {
-      const float a = p[r * ld_s + c];
-      const float* vr = v + c * ld_o;
-      for (int64_t d = 0; d < ld_o; ++d) o[d] += a * vr[d];
+    for (int64_t d = 0; d < ld_o; d += kPanel) {
+      float* o = out + r * ld_o + d;
+      const float* panel = values + (d / kPanel) * panel_stride;
+      for (int64_t c = 0; c < cols; ++c) {
+        const float a = p[r * ld_s + c];
+        for (int64_t l = 0; l < kPanel; ++l) o[l] += a * panel[c * kPanel + l];
+      }
     }
   }
 }
@@ -223,14 +230,14 @@ inline float HorizontalSum(__m256 v) {
 
 // M query rows × 16 key columns, accumulated over the head dim in 2·M registers.
 template <int M>
-inline void QkTile(const float* q, int64_t head_dim, const float* kt, int64_t ld_s,
+inline void QkTile(const float* q, int64_t head_dim, const float* panel, int64_t ld_s,
                    float* scores) {
   __m256 acc[M][2];
   _Pragma("GCC unroll 8")
   for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t h = 0; h < head_dim; ++h) {
-    const __m256 b0 = _mm256_loadu_ps(kt + h * ld_s);
-    const __m256 b1 = _mm256_loadu_ps(kt + h * ld_s + 8);
+    const __m256 b0 = _mm256_loadu_ps(panel + h * kPanel);
+    const __m256 b1 = _mm256_loadu_ps(panel + h * kPanel + 8);
     _Pragma("GCC unroll 8")
     for (int i = 0; i < M; ++i) {
       const __m256 a = _mm256_broadcast_ss(q + i * head_dim + h);
@@ -245,19 +252,20 @@ inline void QkTile(const float* q, int64_t head_dim, const float* kt, int64_t ld
   }
 }
 
-void QkAvx2(const float* q, int64_t rows, int64_t head_dim, const float* kt, int64_t ld_s,
+void QkAvx2(const float* q, int64_t rows, int64_t head_dim, const float* keys, int64_t ld_s,
             int64_t cols, float* scores) {
-  for (int64_t c = 0; c < cols; c += 16) {
+  for (int64_t c = 0; c < cols; c += kPanel) {
+    const float* panel = keys + c * head_dim;
     int64_t r = 0;
-    for (; r + 6 <= rows; r += 6) QkTile<6>(q + r * head_dim, head_dim, kt + c, ld_s, scores + r * ld_s + c);
+    for (; r + 6 <= rows; r += 6) QkTile<6>(q + r * head_dim, head_dim, panel, ld_s, scores + r * ld_s + c);
     const float* qr = q + r * head_dim;
     float* sr = scores + r * ld_s + c;
     switch (rows - r) {
-      case 5: QkTile<5>(qr, head_dim, kt + c, ld_s, sr); break;
-      case 4: QkTile<4>(qr, head_dim, kt + c, ld_s, sr); break;
-      case 3: QkTile<3>(qr, head_dim, kt + c, ld_s, sr); break;
-      case 2: QkTile<2>(qr, head_dim, kt + c, ld_s, sr); break;
-      case 1: QkTile<1>(qr, head_dim, kt + c, ld_s, sr); break;
+      case 5: QkTile<5>(qr, head_dim, panel, ld_s, sr); break;
+      case 4: QkTile<4>(qr, head_dim, panel, ld_s, sr); break;
+      case 3: QkTile<3>(qr, head_dim, panel, ld_s, sr); break;
+      case 2: QkTile<2>(qr, head_dim, panel, ld_s, sr); break;
+      case 1: QkTile<1>(qr, head_dim, panel, ld_s, sr); break;
       default: break;
     }
   }
@@ -294,7 +302,8 @@ float SoftmaxAvx2(float* row, int64_t cols, const RowContext& ctx, const Dropout
       const __m256 b = ctx.bias_stride == 0 ? _mm256_set1_ps(ctx.bias[0]) : _mm256_loadu_ps(ctx.bias + c);
       s = _mm256_add_ps(s, b);
     }
-    if (!plain || c + 8 > ctx.limit) {
+    const bool changed = !plain || c + 8 > ctx.limit;
+    if (changed) {
       RowContext bounded = ctx;
       if (ctx.mask != nullptr && ctx.mask_stride != 0 && c + 8 > ctx.limit) {
         // Never read mask bytes past the row's last key.
@@ -306,7 +315,7 @@ float SoftmaxAvx2(float* row, int64_t cols, const RowContext& ctx, const Dropout
         s = _mm256_blendv_ps(floor, s, Valid8(ctx, c));
       }
     }
-    _mm256_storeu_ps(row + c, s);
+    if (changed) _mm256_storeu_ps(row + c, s);
     peak = _mm256_max_ps(peak, s);
   }
   const float new_max = HorizontalMax(peak);
@@ -333,54 +342,51 @@ float SoftmaxAvx2(float* row, int64_t cols, const RowContext& ctx, const Dropout
   return HorizontalSum(sum);
 }
 
-// M rows × 8·V output columns of P·V, accumulated over the key block in registers.
-template <int M, int V>
-inline void PvTile(const float* p, int64_t ld_s, int64_t cols, const float* v, int64_t ld_o,
+// M rows × 16 output columns of P·V, accumulated over the key block in registers;
+// `panel` holds the 16 columns of every key contiguously.
+template <int M>
+inline void PvTile(const float* p, int64_t ld_s, int64_t cols, const float* panel, int64_t ld_o,
                    float* out) {
-  __m256 acc[M][V];
+  __m256 acc[M][2];
   _Pragma("GCC unroll 8")
-  for (int i = 0; i < M; ++i)
-    _Pragma("GCC unroll 8")
-    for (int j = 0; j < V; ++j) acc[i][j] = _mm256_loadu_ps(out + i * ld_o + 8 * j);
+  for (int i = 0; i < M; ++i) {
+    acc[i][0] = _mm256_loadu_ps(out + i * ld_o);
+    acc[i][1] = _mm256_loadu_ps(out + i * ld_o + 8);
+  }
   for (int64_t c = 0; c < cols; ++c) {
-    __m256 b[V];
-    _Pragma("GCC unroll 8")
-    for (int j = 0; j < V; ++j) b[j] = _mm256_loadu_ps(v + c * ld_o + 8 * j);
+    const __m256 b0 = _mm256_loadu_ps(panel + c * kPanel);
+    const __m256 b1 = _mm256_loadu_ps(panel + c * kPanel + 8);
     _Pragma("GCC unroll 8")
     for (int i = 0; i < M; ++i) {
       const __m256 a = _mm256_broadcast_ss(p + i * ld_s + c);
-      _Pragma("GCC unroll 8")
-      for (int j = 0; j < V; ++j) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);
+      acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
     }
   }
   _Pragma("GCC unroll 8")
-  for (int i = 0; i < M; ++i)
-    _Pragma("GCC unroll 8")
-    for (int j = 0; j < V; ++j) _mm256_storeu_ps(out + i * ld_o + 8 * j, acc[i][j]);
-}
-
-template <int V>
-inline void PvColumns(const float* p, int64_t rows, int64_t ld_s, int64_t cols, const float* v,
-                      int64_t ld_o, float* out) {
-  int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) PvTile<6, V>(p + r * ld_s, ld_s, cols, v, ld_o, out + r * ld_o);
-  const float* pr = p + r * ld_s;
-  float* o = out + r * ld_o;
-  switch (rows - r) {
-    case 5: PvTile<5, V>(pr, ld_s, cols, v, ld_o, o); break;
-    case 4: PvTile<4, V>(pr, ld_s, cols, v, ld_o, o); break;
-    case 3: PvTile<3, V>(pr, ld_s, cols, v, ld_o, o); break;
-    case 2: PvTile<2, V>(pr, ld_s, cols, v, ld_o, o); break;
-    case 1: PvTile<1, V>(pr, ld_s, cols, v, ld_o, o); break;
-    default: break;
+  for (int i = 0; i < M; ++i) {
+    _mm256_storeu_ps(out + i * ld_o, acc[i][0]);
+    _mm256_storeu_ps(out + i * ld_o + 8, acc[i][1]);
   }
 }
 
-void PvAvx2(const float* p, int64_t rows, int64_t ld_s, int64_t cols, const float* v,
-            int64_t ld_o, float* out) {
-  int64_t d = 0;
-  for (; d + 16 <= ld_o; d += 16) PvColumns<2>(p, rows, ld_s, cols, v + d, ld_o, out + d);
-  if (d < ld_o) PvColumns<1>(p, rows, ld_s, cols, v + d, ld_o, out + d);
+void PvAvx2(const float* p, int64_t rows, int64_t ld_s, int64_t cols, const float* values,
+            int64_t panel_stride, int64_t ld_o, float* out) {
+  for (int64_t d = 0; d < ld_o; d += kPanel) {
+    const float* panel = values + (d / kPanel) * panel_stride;
+    int64_t r = 0;
+    for (; r + 6 <= rows; r += 6) PvTile<6>(p + r * ld_s, ld_s, cols, panel, ld_o, out + r * ld_o + d);
+    const float* pr = p + r * ld_s;
+    float* o = out + r * ld_o + d;
+    switch (rows - r) {
+      case 5: PvTile<5>(pr, ld_s, cols, panel, ld_o, o); break;
+      case 4: PvTile<4>(pr, ld_s, cols, panel, ld_o, o); break;
+      case 3: PvTile<3>(pr, ld_s, cols, panel, ld_o, o); break;
+      case 2: PvTile<2>(pr, ld_s, cols, panel, ld_o, o); break;
+      case 1: PvTile<1>(pr, ld_s, cols, panel, ld_o, o); break;
+      default: break;
+    }
+  }
 }
 
 #pragma GCC pop_options
@@ -419,7 +425,7 @@ REGISTER_OP("FastlayersAttentionForward")
     .Attr("has_bias: bool = false")
     .Attr("has_mask: bool = false")
     .Attr("block_q: int = 64")
-    .Attr("block_k: int = 256")
+    .Attr("block_k: int = 512")
     .Attr("isa: {'best', 'portable'} = 'best'")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       tensorflow::shape_inference::ShapeHandle q, v;
@@ -528,10 +534,10 @@ class AttentionForwardOp : public OpKernel {
 
     const int64_t G = N / K;
     // Key blocks: at most block_k keys, in whole column quanta.
-    const int64_t block_k = RoundUp(std::max<int64_t>(1, std::min<int64_t>(block_k_, S)), kColumnQuantum);
+    const int64_t block_k = RoundUp(std::max<int64_t>(1, std::min<int64_t>(block_k_, S)), kPanel);
     const int64_t num_k = (S + block_k - 1) / block_k;
     const int64_t s_pad = num_k * block_k;
-    const int64_t d_pad = RoundUp(std::max<int64_t>(D, 1), 8);
+    const int64_t d_pad = RoundUp(std::max<int64_t>(D, 1), kPanel);
     const int64_t block_q = std::min<int64_t>(block_q_, T);
     const int64_t num_q = (T + block_q - 1) / block_q;
 
@@ -567,8 +573,8 @@ class AttentionForwardOp : public OpKernel {
     for (int64_t s = 0; drop.on && s < s_pad; ++s) col_hash[s] = Mix(static_cast<uint32_t>(s) ^ drop.seed1);
 
     auto* workers = context->device()->tensorflow_cpu_worker_threads();
-    // Packing: per (b, k) head, keys transposed block by block ([num_k][H][block_k]),
-    // values row by row ([s_pad][d_pad]), both in float32.
+    // Packing: per (b, k) head, keys as [s_pad/16][H][16] and values as
+    // [d_pad/16][s_pad][16] panels (kPanel), both in float32.
     auto pack = [&](int64_t begin, int64_t end) {
       for (int64_t bk = begin; bk < end; ++bk) {
         const int64_t b = bk / K, k = bk % K;
@@ -577,12 +583,14 @@ class AttentionForwardOp : public OpKernel {
         const uint8_t* seen = has_mask_ ? key_seen.data() + (mask_layout.dims[0] == 1 ? 0 : b) * S : nullptr;
         for (int64_t s = 0; s < s_pad; ++s) {
           const bool keep = s < S && (seen == nullptr || seen[s]);
-          float* kt_col = kt + (s / block_k) * H * block_k + (s % block_k);
-          float* v_row = v + s * d_pad;
+          float* k_lane = kt + (s / kPanel) * H * kPanel + (s % kPanel);
+          float* v_lane = v + s * kPanel;
           const Scalar* k_src = k_data + ((b * S + s) * K + k) * H;
           const Scalar* v_src = v_data + ((b * S + s) * K + k) * D;
-          for (int64_t h = 0; h < H; ++h) kt_col[h * block_k] = keep ? static_cast<float>(k_src[h]) : 0.0f;
-          for (int64_t d = 0; d < d_pad; ++d) v_row[d] = keep && d < D ? static_cast<float>(v_src[d]) : 0.0f;
+          for (int64_t h = 0; h < H; ++h) k_lane[h * kPanel] = keep ? static_cast<float>(k_src[h]) : 0.0f;
+          for (int64_t d = 0; d < d_pad; ++d) {
+            v_lane[(d / kPanel) * s_pad * kPanel + d % kPanel] = keep && d < D ? static_cast<float>(v_src[d]) : 0.0f;
+          }
         }
       }
     };
@@ -627,8 +635,8 @@ class AttentionForwardOp : public OpKernel {
         for (int64_t j = 0; j * block_k < key_end; ++j) {
           const int64_t c0 = j * block_k;
           const int64_t keys = std::min(block_k, key_end - c0);
-          const int64_t cols = RoundUp(keys, kColumnQuantum);
-          prim.qk(q_tile.data(), rows, H, kt_head + j * H * block_k, block_k, cols, scores.data());
+          const int64_t cols = RoundUp(keys, kPanel);
+          prim.qk(q_tile.data(), rows, H, kt_head + c0 * H, block_k, cols, scores.data());
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t t = t0 + r;
             RowContext row;
@@ -649,7 +657,7 @@ class AttentionForwardOp : public OpKernel {
               for (int64_t d = 0; d < d_pad; ++d) o[d] *= correction;
             }
           }
-          prim.pv(scores.data(), rows, block_k, keys, v_head + c0 * d_pad, d_pad, acc.data());
+          prim.pv(scores.data(), rows, block_k, keys, v_head + c0 * kPanel, s_pad * kPanel, d_pad, acc.data());
         }
         for (int64_t r = 0; r < rows; ++r) {
           // A row that saw no key has sum 0 and a zero accumulator: dividing by 1 keeps it 0.

@@ -135,8 +135,8 @@ def dot_product_attention_native(
     ``dot_product_attention_compiled`` (``bias`` and ``mask`` rank 4).
 
     ``block_sizes`` sets the op's tiles (key blocks round up to 16 columns); by
-    default 64 query rows × 256 keys, whose float32 score tile (64 KiB) and key
-    and value blocks stay in a core's L2 cache. ``tiling`` is the compiled paths'
+    default 64 query rows × 512 keys: the float32 score tile and one key block's
+    keys and values (128 KiB each at H = D = 64) stay in a core's L2 cache. ``tiling`` is the compiled paths'
     and is ignored; ``layout`` is passed to the gradient's recomputation.
     """
     del tiling
