@@ -373,6 +373,7 @@ def fresh_build(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTLAYERS_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(native_attention, "_failure", None)
     monkeypatch.setattr(native_attention, "_warned", False)
+    monkeypatch.setattr(build_lib, "_loaded", None)
     return tmp_path
 
 

@@ -9,9 +9,9 @@
 // The semantics are those of fastlayers.kernels.attention's reference: scores in
 // float32, masked scores replaced by the mask value, a row with no visible key gives
 // zeros, dropout by the same position hash. Key/value heads are packed once per call
-// into float32 (keys transposed, key blocks of a multiple of 16 columns), so every
-// query head of a group reads them without a repeat; value rows no score can see are
-// zeroed while packing, so NaN there reaches no product.
+// into float32 panels (kPanel), so every query head of a group reads them without a
+// repeat; key and value rows no score can see are zeroed while packing, so NaN
+// there reaches no product.
 //
 // Per (batch, query head, query block): Q·Kᵀ for one key block into an L1/L2-sized
 // score tile, a fused pass (bias, mask, running max, exp, row sum, dropout) and P·V
@@ -87,7 +87,8 @@ struct RowContext {
   int64_t bias_stride;     // 0 when the bias broadcasts over keys
   const bool* mask;        // mask row, or nullptr
   int64_t mask_stride;     // 0 when the mask broadcasts over keys
-  int64_t limit;           // columns at or past this are invalid (key length, causal)
+  int64_t keys;            // columns that exist (bias and mask rows end there)
+  int64_t limit;           // columns at or past this are invalid (<= keys; causal)
   uint32_t row_hash;       // _mix(row ^ _mix(seed0)) when dropout is on
   const uint32_t* col_hash;  // _mix(s ^ seed1) of the block's columns
 };
@@ -142,7 +143,7 @@ float SoftmaxPortable(float* row, int64_t cols, const RowContext& ctx, const Dro
   float peak = *max;
   for (int64_t c = 0; c < cols; ++c) {
     float s = row[c];
-    if (ctx.bias != nullptr) s += ctx.bias[c * ctx.bias_stride];
+    if (ctx.bias != nullptr && c < ctx.keys) s += ctx.bias[c * ctx.bias_stride];
     s = ValidAt(ctx, c) ? s : kFloor;
     row[c] = s;
     peak = std::max(peak, s);
@@ -299,7 +300,17 @@ float SoftmaxAvx2(float* row, int64_t cols, const RowContext& ctx, const Dropout
   for (int64_t c = 0; c < cols; c += 8) {
     __m256 s = _mm256_loadu_ps(row + c);
     if (ctx.bias != nullptr) {
-      const __m256 b = ctx.bias_stride == 0 ? _mm256_set1_ps(ctx.bias[0]) : _mm256_loadu_ps(ctx.bias + c);
+      __m256 b;
+      if (ctx.bias_stride == 0) {
+        b = _mm256_set1_ps(ctx.bias[0]);
+      } else if (c + 8 <= ctx.keys) {
+        b = _mm256_loadu_ps(ctx.bias + c);
+      } else {
+        // Never read bias past the row's last key (those columns are invalid anyway).
+        alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t k = c; k < ctx.keys; ++k) tail[k - c] = ctx.bias[k];
+        b = _mm256_load_ps(tail);
+      }
       s = _mm256_add_ps(s, b);
     }
     const bool changed = !plain || c + 8 > ctx.limit;
@@ -644,6 +655,7 @@ class AttentionForwardOp : public OpKernel {
             row.bias_stride = bias_layout.Stride();
             row.mask = has_mask_ ? mask_data + mask_layout.Row(b, n, t) + c0 * mask_layout.Stride() : nullptr;
             row.mask_stride = mask_layout.Stride();
+            row.keys = keys;
             row.limit = causal ? std::min(keys, t - c0 + 1) : keys;
             row.row_hash = drop.on ? row_hash[r] : 0;
             row.col_hash = drop.on ? col_hash + c0 : nullptr;
@@ -670,8 +682,10 @@ class AttentionForwardOp : public OpKernel {
         }
       }
     };
+    // ParallelFor cuts the items into more blocks than threads and hands them out as
+    // threads free up: causal query blocks cost more the later they come.
     const int64_t cost = block_q * std::max<int64_t>(S, 1) * (H + D) * 2;
-    tensorflow::Shard(workers->num_threads, workers->workers, B * N * num_q, cost, attend);
+    workers->workers->ParallelFor(B * N * num_q, cost, attend);
   }
 
  private:

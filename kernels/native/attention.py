@@ -136,10 +136,12 @@ def dot_product_attention_native(
 
     ``block_sizes`` sets the op's tiles (key blocks round up to 16 columns); by
     default 64 query rows × 512 keys: the float32 score tile and one key block's
-    keys and values (128 KiB each at H = D = 64) stay in a core's L2 cache. ``tiling`` is the compiled paths'
-    and is ignored; ``layout`` is passed to the gradient's recomputation.
+    keys and values (128 KiB each at H = D = 64) stay in a core's L2 cache.
+    ``tiling`` and ``layout`` belong to the compiled paths' ``tf.function`` and are
+    ignored: the op takes its shapes as they come, and the gradient's XLA
+    recomputation makes its own layout.
     """
-    del tiling
+    del tiling, layout
     library = load_library()
     from fastlayers.kernels import attention as attention_lib
 

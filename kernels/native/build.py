@@ -141,25 +141,28 @@ def build(build_plan: BuildPlan | None = None) -> Path:
 
 
 _lock = threading.Lock()
-_loaded: dict[Path, object] = {}
+_loaded = None
 
 
 def load():
     """The loaded op library (``tf.load_op_library``), built first if needed.
 
+    A process loads one library, the first it builds or finds: the ops it registers
+    keep their names for the life of the process, so a second build (say, after the
+    source changed on disk) could not register its own.
+
     Raises:
         BuildError: the library cannot be built or loaded.
     """
+    global _loaded
     import tensorflow as tf
 
-    build_plan = plan()
     with _lock:
-        if build_plan.library in _loaded:
-            return _loaded[build_plan.library]
-        path = build(build_plan)
+        if _loaded is not None:
+            return _loaded
+        path = build(plan())
         try:
-            module = tf.load_op_library(str(path))
+            _loaded = tf.load_op_library(str(path))
         except (tf.errors.NotFoundError, OSError) as error:
             raise BuildError(f"loading {path} failed: {str(error).strip().splitlines()[0]}") from error
-        _loaded[build_plan.library] = module
-        return module
+        return _loaded
