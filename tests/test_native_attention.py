@@ -108,7 +108,13 @@ def test_lower_rank_masks_broadcast_as_in_the_entry_point(rng):
 
 @pytest.mark.parametrize(
     "t, s, h, d, causal",
-    [(1, 1, 8, 8, False), (1, 203, 40, 40, True), (113, 203, 40, 40, False), (113, 203, 80, 80, True), (203, 113, 80, 24, True)],
+    [
+        (1, 1, 8, 8, False),
+        (1, 203, 40, 40, True),
+        (113, 203, 40, 40, False),
+        (113, 203, 80, 80, True),
+        (203, 113, 80, 24, True),
+    ],
 )
 def test_awkward_sizes(rng, t, s, h, d, causal):
     q, k, v, _ = make_case(rng, "gqa", "float32", b=1, t=t, s=s, n=4, h=h, d=d)
@@ -345,7 +351,11 @@ class TestOpBadInput:
 
     def test_mask_shape(self):
         q = tf.ones([1, 4, 2, 8])
-        with pytest.raises(tf.errors.InvalidArgumentError, match=r"mask must have rank 4 and broadcast to \[B, N, T, S\] = \[1, 2, 4, 4\]. Received: mask.shape=\[1,3,4,4\]"):
+        expected = (
+            r"mask must have rank 4 and broadcast to \[B, N, T, S\] = \[1, 2, 4, 4\]. "
+            r"Received: mask.shape=\[1,3,4,4\]"
+        )
+        with pytest.raises(tf.errors.InvalidArgumentError, match=expected):
             raw_forward(q, q, q, mask=tf.ones([1, 3, 4, 4], tf.bool))
 
     def test_dropout_needs_a_seed(self):
@@ -355,12 +365,14 @@ class TestOpBadInput:
 
     def test_dropout_rate_range(self):
         q = tf.ones([1, 4, 2, 8])
-        with pytest.raises(tf.errors.InvalidArgumentError, match=r"dropout_rate must be in \[0, 1\). Received: dropout_rate=1.5"):
+        expected = r"dropout_rate must be in \[0, 1\). Received: dropout_rate=1.5"
+        with pytest.raises(tf.errors.InvalidArgumentError, match=expected):
             raw_forward(q, q, q, dropout_rate=1.5)
 
     def test_block_sizes(self):
         q = tf.ones([1, 4, 2, 8])
-        with pytest.raises(tf.errors.InvalidArgumentError, match="block_q and block_k must be positive. Received: block_q=0"):
+        expected = "block_q and block_k must be positive. Received: block_q=0"
+        with pytest.raises(tf.errors.InvalidArgumentError, match=expected):
             raw_forward(q, q, q, block_q=0)
 
 
@@ -389,11 +401,18 @@ def test_cache_key_follows_flags_and_cache_dir(monkeypatch, fresh_build):
 def test_no_compiler(monkeypatch, fresh_build):
     monkeypatch.setenv("CXX", str(fresh_build / "no-such-compiler"))
     q = tf.ones([1, 4, 2, 8])
-    with pytest.raises(ValueError, match=r"implementation='native'.*could not be built: no C\+\+ compiler: CXX='.*no-such-compiler' is not an executable"):
+    expected = (
+        r"implementation='native'.*could not be built: "
+        r"no C\+\+ compiler: CXX='.*no-such-compiler' is not an executable"
+    )
+    with pytest.raises(ValueError, match=expected):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             kernels.dot_product_attention(q, q, q, implementation="native")
-    assert native_attention.build_status() == (False, f"no C++ compiler: CXX='{fresh_build / 'no-such-compiler'}' is not an executable on PATH")
+    assert native_attention.build_status() == (
+        False,
+        f"no C++ compiler: CXX='{fresh_build / 'no-such-compiler'}' is not an executable on PATH",
+    )
 
 
 def test_auto_skips_a_failed_build_with_one_warning(monkeypatch, fresh_build, rng):
@@ -426,7 +445,8 @@ def test_auto_takes_native_unless_a_tape_records():
 
 def test_broken_flags_give_the_compiler_error(monkeypatch, fresh_build):
     monkeypatch.setenv("FASTLAYERS_NATIVE_CXXFLAGS", "-fno-such-flag-exists")
-    with pytest.raises(build_lib.BuildError, match=r"(?s)compiling attention.cc failed \(exit 1\): .*error: .*-fno-such-flag-exists"):
+    expected = r"(?s)compiling attention.cc failed \(exit 1\): .*error: .*-fno-such-flag-exists"
+    with pytest.raises(build_lib.BuildError, match=expected):
         build_lib.build()
     assert not list((fresh_build / "native").iterdir()), "a failed build leaves nothing in the cache"
     q = tf.ones([1, 4, 2, 8])
