@@ -187,6 +187,23 @@ class TestDropout:
         assert 0.6 < (outs[1] > 0).mean() < 0.8
         tolerance("float32").check(outs[1], outs[0])
 
+    def test_gradients_match_reference(self):
+        rng = np.random.default_rng(3)
+        inputs = [tf.constant(rng.standard_normal(shape), tf.float32)
+                  for shape in ((1, 13, 4, 8), (1, 21, 2, 8), (1, 21, 2, 8))]
+
+        def grads(implementation):
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                out = kernels.dot_product_attention(
+                    *inputs, dropout_rate=0.3, seed=4, implementation=implementation
+                )
+                loss = tf.reduce_sum(out * out)
+            return tape.gradient(loss, inputs)
+
+        for actual, expected in zip(grads("native"), grads("reference")):
+            tolerance("float32", grad=True).check(actual.numpy(), expected.numpy())
+
     def test_half_precision(self):
         expected = self.run("reference", seed=5, dtype=tf.bfloat16).numpy()
         tolerance("bfloat16").check(self.run("native", seed=5, dtype=tf.bfloat16).numpy(), expected)
