@@ -8,8 +8,8 @@ Keras dtype policy; the runner wraps it in a ``tf.function`` for the ``function`
 mode and places it on the device. Adding a suite is adding data to ``SUITES``.
 
 Every built-in suite has two kinds of special providers: the **peak** row (a bare
-``tf.matmul``: what this machine's matmul library reaches, against which the others
-are a fraction) and the **baseline** rows (the Keras built-in, against which
+``tf.matmul``: what this machine's matmul library reaches; the others are a
+fraction of it, or of a row that beats it, ``report.peak_gflops``) and the **baseline** rows (the Keras built-in, against which
 speed-ups are quoted; with several, such as Keras's attention with and without XLA,
 the fastest of them in each group). A provider that computes another problem than
 its suite's, like the attention suites' peak row (a square matmul), brings its own
@@ -27,12 +27,12 @@ it is the batch ``B``, the first axis of the inputs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 
 import keras
-import pytest
 import tensorflow as tf
 from fastlayers.bench import flops as flops_lib
 from fastlayers.bench import peers
@@ -54,19 +54,6 @@ Step = Callable[[], object]
 
 def gpu_available() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
-
-
-# Parameters for pytest suites: GPU cases skip with a reason on machines without one.
-DEVICE_PARAMS = (
-    "cpu",
-    pytest.param(
-        "gpu",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not gpu_available(), reason="no GPU visible to TensorFlow"),
-        ],
-    ),
-)
 
 
 def tf_device(device: str) -> str:
@@ -295,23 +282,37 @@ def _tf_matmul(shape, policy):
     return lambda: tf.matmul(x, w)
 
 
-def _dense_auto_choice(shape, policy, device):
-    from fastlayers.kernels.dense import DENSE
+def _auto_choice(kernel, tensors, policy, device, backward=False, **options):
+    """``auto: graph 256x2048, tuned``: what auto runs for these inputs, and whence."""
+    with tf.device(tf_device(device)):
+        tensors = tuple(None if t is None else tf.zeros(t, compute_dtype(policy)) for t in tensors)
+    tape = tf.GradientTape() if backward else contextlib.nullcontext()
+    with tape:  # a training step's calls have their own tuning records
+        selection = kernel.select(None, platform=platform_for(device), dtype=compute_dtype(policy),
+                                  tensors=tensors, **options)
+    return "auto: " + selection.describe()
 
-    return "auto: " + DENSE.select(
-        None, platform=platform_for(device), dtype=compute_dtype(policy)
-    )
+
+def _dense_auto_choice(activation):
+    def note(shape, policy, device):
+        from fastlayers.kernels.dense import DENSE
+
+        m, k, n = shape["M"], shape["K"], shape["N"]
+        bias = [n] if activation else None
+        return _auto_choice(DENSE, ([m, k], [k, n], bias), policy, device,
+                            activation=keras.activations.get(activation) if activation else None)
+
+    return note
 
 
-def _dense_kernel_providers(fastlayers_build, keras_build):
+def _dense_kernel_providers(fastlayers_build, keras_build, activation=None):
     """Auto and each implementation of a dense-kernel problem, Keras's baseline and the
     ``tf.matmul`` peak; ``fastlayers_build(implementation)`` makes a provider's build."""
     return (
-        Provider("fastlayers", fastlayers_build(None), note=_dense_auto_choice),
+        Provider("fastlayers", fastlayers_build(None), note=_dense_auto_choice(activation)),
         *(
             Provider(f"fastlayers-{impl}", fastlayers_build(impl))
             for impl in dispatch.IMPLEMENTATIONS
-            if impl != "native"
         ),
         Provider("keras", keras_build, role=BASELINE),
         Provider("tf.matmul", _tf_matmul, role=PEAK),
@@ -326,7 +327,7 @@ DENSE = Suite(
     # The bias and relu epilogue is O(M·N), noise beside the 2·M·K·N of the matmul.
     flops=lambda s: flops_lib.dense_flops(s["M"], s["K"], s["N"]),
     label=lambda s: f"{s['M']}x{s['K']} -> {s['N']}",
-    providers=_dense_kernel_providers(_fastlayers_dense, _keras_dense),
+    providers=_dense_kernel_providers(_fastlayers_dense, _keras_dense, activation="relu"),
     quick_sizes=(4096,),
     sweep_sizes=(256, 512, 1024, 2048, 4096, 8192),
 )
@@ -429,12 +430,18 @@ def _attention_peak(shape, policy):
     return _tf_matmul({"M": side, "K": side, "N": side}, policy)
 
 
-def _attention_auto_choice(shape, policy, device):
-    from fastlayers.kernels.attention import ATTENTION as KERNEL
+def _attention_auto_choice(backward):
+    def note(shape, policy, device):
+        from fastlayers.kernels.attention import ATTENTION
 
-    return "auto: " + KERNEL.select(
-        None, platform=platform_for(device), dtype=compute_dtype(policy)
-    )
+        b, t, s, n, h = (shape[letter] for letter in "BTSNH")
+        return _auto_choice(
+            ATTENTION, ([b, t, n, h], [b, s, n, h], [b, s, n, h], None, None), policy, device,
+            backward=backward, scale=1.0 / h**0.5, is_causal=False, dropout_rate=0.0, seed=None,
+            block_sizes=None,
+        )
+
+    return note
 
 
 def _attention_suite(backward: bool) -> Suite:
@@ -455,10 +462,10 @@ def _attention_suite(backward: bool) -> Suite:
         label=lambda s: f"B={s['B']} T=S={s['T']} N={s['N']} H={s['H']}",
         providers=(
             Provider("fastlayers", _fastlayers_attention(None, backward),
-                     note=_attention_auto_choice),
+                     note=_attention_auto_choice(backward)),
             *(
                 Provider(f"fastlayers-{impl}", _fastlayers_attention(impl, backward))
-                for impl in dispatch.IMPLEMENTATIONS
+                for impl in dispatch.ALL_IMPLEMENTATIONS
             ),
             # keras.ops.dot_product_attention as called (eagerly or in the tf.function
             # of function mode) and under XLA: speed-ups are over the faster of the two.

@@ -1,4 +1,4 @@
-"""The ``fastlayers`` command: ``fastlayers bench`` and ``fastlayers profile``.
+"""The ``fastlayers`` command: ``fastlayers bench``, ``fastlayers profile``, ...
 
 ``fastlayers bench`` with no arguments measures the headline cases on the CPU and
 prints a table; ``fastlayers bench --layer LAYER --input-shape 64,128`` measures one
@@ -7,23 +7,33 @@ layer, a fastlayers one (``Dense``) or your own (``my_layers:MyDense``);
 Both commands name layers one way (``fastlayers.bench.layer_spec``). Bad input is
 reported as one line on stderr with exit status 2; ``--fail-on-regression`` exits
 with status 1 when a case got slower.
+
+A subcommand is one :class:`Command` passed to :func:`register`: its options, what
+it runs and the pip extra it needs; it reports bad input by raising a
+``fastlayers.bench.errors.CommandError``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
+import dataclasses
+import importlib.metadata
 import os
+import re
 import sys
+from collections.abc import Callable
+
+from fastlayers.bench import build_cli
+from fastlayers.bench.errors import CommandError
 
 EXIT_REGRESSION = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-class UsageError(Exception):
-    pass
+class UsageError(CommandError):
+    """A bad option or a missing package."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,7 +119,7 @@ def _layer_args(text):
 
 
 LAYER_HELP = (
-    "a fastlayers layer ({names}) with its row of fastlayers.bench.profile.LAYER_DEFAULTS, "
+    "a fastlayers layer ({names}) with its row of fastlayers.bench.layer_spec.LAYER_DEFAULTS, "
     "or your own Keras layer class as module:Class (the module is imported from the "
     "current directory or PYTHONPATH)"
 )
@@ -125,7 +135,84 @@ LAYER_ARGS_HELP = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One ``fastlayers`` subcommand.
+
+    Attributes:
+        name: what follows ``fastlayers`` on the command line.
+        help: one line for ``fastlayers --help``.
+        description: the paragraph of ``fastlayers NAME --help``.
+        add_arguments: ``add_arguments(parser)`` declares the command's options.
+        run: ``run(args) -> exit status``, with the parsed options.
+        extra: the pip extra of fastlayers whose packages the command needs
+            (checked before it runs), or None.
+    """
+
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    extra: str | None = "bench"
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(command: Command) -> None:
+    """Adds a subcommand to ``fastlayers``; commands are listed in registration order."""
+    if command.name in COMMANDS:
+        raise ValueError(f"Received an invalid value for `name`, expected a new command "
+                         f"name. Received: name={command.name!r} (already registered)")
+    COMMANDS[command.name] = command
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def missing_packages(extra: str) -> list[str]:
+    """The distributions of fastlayers' pip extra ``extra`` that are not installed.
+
+    Read from the installed package's metadata, so the list is setup.cfg's; empty
+    when fastlayers itself is not installed (run from a source tree).
+    """
+    try:
+        requirements = importlib.metadata.requires("fastlayers") or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    missing = []
+    for requirement in requirements:
+        name, _, marker = requirement.partition(";")
+        if re.search(rf"""extra\s*==\s*["']{re.escape(extra)}["']""", marker):
+            distribution = re.match(r"[A-Za-z0-9._-]+", name.strip()).group(0)
+            if _version(distribution) is None:
+                missing.append(distribution)
+    return missing
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fastlayers`` parser, one subparser per registered command."""
+    parser = _Parser(
+        prog="fastlayers",
+        description="fastlayers benchmarks and profiles.",
+        epilog="Run `fastlayers COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version",
+                        version=f"fastlayers {_version('fastlayers') or '(not installed)'}")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                       title="commands", metavar="COMMAND")
+    for command in COMMANDS.values():
+        command.add_arguments(subparsers.add_parser(
+            command.name, help=command.help, description=command.description))
+    return parser
+
+
+def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     from fastlayers.bench.cases import (
         DEVICES,
         HEADLINE_POLICIES,
@@ -134,30 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
         POLICIES,
         SUITES,
     )
-    from fastlayers.bench.build_cli import add_command as add_build_command
     from fastlayers.bench.layer_spec import builtin_names
 
     names = ", ".join(builtin_names())
-
-    parser = _Parser(prog="fastlayers", description="fastlayers benchmarks and profiles.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    bench = commands.add_parser(
-        "bench",
-        help="measure layer throughput against tf.matmul and the Keras built-ins",
-        description="Measures throughput (GFLOP/s) of fastlayers against the Keras "
-        "built-in and tf.matmul, interleaving providers across repeats and taking medians. "
-        "With --layer it measures one layer, a fastlayers layer or your own, in each of its "
-        "implementations against its reference implementation, counting FLOPs with "
-        "TensorFlow's op counter on a traced call (time per call when it counts none).",
-    )
     headline = [name for name, suite in SUITES.items() if suite.headline]
     bench.add_argument("--suite", type=_csv("suite", tuple(SUITES)),
                        help=f"comma-separated suites, of {', '.join(SUITES)} "
                        f"(default: {','.join(headline)}, or none with --layer)")
     bench.add_argument("--layer", metavar="LAYER", help=LAYER_HELP.format(names=names))
+    bench.add_argument("--model", metavar="FILE.keras",
+                       help="time a saved functional or Sequential model against its "
+                       "fastlayers.layers.accelerate copy: predict and one training step")
     bench.add_argument("--input-shape", type=_shapes, metavar="SHAPE",
-                       help="with --layer: " + INPUT_SHAPE_HELP)
+                       help="with --layer or --model: " + INPUT_SHAPE_HELP)
     bench.add_argument("--layer-args", type=_layer_args, metavar="JSON",
                        help="with --layer: " + LAYER_ARGS_HELP.format(
                            what="--dtypes and the providers set"))
@@ -171,16 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"comma-separated Keras dtype policies (default: "
                        f"{','.join(HEADLINE_POLICIES)}; any of {', '.join(POLICIES)})")
     bench.add_argument("--modes", type=_csv("mode", MODES), default=list(MODES),
-                       help="eager calls, tf.function calls, or both (default)")
+                       help="comma-separated modes: eager (each call from Python), "
+                       "function (calls inside a tf.function) (default: "
+                       f"{','.join(MODES)})")
     bench.add_argument("--device", choices=DEVICES, default="cpu",
-                       help="where inputs, weights and calls live (default: cpu)")
+                       help="where inputs, weights and calls live (default: %(default)s)")
     providers = "; ".join(f"{name}: {', '.join(s.provider_names)}" for name, s in SUITES.items())
     bench.add_argument("--providers", type=_csv("provider"),
                        help=f"comma-separated providers (default: all of the suite; {providers}; "
                        f"--layer: {', '.join(LAYER_PROVIDERS)} for a FastLayer or CompiledLayer, "
                        "with reference as the baseline, or `layer` for any other Keras layer)")
     bench.add_argument("--repeats", type=_positive_int_arg, default=5,
-                       help="interleaved timed rounds per case; the median is reported")
+                       help="interleaved timed rounds per case; the median is reported "
+                       "(default: %(default)s)")
     bench.add_argument("--json", metavar="PATH", help="write results and the machine as JSON")
     bench.add_argument("--plot", metavar="PATH.png", help="draw throughput against size")
     bench.add_argument("--compare", metavar="OLD.json", help="compare with a --json result")
@@ -188,39 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --compare: exit 1 if a case is more than PCT%% slower")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    profile = commands.add_parser(
-        "profile",
-        help="capture a TensorBoard profiler trace of a layer",
-        description="Runs a few warm steps of a layer, a fastlayers layer or your own, and "
-        "captures a profiler trace that TensorBoard's Profile tab opens. Each kernel call "
-        "is under the scope fastlayers/<kernel>/<implementation>; a CompiledLayer's kernel "
-        "is its class name in snake_case (MyDense: fastlayers/my_dense/xla).",
-    )
-    profile.add_argument("layer", help=LAYER_HELP.format(names=names))
-    profile.add_argument("--logdir", required=True, help="TensorBoard log directory")
-    profile.add_argument("--input-shape", type=_shapes, metavar="SHAPE", help=INPUT_SHAPE_HELP)
-    profile.add_argument("--layer-args", type=_layer_args, metavar="JSON",
-                         help=LAYER_ARGS_HELP.format(what="--dtype and --implementation set"))
-    profile.add_argument("--dtype", choices=POLICIES, default="float32",
-                         help="Keras dtype policy")
-    profile.add_argument("--implementation", choices=("auto", "reference", "graph", "xla"),
-                         default="auto")
-    profile.add_argument("--mode", choices=MODES, default="eager")
-    profile.add_argument("--device", choices=DEVICES, default="cpu")
-    profile.add_argument("--steps", type=_positive_int_arg, default=5,
-                         help="profiled steps, after two warm-up steps")
-    add_build_command(commands)
-    return parser
-
 
 def _bench(args) -> int:
     from fastlayers.bench import cases as cases_lib
-    from fastlayers.bench import runner
+    from fastlayers.bench import files, machine, report, runner
     from fastlayers.bench.layer_spec import resolve_layer
 
-    for option, value in (("--input-shape", args.input_shape), ("--layer-args", args.layer_args)):
+    if args.model:
+        from fastlayers.bench import model_bench
+
+        return model_bench.main(args)
+    for option, value, needs in (("--input-shape", args.input_shape, "--layer or --model"),
+                                 ("--layer-args", args.layer_args, "--layer")):
         if value is not None and not args.layer:
-            raise UsageError(f"argument {option}: needs --layer")
+            raise UsageError(f"argument {option}: needs {needs}")
     if args.suite is not None:
         names = args.suite
     elif args.layer:
@@ -248,8 +308,8 @@ def _bench(args) -> int:
         raise UsageError("argument --fail-on-regression: needs --compare OLD.json")
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
-            runner.check_writable(path, option)
-    old = runner.load_results(args.compare) if args.compare else None
+            files.check_writable(path, option)
+    old = files.load_results(args.compare) if args.compare else None
 
     all_cases = []
     for suite in suites:
@@ -264,20 +324,20 @@ def _bench(args) -> int:
             continue  # --providers names none of this suite's (they belong to another suite)
         all_cases += cases_lib.cases(suite, sizes, args.dtypes, args.modes, [args.device],
                                      providers)
-    machine = runner.machine_info()
-    print(f"fastlayers bench on {runner.machine_name(machine)}", file=sys.stderr)
+    facts = machine.machine_info()
+    print(f"fastlayers bench on {machine.machine_name(facts)}", file=sys.stderr)
     results = runner.run(all_cases, args.repeats, progress=not args.quiet)
 
     exit_code = 0
     if old is not None:
-        matched = runner.attach_old(results, old)
+        matched = report.attach_old(results, old)
         if matched == 0 and args.fail_on_regression is not None:
             raise UsageError(
                 f"argument --compare: {args.compare} has no case in common with this run"
             )
-    print(runner.table(results))
+    print(report.table(results))
     if args.fail_on_regression is not None:
-        slower = runner.regressions(results, args.fail_on_regression)
+        slower = report.regressions(results, args.fail_on_regression)
         if slower:
             names = ", ".join(
                 f"{r.case.suite.name} {r.case.size} {r.case.policy} {r.case.mode} "
@@ -294,10 +354,12 @@ def _bench(args) -> int:
         if args.layer:
             settings["layer"] = {"name": spec.name, "args": spec.args,
                                  "input_shapes": spec.input_shapes}
-        runner.write_json(args.json, runner.results_document(results, machine, settings))
+        files.write_json(args.json, files.results_document(results, facts, settings))
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
-        runner.plot(args.plot, results, machine)
+        from fastlayers.bench.plot import plot
+
+        plot(args.plot, results, facts)
         print(f"wrote {args.plot}", file=sys.stderr)
     return exit_code
 
@@ -310,6 +372,30 @@ def _import_from_cwd(layer: str) -> None:
     """
     if ":" in layer and os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+
+
+def _profile_arguments(profile: argparse.ArgumentParser) -> None:
+    from fastlayers.bench.cases import DEVICES, MODES, POLICIES
+    from fastlayers.bench.layer_spec import builtin_names
+
+    profile.add_argument("layer", help=LAYER_HELP.format(names=", ".join(builtin_names())))
+    profile.add_argument("--logdir", required=True,
+                         help="TensorBoard log directory; the trace is a run in it named "
+                         "after the layer (<logdir>/<Class>)")
+    profile.add_argument("--input-shape", type=_shapes, metavar="SHAPE", help=INPUT_SHAPE_HELP)
+    profile.add_argument("--layer-args", type=_layer_args, metavar="JSON",
+                         help=LAYER_ARGS_HELP.format(what="--dtype and --implementation set"))
+    profile.add_argument("--dtype", choices=POLICIES, default="float32",
+                         help="Keras dtype policy (default: %(default)s)")
+    profile.add_argument("--implementation", choices=("auto", "reference", "graph", "xla"),
+                         default="auto", help="(default: %(default)s)")
+    profile.add_argument("--mode", choices=MODES, default="eager",
+                         help="eager (each call from Python) or function (calls inside a "
+                         "tf.function) (default: %(default)s)")
+    profile.add_argument("--device", choices=DEVICES, default="cpu",
+                         help="(default: %(default)s)")
+    profile.add_argument("--steps", type=_positive_int_arg, default=5,
+                         help="profiled steps, after two warm-up steps (default: %(default)s)")
 
 
 def _profile(args) -> int:
@@ -359,31 +445,6 @@ def _native_stderr_silenced():
         os.close(saved)
 
 
-class _NoRetracingWarning(logging.Filter):
-    """Drops TensorFlow's "triggered tf.function retracing" warning.
-
-    Every benchmark case wraps its step in a new ``tf.function`` on purpose (a fresh
-    trace per shape, dtype and provider); TensorFlow counts the wrappers of one
-    Python function as one function retracing and warns about a problem the bench
-    does not have.
-    """
-
-    def filter(self, record):
-        return "triggered tf.function retracing" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _retracing_warning_silenced():
-    import tensorflow as tf
-
-    logger, only = tf.get_logger(), _NoRetracingWarning()
-    logger.addFilter(only)
-    try:
-        yield
-    finally:
-        logger.removeFilter(only)
-
-
 def main(argv=None) -> int:
     """Entry point of the ``fastlayers`` console script; returns the exit status."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -391,19 +452,27 @@ def main(argv=None) -> int:
         import tensorflow as tf
 
         tf.config.list_physical_devices("GPU")
-    from fastlayers.bench.layer_spec import LayerError
-    from fastlayers.bench.profile import ProfileError
-    from fastlayers.bench.runner import BenchError
+    from fastlayers.testing import expected_retracing
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    prog = f"fastlayers {argv[0]}" if argv and argv[0] in ("bench", "profile") else "fastlayers"
+    parser = build_parser()
+    if not argv:
+        parser.print_help()
+        return 0
+    prog = f"fastlayers {argv[0]}" if argv[0] in COMMANDS else "fastlayers"
     try:
-        args = build_parser().parse_args(argv)
-        with _retracing_warning_silenced():
-            if args.command == "build":
-                return args.run(args)
-            return _bench(args) if args.command == "bench" else _profile(args)
-    except (UsageError, BenchError, ProfileError, LayerError) as error:
+        args = parser.parse_args(argv)
+        command = COMMANDS[args.command]
+        missing = missing_packages(command.extra) if command.extra else []
+        if missing:
+            raise UsageError(
+                f"needs the {command.extra} extra ({', '.join(missing)} not installed): "
+                f'pip install "fastlayers[{command.extra}]"')
+        # Every benchmark case wraps its step in a new tf.function on purpose (a fresh
+        # trace per shape, dtype and provider), which TensorFlow takes for retracing.
+        with expected_retracing():
+            return command.run(args)
+    except CommandError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -411,5 +480,41 @@ def main(argv=None) -> int:
         return EXIT_INTERRUPTED
 
 
+register(Command(
+    "bench",
+    help="measure layers' throughput against Keras's and tf.matmul",
+    description="Measures throughput (GFLOP/s) of fastlayers against the Keras "
+    "built-in and tf.matmul, interleaving providers across repeats and taking medians. "
+    "With --layer it measures one layer, a fastlayers layer or your own, in each of its "
+    "implementations against its reference implementation, counting FLOPs with "
+    "TensorFlow's op counter on a traced call (time per call when it counts none).",
+    add_arguments=_bench_arguments,
+    run=_bench,
+))
+register(Command(
+    "profile",
+    help="capture a TensorBoard profiler trace of a layer",
+    description="Runs a few warm steps of a layer, a fastlayers layer or your own, and "
+    "captures a profiler trace that TensorBoard's Profile tab opens, as a run named after "
+    "the layer in --logdir. Each kernel call is under the scope "
+    "fastlayers/<kernel>/<implementation>; a CompiledLayer's kernel is its class name in "
+    "snake_case (MyDense: fastlayers/my_dense/xla).",
+    add_arguments=_profile_arguments,
+    run=_profile,
+))
+
+
 if __name__ == "__main__":
     sys.exit(main())
+
+# Registered by its own module, after bench and profile (it imports this one).
+import fastlayers.bench.tune  # noqa: E402,F401
+
+register(Command(
+    "build",
+    help=build_cli.HELP,
+    description=build_cli.DESCRIPTION,
+    add_arguments=build_cli.add_arguments,
+    run=build_cli.run,
+    extra=None,
+))

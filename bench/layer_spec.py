@@ -2,9 +2,9 @@
 
 A layer is named by
 
-- a fastlayers layer name (``Dense``): built with its row of
-  ``fastlayers.bench.profile.LAYER_DEFAULTS`` (constructor arguments and input
-  shapes), which ``layer_args`` and ``input_shape`` override;
+- a fastlayers layer name (``Dense``): built with its row of :data:`LAYER_DEFAULTS`
+  (constructor arguments and input shapes), which ``layer_args`` and
+  ``input_shape`` override;
 - ``module:Class`` (``my_layers:MyDense``): any Keras layer class importable from
   ``module``, a user's own ``CompiledLayer`` or ``FastLayer`` included; it has no
   defaults, so it needs an input shape;
@@ -27,17 +27,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import json
 import numbers
+import re
 from collections.abc import Callable
 
 import keras
 import tensorflow as tf
+from fastlayers.bench.errors import CommandError
 
 Shapes = tuple[tuple[int, ...], ...]
 
 
-class LayerError(Exception):
+class LayerError(CommandError):
     """A layer that cannot be resolved, built or called: reported as one line."""
 
 
@@ -46,15 +49,65 @@ def call_on_input(layer, inputs):
     return layer(inputs)
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerDefaults:
+    """A representative workload for a fastlayers layer named on the command line.
+
+    ``fastlayers bench --layer NAME`` and ``fastlayers profile NAME`` use it;
+    ``--layer-args`` updates ``args`` and ``--input-shape`` replaces ``input_shape``.
+
+    Attributes:
+        args: constructor arguments.
+        input_shape: the input's shape, batch axis first, or a tuple of shapes for
+            a layer with several inputs (called with them as one list).
+        call: ``call(layer, x)``, how a step calls the layer on its input (one
+            tensor, or the list of them); an attention layer, say, as ``layer(x, x)``.
+    """
+
+    args: dict
+    input_shape: tuple
+    call: Callable = call_on_input
+
+
+# FixedMask's workload: a 128x128 image with a 4x4 hole in its middle, as in the
+# tutorial the layer comes from.
+_HOLE_MASK = [[0.0 if 62 <= i < 66 and 62 <= j < 66 else 1.0 for j in range(128)]
+              for i in range(128)]
+
+LAYER_DEFAULTS: dict[str, LayerDefaults] = {
+    "Dense": LayerDefaults({"units": 4096, "activation": "relu"}, (4096, 1024)),
+    "Linear": LayerDefaults({"units": 4096}, (4096, 1024)),
+    # A ResNet stem's activations.
+    "MaxPooling2D": LayerDefaults({"pool_size": 2}, (64, 112, 112, 64)),
+    "FixedMask": LayerDefaults({"mask": _HOLE_MASK}, (256, 128, 128)),
+    "CenterZero": LayerDefaults({"size": [4, 4]}, (256, 128, 128)),
+    "Exponential": LayerDefaults({}, (256, 128, 128)),
+    # Inputs [a, b]: a (4096, 512) projected to b's 512 features.
+    "ResidualProjection": LayerDefaults({"units": 512}, ((4096, 512), (4096, 512))),
+    # Self-attention over 2048 tokens of width 512: 8 heads of 64, the attention bench's shape.
+    "MultiHeadAttention": LayerDefaults(
+        {"num_heads": 8, "key_dim": 64}, (4, 2048, 512), call=lambda layer, x: layer(x, x)
+    ),
+    "AttentionPooling": LayerDefaults({}, (64, 512, 256)),
+    # 8192 tokens of width 1024, the shape of the normalization issue's targets.
+    "LayerNormalization": LayerDefaults({}, (8192, 1024)),
+    "RMSNormalization": LayerDefaults({}, (8192, 1024)),
+}
+
+SCOPE_PATTERN = re.compile(r"fastlayers/[A-Za-z0-9_.]+/(?:reference|graph|xla)\b")
+
+
 def builtin_names() -> list[str]:
     """The fastlayers layers that can be named without a module."""
     from fastlayers import layers
 
     # MultiHeadAttention subclasses Keras's own layer, not FastLayer. An alias
     # (MaxPool2D for MaxPooling2D) is left out: resolve_layer takes it as its class.
+    # Functions (accelerate) are not layers.
     return sorted(
         name for name in layers.__all__
-        if issubclass(getattr(layers, name), keras.layers.Layer)
+        if isinstance(getattr(layers, name), type)
+        and issubclass(getattr(layers, name), keras.layers.Layer)
         and getattr(layers, name) not in (layers.FastLayer, layers.CompiledLayer)
         and getattr(layers, name).__name__ == name
     )
@@ -122,10 +175,8 @@ class LayerSpec:
 
     @property
     def dispatches(self) -> bool:
-        """Whether the class takes ``implementation=`` (a ``FastLayer``)."""
-        from fastlayers.layers import FastLayer
-
-        return issubclass(self.cls, FastLayer)
+        """Whether the class takes ``implementation=`` (see :func:`takes_implementation`)."""
+        return takes_implementation(self.cls)
 
     @property
     def batch(self) -> int:
@@ -194,11 +245,22 @@ class LayerSpec:
     def scopes(self, shapes: Shapes, policy: str, implementation=None,
                device: str = "/CPU:0") -> list[str]:
         """The ``fastlayers/<kernel>/<implementation>`` scopes one traced call runs."""
-        from fastlayers.bench.profile import SCOPE_PATTERN
-
         graph = self.traced_graph(shapes, policy, implementation, device)
         return sorted({match for op in graph.get_operations()
                        for match in SCOPE_PATTERN.findall(op.name)})
+
+
+def takes_implementation(cls) -> bool:
+    """Whether a layer class takes ``implementation=``: a ``FastLayer``, or a drop-in
+    that subclasses Keras's own layer (``LayerNormalization``) and names the argument."""
+    from fastlayers.layers import FastLayer
+
+    if issubclass(cls, FastLayer):
+        return True
+    try:
+        return "implementation" in inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):  # a builtin __init__: no such argument
+        return False
 
 
 def import_layer_class(text: str) -> type:
@@ -243,7 +305,6 @@ def resolve_layer(layer, *, input_shape=None, layer_args: dict | None = None) ->
             class, the class rejects its arguments or the layer its input shapes.
     """
     from fastlayers import layers
-    from fastlayers.bench.profile import LAYER_DEFAULTS
 
     defaults = None
     if isinstance(layer, type):
@@ -272,12 +333,12 @@ def resolve_layer(layer, *, input_shape=None, layer_args: dict | None = None) ->
     if "dtype" in given:
         raise LayerError("`dtype` is not a layer argument here: --dtypes (bench) and --dtype "
                          "(profile) set the dtype policy")
-    if "implementation" in given and issubclass(cls, layers.FastLayer):
+    if "implementation" in given and takes_implementation(cls):
         raise LayerError("`implementation` is not a layer argument here: bench measures each "
                          "implementation as a provider, and profile takes --implementation")
     shapes = normalize_shapes(input_shape) or default_shapes
     if shapes is None:
-        where = ("has no row in fastlayers.bench.profile.LAYER_DEFAULTS" if isinstance(
+        where = ("has no row in fastlayers.bench.layer_spec.LAYER_DEFAULTS" if isinstance(
             layer, str) and ":" not in layer else "is not a fastlayers layer with defaults")
         raise LayerError(f"layer {name} {where}: give its input shape (--input-shape, "
                          "e.g. 64,128)")

@@ -8,7 +8,9 @@ viewer finds each kernel call by searching for ``fastlayers/``. Example::
     result = profile_layer("Dense", "/tmp/logs", input_shape=(4096, 1024))
     print(result.scopes)  # {'fastlayers/dense/xla'}
 
-then ``tensorboard --logdir /tmp/logs`` and open Profile > trace_viewer.
+then ``tensorboard --logdir /tmp/logs`` and open Profile > trace_viewer. Each
+capture is a run named after the layer's class (``/tmp/logs/Dense``), so the
+captures of several layers in one log directory are told apart.
 
 A layer of your own is named ``module:Class`` (or passed as the class), with its
 constructor arguments and input shape; a ``CompiledLayer``'s kernel scope is
@@ -25,64 +27,22 @@ import dataclasses
 import os
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
 from fastlayers.bench import cases, layer_spec
-from fastlayers.bench.layer_spec import call_on_input
+from fastlayers.bench.errors import CommandError
+from fastlayers.bench.layer_spec import SCOPE_PATTERN, call_on_input
 from fastlayers.kernels import dispatch
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerDefaults:
-    """A representative workload for a fastlayers layer named on the command line.
-
-    ``fastlayers bench --layer NAME`` and ``fastlayers profile NAME`` use it;
-    ``--layer-args`` updates ``args`` and ``--input-shape`` replaces ``input_shape``.
-
-    Attributes:
-        args: constructor arguments.
-        input_shape: the input's shape, batch axis first, or a tuple of shapes for
-            a layer with several inputs (called with them as one list).
-        call: ``call(layer, x)``, how a step calls the layer on its input (one
-            tensor, or the list of them); an attention layer, say, as ``layer(x, x)``.
-    """
-
-    args: dict
-    input_shape: tuple
-    call: Callable = call_on_input
-
-
-# FixedMask's workload: a 128x128 image with a 4x4 hole in its middle, as in the
-# tutorial the layer comes from.
-_HOLE_MASK = [[0.0 if 62 <= i < 66 and 62 <= j < 66 else 1.0 for j in range(128)]
-              for i in range(128)]
-
-LAYER_DEFAULTS: dict[str, LayerDefaults] = {
-    "Dense": LayerDefaults({"units": 4096, "activation": "relu"}, (4096, 1024)),
-    "Linear": LayerDefaults({"units": 4096}, (4096, 1024)),
-    # A ResNet stem's activations.
-    "MaxPooling2D": LayerDefaults({"pool_size": 2}, (64, 112, 112, 64)),
-    "FixedMask": LayerDefaults({"mask": _HOLE_MASK}, (256, 128, 128)),
-    "CenterZero": LayerDefaults({"size": [4, 4]}, (256, 128, 128)),
-    "Exponential": LayerDefaults({}, (256, 128, 128)),
-    # Inputs [a, b]: a (4096, 512) projected to b's 512 features.
-    "ResidualProjection": LayerDefaults({"units": 512}, ((4096, 512), (4096, 512))),
-    # Self-attention over 2048 tokens of width 512: 8 heads of 64, the attention bench's shape.
-    "MultiHeadAttention": LayerDefaults(
-        {"num_heads": 8, "key_dim": 64}, (4, 2048, 512), call=lambda layer, x: layer(x, x)
-    ),
-    "AttentionPooling": LayerDefaults({}, (64, 512, 256)),
-}
-
-SCOPE_PATTERN = re.compile(r"fastlayers/[A-Za-z0-9_.]+/(?:reference|graph|xla)\b")
 # A compiled kernel's function and XLA program name (``dispatch.function_name``).
 FUNCTION_PATTERN = re.compile(r"fastlayers__([A-Za-z0-9_.]+?)__(graph|xla)_")
 WARMUP_STEPS = 2
 
 
-class ProfileError(Exception):
+class ProfileError(CommandError):
     """Bad input or an unwritable log directory: reported as one line."""
 
 
@@ -92,12 +52,16 @@ class ProfileResult:
 
     Attributes:
         logdir: the directory to give ``tensorboard --logdir``.
-        run_dir: ``<logdir>/plugins/profile/<run>``, one profile run.
+        run: the TensorBoard run, named after the layer's class (``Dense``,
+            ``MyDense``): ``<logdir>/<run>``.
+        run_dir: ``<logdir>/<run>/plugins/profile/<session>``, this capture's
+            directory (a session is named by the second it started).
         xplane_path: the captured trace (``<host>.xplane.pb``).
         scopes: the ``fastlayers/<kernel>/<implementation>`` names found in it.
     """
 
     logdir: str
+    run: str
     run_dir: str
     xplane_path: str
     scopes: frozenset[str]
@@ -121,8 +85,8 @@ def _prepare_logdir(logdir: str) -> str | None:
     return created
 
 
-def _runs(logdir: str) -> set[str]:
-    root = os.path.join(logdir, "plugins", "profile")
+def _sessions(run_logdir: str) -> set[str]:
+    root = os.path.join(run_logdir, "plugins", "profile")
     return set(os.listdir(root)) if os.path.isdir(root) else set()
 
 
@@ -178,8 +142,9 @@ def profile_layer(
         layer: a fastlayers layer name (``"Dense"``), ``"module:Class"`` or a Keras
             layer class (resolved by ``fastlayers.bench.layer_spec.resolve_layer``),
             or a Keras layer or model object.
-        logdir: TensorBoard log directory; the trace goes to
-            ``<logdir>/plugins/profile/<run>/<host>.xplane.pb``.
+        logdir: TensorBoard log directory; the trace goes to the run named after
+            the layer's class, ``<logdir>/<Class>/plugins/profile/<session>/<host>.xplane.pb``,
+            so that captures of several layers in one ``logdir`` are told apart.
         input_shape: the input's shape, or one shape per input, batch axis first;
             defaults to the layer's row of ``LAYER_DEFAULTS`` (required for any
             other layer).
@@ -223,9 +188,11 @@ def profile_layer(
             spec.build(layer, shapes, policy)
         except ValueError as error:
             raise ProfileError(str(error).splitlines()[0]) from None
+    run = type(layer).__name__
     created = _prepare_logdir(logdir)
     logdir = os.path.abspath(logdir)
-    before = _runs(logdir)
+    run_logdir = os.path.join(logdir, run)
+    run_existed, before = os.path.exists(run_logdir), _sessions(run_logdir)
     started = False
     try:
         with tf.device(cases.tf_device(device)):
@@ -244,7 +211,7 @@ def profile_layer(
                     f"layer {layer.name!r} cannot take an input of shape "
                     f"{layer_spec.format_shapes(shapes)}: {str(error).splitlines()[0]}"
                 ) from None
-            tf.profiler.experimental.start(logdir)
+            tf.profiler.experimental.start(run_logdir)
             started = True
             for number in range(steps):
                 # step_num and _r=1 mark steps for the Profile tab's step-time views.
@@ -255,20 +222,23 @@ def profile_layer(
     except BaseException:
         if started:
             tf.profiler.experimental.stop(warn=False)
-        for run in _runs(logdir) - before:
-            shutil.rmtree(os.path.join(logdir, "plugins", "profile", run), ignore_errors=True)
+        for session in _sessions(run_logdir) - before:
+            shutil.rmtree(os.path.join(run_logdir, "plugins", "profile", session),
+                          ignore_errors=True)
+        if not run_existed:
+            shutil.rmtree(run_logdir, ignore_errors=True)
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         raise
-    # Runs are named by the second they start: a capture in the same second as an
-    # earlier one adds its trace to that run's directory.
+    # Sessions are named by the second they start: a capture in the same second as an
+    # earlier one adds its trace to that session's directory.
     traces = [
         os.path.join(root, name)
-        for root, _, names in os.walk(os.path.join(logdir, "plugins", "profile"))
+        for root, _, names in os.walk(os.path.join(run_logdir, "plugins", "profile"))
         for name in names
         if name.endswith(".xplane.pb")
     ]
     xplane_path = max(traces, key=os.path.getmtime)
     return ProfileResult(
-        logdir, os.path.dirname(xplane_path), xplane_path, trace_scopes(xplane_path)
+        logdir, run, os.path.dirname(xplane_path), xplane_path, trace_scopes(xplane_path)
     )

@@ -35,11 +35,11 @@ import keras
 import pytest
 import tensorflow as tf
 from fastlayers import layers
-from fastlayers.bench import cases, runner
+from fastlayers.bench import cases, pytest_adapter
 
 ROUNDS = 3
 DTYPES = ("float32", "bfloat16")
-DEVICES = cases.DEVICE_PARAMS  # "cpu", and "gpu" skipped with a reason when none is visible
+DEVICES = pytest_adapter.DEVICE_PARAMS  # "gpu" skips with a reason when none is visible
 SUITES = (cases.ATTENTION, cases.ATTENTION_BACKWARD)
 
 
@@ -56,7 +56,7 @@ def pytest_generate_tests(metafunc):
 @pytest.mark.parametrize("suite", SUITES, ids=lambda suite: suite.name)
 @pytest.mark.parametrize("device", DEVICES)
 def test_attention(benchmark, provider, size, mode, dtype, suite, device):
-    runner.benchmark_case(
+    pytest_adapter.benchmark_case(
         benchmark, cases.Case(suite, size, dtype, mode, device, suite.provider(provider)),
         rounds=ROUNDS,
     )

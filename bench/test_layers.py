@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from fastlayers import layers
-from fastlayers.bench import cases
+from fastlayers.bench import cases, pytest_adapter
 
-DEVICES = cases.DEVICE_PARAMS  # "cpu", and "gpu" skipped with a reason when none is visible
+DEVICES = pytest_adapter.DEVICE_PARAMS  # "gpu" skips with a reason when none is visible
 # "auto" and "reference" are fastlayers implementations; "keras" is Keras's own
 # layer (or the Lambda a tutorial writes) on the same input.
 PROVIDERS = ("auto", "reference", "keras")

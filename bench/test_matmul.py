@@ -14,7 +14,7 @@ square matrices against ``keras.ops.matmul`` and ``tf.matmul``.
 """
 
 import pytest
-from fastlayers.bench import cases, runner
+from fastlayers.bench import cases, pytest_adapter
 
 
 def pytest_generate_tests(metafunc):
@@ -26,10 +26,10 @@ def pytest_generate_tests(metafunc):
 @pytest.mark.parametrize("provider", cases.DENSE.provider_names)
 @pytest.mark.parametrize("mode", cases.MODES)
 @pytest.mark.parametrize("policy", cases.POLICIES)
-@pytest.mark.parametrize("device", cases.DEVICE_PARAMS)
+@pytest.mark.parametrize("device", pytest_adapter.DEVICE_PARAMS)
 def test_dense(benchmark, provider, size, mode, policy, device):
     suite = cases.DENSE
-    runner.benchmark_case(
+    pytest_adapter.benchmark_case(
         benchmark, cases.Case(suite, size, policy, mode, device, suite.provider(provider))
     )
 
@@ -37,9 +37,9 @@ def test_dense(benchmark, provider, size, mode, policy, device):
 @pytest.mark.parametrize("provider", cases.MATMUL.provider_names)
 @pytest.mark.parametrize("mode", cases.MODES)
 @pytest.mark.parametrize("policy", cases.POLICIES)
-@pytest.mark.parametrize("device", cases.DEVICE_PARAMS)
+@pytest.mark.parametrize("device", pytest_adapter.DEVICE_PARAMS)
 def test_matmul(benchmark, provider, size, mode, policy, device):
     suite = cases.MATMUL
-    runner.benchmark_case(
+    pytest_adapter.benchmark_case(
         benchmark, cases.Case(suite, size, policy, mode, device, suite.provider(provider))
     )

@@ -17,7 +17,7 @@ above the diagonal are never computed. Its gradient (``tf.custom_gradient``) rec
 the blocks from the saved per-row logsumexp, so the backward pass is linear in ``T``
 too. Where TensorFlow runs on oneDNN, the graph path instead softmaxes each tile with
 oneDNN's one-pass kernel and merges tiles by logsumexp, or, when every key fits in one
-tile, takes each row's whole softmax at once (``_Tiling``).
+tile, takes each row's whole softmax at once (``AttentionVariant``).
 """
 
 from __future__ import annotations
@@ -25,15 +25,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 
 import tensorflow as tf
 from fastlayers.kernels import dispatch
+from fastlayers.kernels import flops as flops_lib
 from fastlayers.kernels.auto import AUTO
 from fastlayers.kernels.native import attention as native_attention
+from fastlayers.kernels.validation import check_floating, check_same_dtype
 from fastlayers.kernels.precision import (
     accumulation_dtype,
-    check_floating,
-    check_same_dtype,
     mask_value,
 )
 
@@ -47,35 +48,14 @@ class BlockSizes:
     than a block use one block of their own length; longer ones are padded to a
     multiple of the block with masked positions.
 
-    ``block_sizes=None`` takes 256x256, except on the graph path on oneDNN without a
-    causal mask: 512x2048 (``_Tiling.default_block_sizes``), whose float32 tile is
-    4 MiB per batch entry and head, with fewer query rows beyond B·N = 32 so that the
-    tile stays at 128 MiB.
-
-    256x256, measured on a 2-core Zen 3 CPU (float32, medians of 5 interleaved
-    runs, as speed-ups over the best Keras path of the same run) against 512x1024,
-    whose tile held 64 MiB at B·N=32:
-
-    - B=4, N=8, H=64, T=S=2048, forward: XLA 1.83-1.94x against 1.60x; graph 1.50x
-      against 1.21x. Forward+backward (XLA): 1.69x against 1.53x.
-    - B=1, T=S=8192, forward+backward (XLA): 4.15x against 3.45x.
-    - A causal Transformer block, T=1024, one training step: 1.46-1.55x against
-      1.03-1.08x, as more tiles lie wholly above the diagonal and are skipped.
-
-    128x128 to 256x128 were within noise of 256x256 at T=2048 (its 8 MiB tile stays
-    in the last-level cache between the elementwise passes); 256x256 has fewer loop
-    iterations on long sequences.
-
-    512x2048 on oneDNN, measured on a 2-core Zen 4 CPU (B=4, N=8, H=64, T=S=2048,
-    medians of interleaved runs, against graph-mode ``keras.ops.dot_product_attention``,
-    the faster Keras path there): forward float32 1.08x and bfloat16 1.52x, against
-    0.95x and 0.88x at 1024x1024 and 0.83x at 256x256 (where every row's keys span
-    several tiles to merge); 1024x2048 was 1.09x and 1.64x, with twice the tile;
-    forward+backward float32 0.87x (1024x1024: 0.86x). With every key in one block
-    a tile's softmax is its rows' whole softmax: oneDNN's one-pass kernel, no
-    logsumexp to merge, and in bfloat16 no casts. Causal, forward+backward at
-    T=S=1024 (B·N=32): 256x256 1.18x, 128x128 1.23x, 512x512 1.03x, 512x2048 0.89x:
-    tiles above the diagonal are skipped, and whole rows skip none.
+    ``block_sizes=None`` lets dispatch choose: this machine's tuned tiles
+    (``fastlayers tune``) where it has them, else 256x256, or on the graph path on
+    oneDNN without a causal mask 512x2048 (fewer query rows beyond B·N = 32, so the
+    tile stays within ``TILE_BUDGET_BYTES``). Why: small tiles stay in the
+    last-level cache between the element-wise passes and, under a causal mask,
+    skip more work above the diagonal; oneDNN's kernels run fewer, bigger ops best,
+    and with every key in one tile a tile's softmax is its rows' whole softmax
+    (oneDNN's one-pass kernel, no logsumexp to merge, in bfloat16 no casts).
 
     Args:
         block_q: positive integer, query rows per tile.
@@ -94,56 +74,207 @@ class BlockSizes:
                     f"Received: {name}={value!r}"
                 )
 
+    @property
+    def label(self) -> str:
+        """``"64x512"``: how bench and the tuner name the tiles (the native variant)."""
+        return f"{self.block_q}x{self.block_k}"
+
 
 DEFAULT_BLOCK_SIZES = BlockSizes()
 ONEDNN_BLOCK_SIZES = BlockSizes(block_q=512, block_k=2048)
-# The oneDNN tile's size where it was measured (B·N = 32): 128 MiB of float32 scores.
-# With more batch entries and heads, fewer query rows per tile keep it there.
-ONEDNN_TILE_SCORES = 32 * ONEDNN_BLOCK_SIZES.block_q * ONEDNN_BLOCK_SIZES.block_k
+TILE_BUDGET_ENV = "FASTLAYERS_ATTENTION_TILE_MIB"
+# The float32 score tile auto and the tuner allow by default: the oneDNN tile at
+# B·N = 32 (512x2048), 128 MiB. With more batch entries and heads, fewer query rows
+# per tile keep it there; the tuner's wider candidates (whole score rows) must fit.
+DEFAULT_TILE_BUDGET_BYTES = 32 * ONEDNN_BLOCK_SIZES.block_q * ONEDNN_BLOCK_SIZES.block_k * 4
+
+
+def tile_budget_bytes() -> int:
+    """The score tile's memory budget: ``FASTLAYERS_ATTENTION_TILE_MIB`` MiB if set
+    (a positive number), else ``DEFAULT_TILE_BUDGET_BYTES``."""
+    try:
+        mib = float(os.environ.get(TILE_BUDGET_ENV, ""))
+    except ValueError:
+        return DEFAULT_TILE_BUDGET_BYTES
+    return int(mib * 2**20) if mib > 0 else DEFAULT_TILE_BUDGET_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
-class _Tiling:
-    """How the compiled algorithm computes a tile; ``tiling_for`` picks it per call.
+class AttentionVariant:
+    """How the compiled algorithm computes a call: its tiles and its algorithm.
 
-    ``native_operands``: matmul operands stay in the input's half-precision dtype
-    (where the platform's products accumulate in float32 natively) instead of being
-    cast to float32. ``fused_softmax``: each score tile goes through one
-    ``tf.nn.softmax`` (oneDNN's single-pass kernel) and tiles are merged by their
-    logsumexp, instead of the separate max / exp / sum ops of the online softmax.
+    Attributes:
+        block_q: query rows per tile.
+        block_k: key columns per tile; at least ``S`` with ``fused_softmax`` takes
+            every row's whole softmax at once ("whole rows").
+        fused_softmax: each score tile goes through one ``tf.nn.softmax`` (oneDNN's
+            single-pass kernel) and tiles are merged by their logsumexp, instead of
+            the separate max / exp / sum ops of the online softmax.
+        native_operands: matmul operands stay in the input's half-precision dtype
+            (where the platform's products accumulate in float32 natively) instead
+            of being cast to float32.
     """
 
-    native_operands: bool = False
+    block_q: int = DEFAULT_BLOCK_SIZES.block_q
+    block_k: int = DEFAULT_BLOCK_SIZES.block_k
     fused_softmax: bool = False
+    native_operands: bool = False
 
-    def default_block_sizes(self, is_causal, batch_heads=None):
-        """Wide tiles for oneDNN's kernels, which run fewer, bigger ops best, except
-        under a causal mask, where small tiles skip more work above the diagonal
-        (measured beside ``BlockSizes``). ``batch_heads``: B·N where known; above 32,
-        query rows shrink (to 16 at least) so the tile stays ``ONEDNN_TILE_SCORES``."""
-        if not self.fused_softmax or is_causal:
-            return DEFAULT_BLOCK_SIZES
-        if not batch_heads:
-            return ONEDNN_BLOCK_SIZES
-        rows = ONEDNN_TILE_SCORES // (batch_heads * ONEDNN_BLOCK_SIZES.block_k)
-        return BlockSizes(max(16, min(ONEDNN_BLOCK_SIZES.block_q, rows)), ONEDNN_BLOCK_SIZES.block_k)
+    @property
+    def label(self) -> str:
+        algorithm = " fused" if self.fused_softmax else ""
+        return f"{self.block_q}x{self.block_k}{algorithm}{' native' if self.native_operands else ''}"
+
+    @property
+    def block_sizes(self) -> BlockSizes:
+        return BlockSizes(self.block_q, self.block_k)
 
 
-def tiling_for(implementation, platform, dtype):
-    """The ``_Tiling`` of a compiled call: the graph path takes oneDNN's kernels where
-    TensorFlow uses oneDNN; XLA compiles its own dots and fuses the elementwise ops."""
-    if implementation != "graph":
-        return _Tiling()
-    return _Tiling(
-        native_operands=dispatch.native_low_precision_matmul(platform, dtype),
-        fused_softmax=platform.startswith("cpu-onednn"),
+def default_block_sizes(fused_softmax, is_causal, batch_heads=None) -> BlockSizes:
+    """Wide tiles for oneDNN's kernels (``fused_softmax``), which run fewer, bigger
+    ops best, except under a causal mask, where small tiles skip more work above the
+    diagonal. ``batch_heads``: B·N where known; query rows shrink (to 16 at least)
+    so that the tile stays within ``tile_budget_bytes()``."""
+    if not fused_softmax or is_causal:
+        return DEFAULT_BLOCK_SIZES
+    if not batch_heads:
+        return ONEDNN_BLOCK_SIZES
+    rows = tile_budget_bytes() // (4 * batch_heads * ONEDNN_BLOCK_SIZES.block_k)
+    return BlockSizes(max(16, min(ONEDNN_BLOCK_SIZES.block_q, rows)), ONEDNN_BLOCK_SIZES.block_k)
+
+
+def default_variant(implementation, platform, dtype, *, is_causal=False, batch_heads=None, block_sizes=None):
+    """The variant auto takes from the table: the graph path takes oneDNN's kernels
+    where TensorFlow uses oneDNN; XLA compiles its own dots and fuses the
+    element-wise ops. ``block_sizes`` (the caller's) fixes the tiles."""
+    graph = implementation == "graph"
+    fused = graph and platform.startswith("cpu-onednn")
+    native = graph and dispatch.native_low_precision_matmul(platform, dtype)
+    blocks = block_sizes or default_block_sizes(fused, is_causal, batch_heads)
+    return AttentionVariant(blocks.block_q, blocks.block_k, fused, native)
+
+
+# Tile sizes the tuner tries besides the default (block_k is capped at S): small
+# square tiles, and wide ones for matmul libraries that prefer fewer, bigger ops.
+TUNED_BLOCK_SIZES = ((256, 256), (128, 256), (256, 1024), (256, 2048), (512, 2048))
+
+
+def _batch_heads(shapes):
+    query_shape = shapes[0] if shapes else None
+    if query_shape is None or query_shape[0] is None or query_shape[2] is None:
+        return None
+    return query_shape[0] * query_shape[2]
+
+
+# The native op's variant is its tiles (a ``BlockSizes``). By default 64 query rows
+# × 512 keys: the float32 score tile and one key block's keys and values (128 KiB
+# each at H = D = 64) stay in a core's L2 cache. Then the others the tuner tries
+# (key blocks round up to 16 columns in the op).
+NATIVE_BLOCK_SIZES = BlockSizes(block_q=64, block_k=512)
+NATIVE_TUNED_BLOCK_SIZES = ((32, 512), (128, 256), (64, 1024))
+
+
+def _default_variant(implementation, *, platform, dtype, shapes, is_causal=False, block_sizes=None, **_):
+    if implementation == "reference":
+        return None
+    if implementation == dispatch.NATIVE:
+        return block_sizes or NATIVE_BLOCK_SIZES
+    return default_variant(
+        implementation, platform, dtype, is_causal=is_causal, batch_heads=_batch_heads(shapes),
+        block_sizes=block_sizes,
     )
+
+
+def _native_variants(shapes, block_sizes):
+    """The native op's tiles: the caller's, or the default then the tuner's others,
+    none that runs as an earlier one (the op clips query blocks to T and key blocks to
+    S rounded up to 16)."""
+    first = block_sizes or NATIVE_BLOCK_SIZES
+    if block_sizes is not None:
+        return (first,)
+    t_len = shapes[0][1] if shapes and shapes[0] is not None else None
+    s_len = shapes[1][1] if len(shapes) > 1 and shapes[1] is not None else None
+
+    def runs_as(blocks):
+        q = blocks.block_q if t_len is None else min(blocks.block_q, t_len)
+        k = blocks.block_k if s_len is None else min(blocks.block_k, -(-s_len // 16) * 16)
+        return q, k
+
+    found, seen = [first], {runs_as(first)}
+    for block_q, block_k in NATIVE_TUNED_BLOCK_SIZES:
+        blocks = BlockSizes(block_q, block_k)
+        if runs_as(blocks) not in seen:
+            seen.add(runs_as(blocks))
+            found.append(blocks)
+    return tuple(found)
+
+
+def _variants(implementation, *, platform, dtype, shapes, is_causal=False, block_sizes=None, **_):
+    """The default variant, then (for the tuner) the other tiles within the memory
+    budget, whole score rows where ``S`` is known and they fit, and on the graph
+    path both softmax formulations. The reference has none."""
+    if implementation == "reference":
+        return ()
+    if implementation == dispatch.NATIVE:
+        return _native_variants(shapes, block_sizes)
+    query_shape = shapes[0] if shapes else None
+    key_shape = shapes[1] if len(shapes) > 1 else None
+    batch_heads = _batch_heads(shapes)
+    first = _default_variant(
+        implementation, platform=platform, dtype=dtype, shapes=shapes, is_causal=is_causal,
+        block_sizes=block_sizes,
+    )
+    if block_sizes is not None:
+        return (first,)
+    t_len = None if query_shape is None else query_shape[1]
+    s_len = None if key_shape is None else key_shape[1]
+    budget = tile_budget_bytes()
+    tiles = list(TUNED_BLOCK_SIZES)
+    if s_len is not None:
+        tiles = [(q, min(k, s_len)) for q, k in tiles] + [(128, s_len), (256, s_len)]
+    if t_len is not None:
+        tiles = [(min(q, t_len), k) for q, k in tiles]
+    found = [first]
+    for fused in (first.fused_softmax, not first.fused_softmax) if implementation == "graph" else (False,):
+        for block_q, block_k in tiles:
+            if batch_heads is not None and 4 * batch_heads * block_q * block_k > budget:
+                continue
+            variant = AttentionVariant(block_q, block_k, fused, first.native_operands)
+            if variant not in found:
+                found.append(variant)
+    return tuple(found)
+
+
+def _signature(query, key, value, bias=None, mask=None, *, scale, is_causal, dropout_rate, seed, block_sizes=None):
+    """The tuner's key: (B, T, S, N, K, H, D) bucketed; causal, bias, mask, dropout."""
+    b, t, n, h = query.shape
+    s, k, d = key.shape[1], key.shape[2], value.shape[3]
+    bucket = tuple(dispatch.size_bucket(size) for size in (b, t, s, n, k, h, d))
+    flags = {
+        "causal": bool(is_causal),
+        "bias": bias is not None,
+        "mask": mask is not None,
+        "dropout": dropout_rate > 0.0,
+        "block_sizes": None if block_sizes is None else [block_sizes.block_q, block_sizes.block_k],
+    }
+    return bucket, flags
+
+
+def _work(query, key, value, bias=None, mask=None, *, is_causal, **_):
+    if not (query.shape.is_fully_defined() and key.shape.is_fully_defined()):
+        return None
+    b, t, n, h = query.shape
+    return flops_lib.attention_flops(b, t, key.shape[1], n, h, causal=is_causal)
+
+
+def _layout(selection, query, key, value, bias=None, mask=None, **_):
+    return static_layout(query, key, value, bias, mask, lengths=selection.implementation == "xla")
 
 
 # ---------------------------------------------------------------------------------
 # Dropout: a counter-based hash of (seed, batch, head, query, key) positions. It is a
 # pure function of the position, so the reference and every block layout (graph, XLA,
-# any BlockSizes) drop exactly the same probabilities for a given seed.
+# any variant) drop exactly the same probabilities for a given seed.
 
 
 def _mix(x):
@@ -286,17 +417,13 @@ def dot_product_attention_reference(
     is_causal=False,
     dropout_rate=0.0,
     seed=None,
-    block_sizes=None,
-    tiling=None,
     layout=None,
 ):
     """The spec: the whole ``[B, N, T, S]`` softmax in float32, then ``· V``.
 
-    ``block_sizes`` and ``tiling`` are accepted for a uniform signature and ignored. ``bias`` and
-    ``mask`` are rank 4 here (``dot_product_attention`` expands them); ``layout`` is
-    ``static_layout(...)`` of the inputs.
+    ``bias`` and ``mask`` are rank 4 here (``dot_product_attention`` expands them);
+    ``layout`` is ``static_layout(...)`` of the inputs.
     """
-    del block_sizes, tiling
     query, key, value, bias, mask = _restore_layout(layout, query, key, value, bias, mask)
     if mask is not None:
         query, key, value = _hide_unseen(query, key, value, mask)
@@ -802,8 +929,7 @@ def dot_product_attention_compiled(
     is_causal=False,
     dropout_rate=0.0,
     seed=None,
-    block_sizes=None,
-    tiling=None,
+    selection=None,
     layout=None,
 ):
     """The graph/XLA algorithm: blockwise online softmax with a recomputing gradient.
@@ -815,18 +941,19 @@ def dot_product_attention_compiled(
     casts and block padding where needed, the float32 output and the per-row
     logsumexp; a ``mask`` costs one select over the inputs (``_hide_unseen``). At
     B=1, N=8, H=64 the forward at T=S=32768 peaks at about 330 MiB above its inputs
-    under XLA (see ``bench/test_attention.py``). ``tiling`` (from ``tiling_for``) says
-    whether half-precision matmul operands stay half precision (oneDNN with bfloat16
-    instructions, GPUs) or are cast to float32 (XLA's CPU dot and Eigen have no
-    faster half-precision products), and how a score tile's softmax is computed.
+    under XLA (see ``bench/test_attention.py``). ``selection.variant`` (an
+    ``AttentionVariant``; 256x256 tiles and the online softmax without one) gives the
+    tiles, whether half-precision matmul operands stay half precision (oneDNN with
+    bfloat16 instructions, GPUs) or are cast to float32 (XLA's CPU dot and Eigen have
+    no faster half-precision products), and how a score tile's softmax is computed.
     """
-    tiling = tiling or _Tiling()
-    batch_heads = None if query.shape[0] is None else query.shape[0] * query.shape[2]
-    blocks = block_sizes or tiling.default_block_sizes(is_causal, batch_heads)
+    variant = AttentionVariant() if selection is None else selection.variant
     query, key, value, bias, mask = _restore_layout(layout, query, key, value, bias, mask)
     if mask is not None:
         query, key, value = _hide_unseen(query, key, value, mask)
-    plan = _Plan(query, key, value, bias, mask, scale, is_causal, dropout_rate, seed, blocks, tiling)
+    plan = _Plan(
+        query, key, value, bias, mask, scale, is_causal, dropout_rate, seed, variant.block_sizes, variant
+    )
     acc = plan.acc
     scale = tf.cast(scale, acc)
 
@@ -954,8 +1081,8 @@ def _check_attention_inputs(query, key, value, bias, mask, dropout_rate, seed):
     return bias, mask
 
 
-def _not_supported_reasons(implementation, *, platform, dtype, **options):
-    if implementation == "native":
+def _not_supported_reasons(implementation, *, platform, dtype, **_):
+    if implementation == dispatch.NATIVE:
         return native_attention.not_supported_reasons(platform=platform, dtype=dtype)
     return []
 
@@ -966,7 +1093,13 @@ ATTENTION = dispatch.Kernel(
     dot_product_attention_compiled,
     auto=AUTO["dot_product_attention"],
     not_supported_reasons=_not_supported_reasons,
-    native=native_attention.dot_product_attention_native,
+    native=native_attention.NATIVE,
+    variants=_variants,
+    default_variant=_default_variant,
+    work=_work,
+    signature=_signature,
+    layout=_layout,
+    choice_options=("block_sizes",),
 )
 
 
@@ -1007,7 +1140,9 @@ def dot_product_attention(
         seed: int or integer tensor of shape ``[]`` or ``[2]``, required when
             ``dropout_rate > 0``. The same seed drops the same positions in every
             implementation.
-        block_sizes: optional ``BlockSizes`` of the compiled and native paths.
+        block_sizes: optional ``BlockSizes`` of the compiled and native paths; None
+            lets dispatch choose them (see ``BlockSizes``; the native op's default is
+            ``NATIVE_BLOCK_SIZES``).
         implementation: None (auto), ``"reference"``, ``"graph"``, ``"xla"`` or
             ``"native"`` (a C++ op built on first use; not inside ``jit_compile``).
 
@@ -1030,20 +1165,16 @@ def dot_product_attention(
     if seed is not None:
         # A tensor, so a new seed per step reuses the traced graph instead of retracing.
         seed = tf.convert_to_tensor(seed)
-    platform = dispatch.platform_of(query)
-    chosen = ATTENTION.select(implementation, platform=platform, dtype=query.dtype)
-    return ATTENTION.run(
-        chosen,
+    return ATTENTION(
         query,
         key,
         value,
         bias,
         mask,
+        implementation=implementation,
         scale=float(scale),
         is_causal=bool(is_causal),
         dropout_rate=float(dropout_rate),
         seed=seed,
         block_sizes=block_sizes,
-        tiling=tiling_for(chosen, platform, query.dtype),
-        layout=static_layout(query, key, value, bias, mask, lengths=chosen == "xla"),
     )

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import tensorflow as tf
 from fastlayers.kernels import dispatch
+from fastlayers.kernels import flops as flops_lib
 from fastlayers.kernels.auto import AUTO
+from fastlayers.kernels.validation import check_floating, check_same_dtype
 from fastlayers.kernels.precision import (
     accumulation_dtype,
-    check_floating,
-    check_same_dtype,
     mask_value,
 )
 
@@ -67,11 +67,16 @@ def attention_pooling_compiled(x, weight, bias, mask=None):
     return tf.cast(tf.squeeze(context, axis=1), x.dtype)
 
 
+def _work(x, weight, bias, mask=None):
+    return None if not x.shape.is_fully_defined() else flops_lib.attention_pooling_flops(*x.shape)
+
+
 ATTENTION_POOLING = dispatch.Kernel(
     "attention_pooling",
     attention_pooling_reference,
     attention_pooling_compiled,
     auto=AUTO["attention_pooling"],
+    work=_work,
 )
 
 

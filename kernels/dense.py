@@ -10,11 +10,10 @@ import tensorflow as tf
 from fastlayers.kernels import dispatch
 from fastlayers.kernels import flops as flops_lib
 from fastlayers.kernels.auto import AUTO
+from fastlayers.kernels.validation import check_floating, check_same_dtype
 from fastlayers.kernels.precision import (
     LOW_PRECISION_DTYPES,
     accumulation_dtype,
-    check_floating,
-    check_same_dtype,
 )
 
 
@@ -100,8 +99,14 @@ def dense_compiled(x, kernel, bias=None, *, activation=None):
     return tf.cast(y, x.dtype)
 
 
+def _work(x, kernel, bias=None, *, activation=None):
+    if not (x.shape.is_fully_defined() and kernel.shape.is_fully_defined()):
+        return None
+    return flops_lib.dense_flops(x.shape.num_elements() // x.shape[-1], *kernel.shape)
+
+
 DENSE = dispatch.Kernel(
-    "dense", dense_reference, dense_compiled, auto=AUTO["dense"]
+    "dense", dense_reference, dense_compiled, auto=AUTO["dense"], work=_work
 )
 
 
@@ -149,10 +154,4 @@ def dense(x, kernel, bias=None, *, activation=None, implementation=None):
     kernel = tf.convert_to_tensor(kernel)
     bias = None if bias is None else tf.convert_to_tensor(bias)
     _check_dense_inputs(x, kernel, bias)
-    work = None
-    if x.shape.is_fully_defined() and kernel.shape.is_fully_defined():
-        work = flops_lib.dense_flops(x.shape.num_elements() // x.shape[-1], *kernel.shape)
-    chosen = DENSE.select(
-        implementation, platform=dispatch.platform_of(x), dtype=x.dtype, work=work
-    )
-    return DENSE.run(chosen, x, kernel, bias, activation=activation)
+    return DENSE(x, kernel, bias, implementation=implementation, activation=activation)

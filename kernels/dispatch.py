@@ -1,10 +1,19 @@
 """Implementation dispatch shared by every fastlayers kernel.
 
-A kernel has one eager **reference** implementation (plain TF ops, the spec) and one
-compiled algorithm that runs two ways: ``"graph"`` (``tf.function``; grappler and
-oneDNN fusions on CPU) and ``"xla"`` (``tf.function(jit_compile=True)``).
-``implementation=None`` (auto) takes the first implementation from the kernel's row
-of the auto table (``fastlayers.kernels.auto``) that supports the call.
+A kernel has one eager **reference** implementation (plain TF ops, the spec), one
+compiled algorithm that runs two ways, ``"graph"`` (``tf.function``; grappler and
+oneDNN fusions on CPU) and ``"xla"`` (``tf.function(jit_compile=True)``), and
+optionally a ``"native"`` one (a C++ op). A compiled algorithm may come in
+**variants** (tile sizes, a softmax formulation, a layout): a frozen, hashable,
+JSON-serialisable dataclass per kernel.
+
+``Kernel.select`` makes one ``Selection`` per call: the implementation, its variant,
+and where the choice came from: ``"explicit"`` (the caller named it), ``"tuned"``
+(this machine's tuning cache, ``fastlayers.kernels.tuning``), ``"table"`` (the
+shipped auto table, ``fastlayers.kernels.auto``, the first entry of the row that
+supports the call) or ``"small eager call"`` (the reference, below
+``auto.EAGER_REFERENCE_BELOW_FLOPS``). The compiled function receives it as the
+keyword ``selection`` if it declares one.
 
 An implementation that cannot take a call says why, as a list of readable reasons.
 An explicit request that cannot run raises a ValueError naming those reasons; only
@@ -14,44 +23,30 @@ auto moves on to the next entry of its row, and never past the end of it.
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import dataclasses
 import functools
 import inspect
-import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import tensorflow as tf
+from fastlayers.kernels import platform as platform_lib
+from fastlayers.kernels import tuning
 from fastlayers.kernels.auto import DEFAULT, EAGER_REFERENCE_BELOW_FLOPS
-from fastlayers.kernels.precision import check_floating
+from fastlayers.kernels.platform import (  # noqa: F401 (dispatch's public names)
+    PLATFORMS,
+    cpu_has_native_bfloat16,
+    cpu_platform,
+    native_low_precision_matmul,
+    onednn_enabled,
+    platform_of,
+)
+from fastlayers.kernels.validation import check_floating
 
-# "native": a C++ op (``Kernel(native=...)``), for the kernels that ship one.
-IMPLEMENTATIONS = ("reference", "graph", "xla", "native")
-
-# Platforms the auto table distinguishes. On CPU the choice depends on which
-# matmul library TensorFlow runs: Eigen (TF's default on CPUs without
-# AVX512-VNNI/BF16/AMX), oneDNN, or oneDNN on a CPU with native bfloat16 dot products.
-PLATFORMS = ("cpu", "cpu-onednn", "cpu-onednn-bf16", "gpu")
-
-
-_SELECTING_AUTOMATICALLY = contextvars.ContextVar("selecting_automatically", default=False)
-
-
-def selecting_automatically() -> bool:
-    """Whether the current ``not_supported_reasons`` call comes from auto's walk of
-    its row (True) or from an explicit request (False): an implementation that
-    auto should pass over where an explicit request still runs (the native
-    attention under a gradient tape) tells the two apart with this."""
-    return _SELECTING_AUTOMATICALLY.get()
-
-
-@contextlib.contextmanager
-def _automatic_selection():
-    token = _SELECTING_AUTOMATICALLY.set(True)
-    try:
-        yield
-    finally:
-        _SELECTING_AUTOMATICALLY.reset(token)
+# The implementations every kernel has; a kernel may also have a native one.
+IMPLEMENTATIONS = ("reference", "graph", "xla")
+NATIVE = "native"
+ALL_IMPLEMENTATIONS = IMPLEMENTATIONS + (NATIVE,)
 
 
 def scope_name(kernel: str, implementation: str) -> str:
@@ -81,20 +76,21 @@ def _renamed(fn: Callable, name: str) -> Callable:
 
 def check_implementation(implementation):
     """Returns ``implementation`` if it names an implementation or is None; else raises."""
-    if implementation is None or implementation in IMPLEMENTATIONS:
+    if implementation is None or implementation in ALL_IMPLEMENTATIONS:
         return implementation
-    choices = ", ".join(["None"] + [repr(name) for name in IMPLEMENTATIONS])
+    choices = ", ".join(["None"] + [repr(name) for name in ALL_IMPLEMENTATIONS])
     raise ValueError(
         "Received an invalid value for `implementation`, expected one of "
         f"{choices}. Received: implementation={implementation!r}"
     )
 
 
-def check_auto_row(auto, kernel: str = "kernel") -> dict[tuple[str, str], tuple[str, ...]]:
+def check_auto_row(auto, kernel: str = "kernel") -> dict[tuple, tuple[str, ...]]:
     """Returns an auto row as a dict of tuples if every key and entry is valid; else raises.
 
     A row maps ``(platform, dtype name or "*")`` to a non-empty ordered sequence of
-    implementations; platforms are ``PLATFORMS``.
+    implementations; platforms are ``PLATFORMS``. A kernel whose variants name an
+    ``auto_row`` (pooling's layouts) keys its rows ``(platform, dtype, auto_row)``.
     """
     try:
         items = list(dict(auto).items())
@@ -106,8 +102,8 @@ def check_auto_row(auto, kernel: str = "kernel") -> dict[tuple[str, str], tuple[
     row = {}
     for key, entries in items:
         problem = None
-        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)):
-            problem = "a key is not a (platform, dtype name) pair of strings"
+        if not (isinstance(key, tuple) and len(key) in (2, 3) and all(isinstance(k, str) for k in key)):
+            problem = "a key is not a (platform, dtype name) or (platform, dtype name, row) tuple of strings"
         elif key[0] not in PLATFORMS:
             problem = f"platform {key[0]!r} is not one of {', '.join(map(repr, PLATFORMS))}"
         elif key[1] != "*" and not _is_floating_dtype_name(key[1]):
@@ -115,7 +111,7 @@ def check_auto_row(auto, kernel: str = "kernel") -> dict[tuple[str, str], tuple[
         elif not _is_implementation_sequence(entries):
             problem = (
                 "entries must be a non-empty tuple of "
-                f"{', '.join(map(repr, IMPLEMENTATIONS))}"
+                f"{', '.join(map(repr, ALL_IMPLEMENTATIONS))}"
             )
         if problem:
             raise ValueError(
@@ -138,11 +134,14 @@ def _is_floating_dtype_name(name: str) -> bool:
 def _is_implementation_sequence(entries) -> bool:
     if isinstance(entries, str) or not isinstance(entries, Sequence):
         return False
-    return bool(entries) and all(e in IMPLEMENTATIONS for e in entries)
+    return bool(entries) and all(e in ALL_IMPLEMENTATIONS for e in entries)
 
 
 # Keywords the dispatcher passes beside a kernel's own options.
-RESERVED_OPTIONS = ("implementation", "platform", "dtype", "work")
+RESERVED_OPTIONS = ("implementation", "platform", "dtype", "work", "tensors")
+# Keywords the dispatcher fills in for a function that declares them: the call's
+# ``Selection``, and the static layout of its tensors where the kernel computes one.
+INJECTED = ("selection", "layout")
 
 
 def check_option_names(fn: Callable, what: str) -> None:
@@ -168,82 +167,179 @@ def floating_input(x, implementation, name="x"):
     return x
 
 
-def onednn_enabled() -> bool:
-    """Whether TensorFlow's oneDNN CPU kernels are on in this process."""
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-    except ImportError:  # the private module moved: fall back on TF's documented switch
-        return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "0").lower() in ("1", "true")
-    return bool(_pywrap_util_port.IsMklEnabled())
+class _SelectionType(tf.types.experimental.TraceType):
+    """How ``tf.function`` keys a trace on a ``Selection``: by value (its source
+    aside), and the traced function receives the ``Selection`` itself."""
+
+    def __init__(self, selection):
+        self._selection = selection
+
+    def is_subtype_of(self, other):
+        return self == other
+
+    def most_specific_common_supertype(self, others):
+        return self if all(self == other for other in others) else None
+
+    def placeholder_value(self, placeholder_context=None):
+        return self._selection
+
+    def to_tensors(self, value):
+        return []
+
+    def cast(self, value, casting_context):
+        return value
+
+    def __eq__(self, other):
+        return isinstance(other, _SelectionType) and self._selection == other._selection
+
+    def __hash__(self):
+        return hash(self._selection)
 
 
-def cpu_has_native_bfloat16() -> bool:
-    """Whether the CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        return False
-    return False
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """What dispatch chose for one call, passed to the function that runs it.
 
-
-@functools.lru_cache(maxsize=None)
-def cpu_platform() -> str:
-    """The auto-table platform name of this process's CPU (fixed once TF is loaded)."""
-    if not onednn_enabled():
-        return "cpu"
-    return "cpu-onednn-bf16" if cpu_has_native_bfloat16() else "cpu-onednn"
-
-
-def platform_of(x) -> str:
-    """The platform a tensor's computation runs on: a ``PLATFORMS`` entry."""
-    return _platform_of_device(getattr(x, "device", "") or "")
-
-
-@functools.lru_cache(maxsize=64)
-def _platform_of_device(device: str) -> str:
-    if device:
-        device_type = tf.DeviceSpec.from_string(device).device_type
-    else:  # a symbolic tensor not yet placed: TF places it on a GPU when one is visible
-        device_type = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
-    return "gpu" if device_type == "GPU" else cpu_platform()
-
-
-def native_low_precision_matmul(platform: str, dtype: tf.DType) -> bool:
-    """Whether a float16/bfloat16 matmul on ``platform`` already accumulates in float32.
-
-    cuBLAS accumulates half-precision products in float32, and so does oneDNN's
-    bfloat16 matmul where the CPU has bfloat16 instructions. Elsewhere the compiled
-    paths cast operands to float32 themselves, which on these CPUs is also faster.
+    Attributes:
+        implementation: ``"reference"``, ``"graph"``, ``"xla"`` or ``"native"``.
+        variant: the kernel's variant of that implementation (a frozen, hashable,
+            JSON-serialisable dataclass), or None for a kernel without variants.
+        source: where the choice came from: ``"explicit"``, ``"tuned"``,
+            ``"table"`` or ``"small eager call"``. Not part of equality: the same
+            choice from another source runs the same traced function.
+        platform: the ``PLATFORMS`` entry the call runs on.
+        dtype: the name of the dtype the choice was made for.
     """
-    if platform == "gpu":
-        return dtype in (tf.float16, tf.bfloat16)
-    return platform == "cpu-onednn-bf16" and dtype == tf.bfloat16
+
+    implementation: str
+    variant: Any = None
+    source: str = dataclasses.field(default="explicit", compare=False)
+    platform: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def label(self) -> str:
+        """The implementation and its variant, as bench and the tuner print them:
+        ``"graph 256x2048"``, ``"xla"``."""
+        return candidate_label(self.implementation, self.variant)
+
+    def describe(self) -> str:
+        """``"graph 256x2048, tuned"``: the label and where it came from."""
+        return f"{self.label}, {self.source}"
+
+    def __tf_tracing_type__(self, context):
+        return _SelectionType(self)
+
+
+def candidate_label(implementation: str, variant) -> str:
+    """``implementation`` and the variant's ``label`` (its ``str`` by default)."""
+    if variant is None:
+        return implementation
+    text = getattr(variant, "label", None) or str(variant)
+    return f"{implementation} {text}" if text else implementation
+
+
+def _declares(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _simple(value) -> Hashable:
+    """An option value as a hashable, JSON-friendly key: what changes the algorithm
+    is its type and plain value, never a tensor's contents."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return tuple(_simple(v) for v in value)
+    if isinstance(value, (tf.Tensor, tf.Variable)) or hasattr(value, "__array__"):
+        return "tensor"
+    if dataclasses.is_dataclass(value):
+        return repr(value)
+    return getattr(value, "__name__", type(value).__name__)
+
+
+def size_bucket(size) -> int:
+    """A dimension rounded up to a power of two (0 when unknown): nearby sizes share
+    a tuning record."""
+    if size is None:
+        return 0
+    return 1 << max(int(size) - 1, 0).bit_length() if size > 1 else int(size)
+
+
+def default_signature(*tensors, **options) -> tuple[tuple[int, ...], dict]:
+    """A call's tuning key when the kernel states none: every tensor's dims rounded
+    up to powers of two as the bucket; which tensors are absent, their ranks, and
+    every plain option value as flags."""
+    bucket, ranks = [], []
+    for t in tf.nest.flatten(tensors):
+        if isinstance(t, (tf.Tensor, tf.Variable)):
+            dims = list(t.shape) if t.shape.rank is not None else []
+            ranks.append(len(dims))
+            bucket.extend(size_bucket(d) for d in dims)
+        else:
+            ranks.append(None if t is None else -1)
+    flags = {"ranks": tuple(ranks)}
+    flags.update({name: _simple(value) for name, value in sorted(options.items())})
+    return tuple(bucket), flags
+
+
+_MISSING = object()
+# Signatures whose tuned lookup a kernel remembers before starting afresh.
+_MEMO_SIZE = 1024
 
 
 class Kernel:
     """One kernel: its reference, its compiled algorithm, and its dispatch rules.
 
     Args:
-        name: short name, used in errors, the auto table and profiler scopes
-            (``fastlayers/<name>/<implementation>``).
+        name: short name, used in errors, the auto table, the tuning cache and
+            profiler scopes (``fastlayers/<name>/<implementation>``).
         reference: the eager spec, ``reference(*tensors, **options)``.
         compiled: the algorithm run by ``"graph"`` and ``"xla"``, with the same
-            signature; defaults to ``reference``.
+            signature; defaults to ``reference``. It may declare the keywords
+            ``selection`` (the call's ``Selection``, variant included) and
+            ``layout`` (what ``layout`` below returns).
         auto: the auto table's row: a mapping from ``(platform, dtype name)`` to an
             ordered tuple of implementations; ``(platform, "*")`` matches any dtype.
+            Keys ``(platform, dtype, row)`` apply to calls for which ``auto_row``
+            returns ``row``.
         not_supported_reasons: optional
             ``fn(implementation, platform=..., dtype=..., **options) -> list[str]``.
         upcast: run float16/bfloat16 calls in float32 and cast floating results
             back, which gives a function written without care for precision the
             float32 accumulation the precision contract asks for.
-        native: optional native implementation with the reference's signature,
-            run by ``"native"`` (its own reasons come from ``not_supported_reasons``).
+        native: the ``"native"`` implementation, ``native(*tensors, **options)``
+            (declaring ``selection`` as ``compiled`` may), or None. If it has a
+            ``not_built_reason()`` method returning a string, that string is why it
+            cannot run now (its op failed to build, say); it is asked last, when
+            nothing else refuses the call, since finding out may build the op. If its
+            attribute ``auto_while_training`` is False, the auto table passes it over
+            while a gradient tape records (a native forward whose gradient is slower
+            than the compiled paths'); an explicit request, or a tuned choice timed
+            forward and backward, still runs it.
+        variants: optional ``fn(implementation, *, platform, dtype, shapes, **options)``
+            returning that implementation's variants for the call (native's too), the
+            default first; ``shapes`` holds each tensor argument's static shape (a
+            tuple, or None for an argument that is not a tensor). The tuner times
+            them all.
+        work: optional ``fn(*tensors, **options)`` returning the call's FLOPs (None
+            when unknown): auto runs eager calls below
+            ``auto.EAGER_REFERENCE_BELOW_FLOPS`` with the reference.
+        signature: optional ``fn(*tensors, **options)`` returning the tuning key's
+            ``(bucket, flags)``: a tuple of ints (nearby calls are matched by it) and
+            a dict of what changes the algorithm; ``default_signature`` otherwise.
+        layout: optional ``fn(selection, *tensors, **options)`` returning a hashable
+            static fact about the tensors that the compiled function needs kept
+            through ``tf.function``'s shape relaxation, passed as ``layout``.
+        choice_options: names of options that steer the selection (``variants``,
+            ``not_supported_reasons``) and are not passed to the functions.
+        auto_row: optional ``fn(**options)`` naming the row of ``auto`` a call
+            takes (keys ``(platform, dtype, row)``), or None for the plain keys.
+        default_variant: optional ``fn`` with the signature of ``variants``
+            returning only the default, where listing every variant costs more
+            than an eager call should spend.
     """
 
     def __init__(
@@ -252,17 +348,43 @@ class Kernel:
         reference: Callable,
         compiled: Callable | None = None,
         *,
-        auto: dict[tuple[str, str], Sequence[str]],
+        auto: dict[tuple, Sequence[str]],
         not_supported_reasons: Callable[..., list[str]] | None = None,
         upcast: bool = False,
         native: Callable | None = None,
+        variants: Callable[..., Sequence] | None = None,
+        work: Callable[..., float | None] | None = None,
+        signature: Callable[..., tuple[tuple[int, ...], dict]] | None = None,
+        layout: Callable[..., Hashable] | None = None,
+        choice_options: Sequence[str] = (),
+        auto_row: Callable[..., str | None] | None = None,
+        default_variant: Callable | None = None,
     ):
         self.name = name
-        self.native = native
         self.reference = _upcasting(reference) if upcast else reference
         self.compiled = _upcasting(compiled or reference) if upcast else compiled or reference
+        self.native = native
         self.auto = check_auto_row(auto, name)
         self._reasons = not_supported_reasons
+        self._variants = variants
+        self._default_variant = default_variant
+        self._work = work
+        self._signature = signature or default_signature
+        self._layout = layout
+        self._auto_row = auto_row
+        self.choice_options = tuple(choice_options)
+        self._tuned_memo: dict = {}
+        self._injected = {
+            implementation: tuple(
+                keyword for keyword in INJECTED if fn is not None and _declares(fn, keyword)
+            )
+            for implementation, fn in (
+                ("reference", self.reference),
+                ("graph", self.compiled),
+                ("xla", self.compiled),
+                (NATIVE, native),
+            )
+        }
         # reduce_retracing: a second input shape traces a shape-generic graph instead
         # of one graph per batch size (XLA still compiles one program per shape), so
         # compiled code must not assume static sizes. Kernels write their control
@@ -277,38 +399,112 @@ class Kernel:
             for implementation in ("graph", "xla")
         }
 
-    def candidates(self, platform: str, dtype: tf.DType) -> tuple[str, ...]:
-        """The auto table's ordered preferences for this platform and dtype."""
-        for key in ((platform, dtype.name), (platform, "*")):
+    # -- what can run -----------------------------------------------------------
+
+    def candidates(self, platform: str, dtype: tf.DType, row: str | None = None) -> tuple[str, ...]:
+        """The auto table's ordered preferences for this platform and dtype (and row)."""
+        keys = ((platform, dtype.name), (platform, "*"))
+        if row is not None:
+            keys = ((platform, dtype.name, row), (platform, "*", row)) + keys
+        for key in keys:
             if key in self.auto:
                 return tuple(self.auto[key])
-        return tuple(i for i in IMPLEMENTATIONS[::-1] if i != "native" or self.native is not None)
+        return IMPLEMENTATIONS[::-1]
+
+    def implementations(self) -> tuple[str, ...]:
+        """Every implementation this kernel has."""
+        return ALL_IMPLEMENTATIONS if self.native is not None else IMPLEMENTATIONS
 
     def not_supported_reasons(self, implementation, *, platform, dtype, **options) -> list[str]:
         """Why ``implementation`` cannot take this call; empty when it can."""
-        if implementation == "native" and self.native is None:
+        if implementation == NATIVE and self.native is None:
             return [f"kernel {self.name!r} has no native implementation"]
-        if self._reasons is None:
-            return []
-        return list(self._reasons(implementation, platform=platform, dtype=dtype, **options))
+        reasons = []
+        if implementation == NATIVE and platform_lib.in_xla_context():
+            reasons.append(
+                "a native op cannot run inside an XLA cluster (jit_compile=True), "
+                "where XLA compiles the call itself"
+            )
+        if self._reasons is not None:
+            reasons += list(self._reasons(implementation, platform=platform, dtype=dtype, **options))
+        if implementation == NATIVE and not reasons:
+            not_built = getattr(self.native, "not_built_reason", None)
+            reason = not_built() if callable(not_built) else None
+            if reason:
+                reasons.append(f"its native op is not available: {reason}")
+        return reasons
+
+    def table_reasons(self, implementation) -> list[str]:
+        """Why the auto table passes over an implementation that could take the call:
+        a native one that asks not to be chosen while a gradient tape records."""
+        if (
+            implementation == NATIVE
+            and not getattr(self.native, "auto_while_training", True)
+            and platform_lib.gradient_recording()
+        ):
+            return [
+                "a gradient tape is recording and the native op's gradient is slower than "
+                "the compiled paths': the table trains with those (an explicit request or "
+                "a tuned choice runs it)"
+            ]
+        return []
+
+    def variants(self, implementation, *, platform, dtype, shapes=(), **options) -> tuple:
+        """The variants of ``implementation`` for a call, the default first; ``(None,)``
+        for a kernel without variants."""
+        if self._variants is None:
+            return (None,)
+        found = tuple(
+            self._variants(implementation, platform=platform, dtype=dtype, shapes=shapes, **options)
+        )
+        return found or (None,)
+
+    def work(self, *tensors, **options) -> float | None:
+        """The call's FLOPs where the kernel states them; else None."""
+        return None if self._work is None else self._work(*tensors, **options)
+
+    def signature(self, *tensors, **options) -> tuple[tuple[int, ...], dict]:
+        """The tuning key's ``(bucket, flags)`` of a call (see ``Kernel``)."""
+        return self._signature(*tensors, **options)
+
+    # -- choosing ---------------------------------------------------------------
+
+    def default_variant(self, implementation, *, platform, dtype, shapes=(), **options):
+        """The variant an implementation runs unless tuned: the first of ``variants``."""
+        if self._default_variant is not None:
+            return self._default_variant(
+                implementation, platform=platform, dtype=dtype, shapes=shapes, **options
+            )
+        return self.variants(implementation, platform=platform, dtype=dtype, shapes=shapes, **options)[0]
+
+    def _selection(self, implementation, source, platform, dtype, shapes, options):
+        variant = self.default_variant(
+            implementation, platform=platform, dtype=dtype, shapes=shapes, **options
+        )
+        return Selection(implementation, variant, source, platform, dtype.name)
 
     def select(
-        self, implementation, *, platform: str, dtype: tf.DType, work: float | None = None, **options
-    ) -> str:
+        self,
+        implementation,
+        *,
+        platform: str,
+        dtype: tf.DType,
+        work: float | None = None,
+        tensors: Sequence = (),
+        **options,
+    ) -> Selection:
         """Resolves ``implementation`` (None = auto) for one call, or raises ValueError.
 
-        ``work`` is the call's FLOP count when the kernel knows it: auto runs an eager
-        call below ``auto.EAGER_REFERENCE_BELOW_FLOPS`` with the reference.
+        Auto takes, in order: the reference for an eager call of known ``work``
+        below ``auto.EAGER_REFERENCE_BELOW_FLOPS``; this machine's tuned choice for
+        the call's signature (nearest measured bucket), if still supported; with
+        ``FASTLAYERS_AUTOTUNE=1`` a choice tuned now for a new signature; else the
+        first entry of the auto table's row that supports the call. ``tensors`` are
+        the call's tensor arguments (their shapes key the tuner and the variants).
         """
         check_implementation(implementation)
-        if (
-            implementation is None
-            and work is not None
-            and work < EAGER_REFERENCE_BELOW_FLOPS
-            and tf.executing_eagerly()
-            and not self.not_supported_reasons("reference", platform=platform, dtype=dtype, **options)
-        ):
-            return "reference"
+        dtype = tf.as_dtype(dtype)
+        shapes = tuple(_static_shape(t) for t in tensors)
         if implementation is not None:
             reasons = self.not_supported_reasons(
                 implementation, platform=platform, dtype=dtype, **options
@@ -318,39 +514,145 @@ class Kernel:
                     f"implementation={implementation!r} cannot run kernel {self.name!r} "
                     f"for dtype {dtype.name} on {platform}: " + "; ".join(reasons)
                 )
-            return implementation
+            return self._selection(implementation, "explicit", platform, dtype, shapes, options)
+        if (
+            work is not None
+            and work < EAGER_REFERENCE_BELOW_FLOPS
+            and tf.executing_eagerly()
+            and not self.not_supported_reasons("reference", platform=platform, dtype=dtype, **options)
+        ):
+            return self._selection("reference", "small eager call", platform, dtype, shapes, options)
+        if tensors:
+            found = self._tuned_selection(tensors, shapes, options, platform, dtype)
+            if found is not None:
+                return found
+        return self.table_selection(platform=platform, dtype=dtype, shapes=shapes, **options)
+
+    def _tuned_selection(self, tensors, shapes, options, platform, dtype):
+        """The tuned choice of a call, or None; memoized per signature until the cache
+        changes, so that an eager call pays one dict lookup for it."""
+        memo_key = (
+            tuning.generation(),
+            dtype,
+            platform,
+            shapes,
+            tuple((name, _simple(value)) for name, value in options.items()),
+            platform_lib.gradient_recording(),
+            self.native is not None and platform_lib.in_xla_context(),
+        )
+        found = self._tuned_memo.get(memo_key, _MISSING)
+        if found is _MISSING:
+            tuned = tuning.choice_for(self, tensors, options, platform=platform, dtype=dtype)
+            found = None
+            if tuned is not None:
+                found = self._supported_tuned(tuned, platform, dtype, shapes, options)
+            if len(self._tuned_memo) > _MEMO_SIZE:
+                self._tuned_memo.clear()
+            self._tuned_memo[memo_key] = found
+        return found
+
+    def _supported_tuned(self, tuned, platform, dtype, shapes, options):
+        implementation, variant_data = tuned
+        if implementation not in self.implementations() or self.not_supported_reasons(
+            implementation, platform=platform, dtype=dtype, **options
+        ):
+            return None
+        default = self.default_variant(
+            implementation, platform=platform, dtype=dtype, shapes=shapes, **options
+        )
+        if variant_data is None:
+            variant = default
+        elif default is None:  # the kernel no longer has variants
+            return None
+        else:
+            try:
+                variant = dataclasses.replace(default, **variant_data)
+            except (TypeError, ValueError):  # fields that no longer exist or fit
+                return None
+        return Selection(implementation, variant, "tuned", platform, dtype.name)
+
+    def table_selection(self, *, platform, dtype, shapes=(), **options) -> Selection:
+        """The auto table's choice: its row's first entry that supports the call."""
+        dtype = tf.as_dtype(dtype)
         refused = []
-        for candidate in self.candidates(platform, dtype):
-            with _automatic_selection():
-                reasons = self.not_supported_reasons(
-                    candidate, platform=platform, dtype=dtype, **options
-                )
+        for candidate in self._row_candidates(platform, dtype, shapes, options):
+            reasons = self.table_reasons(candidate) or self.not_supported_reasons(
+                candidate, platform=platform, dtype=dtype, **options
+            )
             if not reasons:
-                return candidate
+                return self._selection(candidate, "table", platform, dtype, shapes, options)
             refused.append(f"{candidate!r}: " + "; ".join(reasons))
         raise ValueError(
             f"No implementation of kernel {self.name!r} supports dtype {dtype.name} on "
             f"{platform}. Refused: " + " | ".join(refused)
         )
 
-    def run(self, implementation: str, *tensors, **options):
-        """Runs a resolved implementation under the profiler scope ``fastlayers/<name>/<impl>``.
+    def _row_candidates(self, platform, dtype, shapes, options):
+        row = None if self._auto_row is None else self._auto_row(**options)
+        return self.candidates(platform, dtype, row)
+
+    def tuning_candidates(self, *, platform, dtype, shapes=(), **options) -> list[Selection]:
+        """Every supported implementation × variant for a call, in the table's order
+        (its row first, then the implementations it leaves out): each
+        implementation's default variant first, then the other variants. What the
+        tuner times, in this order, while its budget lasts."""
+        dtype = tf.as_dtype(dtype)
+        order = list(self._row_candidates(platform, dtype, shapes, options))
+        order += [name for name in self.implementations() if name not in order]
+        supported = [
+            implementation for implementation in order
+            if not self.not_supported_reasons(implementation, platform=platform, dtype=dtype, **options)
+        ]
+        variants = {
+            implementation: self.variants(
+                implementation, platform=platform, dtype=dtype, shapes=shapes, **options
+            )
+            for implementation in supported
+        }
+        found = [Selection(i, variants[i][0], "tuned", platform, dtype.name) for i in supported]
+        for implementation in supported:
+            found += [
+                Selection(implementation, variant, "tuned", platform, dtype.name)
+                for variant in variants[implementation][1:]
+            ]
+        return found
+
+    # -- running ----------------------------------------------------------------
+
+    def run(self, selection, *tensors, **options):
+        """Runs a resolved ``Selection`` (or an implementation name, with its default
+        variant) under the profiler scope ``fastlayers/<name>/<implementation>``.
 
         Inside a graph the name scope prefixes the op names, which the trace viewer
         shows; eager ops carry no scoped names, so an eager call of any
         implementation is wrapped in a profiler ``Trace`` event of the same name.
         """
-        scope = scope_name(self.name, implementation)
+        if isinstance(selection, str):
+            leader = next((t for t in tensors if isinstance(t, tf.Tensor)), None)
+            dtype = leader.dtype if leader is not None and leader.dtype.is_floating else tf.float32
+            selection = self._selection(
+                selection, "explicit", platform_of(leader), dtype,
+                tuple(_static_shape(t) for t in tensors), options,
+            )
+        for name in self.choice_options:
+            options.pop(name, None)
+        scope = scope_name(self.name, selection.implementation)
         with tf.name_scope(scope):
             if tf.executing_eagerly():
                 with tf.profiler.experimental.Trace(scope):
-                    return self._call(implementation, *tensors, **options)
-            return self._call(implementation, *tensors, **options)
+                    return self._call(selection, tensors, options)
+            return self._call(selection, tensors, options)
 
-    def _call(self, implementation: str, *tensors, **options):
+    def _call(self, selection, tensors, options):
+        implementation = selection.implementation
+        injected = self._injected[implementation]
+        if "layout" in injected and self._layout is not None:
+            options["layout"] = self._layout(selection, *tensors, **options)
+        if "selection" in injected:
+            options["selection"] = selection
         if implementation == "reference":
             return self.reference(*tensors, **options)
-        if implementation == "native":
+        if implementation == NATIVE:
             if self.native is None:
                 raise ValueError(f"Kernel {self.name!r} has no native implementation to run.")
             return self.native(*tensors, **options)
@@ -360,10 +662,15 @@ class Kernel:
             return self.compiled(*tensors, **options)
         return self._functions[implementation](*tensors, **options)
 
+    # Dispatch has no tensor-dependent Python control flow for autograph to convert;
+    # converting its hooks when a kernel is called from an autograph'd function only
+    # costs time (and has confused autograph's cache of converted nested functions).
+    @tf.autograph.experimental.do_not_convert
     def __call__(self, *tensors, implementation=None, **options):
         """Runs the kernel: the implementation is selected for the first floating tensor."""
         return self.apply(tensors, options, implementation=implementation)
 
+    @tf.autograph.experimental.do_not_convert
     def apply(self, tensors, options, *, implementation=None, dtype=None):
         """Runs the kernel on ``tensors`` (a tuple) with ``options`` (a dict).
 
@@ -372,6 +679,12 @@ class Kernel:
         a call whose inputs are all integers (an embedding lookup, say).
         """
         check_implementation(implementation)
+        clashes = [name for name in INJECTED if name in options]
+        if clashes:
+            raise TypeError(
+                f"Kernel {self.name!r} fills in {', '.join(map(repr, INJECTED))} itself. "
+                f"Received options named: {', '.join(clashes)}"
+            )
         if all(isinstance(t, tf.Tensor) for t in tensors):  # the common case, kept cheap
             flat = tensors = tuple(tensors)
         else:
@@ -391,10 +704,56 @@ class Kernel:
             dtype = floating[0].dtype
         leader = floating[0] if floating else flat[0] if flat else None
         platform = platform_of(leader)
-        chosen = self.select(
-            implementation, platform=platform, dtype=tf.as_dtype(dtype), **options
+        work = self.work(*tensors, **options) if implementation is None else None
+        selection = self.select(
+            implementation,
+            platform=platform,
+            dtype=tf.as_dtype(dtype),
+            work=work,
+            tensors=tensors,
+            **options,
         )
-        return self.run(chosen, *tensors, **options)
+        if _RECORDERS and implementation is None:
+            for calls in _RECORDERS:
+                calls.append(Call(
+                    self, tensors, dict(options), tf.as_dtype(dtype), selection,
+                    platform_lib.gradient_recording(),
+                ))
+        return self.run(selection, *tensors, **options)
+
+
+@dataclasses.dataclass
+class Call:
+    """One auto call of a kernel, as ``recording`` keeps it: what ``tuning.tune`` needs."""
+
+    kernel: Kernel
+    tensors: tuple
+    options: dict
+    dtype: tf.DType
+    selection: Selection
+    backward: bool  # whether a gradient tape recorded it (a training step)
+
+
+# The lists ``recording`` blocks append to; empty (the common case) costs one test.
+_RECORDERS: list[list[Call]] = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Collects every auto kernel call made inside the block, in order: what
+    ``fastlayers tune --layer/--model`` tunes. Yields the list of ``Call``s."""
+    calls: list[Call] = []
+    _RECORDERS.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDERS.remove(calls)
+
+
+def _static_shape(t):
+    if isinstance(t, (tf.Tensor, tf.Variable)):
+        return None if t.shape.rank is None else tuple(t.shape)
+    return None
 
 
 def _as_tensor(value):
@@ -434,8 +793,12 @@ def kernel(
     auto: dict[tuple[str, str], Sequence[str]] | None = None,
     not_supported_reasons: Callable[..., list[str]] | None = None,
     upcast: bool = False,
+    native: Callable | None = None,
+    variants: Callable[..., Sequence] | None = None,
+    work: Callable[..., float | None] | None = None,
 ):
-    """Declares a kernel from its reference function; the result dispatches like ours.
+    """Declares a kernel from its reference function; the result dispatches like ours,
+    and ``fastlayers tune`` (or ``FASTLAYERS_AUTOTUNE=1``) tunes it like ours.
 
     Example:
 
@@ -459,6 +822,9 @@ def kernel(
         not_supported_reasons: ``fn(implementation, platform=, dtype=, **options)``
             returning why an implementation cannot take a call.
         upcast: run float16/bfloat16 calls in float32 (see ``Kernel``).
+        native: a ``"native"`` implementation (see ``Kernel``).
+        variants: the compiled algorithm's variants for the tuner (see ``Kernel``).
+        work: the call's FLOPs, for auto's small eager calls (see ``Kernel``).
     """
     if callable(name):  # used bare, as @kernel
         return kernel()(name)
@@ -472,6 +838,9 @@ def kernel(
             auto=auto or DEFAULT,
             not_supported_reasons=not_supported_reasons,
             upcast=upcast,
+            native=native,
+            variants=variants,
+            work=work,
         )
         functools.update_wrapper(declared, reference, updated=())
         return declared

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 from fastlayers.kernels import dispatch
+from fastlayers.kernels import flops as flops_lib
 from fastlayers.kernels.auto import AUTO
 
 
@@ -17,7 +18,13 @@ def exponential_reference(x):
     return tf.exp(x)
 
 
-EXPONENTIAL = dispatch.Kernel("exponential", exponential_reference, auto=AUTO["exponential"])
+def _work(x):
+    return None if not x.shape.is_fully_defined() else flops_lib.elementwise_flops(x.shape.num_elements())
+
+
+EXPONENTIAL = dispatch.Kernel(
+    "exponential", exponential_reference, auto=AUTO["exponential"], work=_work
+)
 
 
 def exponential(x, *, implementation=None):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 from fastlayers.kernels import dispatch
+from fastlayers.kernels import flops as flops_lib
 from fastlayers.kernels.auto import AUTO
 
 
@@ -46,7 +47,13 @@ def fixed_mask_reference(x, mask):
     return y
 
 
-FIXED_MASK = dispatch.Kernel("fixed_mask", fixed_mask_reference, auto=AUTO["fixed_mask"])
+def _elementwise_work(x, *_, **__):
+    return None if not x.shape.is_fully_defined() else flops_lib.elementwise_flops(x.shape.num_elements())
+
+
+FIXED_MASK = dispatch.Kernel(
+    "fixed_mask", fixed_mask_reference, auto=AUTO["fixed_mask"], work=_elementwise_work
+)
 
 
 def feature_mask_shape(mask_shape, input_rank):
@@ -148,7 +155,7 @@ def center_zero_reference(x, *, size):
 
 
 CENTER_ZERO = dispatch.Kernel(
-    "center_zero", center_zero_reference, auto=AUTO["center_zero"]
+    "center_zero", center_zero_reference, auto=AUTO["center_zero"], work=_elementwise_work
 )
 
 

@@ -32,29 +32,22 @@ them, which comes first, so its gradient goes to the padding and is dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-import numbers
 
 import tensorflow as tf
 from fastlayers.kernels import dispatch
+from fastlayers.kernels import flops as flops_lib
+from fastlayers.kernels import platform
 from fastlayers.kernels.auto import AUTO
+from fastlayers.kernels.validation import check_positive_pair, standardize_choice
 
 DATA_FORMATS = ("channels_last", "channels_first")
 PADDINGS = ("valid", "same")
 
 _NCHW_TO_NHWC = (0, 2, 3, 1)
 _NHWC_TO_NCHW = (0, 3, 1, 2)
-
-
-def _in_xla_context() -> bool:
-    # A jit_compile=True function traces its body inside an XLA control-flow context.
-    try:
-        from tensorflow.python.framework import ops
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # the private modules moved: take the path that runs anywhere
-        return False
-    return bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()))
 
 
 def max_pool2d_reference(x, *, pool_size, strides, padding, data_format):
@@ -205,6 +198,39 @@ def _xla_same_is_exact(paddings):
     return bool(padded) and all(before == after for before, after in padded)
 
 
+@dataclasses.dataclass(frozen=True)
+class PoolingVariant:
+    """The facts of a pooling call that decide its fastest path (one per call, not
+    tuned): the layout, and whether the windows tile the input (``"valid"``,
+    ``strides == pool_size``), which XLA pools by element-wise passes.
+
+    Attributes:
+        data_format: ``"channels_last"`` or ``"channels_first"``.
+        tiled: whether the windows tile the input.
+    """
+
+    data_format: str = "channels_last"
+    tiled: bool = False
+
+    @property
+    def auto_row(self) -> str | None:
+        """The auto table's row for these facts (None: the plain channels_last row)."""
+        name = "channels_first" if self.data_format == "channels_first" else ""
+        if self.tiled:
+            name = f"{name}_tiled" if name else "tiled"
+        return name or None
+
+    @property
+    def label(self) -> str:
+        return ""
+
+
+def variant_of(*, pool_size, strides, padding, data_format) -> PoolingVariant:
+    """The ``PoolingVariant`` of a standardized call."""
+    tiled = padding == "valid" and tuple(strides) == tuple(pool_size)
+    return PoolingVariant(data_format, tiled)
+
+
 def max_pool2d_compiled(x, *, pool_size, strides, padding, data_format):
     """The graph/XLA algorithm: pool in the input's own layout wherever a kernel exists.
 
@@ -215,9 +241,13 @@ def max_pool2d_compiled(x, *, pool_size, strides, padding, data_format):
     differently when it is uneven; see the module docstring), and windows that tile
     the (padded) input (``strides == pool_size``) are pooled and differentiated by
     element-wise passes over strided views in place of ``reduce-window`` and
-    ``select-and-scatter`` (``_tiled_max_pool2d_xla``).
+    ``select-and-scatter`` (``_tiled_max_pool2d_xla``). Whether the trace is XLA's
+    is asked of the graph, not of the implementation selected: a graph-path call
+    inlined into a jit-compiled function runs under XLA too; and the windows may
+    tile only once ``"same"`` became explicit padding, so the ``PoolingVariant``
+    (which picks the auto row) is not enough here.
     """
-    in_xla = _in_xla_context()
+    in_xla = platform.in_xla_context()
     if in_xla and padding == "same":
         paddings = _same_paddings(x, pool_size, strides, data_format)
         if not _xla_same_is_exact(paddings):
@@ -234,26 +264,34 @@ def max_pool2d_compiled(x, *, pool_size, strides, padding, data_format):
     )
 
 
-def _kernel(name):
-    return dispatch.Kernel(name, max_pool2d_reference, max_pool2d_compiled, auto=AUTO[name])
+def _variants(implementation, *, platform, dtype, shapes, pool_size, strides, padding, data_format):
+    return (variant_of(pool_size=pool_size, strides=strides, padding=padding, data_format=data_format),)
 
 
-# One kernel per layout and per kind of window, because the fastest path depends on
-# both (see kernels/auto.py): windows that tile the input pool by element-wise passes
-# under XLA, the others by reduce-window.
-MAX_POOL2D = {
-    ("channels_last", False): _kernel("max_pool2d"),
-    ("channels_last", True): _kernel("max_pool2d_tiled"),
-    ("channels_first", False): _kernel("max_pool2d_channels_first"),
-    ("channels_first", True): _kernel("max_pool2d_channels_first_tiled"),
-}
+def _auto_row(*, pool_size, strides, padding, data_format):
+    return variant_of(
+        pool_size=pool_size, strides=strides, padding=padding, data_format=data_format
+    ).auto_row
 
 
-def kernel_for(pool_size, strides, padding, data_format) -> dispatch.Kernel:
-    """The kernel of a standardized call: by layout, and whether the windows tile the
-    input (``"valid"``, ``strides == pool_size``)."""
-    tiled = padding == "valid" and tuple(strides) == tuple(pool_size)
-    return MAX_POOL2D[data_format, tiled]
+def _work(x, *, pool_size, strides, padding, data_format):
+    if not x.shape.is_fully_defined():
+        return None
+    output = pooled_shape(x.shape, pool_size, strides, padding, data_format)
+    return flops_lib.pooling_flops(math.prod(output), pool_size)
+
+
+# One kernel: the layout and whether the windows tile the input are its variant,
+# and each has its own auto row (see kernels/auto.py).
+MAX_POOL2D = dispatch.Kernel(
+    "max_pool2d",
+    max_pool2d_reference,
+    max_pool2d_compiled,
+    auto=AUTO["max_pool2d"],
+    variants=_variants,
+    auto_row=_auto_row,
+    work=_work,
+)
 
 
 def pooled_size(size, pool, stride, padding):
@@ -280,37 +318,6 @@ def pooled_shape(input_shape, pool_size, strides, padding, data_format):
             )
         output_shape[axis] = size
     return tuple(output_shape)
-
-
-def check_positive_pair(name: str, value) -> tuple[int, int]:
-    """``value`` as a pair of positive ints (an int is used for both); else raises."""
-    pair = (value, value) if isinstance(value, numbers.Integral) else value
-    try:
-        pair = tuple(pair)
-    except TypeError:
-        pair = None
-    if (
-        pair is None
-        or len(pair) != 2
-        or not all(
-            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in pair
-        )
-    ):
-        raise ValueError(
-            f"Received an invalid value for `{name}`, expected a positive integer or a "
-            f"tuple of 2 positive integers. Received: {name}={value!r}"
-        )
-    return int(pair[0]), int(pair[1])
-
-
-def standardize_choice(name: str, value, choices) -> str:
-    """``value`` lower-cased if it is one of ``choices`` (case-insensitive); else raises."""
-    if isinstance(value, str) and value.lower() in choices:
-        return value.lower()
-    raise ValueError(
-        f"Received an invalid value for `{name}`, expected one of "
-        f"{', '.join(repr(c) for c in choices)}. Received: {name}={value!r}"
-    )
 
 
 def max_pool2d(
@@ -362,5 +369,4 @@ def pool_checked(x, pool_size, strides, padding, data_format, implementation):
     options = dict(pool_size=pool_size, strides=strides, padding=padding, data_format=data_format)
     if not x.dtype.is_floating:
         return max_pool2d_reference(x, **options)
-    kernel = kernel_for(pool_size, strides, padding, data_format)
-    return kernel(x, implementation=implementation, **options)
+    return MAX_POOL2D(x, implementation=implementation, **options)

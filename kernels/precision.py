@@ -18,28 +18,6 @@ FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 LOW_PRECISION_DTYPES = (tf.float16, tf.bfloat16)
 
 
-def check_floating(name: str, x) -> tf.DType:
-    """Returns the dtype of tensor ``x``, raising TypeError unless it is a float type."""
-    dtype = tf.as_dtype(x.dtype)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"`{name}` must have a floating dtype (float16, bfloat16, float32 or float64). "
-            f"Received: {name}.dtype={dtype.name}"
-        )
-    return dtype
-
-
-def check_same_dtype(leader: str, dtype: tf.DType, **tensors) -> None:
-    """Raises TypeError unless every given tensor (None skipped) has ``dtype``, the
-    dtype of the argument named ``leader``."""
-    for name, t in tensors.items():
-        if t is not None and t.dtype != dtype:
-            raise TypeError(
-                f"`{name}` must have the dtype of `{leader}` ({dtype.name}). "
-                f"Received: {name}.dtype={t.dtype.name}"
-            )
-
-
 def accumulation_dtype(dtype) -> tf.DType:
     """The dtype matmul sums and softmax statistics are carried in."""
     return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import tensorflow as tf
 from fastlayers.kernels import dispatch
+from fastlayers.kernels import flops as flops_lib
 from fastlayers.kernels.auto import AUTO
 from fastlayers.kernels.dense import rows_matmul, unflatten_rows
+from fastlayers.kernels.validation import check_floating, check_same_dtype
 from fastlayers.kernels.precision import (
     accumulation_dtype,
-    check_floating,
-    check_same_dtype,
 )
 
 
@@ -42,11 +42,19 @@ def residual_projection_compiled(a, b, kernel):
     return tf.cast(y, a.dtype), tf.cast(mean, a.dtype)
 
 
+def _work(a, b, kernel):
+    if not (a.shape.is_fully_defined() and kernel.shape.is_fully_defined()):
+        return None
+    rows = a.shape.num_elements() // a.shape[-1]
+    return flops_lib.dense_flops(rows, *kernel.shape) + 2 * b.shape.num_elements()
+
+
 RESIDUAL_PROJECTION = dispatch.Kernel(
     "residual_projection",
     residual_projection_reference,
     residual_projection_compiled,
     auto=AUTO["residual_projection"],
+    work=_work,
 )
 
 
@@ -95,7 +103,4 @@ def residual_projection(a, b, kernel, *, implementation=None):
         )
     check_residual_shapes(a.shape, b.shape, kernel.shape)
     check_same_dtype("a", dtype, b=b, kernel=kernel)
-    chosen = RESIDUAL_PROJECTION.select(
-        implementation, platform=dispatch.platform_of(a), dtype=dtype
-    )
-    return RESIDUAL_PROJECTION.run(chosen, a, b, kernel)
+    return RESIDUAL_PROJECTION(a, b, kernel, implementation=implementation)

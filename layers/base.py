@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import numbers
 import re
 import threading
 import types
@@ -13,6 +12,7 @@ import tensorflow as tf
 
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.auto import DEFAULT
+from fastlayers.kernels.validation import check_positive_int  # noqa: F401 (the layers' import)
 
 PACKAGE = "fastlayers"
 
@@ -20,16 +20,6 @@ PACKAGE = "fastlayers"
 def register(cls):
     """Registers a layer for ``.keras`` files, loadable with ``safe_mode=True``."""
     return keras.saving.register_keras_serializable(package=PACKAGE)(cls)
-
-
-def check_positive_int(name: str, value) -> int:
-    """Returns ``value`` as an int if it is a positive integer (not a bool); else raises."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(
-            f"Received an invalid value for `{name}`, expected a positive integer. "
-            f"Received: {name}={value!r}"
-        )
-    return int(value)
 
 
 def get_activation(activation):
@@ -47,8 +37,11 @@ class FastLayer(keras.layers.Layer):
     """A Keras layer whose computation dispatches through ``implementation=``.
 
     Args:
-        implementation: None (auto: the fastest for the device and dtype),
-            ``"reference"``, ``"graph"`` or ``"xla"``. Kept in ``get_config()``.
+        implementation: None (auto: this machine's tuned choice where
+            ``fastlayers tune`` or ``FASTLAYERS_AUTOTUNE=1`` measured one, else the
+            table's for the device and dtype), ``"reference"``, ``"graph"``,
+            ``"xla"`` or ``"native"`` (where the kernel has one). Kept in
+            ``get_config()``.
     """
 
     def __init__(self, *, implementation=None, **kwargs):
@@ -64,8 +57,10 @@ class CompiledLayer(FastLayer):
 
     A subclass's ``call`` is the reference: plain TF or ``keras.ops`` code. The class
     turns it into a kernel with ``"graph"`` and ``"xla"`` paths behind
-    ``implementation=`` (auto by ``fastlayers.kernels.auto.DEFAULT``, or the class's
-    ``auto`` row), selected for the layer's compute dtype. It registers the class for
+    ``implementation=`` (auto by this machine's tuning cache, then
+    ``fastlayers.kernels.auto.DEFAULT`` or the class's ``auto`` row), selected for
+    the layer's compute dtype; the tuner keys its records by the class, the input
+    and the weights' shapes. It registers the class for
     ``.keras`` files under Keras's default package, ``"Custom"``, as
     ``keras.saving.register_keras_serializable()`` does (``package=`` in the class
     statement names another), so a file saved while the class lived in a notebook
@@ -186,12 +181,21 @@ def _dispatching(reference_call):
                 types.MethodType(reference, self),
                 auto=self.auto or DEFAULT,
                 not_supported_reasons=self.not_supported_reasons,
+                signature=functools.partial(_layer_signature, self),
             )
         return kernel.apply(
             args, kwargs, implementation=self.implementation, dtype=self.compute_dtype
         )
 
     return call
+
+
+def _layer_signature(layer, *args, **kwargs):
+    """A layer call's tuning key: its inputs' (as any kernel's) and its weights' shapes,
+    which its constructor arguments decide (two ``MyDense`` of other widths differ)."""
+    bucket, flags = dispatch.default_signature(*args, **kwargs)
+    flags["weights"] = [list(weight.shape) for weight in layer.weights]
+    return bucket, flags
 
 
 def _snake_case(name: str) -> str:

@@ -7,7 +7,7 @@ import numpy as np
 
 from fastlayers import kernels
 from fastlayers.kernels import masking
-from fastlayers.kernels.pooling import check_positive_pair
+from fastlayers.kernels.validation import check_positive_pair
 from fastlayers.layers.base import FastLayer, register
 
 

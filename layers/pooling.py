@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 
 from fastlayers.kernels import pooling
-from fastlayers.kernels.pooling import check_positive_pair, standardize_choice
+from fastlayers.kernels.validation import check_positive_pair, standardize_choice
 from fastlayers.layers.base import FastLayer, register
 
 

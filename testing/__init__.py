@@ -29,7 +29,10 @@ def test_my_kernel():  # a kernel from fastlayers.kernels.kernel, compiled= a fa
 from __future__ import annotations
 
 import contextlib
-import pathlib
+import functools
+import logging
+import os
+import tempfile
 
 import keras
 import ml_dtypes
@@ -60,6 +63,7 @@ __all__ = [
     "assert_keras_round_trip",
     "assert_layer_matches",
     "dtype_policy",
+    "expected_retracing",
     "round_to",
 ]
 
@@ -78,6 +82,42 @@ def dtype_policy(name):
         yield keras.config.dtype_policy()
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+class _NoRetracingWarning(logging.Filter):
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def expected_retracing():
+    """Drops TensorFlow's "triggered tf.function retracing" warning for a block.
+
+    TensorFlow warns when one Python function is traced again and again, a mistake
+    in a training loop (a ``tf.function`` created per step, Python numbers for
+    tensors). Checks and benchmarks that build a new layer or kernel per
+    implementation and dtype policy retrace by design; their warning is about a
+    problem they do not have, and reads as if it were in the user's code. Other
+    warnings still show.
+    """
+    logger, only = tf.get_logger(), _NoRetracingWarning()
+    logger.addFilter(only)
+    try:
+        yield
+    finally:
+        logger.removeFilter(only)
+
+
+def _retracing_expected(check):
+    """Runs a check under :func:`expected_retracing`: it builds a layer or calls a kernel
+    per implementation and policy."""
+
+    @functools.wraps(check)
+    def run(*args, **kwargs):
+        with expected_retracing():
+            return check(*args, **kwargs)
+
+    return run
 
 
 def _check(actual, expected, dtype, *, grad=False, what="output", names=None):
@@ -103,6 +143,7 @@ def _check(actual, expected, dtype, *, grad=False, what="output", names=None):
         tolerance(dtype, grad=grad).check(a, e, what=f"{what} {name}")
 
 
+@_retracing_expected
 def assert_kernel_matches(
     kernel, oracle, *inputs, dtypes=DTYPES, implementations=IMPLEMENTATIONS, **options
 ):
@@ -134,6 +175,7 @@ def assert_kernel_matches(
             _check(actual, expected, dtype, what=what)
 
 
+@_retracing_expected
 def assert_kernel_gradients_match_reference(
     kernel, *inputs, dtypes=DTYPES, implementations=COMPILED, **options
 ):
@@ -175,6 +217,7 @@ def _sum_of_squares(outputs):
     ])
 
 
+@_retracing_expected
 def assert_layer_matches(
     make_layer, oracle, inputs, *, policies=POLICIES, implementations=IMPLEMENTATIONS
 ):
@@ -215,6 +258,7 @@ def assert_layer_matches(
                        what=f"policy={policy} implementation={implementation!r}")
 
 
+@_retracing_expected
 def assert_gradients_match_reference(
     make_layer, inputs, *, policies=POLICIES, implementations=COMPILED, seed=0
 ):
@@ -245,13 +289,17 @@ def assert_gradients_match_reference(
                        what=f"gradients policy={policy} implementation={implementation!r}")
 
 
-def assert_keras_round_trip(layer, inputs, directory, *, call=None):
+def assert_keras_round_trip(layer, inputs, directory=None, *, call=None):
     """A model holding ``layer`` saves to ``.keras`` and loads with ``safe_mode=True`` unchanged.
+
+    The file is written to a temporary directory and removed once loaded: nothing
+    is left behind.
 
     Args:
         layer: an unbuilt or built layer instance.
         inputs: a numpy array (or list of them) of the layer's input, batch axis first.
-        directory: where the ``.keras`` file is written (e.g. pytest's ``tmp_path``).
+        directory: where the temporary directory of the ``.keras`` file is made
+            (e.g. pytest's ``tmp_path``, or ``"."``); None for the system's.
         call: optional ``call(layer, inputs)`` applying the layer to symbolic inputs
             of the structure of ``inputs``; the default is ``layer(inputs)``. For a
             layer that takes several tensors, e.g. ``lambda layer, x: layer(*x)``.
@@ -263,9 +311,10 @@ def assert_keras_round_trip(layer, inputs, directory, *, call=None):
     symbolic = tf.nest.map_structure(lambda x: keras.Input(x.shape[1:]), arrays)
     outputs = layer(symbolic) if call is None else call(layer, symbolic)
     model = keras.Model(symbolic, outputs)
-    path = pathlib.Path(directory) / f"{layer.name}.keras"
-    model.save(path)
-    loaded = keras.saving.load_model(path, safe_mode=True)
+    with tempfile.TemporaryDirectory(prefix="fastlayers-", dir=directory) as scratch:
+        path = os.path.join(scratch, f"{layer.name}.keras")
+        model.save(path)
+        loaded = keras.saving.load_model(path, safe_mode=True)
     restored = next(l for l in loaded.layers if l.name == layer.name)
     assert type(restored) is type(layer), (
         f"the .keras file loaded a {type(restored).__module__}.{type(restored).__qualname__}, "

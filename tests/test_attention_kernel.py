@@ -407,7 +407,7 @@ def test_gradients_after_a_length_change(rng, implementation):
 def test_auto_picks_from_the_table():
     from fastlayers.kernels.attention import ATTENTION
 
-    chosen = ATTENTION.select(None, platform="cpu", dtype=tf.float32)
+    chosen = ATTENTION.select(None, platform="cpu", dtype=tf.float32).implementation
     assert chosen == ATTENTION.auto[("cpu", "*")][0]
 
 

@@ -1,5 +1,5 @@
-"""The compiled attention's tile variants (``_Tiling``): each one against numpy and the
-reference, whichever the platform running the tests would pick for itself."""
+"""The compiled attention's variants (``AttentionVariant``): each one against numpy and
+the reference, whichever the platform running the tests would pick for itself."""
 
 import itertools
 
@@ -8,9 +8,10 @@ import pytest
 import tensorflow as tf
 from test_attention_kernel import SMALL_BLOCKS, attention_oracle, make_case, to_tensors
 
-from fastlayers.kernels import BlockSizes, attention, tolerance
+from fastlayers.kernels import AttentionVariant, BlockSizes, Selection, attention, tolerance
 
-TILINGS = [attention._Tiling(native, fused) for native, fused in itertools.product((False, True), repeat=2)]
+# (native_operands, fused_softmax): the algorithms a variant combines with its tiles.
+TILINGS = list(itertools.product((False, True), repeat=2))
 CASES = ("causal", "padding", "bias", "gqa", "fully_masked")
 # Keys in several blocks (logsumexp merges), or all in one (the fused softmax's whole
 # rows: no merge, and the gradient recomputes the softmax).
@@ -18,14 +19,21 @@ BLOCKS = {"key_blocks": SMALL_BLOCKS, "whole_rows": BlockSizes(block_q=16, block
 
 
 def _name(tiling):
-    return f"native={tiling.native_operands}-fused={tiling.fused_softmax}"
+    native, fused = tiling
+    return f"native={native}-fused={fused}"
+
+
+def _selection(tiling, blocks):
+    native, fused = tiling
+    variant = AttentionVariant(blocks.block_q, blocks.block_k, fused_softmax=fused, native_operands=native)
+    return Selection("graph", variant)
 
 
 def _compiled(tiling, blocks="key_blocks", **signature):
     def run(query, key, value, bias=None, mask=None, **options):
         return attention.dot_product_attention_compiled(
             query, key, value, bias, mask, scale=1.0 / np.sqrt(query.shape[-1]),
-            block_sizes=BLOCKS[blocks], tiling=tiling, **options)
+            selection=_selection(tiling, BLOCKS[blocks]), **options)
 
     return tf.function(run, autograph=False, **signature)
 
@@ -119,31 +127,47 @@ def test_tiling_keeps_nan_rows_nan(rng, tiling, blocks):
     assert np.isfinite(out).all()
 
 
-def test_tiling_for_picks_onednn_kernels_only_for_the_graph_path():
+def test_the_default_variant_picks_onednn_kernels_only_for_the_graph_path():
+    def algorithm(implementation, platform, dtype):
+        variant = attention.default_variant(implementation, platform, dtype)
+        return variant.native_operands, variant.fused_softmax
+
     bf16, f32 = tf.bfloat16, tf.float32
-    assert attention.tiling_for("xla", "cpu-onednn-bf16", bf16) == attention._Tiling()
-    assert attention.tiling_for("graph", "cpu", bf16) == attention._Tiling()
-    assert attention.tiling_for("graph", "cpu-onednn", bf16) == attention._Tiling(False, True)
-    assert attention.tiling_for("graph", "cpu-onednn-bf16", bf16) == attention._Tiling(True, True)
-    assert attention.tiling_for("graph", "cpu-onednn-bf16", f32) == attention._Tiling(False, True)
-    assert attention.tiling_for("graph", "gpu", tf.float16) == attention._Tiling(True, False)
+    assert algorithm("xla", "cpu-onednn-bf16", bf16) == (False, False)
+    assert algorithm("graph", "cpu", bf16) == (False, False)
+    assert algorithm("graph", "cpu-onednn", bf16) == (False, True)
+    assert algorithm("graph", "cpu-onednn-bf16", bf16) == (True, True)
+    assert algorithm("graph", "cpu-onednn-bf16", f32) == (False, True)
+    assert algorithm("graph", "gpu", tf.float16) == (True, False)
+
+
+def test_explicit_block_sizes_fix_the_tiles_of_the_default_variant():
+    variant = attention.default_variant("graph", "cpu-onednn", tf.float32, block_sizes=BlockSizes(8, 16))
+    assert (variant.block_q, variant.block_k, variant.fused_softmax) == (8, 16, True)
 
 
 @pytest.mark.parametrize("batch_heads, rows", [(None, 512), (8, 512), (32, 512), (64, 256), (96, 170), (4096, 16)])
 def test_onednn_tiles_keep_their_size_as_batch_and_heads_grow(batch_heads, rows):
-    fused = attention._Tiling(fused_softmax=True)
-    assert fused.default_block_sizes(False, batch_heads) == BlockSizes(rows, 2048)
+    assert attention.default_block_sizes(True, False, batch_heads) == BlockSizes(rows, 2048)
     # causal calls and the XLA path keep the small tiles
-    assert fused.default_block_sizes(True, batch_heads) == attention.DEFAULT_BLOCK_SIZES
-    assert attention._Tiling().default_block_sizes(False, batch_heads) == attention.DEFAULT_BLOCK_SIZES
+    assert attention.default_block_sizes(True, True, batch_heads) == attention.DEFAULT_BLOCK_SIZES
+    assert attention.default_block_sizes(False, False, batch_heads) == attention.DEFAULT_BLOCK_SIZES
+
+
+def test_the_tile_budget_is_configurable(monkeypatch):
+    monkeypatch.setenv(attention.TILE_BUDGET_ENV, "64")
+    assert attention.default_block_sizes(True, False, 32) == BlockSizes(256, 2048)
+    monkeypatch.setenv(attention.TILE_BUDGET_ENV, "lots")
+    assert attention.tile_budget_bytes() == attention.DEFAULT_TILE_BUDGET_BYTES
 
 
 def test_many_batch_entries_and_heads_take_short_query_tiles(rng):
     """B·N = 256: the default oneDNN tile holds 64 query rows, so T=150 spans three
     query blocks, the last one partial, with every key in one block."""
     q, k, v = (rng.standard_normal((32, length, 8, 8)) for length in (150, 41, 41))
-    fused = attention._Tiling(fused_softmax=True)
-    assert fused.default_block_sizes(False, 32 * 8).block_q == 64
-    out = tf.function(lambda *x: attention.dot_product_attention_compiled(*x, scale=1.0 / np.sqrt(8), tiling=fused))(
+    blocks = attention.default_block_sizes(True, False, 32 * 8)
+    assert blocks.block_q == 64
+    fused = Selection("graph", AttentionVariant(blocks.block_q, blocks.block_k, fused_softmax=True))
+    out = tf.function(lambda *x: attention.dot_product_attention_compiled(*x, scale=1.0 / np.sqrt(8), selection=fused))(
         *(tf.constant(x, tf.float32) for x in (q, k, v)))
     tolerance("float32").check(out.numpy(), attention_oracle(q, k, v), what="B·N=256")

@@ -2,6 +2,7 @@
 sizes, --compare / --fail-on-regression exit codes, bad input, and the pytest suites."""
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 import shutil
@@ -9,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from fastlayers.bench import cases, cli, flops, runner
+from fastlayers.bench import cases, cli, errors, files, flops, plot, report, runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--sizes", "8", "--repeats", "2", "--quiet"]
@@ -67,15 +68,33 @@ def test_providers_are_interleaved_in_rotated_rounds(monkeypatch):
 
 def test_ratios_are_taken_within_the_group():
     suite = fake_suite([])
-    a, keras_row, peak = (runner.Result(cases.Case(suite, 1, "float32", "eager", "cpu", p))
+    a, keras_row, peak = (report.Result(cases.Case(suite, 1, "float32", "eager", "cpu", p))
                           for p in (suite.provider("a"), suite.provider("keras"),
                                     suite.provider("peak")))
     a.seconds, keras_row.seconds, peak.seconds = [2.0, 4.0, 9.0], [8.0], [2.0]
-    runner.derive_ratios([a, keras_row, peak])
+    report.derive_ratios([a, keras_row, peak])
     assert a.gflops == pytest.approx(0.25)  # 1 GFLOP in the 4 s median
     assert a.fraction_of_peak == pytest.approx(0.5)
     assert a.speedup_over_baseline == pytest.approx(2.0)
     assert peak.fraction_of_peak == pytest.approx(1.0)
+
+
+def test_the_peak_is_the_fastest_row_so_no_fraction_exceeds_one():
+    suite = fake_suite([])
+    a, keras_row, peak = (report.Result(cases.Case(suite, 1, "float32", "eager", "cpu", p))
+                          for p in (suite.provider("a"), suite.provider("keras"),
+                                    suite.provider("peak")))
+    a.seconds, keras_row.seconds, peak.seconds = [1.0], [8.0], [2.0]  # a beats tf.matmul
+    report.derive_ratios([a, keras_row, peak])
+    assert a.fraction_of_peak == pytest.approx(1.0)
+    assert peak.fraction_of_peak == pytest.approx(0.5)
+    assert keras_row.fraction_of_peak == pytest.approx(0.125)
+    assert report.table([a, keras_row, peak]).splitlines()[-1] == report.PEAK_NOTE
+    # Without a peak row (a layer's suite) there is no peak, whatever is fastest.
+    report.derive_ratios([a, keras_row])
+    a.fraction_of_peak = keras_row.fraction_of_peak = None
+    report.derive_ratios([a, keras_row])
+    assert a.fraction_of_peak is None and report.PEAK_NOTE not in report.table([a, keras_row])
 
 
 def test_a_failing_provider_is_a_row_not_a_crash(monkeypatch):
@@ -87,7 +106,7 @@ def test_a_failing_provider_is_a_row_not_a_crash(monkeypatch):
     assert [r.case.provider.name for r in failed] == ["b"]
     assert failed[0].error == "ValueError: b cannot run"
     assert all(len(r.seconds) == 2 for r in results if not r.error)
-    assert "failed" in runner.table(results)
+    assert "failed" in report.table(results)
 
 
 def test_speed_up_is_over_the_fastest_baseline_and_a_peak_of_its_own_problem_has_none():
@@ -98,14 +117,14 @@ def test_speed_up_is_over_the_fastest_baseline_and_a_peak_of_its_own_problem_has
     providers = (suite.provider("a"), suite.provider("keras"), keras_xla, matmul)
     suite = dataclasses.replace(suite, providers=providers)
     a, keras_row, xla_row, peak = (
-        runner.Result(cases.Case(suite, 1, "float32", "eager", "cpu", p)) for p in providers)
+        report.Result(cases.Case(suite, 1, "float32", "eager", "cpu", p)) for p in providers)
     a.seconds, keras_row.seconds, xla_row.seconds, peak.seconds = [1.0], [4.0], [2.0], [1.0]
-    runner.derive_ratios([a, keras_row, xla_row, peak])
+    report.derive_ratios([a, keras_row, xla_row, peak])
     assert a.speedup_over_baseline == pytest.approx(2.0)  # over keras-xla, the faster
     assert keras_row.speedup_over_baseline == pytest.approx(0.5)
     assert peak.gflops == pytest.approx(4.0) and peak.speedup_over_baseline is None
     assert a.fraction_of_peak == pytest.approx(0.25)  # 1 GFLOP/s of the peak's 4
-    table = runner.table([a, keras_row, xla_row, peak])
+    table = report.table([a, keras_row, xla_row, peak])
     assert table.splitlines()[0].split()[-2:] == ["vs", "baseline"]
     assert "vs baseline: speed-up over the fastest of keras, keras-xla for fake" in table
 
@@ -114,11 +133,11 @@ def test_regressions_are_cases_slower_by_more_than_the_threshold():
     suite = fake_suite([])
     rows = []
     for old, seconds in ((1.0, 1.0), (1.0, 1.25), (1.0, 1.05), (None, 9.0)):
-        r = runner.Result(cases.Case(suite, 1, "float32", "eager", "cpu", suite.provider("a")))
+        r = report.Result(cases.Case(suite, 1, "float32", "eager", "cpu", suite.provider("a")))
         r.seconds, r.old_gflops = [seconds], old
         rows.append(r)
-    assert runner.regressions(rows, 10) == [rows[1]]  # 20% slower
-    assert runner.regressions(rows, 25) == []
+    assert report.regressions(rows, 10) == [rows[1]]  # 20% slower
+    assert report.regressions(rows, 25) == []
 
 
 def test_plot_draws_one_labelled_line_per_provider(tmp_path, monkeypatch):
@@ -131,12 +150,12 @@ def test_plot_draws_one_labelled_line_per_provider(tmp_path, monkeypatch):
     results = []
     for size in (8, 16, 32):
         for provider in cases.DENSE.providers:
-            result = runner.Result(cases.Case(cases.DENSE, size, "float32", "function", "cpu",
+            result = report.Result(cases.Case(cases.DENSE, size, "float32", "function", "cpu",
                                               provider))
             result.seconds = [1.0]
             results.append(result)
     machine = {"cpu": "Test CPU 9000", "cpu_count": 2, "onednn": False, "tensorflow": "2.21.0"}
-    runner.plot(str(tmp_path / "p.png"), results, machine)
+    plot.plot(str(tmp_path / "p.png"), results, machine)
     (fig,) = drawn
     (ax,) = fig.axes
     assert ax.get_xlabel() == "rows M of the input"
@@ -154,13 +173,15 @@ def test_bench_end_to_end_writes_table_json_and_plot(capsys, tmp_path):
     code, out, err = run_cli(capsys, "bench", *TINY, "--dtypes", "float32",
                              "--json", str(json_path), "--plot", str(png_path))
     assert code == 0, err
-    lines = out.splitlines()
+    table, notes = out.split("\n\n")
+    lines = table.splitlines()
     assert lines[0].split() == ["case", "mode", "provider", "dtype", "GFLOP/s", "%", "of",
                                 "peak", "vs", "keras"]
     assert len(lines) == 2 + len(cases.DENSE.providers) * len(cases.MODES)
+    assert notes.strip() == report.PEAK_NOTE
     assert "fastlayers (auto: " in out
     document = json.loads(json_path.read_text())
-    assert document["format"] == runner.FORMAT
+    assert document["format"] == files.FORMAT
     machine = document["machine"]
     for key in ("cpu", "cpu_flags", "onednn", "cpu_platform", "tensorflow", "keras", "numpy",
                 "fastlayers"):
@@ -171,10 +192,11 @@ def test_bench_end_to_end_writes_table_json_and_plot(capsys, tmp_path):
     for row in rows:
         assert row["error"] is None and row["gflops"] > 0
         assert row["shape"] == {"M": 8, "K": 1024, "N": 4096}
-        if row["provider"] == "tf.matmul":
-            assert row["fraction_of_peak"] == pytest.approx(1.0)
+        assert 0 < row["fraction_of_peak"] <= 1
         if row["provider"] == "keras":
             assert row["speedup_over_baseline"] == pytest.approx(1.0)
+    for mode in cases.MODES:  # the fastest row of each group is the peak
+        assert max(r["fraction_of_peak"] for r in rows if r["mode"] == mode) == 1.0
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(os.listdir(tmp_path)) == ["run.json", "run.png"]  # no temporary left
 
@@ -206,7 +228,7 @@ def test_attention_suite_writes_table_json_and_plot(capsys, tmp_path):
         assert row["shape"] == {"B": 4, "T": 64, "S": 64, "N": 8, "H": 64}
         assert row["flops"] == (flops.dense_flops(side, side, side) if name == "tf.matmul"
                                 else attention)
-    assert results["tf.matmul"]["fraction_of_peak"] == pytest.approx(1.0)
+    assert max(row["fraction_of_peak"] for row in results.values()) == 1.0
     assert results["tf.matmul"]["speedup_over_baseline"] is None
     keras_rows = [results["keras"]["speedup_over_baseline"],
                   results["keras-xla"]["speedup_over_baseline"]]
@@ -316,7 +338,7 @@ def test_bench_drops_only_the_retracing_warning_of_its_fresh_wrappers(caplog, mo
         tf.get_logger().warning("another warning")
         return 0
 
-    monkeypatch.setattr(cli, "_bench", bench)
+    monkeypatch.setitem(cli.COMMANDS, "bench", dataclasses.replace(cli.COMMANDS["bench"], run=bench))
     assert cli.main(["bench"]) == 0
     assert "another warning" in caplog.text
     assert "retracing" not in caplog.text
@@ -356,3 +378,67 @@ def test_pytest_benchmark_suite_runs_saves_and_compares(tmp_path):
     done = run(base + ["--benchmark-compare", "0001"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "0001_one" in done.stdout
+
+
+def test_bare_fastlayers_prints_the_usage_and_the_commands(capsys):
+    code, out, err = run_cli(capsys)
+    assert code == 0 and err == ""
+    assert out.startswith("usage: fastlayers ")
+    assert "--version" in out
+    words = " ".join(out.split())  # argparse wraps its lines
+    for name, command in cli.COMMANDS.items():
+        assert f" {name} {command.help} " in words, name
+
+
+def test_version_is_the_installed_distributions(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"fastlayers {importlib.metadata.version('fastlayers')}\n"
+
+
+def test_an_unknown_command_is_one_line_naming_the_commands(capsys):
+    code, out, err = run_cli(capsys, "benchmark")
+    assert code == cli.EXIT_USAGE and out == ""
+    assert err.startswith("fastlayers: error: argument COMMAND: invalid choice: 'benchmark' "
+                          "(choose from ")
+    assert len(err.splitlines()) == 1 and all(f"'{name}'" in err for name in cli.COMMANDS)
+
+
+def test_help_names_the_modes_and_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps its lines
+    assert ("--modes MODES comma-separated modes: eager (each call from Python), function "
+            "(calls inside a tf.function) (default: eager,function)") in out
+    assert "the median is reported (default: 5)" in out
+    with pytest.raises(SystemExit):
+        cli.main(["profile", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for default in ("Keras dtype policy (default: float32)", "(default: auto)",
+                    "tf.function) (default: eager)", "warm-up steps (default: 5)"):
+        assert default in out
+
+
+def test_a_subcommand_is_one_registration(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "COMMANDS", dict(cli.COMMANDS))
+    ran = []
+
+    def add_arguments(parser):
+        parser.add_argument("--times", type=int, default=1)
+
+    def run_echo(args):
+        if args.times < 1:
+            raise errors.CommandError(f"`--times` must be positive. Received: {args.times}")
+        ran.append(args.times)
+        return 0
+
+    cli.register(cli.Command("echo", help="say it again", description="Says it again.",
+                             add_arguments=add_arguments, run=run_echo, extra=None))
+    assert " echo say it again " in " ".join(run_cli(capsys)[1].split())
+    assert run_cli(capsys, "echo", "--times", "3") == (0, "", "")
+    assert ran == [3]
+    assert run_cli(capsys, "echo", "--times", "0") == (
+        cli.EXIT_USAGE, "", "fastlayers echo: error: `--times` must be positive. Received: 0\n")
+    with pytest.raises(ValueError, match="Received: name='echo' \\(already registered\\)"):
+        cli.register(cli.COMMANDS["echo"])

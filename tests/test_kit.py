@@ -101,7 +101,7 @@ def test_declared_reasons_refuse_explicit_requests_and_steer_auto():
 
     with pytest.raises(ValueError, match="implementation='xla' cannot run kernel 'no_xla'.*an op XLA lacks"):
         no_xla(tf.ones([2]), implementation="xla")
-    assert no_xla.select(None, platform=dispatch.cpu_platform(), dtype=tf.float32) == "graph"
+    assert no_xla.select(None, platform=dispatch.cpu_platform(), dtype=tf.float32).implementation == "graph"
     np.testing.assert_array_equal(no_xla(tf.ones([2])), [2.0, 2.0])
 
 
@@ -170,7 +170,7 @@ def test_compiled_layer_reasons_and_auto_row():
     layer = NoXLA(2)
     assert layer(x).shape == (1, 2)
     (kernel,) = layer._fastlayers_kernels.values()
-    chosen = kernel.select(None, platform=dispatch.cpu_platform(), dtype=tf.float32)
+    chosen = kernel.select(None, platform=dispatch.cpu_platform(), dtype=tf.float32).implementation
     assert chosen == "graph"
     with pytest.raises(ValueError, match="implementation='xla' cannot run kernel 'no_xla'.*refused for this test"):
         NoXLA(2, implementation="xla")(x)
@@ -217,7 +217,7 @@ def test_a_bare_kernel_decorator_declares_one_with_the_defaults():
     "auto, message",
     [
         ({("cpu-onednn-bf16", "*"): ("jit",)},
-         "entries must be a non-empty tuple of 'reference', 'graph', 'xla'. "
+         "entries must be a non-empty tuple of 'reference', 'graph', 'xla', 'native'. "
          "Received: ('cpu-onednn-bf16', '*'): ('jit',)"),
         ({("CPU", "*"): ("xla",)},
          "platform 'CPU' is not one of 'cpu', 'cpu-onednn', 'cpu-onednn-bf16', 'gpu'. "
@@ -227,7 +227,7 @@ def test_a_bare_kernel_decorator_declares_one_with_the_defaults():
         ({("cpu", "*"): 5}, "entries must be a non-empty tuple"),
         ({("cpu", "*"): "xla"}, "entries must be a non-empty tuple"),
         ({("cpu", "*"): ()}, "entries must be a non-empty tuple"),
-        ({"cpu": ("xla",)}, "a key is not a (platform, dtype name) pair of strings. Received: 'cpu'"),
+        ({"cpu": ("xla",)}, "a key is not a (platform, dtype name) or (platform, dtype name, row) tuple of strings. Received: 'cpu'"),
         ("xla", "expected a dict mapping (platform, dtype name) to a tuple"),
     ],
 )
@@ -538,3 +538,39 @@ def test_threads_calling_one_layer_each_dispatch():
             thread.join(timeout=60)
     assert layer.seen == [("float32", "float32")] * 2
     assert [r.dtype for r in results] == [tf.float16] * 2
+
+
+def test_the_checks_print_no_retracing_warning_but_other_warnings_show(rng, caplog, monkeypatch):
+    from tensorflow.python.eager.polymorphic_function import polymorphic_function
+
+    # TensorFlow warns at most twice per traced Python function and process: a fresh
+    # detector makes the warning below independent of the tests run before this one.
+    monkeypatch.setattr(polymorphic_function, "_frequent_tracing_detector_manager",
+                        polymorphic_function._FrequentTracingDetectorManager())
+    make = lambda **kwargs: MyDense(3, activation="tanh", **kwargs)  # noqa: E731
+    x = rng.standard_normal((4, 5))
+    # Unwrapped, the check builds a layer per policy and implementation, and TensorFlow
+    # warns about the retracing as if it were a mistake.
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        testing.assert_layer_matches.__wrapped__(make, my_dense_oracle, x)
+    assert "triggered tf.function retracing" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        testing.assert_layer_matches(make, my_dense_oracle, x)
+        testing.assert_gradients_match_reference(make, x)
+        testing.assert_kernel_matches(scaled_softplus, softplus_oracle, x)
+        testing.assert_kernel_gradients_match_reference(scaled_softplus, x)
+        with testing.expected_retracing():
+            tf.get_logger().warning("another warning")
+    assert "retracing" not in caplog.text
+    assert "another warning" in caplog.text
+
+
+@pytest.mark.parametrize("where", [".", "tmp_path", None])
+def test_keras_round_trip_leaves_no_file_behind(rng, tmp_path, monkeypatch, where):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where None puts it
+    directory = {"tmp_path": tmp_path}.get(where, where)
+    loaded = testing.assert_keras_round_trip(MyDense(3), rng.standard_normal((2, 4)), directory)
+    assert isinstance(loaded, keras.Model)
+    assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,7 @@ import tensorflow as tf
 from helpers import COMPILED, DEVICES, IMPLEMENTATIONS, round_to
 
 from fastlayers import kernels, layers
-from fastlayers.kernels import pooling
+from fastlayers.kernels import dispatch, pooling
 
 # (pool_size, strides, padding, data_format, input shape): odd sizes, overlapping
 # windows, windows that do not tile the input, both layouts.
@@ -375,18 +375,25 @@ def test_bad_arguments_raise(kwargs, message):
         layers.MaxPooling2D(**kwargs)
 
 
-@pytest.mark.parametrize("pool_size, strides, padding, data_format, name", [
-    ((2, 2), (2, 2), "valid", "channels_last", "max_pool2d_tiled"),
-    ((2, 2), (2, 2), "same", "channels_last", "max_pool2d"),
-    ((3, 3), (2, 2), "valid", "channels_last", "max_pool2d"),
-    ((2, 3), (2, 3), "valid", "channels_first", "max_pool2d_channels_first_tiled"),
-    ((2, 2), (1, 1), "valid", "channels_first", "max_pool2d_channels_first"),
+@pytest.mark.parametrize("pool_size, strides, padding, data_format, row", [
+    ((2, 2), (2, 2), "valid", "channels_last", "tiled"),
+    ((2, 2), (2, 2), "same", "channels_last", None),
+    ((3, 3), (2, 2), "valid", "channels_last", None),
+    ((2, 3), (2, 3), "valid", "channels_first", "channels_first_tiled"),
+    ((2, 2), (1, 1), "valid", "channels_first", "channels_first"),
 ])
 def test_windows_that_tile_the_input_have_their_own_auto_row(
-    pool_size, strides, padding, data_format, name
+    pool_size, strides, padding, data_format, row
 ):
-    kernel = pooling.kernel_for(pool_size, strides, padding, data_format)
-    assert kernel.name == name
+    options = dict(pool_size=pool_size, strides=strides, padding=padding, data_format=data_format)
+    variant = pooling.variant_of(**options)
+    assert variant.auto_row == row
+    assert variant.tiled == (padding == "valid" and strides == pool_size)
+    platform = dispatch.cpu_platform()
+    keys = [(platform, "float32", row), (platform, "*", row)] if row else [(platform, "float32"), (platform, "*")]
+    expected = next(pooling.MAX_POOL2D.auto[key] for key in keys if key in pooling.MAX_POOL2D.auto)
+    assert pooling.MAX_POOL2D.candidates(platform, tf.float32, row) == expected
+    name = "max_pool2d"
     layer = layers.MaxPooling2D(pool_size, strides, padding, data_format)
 
     @tf.function

@@ -346,12 +346,11 @@ class TestRefusals:
         with pytest.raises(ValueError, match="native kernel takes float32, float16 or bfloat16, not float64"):
             native(**dict(zip(("query", "key", "value"), self.inputs(tf.float64))))
 
-    def test_in_xla_cluster(self):
-        assert not native_attention.in_xla_cluster()
-        seen = []
-        tf.function(lambda: seen.append(native_attention.in_xla_cluster()) or tf.constant(0), jit_compile=True)()
-        tf.function(lambda: seen.append(native_attention.in_xla_cluster()) or tf.constant(0))()
-        assert seen == [True, False]
+    def test_on_gpu(self):
+        from fastlayers.kernels.attention import ATTENTION
+
+        with pytest.raises(ValueError, match="implementation='native'.*the native kernel runs on CPU only"):
+            ATTENTION.select("native", platform="gpu", dtype=tf.float32)
 
 
 class TestOpBadInput:
@@ -451,13 +450,51 @@ def test_auto_skips_a_failed_build_with_one_warning(monkeypatch, fresh_build, rn
 
 
 def test_auto_takes_native_unless_a_tape_records():
-    from fastlayers.kernels.attention import ATTENTION
+    from fastlayers.kernels.attention import ATTENTION, NATIVE_BLOCK_SIZES
 
-    assert ATTENTION.select(None, platform="cpu", dtype=tf.float32) == "native"
-    assert ATTENTION.select(None, platform="cpu", dtype=tf.float64) == "xla"
+    def choice(implementation, dtype=tf.float32):
+        selection = ATTENTION.select(implementation, platform="cpu", dtype=dtype)
+        return selection.implementation, selection.variant
+
+    assert choice(None) == ("native", NATIVE_BLOCK_SIZES)
+    assert choice(None, tf.float64)[0] == "xla"
     with tf.GradientTape():
-        assert ATTENTION.select(None, platform="cpu", dtype=tf.float32) == "xla"
-        assert ATTENTION.select("native", platform="cpu", dtype=tf.float32) == "native"
+        assert choice(None)[0] == "xla"
+        assert choice("native") == ("native", NATIVE_BLOCK_SIZES)
+
+
+def test_the_callers_tiles_reach_the_op_through_the_selection(monkeypatch):
+    from fastlayers.kernels import attention as attention_lib
+
+    seen = []
+    run = native_attention.dot_product_attention_native
+
+    def spy(*args, block_sizes, **options):
+        seen.append(block_sizes)
+        return run(*args, block_sizes=block_sizes, **options)
+
+    monkeypatch.setattr(native_attention, "dot_product_attention_native", spy)
+    q = tf.ones([1, 4, 2, 8])
+    native(query=q, key=q, value=q)
+    native(query=q, key=q, value=q, block_sizes=SMALL_BLOCKS)
+    assert seen == [attention_lib.NATIVE_BLOCK_SIZES, SMALL_BLOCKS]
+
+
+@pytest.mark.parametrize("length, labels", [
+    (2048, ["native 64x512", "native 32x512", "native 128x256", "native 64x1024"]),
+    # The op clips tiles to T and to S rounded up to 16: but for 32x512 (32x48),
+    # all run as 40x48.
+    (40, ["native 64x512", "native 32x512"]),
+])
+def test_the_tuner_times_the_native_tiles_that_differ(length, labels):
+    from fastlayers.kernels import attention as attention_lib
+
+    shape = (1, length, 2, 8)
+    candidates = attention_lib.ATTENTION.tuning_candidates(
+        platform="cpu", dtype=tf.float32, shapes=(shape,) * 3 + (None, None),
+        scale=1.0, is_causal=False, dropout_rate=0.0, seed=None,
+    )
+    assert [c.label for c in candidates if c.implementation == "native"] == labels
 
 
 def test_broken_flags_give_the_compiler_error(monkeypatch, fresh_build):

@@ -17,7 +17,7 @@ import urllib.request
 import keras
 import pytest
 from fastlayers import layers
-from fastlayers.bench import cases, cli, profile
+from fastlayers.bench import cases, cli, layer_spec, profile
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.dense import DENSE
 from fastlayers.kernels.flops import dense_flops
@@ -31,10 +31,10 @@ def expected_implementation(implementation, mode):
         return implementation
     # auto runs small eager calls with the reference (kernels/auto.py); in a graph,
     # the table decides
-    units = profile.LAYER_DEFAULTS["Dense"].args["units"]
+    units = layer_spec.LAYER_DEFAULTS["Dense"].args["units"]
     work = dense_flops(*TINY_SHAPE, units) if mode == "eager" else None
     return DENSE.select(None, platform=cases.platform_for("cpu"),
-                        dtype=cases.compute_dtype("float32"), work=work)
+                        dtype=cases.compute_dtype("float32"), work=work).implementation
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,9 @@ def captures(tmp_path_factory):
 def test_trace_holds_the_kernel_scope(captures, mode, implementation):
     result = captures[mode, implementation]
     assert os.path.isfile(result.xplane_path)
-    assert result.xplane_path.startswith(os.path.join(result.logdir, "plugins", "profile"))
+    assert result.run == "Dense"
+    assert result.xplane_path.startswith(
+        os.path.join(result.logdir, "Dense", "plugins", "profile", ""))
     assert result.scopes == {f"fastlayers/dense/{expected_implementation(implementation, mode)}"}
 
 
@@ -113,7 +115,7 @@ def test_cli_prints_the_tensorboard_line(tmp_path):
     assert code == 0, err
     assert out.splitlines()[-1] == f"tensorboard --logdir {logdir}"
     assert "kernel scopes in the trace: fastlayers/dense/xla" in out
-    assert glob.glob(str(logdir / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert glob.glob(str(logdir / "Linear" / "plugins" / "profile" / "*" / "*.xplane.pb"))
 
 
 def test_xla_program_name_gives_the_scope_when_the_launch_event_is_lost(captures, tmp_path, monkeypatch):
@@ -181,12 +183,17 @@ def get_json(port, route, timeout=5):
         return json.loads(body)
 
 
-def test_tensorboard_profile_plugin_lists_the_run(captures):
-    result = captures["eager", None]
-    run = os.path.basename(result.run_dir)
+def test_tensorboard_lists_each_layer_as_a_run_of_its_name(captures):
+    """Dense and Linear captured into one log directory are two runs, by class name."""
+    dense = captures["eager", None]
+    linear = profile.profile_layer("Linear", dense.logdir, input_shape=TINY_SHAPE, steps=1)
+    assert (dense.run, linear.run) == ("Dense", "Linear")
+    # The profile plugin names a capture <run>/<session>.
+    expected = [f"{result.run}/{os.path.basename(result.run_dir)}" for result in (dense, linear)]
+    run = expected[0]
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", result.logdir,
+        [sys.executable, "-m", "tensorboard.main", "--logdir", dense.logdir,
          "--host", HOST, "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
@@ -196,13 +203,14 @@ def test_tensorboard_profile_plugin_lists_the_run(captures):
             try:
                 # xprof's profile plugin: /data/plugin/profile/runs lists profile runs.
                 runs = get_json(port, "/data/plugin/profile/runs")
-                if run in runs:
+                if all(name in runs for name in expected):
                     break
             except OSError as e:
                 error = e
             time.sleep(0.5)
         assert server.poll() is None, server.stderr.read()[-2000:]
-        assert runs is not None and run in runs, f"runs={runs}, last error={error}"
+        assert runs is not None and all(name in runs for name in expected), (
+            f"runs={runs}, last error={error}")
         assert "profile" in get_json(port, "/data/plugins_listing")
         tools = get_json(port, "/data/plugin/profile/run_tools?run=" + urllib.parse.quote(run),
                          timeout=60)

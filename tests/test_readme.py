@@ -1,4 +1,4 @@
-"""The README stays true: its two commands, CI's command, and every Python example."""
+"""The README stays true: its two commands, CI's command, every Python example and command."""
 
 import pathlib
 import re
@@ -20,9 +20,11 @@ def test_the_readme_opens_with_exactly_two_commands():
     first = README.index("```")
     assert README[first:].startswith("```sh\n")
     commands = [line for line in _blocks("sh")[0].splitlines() if line.strip()]
-    assert len(commands) == 2, commands
-    assert commands[0].endswith("fastlayers bench")
-    assert ".venv/bin/pytest" in commands[1]
+    assert commands == [
+        'python3 -m venv .venv && .venv/bin/pip install ".[bench]" && .venv/bin/fastlayers bench',
+        'python3 -m venv .venv && .venv/bin/pip install ".[test]" && '
+        ".venv/bin/pytest -n 2 --dist loadfile",
+    ]
 
 
 def test_ci_runs_the_readmes_test_command():
@@ -31,15 +33,56 @@ def test_ci_runs_the_readmes_test_command():
     assert test_command in ci
 
 
-def test_every_python_example_runs(tmp_path, monkeypatch, capsys):
+def _sections():
+    """``(title, body)`` of each ``## `` section, in order."""
+    parts = re.split(r"^## (.+)\n", README, flags=re.M)
+    return list(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_every_python_example_runs_in_its_section_as_written(tmp_path, monkeypatch, capsys):
+    """Each section's blocks run in order in a fresh namespace, as a reader who jumps
+    to that section would paste them: a block may use only its own section's names."""
     monkeypatch.chdir(tmp_path)
-    namespace = {}
-    for block in _blocks("python"):
-        exec(compile(block, "README.md", "exec"), namespace)
+    ran = []
+    for title, body in _sections():
+        namespace = {}
+        for block in re.findall(r"^```python\n(.*?)^```", body, flags=re.S | re.M):
+            exec(compile(block, f"README.md, {title}", "exec"), namespace)
+            ran.append(title)
+    assert {"Use", "Bring your own layer", "Scaling out"} <= set(ran)
     printed = capsys.readouterr().out.splitlines()
     # What the README's comments say the walkthrough prints.
     assert "(32, 64) 64" in printed
     assert "['fastlayers/my_dense/xla']" in printed
+    assert not list(tmp_path.glob("*.keras")), "an example left a .keras file behind"
+
+
+SHELL_STARTS = ("python3 -m venv .venv && .venv/bin/pip install ", ".venv/bin/")
+
+
+def test_every_command_runs_as_given_after_the_first():
+    """No command needs an activated venv: each names `.venv/bin/` (or creates it)."""
+    for block in _blocks("sh"):
+        for line in block.splitlines():
+            if line.strip():
+                assert line.startswith(SHELL_STARTS), line
+    inline = re.findall(r"`((?:fastlayers|pytest|tensorboard|pip) [^`]*)`", README)
+    assert not inline, f"commands not on PATH after the first command: {inline}"
+
+
+def test_the_profiling_commands_write_a_run_named_after_the_layer(tmp_path, monkeypatch, capsys):
+    (block,) = re.findall(r"^```sh\n(.*?)^```", _section("Profiling"), flags=re.S | re.M)
+    profile_command, tensorboard_command = [shlex.split(line) for line in block.splitlines()]
+    assert profile_command[:2] == [".venv/bin/fastlayers", "profile"]
+    logdir = profile_command[profile_command.index("--logdir") + 1]
+    assert tensorboard_command == [".venv/bin/tensorboard", "--logdir", logdir]
+    monkeypatch.chdir(tmp_path)
+    # A smaller Dense than its LAYER_DEFAULTS row, one step: the command, not the size.
+    argv = profile_command[1:] + ["--input-shape", "8,16", "--layer-args", '{"units": 8}',
+                                  "--steps", "1"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.splitlines()[-1] == f"tensorboard --logdir {logdir}"
+    assert list((tmp_path / logdir / "Dense" / "plugins" / "profile").glob("*/*.xplane.pb"))
 
 
 def _section(title):
@@ -57,7 +100,8 @@ def test_the_walkthroughs_shell_commands_run_on_its_module(tmp_path, monkeypatch
     lead = "From the shell, with the class saved in `my_layers.py`:"
     commands = re.search(re.escape(lead) + r"\s*```sh\n(.*?)^```", section, re.S | re.M).group(1)
     commands = [shlex.split(line) for line in commands.splitlines() if line.strip()]
-    assert [c[:2] for c in commands] == [["fastlayers", "bench"], ["fastlayers", "profile"]]
+    assert [c[:2] for c in commands] == [[".venv/bin/fastlayers", "bench"],
+                                         [".venv/bin/fastlayers", "profile"]]
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "my_layers", raising=False)
@@ -72,7 +116,7 @@ def test_the_walkthroughs_shell_commands_run_on_its_module(tmp_path, monkeypatch
     out = capsys.readouterr().out
     assert "my_layers:MyDense 8x16" in out
     assert "kernel scopes in the trace: fastlayers/my_dense/" in out
-    assert list((tmp_path / "logs" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert list((tmp_path / "logs" / "MyDense" / "plugins" / "profile").glob("*/*.xplane.pb"))
     sys.modules.pop("my_layers", None)
 
 

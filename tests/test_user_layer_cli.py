@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 import pytest
-from fastlayers.bench import cases, cli, layer_spec, profile, runner
+from fastlayers.bench import cases, cli, layer_spec, plot, profile, report, runner
 from fastlayers.kernels import dispatch
 from fastlayers.kernels.auto import DEFAULT
 
@@ -196,7 +196,7 @@ def test_plot_of_a_layer_with_no_counted_flops_draws_time_per_call(user, tmp_pat
     results = runner.bench_layer(user.Exp, (4, 8), sizes=[2, 4], modes=["function"],
                                  policies=["float32"], providers=["reference", "xla"], repeats=1)
     machine = {"cpu": "Test CPU", "cpu_count": 2, "onednn": False, "tensorflow": "2.21.0"}
-    runner.plot(str(tmp_path / "p.png"), results, machine)
+    plot.plot(str(tmp_path / "p.png"), results, machine)
     ((ax,),) = [fig.axes for fig in drawn]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("batch size (first axis of the input)",
                                                   "time per call (ms)")
@@ -212,7 +212,7 @@ def test_the_python_api_takes_a_class_and_a_plain_keras_layer(user):
     assert result.case.suite.name == f"{MODULE}:Plain"
     assert result.case.flops == 2 * 4 * 8 * 3
     assert result.speedup_over_baseline == pytest.approx(1.0)
-    assert runner.table(results).splitlines()[0].split()[-2:] == ["vs", "layer"]
+    assert report.table(results).splitlines()[0].split()[-2:] == ["vs", "layer"]
 
 
 def test_a_built_in_by_name_with_two_inputs_and_a_batch_sweep():
@@ -253,11 +253,11 @@ def test_a_suite_runs_beside_a_layer_and_the_table_names_each_baseline(capsys, t
 
 def test_every_fastlayers_layer_has_a_defaults_row_that_builds():
     """Each row's arguments and shapes fit its layer (a symbolic call; nothing computed)."""
-    assert sorted(profile.LAYER_DEFAULTS) == layer_spec.builtin_names()
-    for name in profile.LAYER_DEFAULTS:
+    assert sorted(layer_spec.LAYER_DEFAULTS) == layer_spec.builtin_names()
+    for name in layer_spec.LAYER_DEFAULTS:
         spec = layer_spec.resolve_layer(name)
         assert spec.input_shapes == layer_spec.normalize_shapes(
-            profile.LAYER_DEFAULTS[name].input_shape)
+            layer_spec.LAYER_DEFAULTS[name].input_shape)
     assert len(layer_spec.resolve_layer("ResidualProjection").input_shapes) == 2
     # Keras's alias names the same class, with the same defaults.
     alias = layer_spec.resolve_layer("MaxPool2D")
@@ -351,7 +351,7 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, user, comman
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["bench", "--input-shape", "4,8"], "argument --input-shape: needs --layer"),
+        (["bench", "--input-shape", "4,8"], "argument --input-shape: needs --layer or --model"),
         (["bench", "--layer-args", "{}"], "argument --layer-args: needs --layer"),
         (["profile", f"{MODULE}:Plain", "--input-shape", "4,8", "--implementation", "xla",
           "--logdir", "{tmp}/logs"],

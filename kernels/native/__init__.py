@@ -2,18 +2,22 @@
 installed TensorFlow (``build``), and their Python entry points (``attention``)."""
 
 from fastlayers.kernels.native.attention import (
+    NATIVE,
+    NativeAttention,
     build_status,
     dot_product_attention_native,
-    in_xla_cluster,
+    not_built_reason,
     not_supported_reasons,
 )
 from fastlayers.kernels.native.build import BuildError, cache_root
 
 __all__ = [
+    "NATIVE",
     "BuildError",
+    "NativeAttention",
     "build_status",
     "cache_root",
     "dot_product_attention_native",
-    "in_xla_cluster",
+    "not_built_reason",
     "not_supported_reasons",
 ]

@@ -9,6 +9,11 @@ logsumexp beside the output. Its gradient recomputes the compiled algorithm's
 forward and backward under XLA (``dot_product_attention_compiled``), so training
 through it is exactly as correct as training through ``"xla"``; a native backward
 from the saved logsumexp would save that recomputation.
+
+Dispatch runs it as ``NATIVE`` (``Kernel(native=...)``): its tiles come in the
+call's ``Selection`` (a ``BlockSizes`` variant); dispatch refuses it inside an XLA
+cluster and asks ``not_built_reason`` whether the op builds; the auto table passes
+it over while a gradient tape records (``auto_while_training``).
 """
 
 from __future__ import annotations
@@ -56,32 +61,9 @@ def build_status() -> tuple[bool, str]:
 
 
 @tf.autograph.experimental.do_not_convert
-def in_xla_cluster() -> bool:
-    """Whether ops traced now would run inside an XLA cluster (``jit_compile=True``)."""
-    if tf.executing_eagerly():
-        return False
-    from tensorflow.python.ops import control_flow_util
-
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-
-
-def _tape_recording() -> bool:
-    from tensorflow.python.eager import record
-
-    return bool(record.could_possibly_record())
-
-
-@tf.autograph.experimental.do_not_convert
 def not_supported_reasons(*, platform, dtype):
-    """Why the native op cannot take a call; empty when it can.
-
-    Auto passes it over while a gradient tape records (its gradient recomputes the
-    compiled forward, so training is faster on the compiled paths); an explicit
-    request runs it there. The first call that needs the op builds it. A missing compiler or a failed
-    build is a reason (with the build error's first lines), and warns once per
-    process, so auto, which moves on to the next implementation, says why.
-    """
-    global _warned
+    """Why the native op cannot take a call for its platform and dtype; empty when it
+    can. Whether it builds is ``not_built_reason``'s, asked after this."""
     reasons = []
     if platform == "gpu":
         reasons.append("the native kernel runs on CPU only")
@@ -89,18 +71,16 @@ def not_supported_reasons(*, platform, dtype):
         reasons.append(
             f"the native kernel takes float32, float16 or bfloat16, not {tf.as_dtype(dtype).name}"
         )
-    if dispatch.selecting_automatically() and _tape_recording():
-        reasons.append(
-            "a gradient tape is recording, and the native op's gradient recomputes the "
-            "compiled forward first: auto trains with the compiled paths"
-        )
-    if in_xla_cluster():
-        reasons.append(
-            "a custom op cannot run inside an XLA cluster (jit_compile=True); "
-            "the 'xla' implementation runs there"
-        )
-    if reasons:
-        return reasons
+    return reasons
+
+
+@tf.autograph.experimental.do_not_convert
+def not_built_reason() -> str | None:
+    """Why the op cannot run in this process (a missing compiler, a failed build,
+    with the build error's first lines), or None once it is loaded. The first call
+    builds it. A failure warns once per process, so auto, which moves on to the next
+    implementation, says why."""
+    global _warned
     try:
         load_library()
     except build_lib.BuildError as error:
@@ -112,8 +92,33 @@ def not_supported_reasons(*, platform, dtype):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        reasons.append(f"the native kernel could not be built: {error}")
-    return reasons
+        return f"it could not be built: {error}"
+    return None
+
+
+class NativeAttention:
+    """The ``"native"`` implementation of ``dot_product_attention`` as dispatch runs
+    it: ``dot_product_attention_native`` with the tiles of the call's ``Selection``.
+
+    Attributes:
+        auto_while_training: False: while a gradient tape records, the auto table
+            takes the compiled paths, since this op's gradient recomputes the
+            compiled forward first. An explicit request runs it there.
+    """
+
+    auto_while_training = False
+
+    def __call__(self, query, key, value, bias=None, mask=None, *, selection, **options):
+        return dot_product_attention_native(
+            query, key, value, bias, mask, block_sizes=selection.variant, **options
+        )
+
+    def not_built_reason(self) -> str | None:
+        """See the module's ``not_built_reason``."""
+        return not_built_reason()
+
+
+NATIVE = NativeAttention()
 
 
 def dot_product_attention_native(
@@ -128,20 +133,15 @@ def dot_product_attention_native(
     dropout_rate=0.0,
     seed=None,
     block_sizes=None,
-    tiling=None,
-    layout=None,
 ):
-    """The native forward, with the signature and semantics of
-    ``dot_product_attention_compiled`` (``bias`` and ``mask`` rank 4).
+    """The native forward, with the semantics of ``dot_product_attention_compiled``
+    (``bias`` and ``mask`` rank 4).
 
-    ``block_sizes`` sets the op's tiles (key blocks round up to 16 columns); by
-    default 64 query rows × 512 keys: the float32 score tile and one key block's
-    keys and values (128 KiB each at H = D = 64) stay in a core's L2 cache.
-    ``tiling`` and ``layout`` belong to the compiled paths' ``tf.function`` and are
-    ignored: the op takes its shapes as they come, and the gradient's XLA
-    recomputation makes its own layout.
+    ``block_sizes`` (a ``BlockSizes``) sets the op's tiles (key blocks round up to
+    16 columns); None takes ``kernels.attention.NATIVE_BLOCK_SIZES``. The op takes
+    its shapes as they come; the gradient's XLA recomputation makes its own layout
+    and takes the XLA path's default tiles.
     """
-    del tiling, layout
     library = load_library()
     from fastlayers.kernels import attention as attention_lib
 
@@ -157,21 +157,26 @@ def dot_product_attention_native(
         seed_words = tf.stack(attention_lib._seed_words(seed))
     else:
         seed_words = tf.zeros([0], tf.uint32)
-    if block_sizes is not None:
-        options.update(block_q=block_sizes.block_q, block_k=block_sizes.block_k)
+    block_sizes = block_sizes or attention_lib.NATIVE_BLOCK_SIZES
+    options.update(block_q=block_sizes.block_q, block_k=block_sizes.block_k)
     mask_in = tf.zeros([0, 0, 0, 0], tf.bool) if mask is None else mask
 
     def forward(q, k, v, b):
         out, _ = library.fastlayers_attention_forward(q, k, v, b, mask_in, seed_words, **options)
         return out
 
+    platform, batch, heads = dispatch.platform_of(query), query.shape[0], query.shape[2]
+    xla_variant = attention_lib.default_variant(
+        "xla", platform, query.dtype, is_causal=bool(is_causal),
+        batch_heads=None if batch is None or heads is None else batch * heads,
+    )
     recompute = dict(
         mask=mask,
         seed=seed,
         scale=float(scale),
         is_causal=bool(is_causal),
         dropout_rate=float(dropout_rate),
-        block_sizes=block_sizes,
+        selection=dispatch.Selection("xla", xla_variant, "explicit", platform, query.dtype.name),
         layout=attention_lib.static_layout(query, key, value, bias, mask, lengths=True),
     )
     no_bias = tf.zeros([0, 0, 0, 0], tf.float32)

@@ -1,0 +1,496 @@
+"""The tuner: measure the candidates of a kernel call on this machine and remember the winner.
+
+A call's **signature** is its kernel, dtype, platform, a bucket of its sizes (each
+rounded up to a power of two) and the flags that change the algorithm (causal, a
+mask or bias present, forward or forward+backward, ...). ``tune`` times every
+candidate the kernel offers (``Kernel.tuning_candidates``: each implementation ×
+its variants) interleaved, round after round within a time budget, and keeps the
+one with the lowest median; candidates within ``TIE`` of the fastest count as tied
+and the table's order decides, so noise never moves auto off the table for nothing.
+
+Results live in one JSON file per machine fingerprint (``platform.fingerprint``)
+under ``FASTLAYERS_CACHE_DIR`` (default ``~/.cache/fastlayers``): another machine,
+TensorFlow version or thread count never reads them. Writes are atomic (a temporary
+file, then ``os.replace``) and serialized by a lock file; each write re-reads the
+file and merges, so two processes tuning at once lose nothing. A cache that cannot
+be read or written gives one warning and auto keeps the table: nothing here raises
+into a model.
+
+``FASTLAYERS_AUTOTUNE=1`` tunes a signature the cache lacks on its first call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable
+
+import tensorflow as tf
+from fastlayers.kernels import platform as platform_lib
+
+CACHE_DIR_ENV = "FASTLAYERS_CACHE_DIR"
+AUTOTUNE_ENV = "FASTLAYERS_AUTOTUNE"
+BUDGET_ENV = "FASTLAYERS_TUNE_BUDGET"
+FORMAT = 1
+
+# Seconds one signature may take to tune, warm-ups (and compiles) included.
+DEFAULT_BUDGET_SECONDS = 10.0
+# Rounds of interleaved calls: at least MIN_ROUNDS even past the budget, so every
+# candidate has a median, and no more than MAX_ROUNDS.
+MIN_ROUNDS = 3
+MAX_ROUNDS = 15
+# Candidates whose median is within this fraction of the fastest are tied: the
+# first in the table's order wins.
+TIE = 0.02
+
+
+def cache_dir() -> str:
+    """``FASTLAYERS_CACHE_DIR``, else ``~/.cache/fastlayers``."""
+    return os.environ.get(CACHE_DIR_ENV) or os.path.join(
+        os.path.expanduser("~"), ".cache", "fastlayers"
+    )
+
+
+def autotune_enabled() -> bool:
+    """Whether ``FASTLAYERS_AUTOTUNE`` asks to tune new signatures on first call."""
+    return os.environ.get(AUTOTUNE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def budget_seconds() -> float:
+    """``FASTLAYERS_TUNE_BUDGET`` seconds per signature if set (and positive), else the default."""
+    try:
+        value = float(os.environ.get(BUDGET_ENV, ""))
+    except ValueError:
+        return DEFAULT_BUDGET_SECONDS
+    return value if value > 0 else DEFAULT_BUDGET_SECONDS
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """A tuning signature: what a record was measured for."""
+
+    kernel: str
+    dtype: str
+    platform: str
+    flags: str  # canonical JSON of the flags
+    bucket: tuple[int, ...]
+
+    @property
+    def family(self) -> tuple[str, str, str, str]:
+        """Everything but the bucket: records of one family are matched by size."""
+        return self.kernel, self.dtype, self.platform, self.flags
+
+    def text(self) -> str:
+        return json.dumps([*self.family, list(self.bucket)])
+
+
+def make_key(kernel, tensors, options, *, platform: str, dtype) -> Key:
+    """The ``Key`` of a call: the kernel's signature, and whether it runs forward only
+    or forward and backward (a gradient tape records it)."""
+    bucket, flags = kernel.signature(*tensors, **options)
+    flags = dict(flags)
+    flags["mode"] = "forward+backward" if platform_lib.gradient_recording() else "forward"
+    return Key(
+        kernel.name,
+        tf.as_dtype(dtype).name,
+        platform,
+        json.dumps(flags, sort_keys=True, default=str),
+        tuple(int(b) for b in bucket),
+    )
+
+
+def _distance(a: tuple[int, ...], b: tuple[int, ...]) -> float:
+    return sum(abs(math.log2(x + 1) - math.log2(y + 1)) for x, y in zip(a, b, strict=True))
+
+
+class Cache:
+    """One machine's tuning records in ``<directory>/tuning-<fingerprint id>.json``.
+
+    Args:
+        directory: where the file lives (created on the first write).
+        facts: the machine fingerprint (``platform.fingerprint()`` by default).
+    """
+
+    def __init__(self, directory: str, facts: dict | None = None):
+        self.facts = platform_lib.fingerprint() if facts is None else facts
+        self.directory = directory
+        self.path = os.path.join(directory, f"tuning-{platform_lib.fingerprint_id(self.facts)}.json")
+        self._records: dict[str, dict] | None = None
+        self._families: dict[tuple, list[tuple[tuple[int, ...], dict]]] = {}
+        self._kernels: set[str] = set()
+        self._lookups: dict[Key, dict | None] = {}
+        self._warned = False
+        self._lock = threading.Lock()
+
+    # -- reading ------------------------------------------------------------------
+
+    def _warn(self, what: str, error: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"fastlayers could not {what} its tuning cache {self.path} ({error}); "
+                "auto uses the shipped table for untuned calls. Set FASTLAYERS_CACHE_DIR "
+                "to a writable directory, or delete the file to start it afresh.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _read_file(self) -> dict[str, dict]:
+        """The records on disk; raises OSError or ValueError when unreadable or corrupt."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        if not isinstance(data, dict) or not isinstance(data.get("records"), dict):
+            raise ValueError("not a fastlayers tuning cache")
+        if data.get("fingerprint") != self.facts:
+            raise ValueError("its fingerprint is another machine's")
+        return {k: v for k, v in data["records"].items() if isinstance(v, dict)}
+
+    def records(self) -> dict[str, dict]:
+        """Every record, by key text, read once per process (empty if unreadable)."""
+        if self._records is None:
+            with self._lock:
+                if self._records is None:
+                    try:
+                        records = self._read_file()
+                    except (OSError, ValueError) as error:
+                        self._warn("read", error)
+                        records = {}
+                    self._index(records)
+        return self._records
+
+    def _index(self, records: dict[str, dict]) -> None:
+        families: dict[tuple, list] = {}
+        for text, record in records.items():
+            try:
+                kernel, dtype, platform, flags, bucket = json.loads(text)
+                families.setdefault((kernel, dtype, platform, flags), []).append(
+                    (tuple(bucket), record)
+                )
+            except (ValueError, TypeError):
+                continue
+        self._families = families
+        self._kernels = {family[0] for family in families}
+        self._lookups = {}
+        self._records = records
+
+    def kernels(self) -> set[str]:
+        """The kernels with at least one record."""
+        self.records()
+        return self._kernels
+
+    def lookup(self, key: Key, *, exact: bool = False) -> dict | None:
+        """The record of ``key``, or of the nearest measured bucket of its family
+        (``exact=False``); None if there is none."""
+        self.records()
+        found = self._lookups.get(key, False) if not exact else False
+        if found is not False:
+            return found
+        family = self._families.get(key.family, [])
+        same_rank = [(b, r) for b, r in family if len(b) == len(key.bucket)]
+        if exact:
+            return next((r for b, r in same_rank if b == key.bucket), None)
+        found = None
+        if same_rank:
+            found = min(same_rank, key=lambda item: _distance(item[0], key.bucket))[1]
+        self._lookups[key] = found
+        return found
+
+    # -- writing ------------------------------------------------------------------
+
+    def store(self, key: Key, record: dict) -> bool:
+        """Adds ``record`` under ``key`` and writes the file; False (one warning) if it
+        cannot be written, in which case the record still serves this process."""
+        records = dict(self.records())
+        records[key.text()] = record
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            with self._file_lock():
+                try:
+                    on_disk = self._read_file()
+                except ValueError:  # corrupt: this write replaces it
+                    on_disk = {}
+                merged = {**on_disk, key.text(): record}
+                self._write(merged)
+            records = {**merged, **records}
+            ok = True
+        except OSError as error:
+            self._warn("write", error)
+            ok = False
+        with self._lock:
+            self._index(records)
+        _GENERATION[0] += 1
+        return ok
+
+    @contextlib.contextmanager
+    def _file_lock(self):
+        import fcntl
+
+        with open(self.path + ".lock", "a", encoding="utf-8") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _write(self, records: dict[str, dict]) -> None:
+        data = {"format": FORMAT, "fingerprint": self.facts, "records": records}
+        fd, temporary = tempfile.mkstemp(prefix=".tuning-", suffix=".json", dir=self.directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+
+
+_CACHES: dict[str, Cache] = {}
+_CACHES_LOCK = threading.Lock()
+# Bumped whenever what a lookup could return changes (a record stored, the caches
+# forgotten, the directory changed): callers memoize lookups under it.
+_GENERATION = [0]
+
+
+def generation() -> tuple[int, str, bool]:
+    """A value that changes whenever a memoized lookup may be stale."""
+    return _GENERATION[0], cache_dir(), autotune_enabled()
+
+
+def cache() -> Cache:
+    """The ``Cache`` of this machine under ``cache_dir()`` (one per directory per process)."""
+    directory = cache_dir()
+    found = _CACHES.get(directory)
+    if found is None:
+        with _CACHES_LOCK:
+            found = _CACHES.get(directory)
+            if found is None:
+                found = _CACHES[directory] = Cache(directory)
+    return found
+
+
+def reset() -> None:
+    """Forgets the caches read so far: the next lookup reads the files (and the
+    fingerprint) again."""
+    with _CACHES_LOCK:
+        _CACHES.clear()
+        _GENERATION[0] += 1
+
+
+def choice_for(kernel, tensors, options, *, platform: str, dtype) -> tuple[str, dict | None] | None:
+    """The tuned ``(implementation, variant data)`` of a call, or None.
+
+    With ``FASTLAYERS_AUTOTUNE=1`` a signature without a record of its own is tuned
+    now (inputs of the call's shapes; skipped when a shape is unknown when traced).
+    """
+    store = cache()
+    autotune = autotune_enabled()
+    if not autotune and kernel.name not in store.kernels():
+        return None
+    key = make_key(kernel, tensors, options, platform=platform, dtype=dtype)
+    record = store.lookup(key, exact=autotune)
+    if record is None and autotune:
+        record = _autotune(kernel, tensors, options, key, platform=platform, dtype=dtype)
+        if record is None:
+            record = store.lookup(key)
+    if record is None:
+        return None
+    implementation, variant = record.get("implementation"), record.get("variant")
+    if not isinstance(implementation, str) or not (variant is None or isinstance(variant, dict)):
+        return None
+    return implementation, variant
+
+
+def _autotune(kernel, tensors, options, key, *, platform, dtype):
+    shapes_known = all(
+        not isinstance(t, tf.Tensor) or t.shape.is_fully_defined() for t in tf.nest.flatten(tensors)
+    )
+    symbolic_options = any(
+        isinstance(v, tf.Tensor) and not hasattr(v, "numpy") for v in tf.nest.flatten(options)
+    )
+    if not shapes_known or symbolic_options:
+        return None
+    with tf.init_scope():
+        inputs = tensors if tf.executing_eagerly() and all(
+            not isinstance(t, tf.Tensor) or hasattr(t, "numpy") for t in tf.nest.flatten(tensors)
+        ) else sample_inputs(tensors)
+        backward = json.loads(key.flags).get("mode") == "forward+backward"
+        return tune(kernel, inputs, options, platform=platform, dtype=dtype, backward=backward, key=key)
+
+
+def sample_inputs(tensors):
+    """Concrete tensors shaped as ``tensors``: normal floats, True masks, zero integers."""
+    def sample(t):
+        if not isinstance(t, tf.Tensor):
+            return t
+        shape = t.shape.as_list()
+        if t.dtype.is_floating:
+            return tf.cast(tf.random.normal(shape), t.dtype)
+        if t.dtype == tf.bool:
+            return tf.ones(shape, tf.bool)
+        return tf.zeros(shape, t.dtype)
+
+    return tf.nest.map_structure(sample, tensors)
+
+
+def _runner(kernel, selection, tensors, options, backward: bool, in_function: bool) -> Callable[[], None]:
+    floating = [
+        t for t in tf.nest.flatten(tensors) if isinstance(t, tf.Tensor) and t.dtype.is_floating
+    ]
+
+    def forward():
+        return kernel.run(selection, *tensors, **options)
+
+    def forward_backward():
+        with tf.GradientTape() as tape:
+            tape.watch(floating)
+            outputs = forward()
+            total = tf.add_n(
+                [tf.reduce_sum(tf.cast(o, tf.float32)) for o in tf.nest.flatten(outputs)]
+            )
+        return tape.gradient(total, floating)
+
+    step = forward_backward if backward else forward
+    return tf.function(step, autograph=False) if in_function else step
+
+
+def measure(candidates, run, *, budget: float, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Times ``run(candidate)`` for each candidate, interleaved, until ``budget`` seconds
+    (warm-ups included) are spent; at least ``MIN_ROUNDS`` rounds, at most ``MAX_ROUNDS``.
+    Candidates are warmed up in order while the budget lasts; those it does not
+    reach are not timed.
+
+    Returns each candidate's label → its timed seconds. A candidate that raises is
+    dropped (it cannot serve the call).
+    """
+    start = clock()
+    live = []
+    for candidate in candidates:  # warm-up: traces and compiles, not timed
+        if live and clock() - start > budget:
+            break  # the budget is spent: the later candidates in the table's order go untried
+        try:
+            run(candidate)
+        except Exception:  # noqa: BLE001 - a failing candidate is simply not chosen
+            continue
+        live.append(candidate)
+    times: dict[str, list[float]] = {c.label: [] for c in live}
+    for round_index in range(MAX_ROUNDS):
+        round_start = clock()
+        for candidate in live:
+            before = clock()
+            run(candidate)
+            times[candidate.label].append(clock() - before)
+        spent, last = clock() - start, clock() - round_start
+        if round_index + 1 >= MIN_ROUNDS and spent + last > budget:
+            break
+    return times
+
+
+def choose(candidates, times: dict[str, list[float]]):
+    """The candidate with the lowest median; within ``TIE`` of it, the earliest."""
+    medians = {c.label: statistics.median(times[c.label]) for c in candidates if times.get(c.label)}
+    if not medians:
+        return None, medians
+    best = min(medians.values())
+    for candidate in candidates:
+        if candidate.label in medians and medians[candidate.label] <= best * (1 + TIE):
+            return candidate, medians
+    return None, medians
+
+
+def tune(
+    kernel,
+    tensors,
+    options,
+    *,
+    platform: str | None = None,
+    dtype=None,
+    backward: bool = False,
+    in_function: bool = False,
+    budget: float | None = None,
+    clock=time.perf_counter,
+    run: Callable | None = None,
+    key: Key | None = None,
+    store: Cache | None = None,
+) -> dict | None:
+    """Tunes one call and records the winner; returns its record (None if nothing ran).
+
+    Args:
+        kernel: a ``fastlayers.kernels.dispatch.Kernel`` (a declared kernel, a
+            built-in one, or a ``CompiledLayer``'s).
+        tensors: the call's tensor arguments (concrete tensors).
+        options: the call's options.
+        platform: the ``PLATFORMS`` entry; by default that of the first tensor.
+        dtype: the dtype to select for; by default the first floating tensor's.
+        backward: time forward and backward passes (a training step's use).
+        in_function: time each candidate inside a ``tf.function`` (as a model's
+            compiled step calls it) rather than called eagerly.
+        budget: seconds for the whole measurement; ``budget_seconds()`` by default.
+        clock: the timer, ``time.perf_counter`` by default (tests inject a fake).
+        run: ``run(selection)`` runs one candidate once; by default the kernel call
+            (with its gradient when ``backward``).
+        key: the signature to record under; by default the call's own.
+        store: the ``Cache`` to record in; by default ``cache()``.
+    """
+    flat = [t for t in tf.nest.flatten(tensors) if isinstance(t, tf.Tensor)]
+    floating = [t for t in flat if t.dtype.is_floating]
+    if dtype is None:
+        dtype = floating[0].dtype if floating else tf.float32
+    dtype = tf.as_dtype(dtype)
+    if platform is None:
+        platform = platform_lib.platform_of(flat[0] if flat else None)
+    store = store or cache()
+    shapes = tuple(None if not isinstance(t, tf.Tensor) else tuple(t.shape) for t in tensors)
+    candidates = kernel.tuning_candidates(platform=platform, dtype=dtype, shapes=shapes, **options)
+    if not candidates:
+        return None
+    table = kernel.table_selection(platform=platform, dtype=dtype, shapes=shapes, **options)
+    if run is None:
+        runners = {
+            c.label: _runner(kernel, c, tensors, options, backward, in_function) for c in candidates
+        }
+        run = lambda candidate: runners[candidate.label]()  # noqa: E731
+    times = measure(candidates, run, budget=budget_seconds() if budget is None else budget, clock=clock)
+    winner, medians = choose(candidates, times)
+    if winner is None:
+        return None
+    if key is None:
+        mode = "forward+backward" if backward else "forward"
+        bucket, flags = kernel.signature(*tensors, **options)
+        key = Key(
+            kernel.name,
+            dtype.name,
+            platform,
+            json.dumps({**flags, "mode": mode}, sort_keys=True, default=str),
+            tuple(int(b) for b in bucket),
+        )
+    work = kernel.work(*tensors, **options)
+    record = {
+        "kernel": kernel.name,
+        "dtype": dtype.name,
+        "implementation": winner.implementation,
+        "variant": None if winner.variant is None else dataclasses.asdict(winner.variant),
+        "label": winner.label,
+        "table_choice": table.label,
+        "seconds": medians,
+        "rounds": max((len(v) for v in times.values()), default=0),
+        "timed": ("forward+backward" if backward else "forward")
+        + (" in a tf.function" if in_function else " eagerly"),
+        "flops": work,
+        "shapes": [list(s) if s is not None else None for s in shapes],
+        "tuned_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    store.store(key, record)
+    return record

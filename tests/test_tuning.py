@@ -1,0 +1,385 @@
+"""The tuner and its per-machine cache: choice logic on a fake clock, the cache file's
+round trip and failures, concurrent writers, fingerprints, and FASTLAYERS_AUTOTUNE."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import tensorflow as tf
+
+from fastlayers.kernels import dispatch, platform, tuning
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    """Every test gets its own cache directory and reads it afresh."""
+    directory = tmp_path / "cache"
+    monkeypatch.setenv(tuning.CACHE_DIR_ENV, str(directory))
+    monkeypatch.delenv(tuning.AUTOTUNE_ENV, raising=False)
+    tuning.reset()
+    yield directory
+    tuning.reset()
+
+
+def _double(x):
+    return 2 * x
+
+
+def _kernel(name="tuned_double", refuse=None, **kwargs):
+    def reasons(implementation, *, platform, dtype, refuse_xla=False):
+        return ["refused by the test"] if implementation == "xla" and refuse_xla else []
+
+    return dispatch.Kernel(
+        name,
+        _double,
+        auto={(dispatch.cpu_platform(), "*"): ("graph", "xla", "reference")},
+        not_supported_reasons=reasons,
+        **kwargs,
+    )
+
+
+class FakeClock:
+    """Time moves only when a candidate runs: by its cost in seconds."""
+
+    def __init__(self, costs):
+        self.now = 0.0
+        self.costs = costs
+        self.calls = {label: 0 for label in costs}
+
+    def __call__(self):
+        return self.now
+
+    def run(self, candidate):
+        self.calls[candidate.label] += 1
+        self.now += self.costs[candidate.label]
+
+
+def _tune(kernel, clock, budget=100.0, x=None, **options):
+    x = tf.ones([4, 4]) if x is None else x
+    return tuning.tune(kernel, (x,), options, budget=budget, clock=clock, run=clock.run)
+
+
+def test_the_fastest_candidate_wins_and_a_slow_one_never_does():
+    clock = FakeClock({"graph": 3.0, "xla": 1.0, "reference": 50.0})
+    record = _tune(_kernel(), clock)
+    assert record["implementation"] == "xla"
+    assert record["table_choice"] == "graph"
+    assert record["seconds"] == {"graph": 3.0, "xla": 1.0, "reference": 50.0}
+
+
+def test_ties_go_to_the_tables_order():
+    clock = FakeClock({"graph": 1.0, "xla": 1.0 - tuning.TIE / 2, "reference": 1.0})
+    assert _tune(_kernel(), clock)["implementation"] == "graph"
+    clock = FakeClock({"graph": 1.0, "xla": 0.9, "reference": 0.9})
+    assert _tune(_kernel("tuned_double_2"), clock)["implementation"] == "xla"
+
+
+def test_the_budget_is_respected():
+    costs = {"graph": 1.0, "xla": 1.0, "reference": 1.0}
+    clock = FakeClock(costs)
+    record = _tune(_kernel(), clock, budget=20.0)
+    # warm-ups (3 s) and whole rounds of 3 s while the next one still fits in 20 s
+    assert clock.now <= 20.0
+    assert record["rounds"] == 5
+    clock = FakeClock(costs)
+    record = _tune(_kernel(), clock, budget=0.5)
+    assert record["rounds"] == tuning.MIN_ROUNDS  # medians need a few rounds whatever the budget
+    clock = FakeClock(costs)
+    assert _tune(_kernel(), clock, budget=1e9)["rounds"] == tuning.MAX_ROUNDS
+
+
+def test_a_candidate_that_fails_is_dropped():
+    clock = FakeClock({"graph": 1.0, "xla": 0.5, "reference": 2.0})
+
+    def run(candidate):
+        if candidate.implementation == "xla":
+            raise RuntimeError("cannot compile")
+        clock.run(candidate)
+
+    record = tuning.tune(_kernel(), (tf.ones([2]),), {}, budget=10.0, clock=clock, run=run)
+    assert record["implementation"] == "graph" and "xla" not in record["seconds"]
+
+
+def test_the_cache_round_trips_and_matches_the_nearest_bucket(cache_dir):
+    kernel = _kernel()
+    _tune(kernel, FakeClock({"graph": 3.0, "xla": 1.0, "reference": 5.0}), x=tf.ones([64, 64]))
+    files = list(cache_dir.glob("tuning-*.json"))
+    assert [f.name for f in files] == [f"tuning-{platform.fingerprint_id()}.json"]
+    data = json.loads(files[0].read_text())
+    assert data["fingerprint"] == platform.fingerprint()
+    tuning.reset()  # a new process: read from disk
+    for shape in ([64, 64], [60, 70], [256, 256]):
+        choice = tuning.choice_for(kernel, (tf.ones(shape),), {}, platform=dispatch.cpu_platform(), dtype=tf.float32)
+        assert choice == ("xla", None), shape
+    selection = kernel.select(None, platform=dispatch.cpu_platform(), dtype=tf.float32, tensors=(tf.ones([64, 64]),))
+    assert (selection.implementation, selection.source) == ("xla", "tuned")
+    assert selection.describe() == "xla, tuned"
+    # other options are another signature: the table decides
+    selection = kernel.select(
+        None, platform=dispatch.cpu_platform(), dtype=tf.float32, tensors=(tf.ones([64, 64]),), refuse_xla=False
+    )
+    assert (selection.implementation, selection.source) == ("graph", "table")
+
+
+def test_forward_and_forward_backward_are_separate_signatures():
+    kernel = _kernel()
+    _tune(kernel, FakeClock({"graph": 3.0, "xla": 1.0, "reference": 5.0}))
+    x = tf.ones([4, 4])
+    assert kernel.select(None, platform=dispatch.cpu_platform(), dtype=tf.float32, tensors=(x,)).source == "tuned"
+    with tf.GradientTape():
+        selection = kernel.select(None, platform=dispatch.cpu_platform(), dtype=tf.float32, tensors=(x,))
+    assert selection.source == "table"
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"records": []}), json.dumps([1, 2])])
+def test_a_corrupt_cache_warns_once_and_auto_keeps_the_table(cache_dir, content):
+    cache_dir.mkdir()
+    (cache_dir / f"tuning-{platform.fingerprint_id()}.json").write_text(content)
+    kernel = _kernel()
+    x = tf.ones([4, 4])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert kernel(x).numpy().tolist() == (2 * x).numpy().tolist()
+            assert tuning.choice_for(kernel, (x,), {}, platform="cpu", dtype=tf.float32) is None
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "could not read its tuning cache" in messages[0]
+
+
+def test_a_corrupt_cache_is_replaced_by_the_next_write(cache_dir):
+    cache_dir.mkdir()
+    path = cache_dir / f"tuning-{platform.fingerprint_id()}.json"
+    path.write_text("{not json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _tune(_kernel(), FakeClock({"graph": 3.0, "xla": 1.0, "reference": 5.0}))
+    assert len(json.loads(path.read_text())["records"]) == 1
+
+
+def test_a_read_only_cache_warns_once_and_keeps_the_record_in_memory(cache_dir, monkeypatch):
+    cache_dir.mkdir()
+    cache_dir.chmod(0o500)
+
+    def read_only(*args, **kwargs):
+        # What creating a file in a read-only directory raises (root ignores the mode).
+        raise PermissionError(13, "Permission denied", str(cache_dir))
+
+    monkeypatch.setattr(tuning.tempfile, "mkstemp", read_only)
+    try:
+        kernel = _kernel()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _tune(kernel, FakeClock({"graph": 3.0, "xla": 1.0, "reference": 5.0}))
+            _tune(kernel, FakeClock({"graph": 3.0, "xla": 1.0, "reference": 5.0}), x=tf.ones([9, 9]))
+            assert kernel(tf.ones([4, 4])).numpy().sum() == 32.0
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(messages) == 1 and "could not write its tuning cache" in messages[0]
+        assert tuning.choice_for(kernel, (tf.ones([4, 4]),), {}, platform=dispatch.cpu_platform(), dtype=tf.float32)
+        assert not list(cache_dir.iterdir()) or all(p.suffix == ".lock" for p in cache_dir.iterdir())
+    finally:
+        cache_dir.chmod(0o700)
+
+
+def test_an_unwritable_cache_path_warns_once(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv(tuning.CACHE_DIR_ENV, str(blocker / "cache"))  # a directory under a file
+    tuning.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record = _tune(_kernel(), FakeClock({"graph": 3.0, "xla": 1.0, "reference": 5.0}))
+    assert record["implementation"] == "xla"
+    assert sum(issubclass(w.category, RuntimeWarning) for w in caught) == 1
+
+
+def test_two_processes_writing_at_once_lose_nothing(cache_dir):
+    script = textwrap.dedent(
+        """
+        import sys
+        from fastlayers.kernels import tuning
+        store = tuning.Cache(sys.argv[1], facts={"machine": "test"})
+        for i in range(40):
+            key = tuning.Key("k", "float32", "cpu", sys.argv[2], (i,))
+            assert store.store(key, {"implementation": "graph", "variant": None, "writer": sys.argv[2]})
+        """
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    writers = [
+        subprocess.Popen([sys.executable, "-c", script, str(cache_dir), name], env=env)
+        for name in ("first", "second")
+    ]
+    assert [w.wait(timeout=300) for w in writers] == [0, 0]
+    store = tuning.Cache(str(cache_dir), facts={"machine": "test"})
+    writers = [json.loads(text)[3] for text in store.records()]
+    assert sorted(writers) == ["first"] * 40 + ["second"] * 40
+    assert not [p for p in os.listdir(cache_dir) if p.startswith(".tuning-")]  # no temporary left
+
+
+def test_a_changed_fingerprint_retunes(cache_dir, monkeypatch):
+    kernel = _kernel()
+    _tune(kernel, FakeClock({"graph": 3.0, "xla": 1.0, "reference": 5.0}))
+    x = tf.ones([4, 4])
+    assert tuning.choice_for(kernel, (x,), {}, platform=dispatch.cpu_platform(), dtype=tf.float32)
+    other = {**platform.fingerprint(), "tensorflow": "0.0.0"}
+    monkeypatch.setattr(platform, "fingerprint", lambda: other)
+    tuning.reset()
+    assert tuning.choice_for(kernel, (x,), {}, platform=dispatch.cpu_platform(), dtype=tf.float32) is None
+    assert len(list(cache_dir.glob("tuning-*.json"))) == 1  # the other machine's file is left alone
+    # a file holding another fingerprint under this one's name is not trusted either
+    path = cache_dir / f"tuning-{platform.fingerprint_id(other)}.json"
+    mine = next(cache_dir.glob("tuning-*.json"))
+    path.write_text(mine.read_text())
+    tuning.reset()
+    with pytest.warns(RuntimeWarning, match="another machine"):
+        assert tuning.choice_for(kernel, (x,), {}, platform=dispatch.cpu_platform(), dtype=tf.float32) is None
+
+
+def test_a_tuned_choice_that_stops_being_supported_falls_back_by_the_table():
+    kernel = _kernel()
+    x = tf.ones([4, 4])
+    tuning.tune(kernel, (x,), {"refuse_xla": False}, budget=100.0,
+                clock=(clock := FakeClock({"graph": 3.0, "xla": 1.0, "reference": 5.0})), run=clock.run)
+    record = tuning.cache().lookup(tuning.make_key(kernel, (x,), {"refuse_xla": False}, platform=dispatch.cpu_platform(), dtype=tf.float32))
+    assert record["implementation"] == "xla"
+    # the same signature, as stored, but the kernel now refuses XLA for it
+    refusing = dispatch.Kernel(
+        "tuned_double",
+        _double,
+        auto={(dispatch.cpu_platform(), "*"): ("graph", "xla", "reference")},
+        not_supported_reasons=lambda implementation, **_: ["no longer"] if implementation == "xla" else [],
+    )
+    selection = refusing.select(
+        None, platform=dispatch.cpu_platform(), dtype=tf.float32, tensors=(x,), refuse_xla=False
+    )
+    assert (selection.implementation, selection.source) == ("graph", "table")
+
+
+def test_a_tuned_variant_reaches_the_compiled_function():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Scale:
+        factor: int = 2
+
+        @property
+        def label(self):
+            return f"x{self.factor}"
+
+    seen = []
+
+    def compiled(x, *, selection):
+        seen.append(selection.variant)
+        return x * selection.variant.factor / selection.variant.factor * 2
+
+    kernel = dispatch.Kernel(
+        "variant_double",
+        _double,
+        compiled,
+        auto={(dispatch.cpu_platform(), "*"): ("graph", "reference")},
+        variants=lambda implementation, **_: (Scale(2), Scale(4)),
+    )
+    labels = [c.label for c in kernel.tuning_candidates(platform=dispatch.cpu_platform(), dtype=tf.float32)]
+    # each implementation's default first, then the other variants
+    assert labels == ["graph x2", "reference x2", "xla x2", "graph x4", "reference x4", "xla x4"]
+    clock = FakeClock({label: 1.0 for label in labels} | {"graph x4": 0.5})
+    _tune(kernel, clock)
+    x = tf.ones([4, 4])
+    assert kernel(x).numpy().tolist() == (2 * x).numpy().tolist()
+    assert seen[-1] == Scale(4)
+    assert kernel.select(None, platform=dispatch.cpu_platform(), dtype=tf.float32, tensors=(x,)).describe() == (
+        "graph x4, tuned"
+    )
+
+
+def test_autotune_tunes_a_new_signature_on_its_first_call(cache_dir, monkeypatch):
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "1")
+    monkeypatch.setenv(tuning.BUDGET_ENV, "60")  # room for every compile; tiny calls end sooner
+    kernel = _kernel("autotuned_double")
+    x = tf.ones([3, 5])
+    assert kernel(x).numpy().tolist() == (2 * x).numpy().tolist()
+    [path] = cache_dir.glob("tuning-*.json")
+    [record] = json.loads(path.read_text())["records"].values()
+    assert record["kernel"] == "autotuned_double"
+    assert set(record["seconds"]) == {"graph", "xla", "reference"}
+    selection = kernel.select(None, platform=dispatch.cpu_platform(), dtype=tf.float32, tensors=(x,))
+    assert selection.source == "tuned"
+    # inside a tf.function the choice is made when tracing: a new shape is tuned from
+    # sample inputs of its shape
+    y = tf.function(lambda t: kernel(t))(tf.ones([7, 2]))
+    assert y.numpy().tolist() == [[2.0, 2.0]] * 7
+    assert len(json.loads(path.read_text())["records"]) == 2
+
+
+def test_autotune_is_off_by_default(cache_dir):
+    _kernel("untuned_double")(tf.ones([3, 5]))
+    assert not cache_dir.exists()
+
+
+def test_compiled_layers_are_tuned_like_kernels():
+    import keras
+
+    from fastlayers import layers
+
+    class Doubler(layers.CompiledLayer, package="fastlayers_tuning_tests"):
+        def call(self, x):
+            return 2 * x
+
+    layer = Doubler()
+    x = tf.ones([4, 4])
+    layer(x)
+    kernel = next(iter(layer._fastlayers_kernels.values()))
+    clock = FakeClock({"graph": 3.0, "xla": 1.0, "reference": 5.0})
+    tuning.tune(kernel, (x,), {}, budget=10.0, clock=clock, run=clock.run)
+    assert kernel.select(None, platform=dispatch.cpu_platform(), dtype=tf.float32, tensors=(x,)).implementation == "xla"
+    assert keras.ops.convert_to_numpy(layer(x)).tolist() == (2 * x).numpy().tolist()
+
+
+def test_recording_collects_the_auto_calls_a_model_makes():
+    from fastlayers import kernels
+
+    x = tf.ones([64, 256])
+    with dispatch.recording() as calls:
+        kernels.dense(x, tf.ones([256, 512]))
+        kernels.dense(x, tf.ones([256, 512]), implementation="graph")  # explicit: nothing to tune
+        kernels.exponential(x)
+    assert [call.kernel.name for call in calls] == ["dense", "exponential"]
+    assert calls[0].tensors[0] is x and calls[0].dtype == tf.float32
+    with dispatch.recording() as later:
+        pass
+    assert later == [] and len(calls) == 2
+
+
+def test_compiled_layers_of_other_widths_are_other_signatures():
+    from fastlayers import layers
+
+    class Widen(layers.CompiledLayer, package="fastlayers_tuning_tests"):
+        def __init__(self, units, **kwargs):
+            super().__init__(**kwargs)
+            self.units = units
+
+        def build(self, input_shape):
+            self.w = self.add_weight(shape=(input_shape[-1], self.units))
+
+        def call(self, x):
+            return x @ self.w
+
+    x = tf.ones([4, 8])
+    keys = []
+    for units in (16, 32):
+        layer = Widen(units)
+        with dispatch.recording() as calls:
+            layer(x)
+        [call] = calls
+        keys.append(tuning.make_key(call.kernel, call.tensors, call.options, platform="cpu", dtype=tf.float32))
+    assert keys[0].kernel == keys[1].kernel == "widen" and keys[0] != keys[1]
+
+
+def test_warm_ups_stop_when_the_budget_is_spent():
+    clock = FakeClock({"graph": 4.0, "xla": 4.0, "reference": 4.0})
+    record = _tune(_kernel(), clock, budget=6.0)
+    assert set(record["seconds"]) == {"graph", "xla"}  # the third was never reached
+    assert clock.calls["reference"] == 0
