@@ -24,7 +24,7 @@ import re
 import sys
 from collections.abc import Callable
 
-from fastlayers.bench import build_cli
+from fastlayers.bench import build_cli, tune
 from fastlayers.bench.errors import CommandError
 
 EXIT_REGRESSION = 1
@@ -503,13 +503,13 @@ register(Command(
     run=_profile,
 ))
 
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-# Registered by its own module, after bench and profile (it imports this one).
-import fastlayers.bench.tune  # noqa: E402,F401
-
+register(Command(
+    "tune",
+    help=tune.HELP,
+    description=tune.DESCRIPTION,
+    add_arguments=tune.add_arguments,
+    run=tune.run,
+))
 register(Command(
     "build",
     help=build_cli.HELP,
@@ -518,3 +518,7 @@ register(Command(
     run=build_cli.run,
     extra=None,
 ))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,21 +21,55 @@ import sys
 import tempfile
 import time
 
-from fastlayers.bench.cli import (
-    INPUT_SHAPE_HELP,
-    LAYER_ARGS_HELP,
-    LAYER_HELP,
-    Command,
-    UsageError,
-    register,
-    _csv,
-    _import_from_cwd,
-    _layer_args,
-    _shapes,
-    _sizes,
-)
+from fastlayers.bench.errors import CommandError
 
+HELP = "measure auto's candidates on this machine and cache the fastest"
+DESCRIPTION = (
+    "Times every implementation and variant (tile sizes, softmax formulation) of the "
+    "kernel calls a suite, a layer or a saved model makes, interleaved, medians within a "
+    "time budget, and writes each winner to this machine's cache ($FASTLAYERS_CACHE_DIR, "
+    "default ~/.cache/fastlayers), which auto reads from then on."
+)
 TUNED_SUITES = ("dense", "matmul", "attention", "attention-backward")
+
+
+class UsageError(CommandError):
+    """A bad option, or a cache that cannot be written."""
+
+
+def _csv(kind, choices):
+    def parse(text):
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in choices]
+        if not items or unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {kind} {(unknown or [text])[0]!r} (choose from {', '.join(choices)})")
+        return items
+
+    return parse
+
+
+def _sizes(text):
+    if text in ("quick", "sweep"):
+        return text
+    try:
+        sizes = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"invalid sizes {text!r} (expected positive integers, `quick` or `sweep`)")
+    return sizes
+
+
+def _parsed(parse):
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
 
 
 @dataclasses.dataclass
@@ -54,25 +88,29 @@ class Tuned:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``fastlayers tune``'s options: those of ``fastlayers bench`` that name cases, and
+    ``--model``."""
     from fastlayers.bench.cases import HEADLINE_POLICIES, MODES, POLICIES
-    from fastlayers.bench.layer_spec import builtin_names
+    from fastlayers.bench.layer_spec import builtin_names, parse_input_shape, parse_layer_args
     from fastlayers.kernels import tuning
 
     parser.add_argument("--suite", type=_csv("suite", TUNED_SUITES),
                         help=f"comma-separated suites, of {', '.join(TUNED_SUITES)} "
                         "(default: dense, or none with --layer or --model)")
     parser.add_argument("--layer", metavar="LAYER",
-                        help=LAYER_HELP.format(names=", ".join(builtin_names())))
+                        help=f"a fastlayers layer ({', '.join(builtin_names())}) or your own "
+                        "as module:Class, as for fastlayers bench")
     parser.add_argument("--model", metavar="FILE.keras",
                         help="a saved Keras model: every auto kernel call it makes on "
                         "--input-shape is tuned")
-    parser.add_argument("--input-shape", type=_shapes, metavar="SHAPE",
-                        help="with --layer or --model: " + INPUT_SHAPE_HELP)
-    parser.add_argument("--layer-args", type=_layer_args, metavar="JSON",
-                        help="with --layer: " + LAYER_ARGS_HELP.format(what="--dtypes sets"))
+    parser.add_argument("--input-shape", type=_parsed(parse_input_shape), metavar="SHAPE",
+                        help="with --layer or --model: the input's shape, batch first, e.g. "
+                        "64,128 ('8,64;8,32' for several inputs)")
+    parser.add_argument("--layer-args", type=_parsed(parse_layer_args), metavar="JSON",
+                        help="with --layer: constructor arguments as a JSON object")
     parser.add_argument("--sizes", type=_sizes, default="quick",
-                        help="comma-separated sizes of each suite's x axis, or `quick` "
-                        "(default: each suite's quick sizes)")
+                        help="comma-separated sizes of each suite's x axis, `quick` or "
+                        "`sweep` (default: each suite's quick sizes)")
     parser.add_argument("--dtypes", type=_csv("dtype policy", POLICIES),
                         default=list(HEADLINE_POLICIES),
                         help=f"comma-separated Keras dtype policies (default: "
@@ -141,7 +179,8 @@ def _suite_cases(names, sizes, policies) -> list[_Case]:
 def _layer_cases(args, policies) -> list[_Case]:
     from fastlayers.bench.layer_spec import LayerError, format_shapes, random_inputs, resolve_layer
 
-    _import_from_cwd(args.layer)
+    if ":" in args.layer and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # a user's module:Class, as fastlayers bench finds it
     spec = resolve_layer(args.layer, input_shape=args.input_shape, layer_args=args.layer_args)
     found = []
     for policy in policies:
@@ -301,17 +340,3 @@ def table_text(results) -> str:
         ))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
-
-
-COMMAND = Command(
-    "tune",
-    help="measure auto's candidates on this machine and cache the fastest",
-    description="Times every implementation and variant (tile sizes, softmax "
-    "formulation) of the kernel calls a suite, a layer or a saved model makes, "
-    "interleaved, medians within a time budget, and writes each winner to this "
-    "machine's cache ($FASTLAYERS_CACHE_DIR, default ~/.cache/fastlayers), which auto "
-    "reads from then on.",
-    add_arguments=add_arguments,
-    run=run,
-)
-register(COMMAND)

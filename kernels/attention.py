@@ -234,13 +234,19 @@ def _variants(implementation, *, platform, dtype, shapes, is_causal=False, block
         tiles = [(q, min(k, s_len)) for q, k in tiles] + [(128, s_len), (256, s_len)]
     if t_len is not None:
         tiles = [(min(q, t_len), k) for q, k in tiles]
-    found = [first]
+    def runs_as(variant):  # tiles beyond T or S run as tiles of T or S (_Plan)
+        q = variant.block_q if t_len is None else min(variant.block_q, t_len)
+        k = variant.block_k if s_len is None else min(variant.block_k, s_len)
+        return q, k, variant.fused_softmax, variant.native_operands
+
+    found, seen = [first], {runs_as(first)}
     for fused in (first.fused_softmax, not first.fused_softmax) if implementation == "graph" else (False,):
         for block_q, block_k in tiles:
             if batch_heads is not None and 4 * batch_heads * block_q * block_k > budget:
                 continue
             variant = AttentionVariant(block_q, block_k, fused, first.native_operands)
-            if variant not in found:
+            if runs_as(variant) not in seen:
+                seen.add(runs_as(variant))
                 found.append(variant)
     return tuple(found)
 

@@ -663,8 +663,8 @@ class Kernel:
         return self._functions[implementation](*tensors, **options)
 
     # Dispatch has no tensor-dependent Python control flow for autograph to convert;
-    # converting its hooks when a kernel is called from an autograph'd function only
-    # costs time (and has confused autograph's cache of converted nested functions).
+    # converting it and its hooks when a kernel is called from an autograph'd
+    # function (a Keras train step) would only cost tracing time.
     @tf.autograph.experimental.do_not_convert
     def __call__(self, *tensors, implementation=None, **options):
         """Runs the kernel: the implementation is selected for the first floating tensor."""

@@ -314,20 +314,34 @@ def choice_for(kernel, tensors, options, *, platform: str, dtype) -> tuple[str, 
 
 
 def _autotune(kernel, tensors, options, key, *, platform, dtype):
-    shapes_known = all(
-        not isinstance(t, tf.Tensor) or t.shape.is_fully_defined() for t in tf.nest.flatten(tensors)
-    )
-    symbolic_options = any(
-        isinstance(v, tf.Tensor) and not hasattr(v, "numpy") for v in tf.nest.flatten(options)
-    )
-    if not shapes_known or symbolic_options:
+    """Tunes a call's signature now; None if it cannot be (a shape unknown when
+    traced, a tensor option of the trace) or the tuning failed (one warning)."""
+    flat = [t for t in tf.nest.flatten(tensors) if isinstance(t, tf.Tensor)]
+    if not all(t.shape.is_fully_defined() for t in flat) or any(
+        isinstance(v, tf.Tensor) and tf.is_symbolic_tensor(v) for v in tf.nest.flatten(options)
+    ):
         return None
-    with tf.init_scope():
-        inputs = tensors if tf.executing_eagerly() and all(
-            not isinstance(t, tf.Tensor) or hasattr(t, "numpy") for t in tf.nest.flatten(tensors)
-        ) else sample_inputs(tensors)
-        backward = json.loads(key.flags).get("mode") == "forward+backward"
-        return tune(kernel, inputs, options, platform=platform, dtype=dtype, backward=backward, key=key)
+    traced = any(tf.is_symbolic_tensor(t) for t in flat)
+    try:
+        with tf.init_scope():  # time eagerly, outside any function being traced
+            inputs = sample_inputs(tensors) if traced else tensors
+            backward = json.loads(key.flags).get("mode") == "forward+backward"
+            return tune(kernel, inputs, options, platform=platform, dtype=dtype,
+                        backward=backward, key=key)
+    except Exception as error:  # noqa: BLE001 - tuning must never break a model's call
+        if not _TUNING_FAILED:
+            _TUNING_FAILED.append(kernel.name)
+            warnings.warn(
+                f"fastlayers could not tune a call of kernel {kernel.name!r} ({error}); "
+                "auto uses the shipped table where it has no tuned choice.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return None
+
+
+# Kernels whose tuning raised: the first one warns, the rest of the process is quiet.
+_TUNING_FAILED: list[str] = []
 
 
 def sample_inputs(tensors):

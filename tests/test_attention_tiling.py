@@ -171,3 +171,26 @@ def test_many_batch_entries_and_heads_take_short_query_tiles(rng):
     out = tf.function(lambda *x: attention.dot_product_attention_compiled(*x, scale=1.0 / np.sqrt(8), selection=fused))(
         *(tf.constant(x, tf.float32) for x in (q, k, v)))
     tolerance("float32").check(out.numpy(), attention_oracle(q, k, v), what="B·N=256")
+
+
+def test_the_tuners_variants_fit_the_budget_and_differ_in_what_runs(monkeypatch):
+    from fastlayers.kernels.attention import ATTENTION
+
+    def variants(implementation, t, s, **options):
+        shapes = ((4, t, 8, 64), (4, s, 8, 64), (4, s, 8, 64), None, None)
+        return ATTENTION.variants(implementation, platform="cpu-onednn", dtype=tf.float32,
+                                  shapes=shapes, scale=0.125, is_causal=False, dropout_rate=0.0,
+                                  seed=None, **options)
+
+    assert variants("reference", 64, 64) == (None,)
+    assert variants("xla", 64, 64) == (AttentionVariant(),)  # every tile runs as 64x64
+    long = variants("graph", 2048, 2048)
+    assert long[0] == attention.default_variant("graph", "cpu-onednn", tf.float32, batch_heads=32)
+    assert {v.fused_softmax for v in long} == {True, False}
+    assert any(v.block_k == 2048 for v in long)  # whole score rows
+    assert all(4 * 32 * v.block_q * v.block_k <= attention.tile_budget_bytes() for v in long)
+    monkeypatch.setenv(attention.TILE_BUDGET_ENV, "8")
+    assert all(4 * 32 * v.block_q * v.block_k <= 8 * 2**20 for v in variants("xla", 2048, 2048))
+    assert variants("graph", 2048, 2048, block_sizes=BlockSizes(8, 16)) == (
+        AttentionVariant(8, 16, fused_softmax=True),
+    )

@@ -24,6 +24,10 @@ def run_cli(capsys, *argv):
 
 
 def test_tune_a_suite_writes_the_cache_and_prints_each_choice(capsys, cache_dir, tmp_path):
+    from fastlayers.bench import cases
+
+    note = cases.DENSE.provider("fastlayers").note
+    assert note(cases.DENSE.shape(8), "float32", "cpu").endswith(", table")
     path = tmp_path / "choices.json"
     code, out, err = run_cli(capsys, "--suite", "dense", "--sizes", "8", "--dtypes", "float32",
                              "--budget", "1", "--quiet", "--json", str(path))
@@ -49,6 +53,8 @@ def test_tune_a_suite_writes_the_cache_and_prints_each_choice(capsys, cache_dir,
         activation=keras.activations.relu,
     )
     assert (selection.label, selection.source) == (choice["choice"], "tuned")
+    # and bench says so
+    assert note(cases.DENSE.shape(8), "float32", "cpu") == f"auto: {choice['choice']}, tuned"
 
 
 def test_tune_a_layer(capsys, cache_dir):

@@ -383,3 +383,21 @@ def test_warm_ups_stop_when_the_budget_is_spent():
     record = _tune(_kernel(), clock, budget=6.0)
     assert set(record["seconds"]) == {"graph", "xla"}  # the third was never reached
     assert clock.calls["reference"] == 0
+
+
+def test_a_tuning_that_fails_warns_once_and_the_call_still_runs(monkeypatch):
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(tuning, "_TUNING_FAILED", [])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(tuning, "tune", broken)
+    kernel = _kernel("failing_double")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for shape in ([2], [3], [4]):
+            assert kernel(tf.ones(shape)).numpy().tolist() == [2.0] * shape[0]
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert messages == ["fastlayers could not tune a call of kernel 'failing_double' (out of memory); "
+                        "auto uses the shipped table where it has no tuned choice."]
