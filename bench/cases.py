@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 import keras
 import tensorflow as tf
 from fastlayers.bench import flops as flops_lib
+from fastlayers.bench import peers
 from fastlayers.bench.layer_spec import format_shapes, random_inputs
 from fastlayers.kernels import dispatch
 
@@ -84,6 +85,8 @@ class Provider:
             e.g. the implementation auto picks.
         flops: optional ``flops(shape) -> float`` of a provider that computes another
             problem than its suite's (a peak row's matmul); None counts the suite's.
+        tf_function: whether function mode wraps the step in a ``tf.function``;
+            False for another framework's call, timed as it is in both modes.
     """
 
     name: str
@@ -91,6 +94,7 @@ class Provider:
     role: str = ""
     note: Callable[[Shape, str, str], str] | None = None
     flops: Callable[[Shape], float] | None = None
+    tf_function: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +212,7 @@ class Case:
         """
         with tf.device(tf_device(self.device)):
             call = self.provider.build(self.shape, self.policy)
-        if self.mode == "function":
+        if self.mode == "function" and self.provider.tf_function:
             call = tf.function(call)
         device = tf_device(self.device)
         wait = tf.test.experimental.sync_devices if self.device == "gpu" else None
@@ -461,7 +465,7 @@ def _attention_suite(backward: bool) -> Suite:
                      note=_attention_auto_choice(backward)),
             *(
                 Provider(f"fastlayers-{impl}", _fastlayers_attention(impl, backward))
-                for impl in dispatch.IMPLEMENTATIONS
+                for impl in dispatch.ALL_IMPLEMENTATIONS
             ),
             # keras.ops.dot_product_attention as called (eagerly or in the tf.function
             # of function mode) and under XLA: speed-ups are over the faster of the two.
@@ -470,6 +474,12 @@ def _attention_suite(backward: bool) -> Suite:
             Provider("tf.matmul", _attention_peak, role=PEAK,
                      note=lambda shape, policy, device: f"{side}x{side} @ {side}x{side}",
                      flops=lambda shape: flops_lib.dense_flops(side, side, side)),
+            *(
+                (Provider(peers.TORCH_SDPA, peers.torch_sdpa(backward), tf_function=False,
+                          note=lambda shape, policy, device: f"{peers.torch_threads()} threads"),)
+                if peers.torch_available()
+                else ()
+            ),
         ),
         quick_sizes=(512,),
         sweep_sizes=(256, 512, 1024, 2048, 4096),

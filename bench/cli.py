@@ -24,7 +24,7 @@ import re
 import sys
 from collections.abc import Callable
 
-from fastlayers.bench import tune
+from fastlayers.bench import build_cli, tune
 from fastlayers.bench.errors import CommandError
 
 EXIT_REGRESSION = 1
@@ -509,6 +509,14 @@ register(Command(
     description=tune.DESCRIPTION,
     add_arguments=tune.add_arguments,
     run=tune.run,
+))
+register(Command(
+    "build",
+    help=build_cli.HELP,
+    description=build_cli.DESCRIPTION,
+    add_arguments=build_cli.add_arguments,
+    run=build_cli.run,
+    extra=None,
 ))
 
 

@@ -34,6 +34,7 @@ import tensorflow as tf
 from fastlayers.kernels import dispatch
 from fastlayers.kernels import flops as flops_lib
 from fastlayers.kernels.auto import AUTO
+from fastlayers.kernels.native import attention as native_attention
 from fastlayers.kernels.validation import check_floating, check_same_dtype
 from fastlayers.kernels.precision import (
     accumulation_dtype,
@@ -75,6 +76,11 @@ class BlockSizes:
                     f"Received an invalid value for `{name}`, expected a positive integer. "
                     f"Received: {name}={value!r}"
                 )
+
+    @property
+    def label(self) -> str:
+        """``"64x512"``: how bench and the tuner name the tiles (the native variant)."""
+        return f"{self.block_q}x{self.block_k}"
 
 
 DEFAULT_BLOCK_SIZES = BlockSizes()
@@ -163,17 +169,51 @@ def _batch_heads(shapes):
     return query_shape[0] * query_shape[2]
 
 
+# The native op's variant is its tiles (a ``BlockSizes``). By default 64 query rows
+# × 512 keys: the float32 score tile and one key block's keys and values (128 KiB
+# each at H = D = 64) stay in a core's L2 cache. Then the others the tuner tries
+# (key blocks round up to 16 columns in the op).
+NATIVE_BLOCK_SIZES = BlockSizes(block_q=64, block_k=512)
+NATIVE_TUNED_BLOCK_SIZES = ((32, 512), (128, 256), (64, 1024))
+
+
 def _default_variant(
     implementation, *, platform, dtype, shapes, is_causal=False, sliding_window=None, block_sizes=None, **_
 ):
     if implementation == "reference":
         return None
+    if implementation == dispatch.NATIVE:
+        return block_sizes or NATIVE_BLOCK_SIZES
     # A window skips blocks as a causal mask does: small tiles skip more.
     return default_variant(
         implementation, platform, dtype, is_causal=is_causal or sliding_window is not None,
         batch_heads=_batch_heads(shapes),
         block_sizes=block_sizes,
     )
+
+
+def _native_variants(shapes, block_sizes):
+    """The native op's tiles: the caller's, or the default then the tuner's others,
+    none that runs as an earlier one (the op clips query blocks to T and key blocks to
+    S rounded up to 16)."""
+    first = block_sizes or NATIVE_BLOCK_SIZES
+    if block_sizes is not None:
+        return (first,)
+    t_len = shapes[0][1] if shapes and shapes[0] is not None else None
+    s_len = shapes[1][1] if len(shapes) > 1 and shapes[1] is not None else None
+
+    def runs_as(blocks):
+        q = blocks.block_q if t_len is None else min(blocks.block_q, t_len)
+        k = blocks.block_k if s_len is None else min(blocks.block_k, -(-s_len // 16) * 16)
+        return q, k
+
+    found, seen = [first], {runs_as(first)}
+    for block_q, block_k in NATIVE_TUNED_BLOCK_SIZES:
+        blocks = BlockSizes(block_q, block_k)
+        if runs_as(blocks) not in seen:
+            seen.add(runs_as(blocks))
+            found.append(blocks)
+    return tuple(found)
 
 
 def _variants(
@@ -184,6 +224,8 @@ def _variants(
     path both softmax formulations. The reference has none."""
     if implementation == "reference":
         return ()
+    if implementation == dispatch.NATIVE:
+        return _native_variants(shapes, block_sizes)
     query_shape = shapes[0] if shapes else None
     key_shape = shapes[1] if len(shapes) > 1 else None
     batch_heads = _batch_heads(shapes)
@@ -1117,11 +1159,25 @@ def _check_attention_inputs(query, key, value, bias, mask, dropout_rate, seed):
     return bias, mask
 
 
+def _not_supported_reasons(implementation, *, platform, dtype, sliding_window=None, **_):
+    if implementation != dispatch.NATIVE:
+        return []
+    reasons = native_attention.not_supported_reasons(platform=platform, dtype=dtype)
+    if sliding_window is not None:
+        reasons.append(
+            f"the native op has no sliding window (received sliding_window={sliding_window}); "
+            "the compiled paths skip the blocks outside the band"
+        )
+    return reasons
+
+
 ATTENTION = dispatch.Kernel(
     "dot_product_attention",
     dot_product_attention_reference,
     dot_product_attention_compiled,
     auto=AUTO["dot_product_attention"],
+    not_supported_reasons=_not_supported_reasons,
+    native=native_attention.NATIVE,
     variants=_variants,
     default_variant=_default_variant,
     work=_work,
@@ -1173,9 +1229,11 @@ def dot_product_attention(
         seed: int or integer tensor of shape ``[]`` or ``[2]``, required when
             ``dropout_rate > 0``. The same seed drops the same positions in every
             implementation.
-        block_sizes: optional ``BlockSizes`` of the compiled paths; None lets
-            dispatch choose them (see ``BlockSizes``).
-        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
+        block_sizes: optional ``BlockSizes`` of the compiled and native paths; None
+            lets dispatch choose them (see ``BlockSizes``; the native op's default is
+            ``NATIVE_BLOCK_SIZES``).
+        implementation: None (auto), ``"reference"``, ``"graph"``, ``"xla"`` or
+            ``"native"`` (a C++ op built on first use; not inside ``jit_compile``).
 
     Returns:
         ``[B, T, N, D]`` tensor of the dtype of ``query``.

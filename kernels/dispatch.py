@@ -313,11 +313,17 @@ class Kernel:
         native: the ``"native"`` implementation, ``native(*tensors, **options)``
             (declaring ``selection`` as ``compiled`` may), or None. If it has a
             ``not_built_reason()`` method returning a string, that string is why it
-            cannot run now (its op failed to build, say).
+            cannot run now (its op failed to build, say); it is asked last, when
+            nothing else refuses the call, since finding out may build the op. If its
+            attribute ``auto_while_training`` is False, the auto table passes it over
+            while a gradient tape records (a native forward whose gradient is slower
+            than the compiled paths'); an explicit request, or a tuned choice timed
+            forward and backward, still runs it.
         variants: optional ``fn(implementation, *, platform, dtype, shapes, **options)``
-            returning that implementation's variants for the call, the default
-            first; ``shapes`` holds each tensor argument's static shape (a tuple, or
-            None for an argument that is not a tensor). The tuner times them all.
+            returning that implementation's variants for the call (native's too), the
+            default first; ``shapes`` holds each tensor argument's static shape (a
+            tuple, or None for an argument that is not a tensor). The tuner times
+            them all.
         work: optional ``fn(*tensors, **options)`` returning the call's FLOPs (None
             when unknown): auto runs eager calls below
             ``auto.EAGER_REFERENCE_BELOW_FLOPS`` with the reference.
@@ -411,34 +417,42 @@ class Kernel:
 
     def not_supported_reasons(self, implementation, *, platform, dtype, **options) -> list[str]:
         """Why ``implementation`` cannot take this call; empty when it can."""
-        reasons = []
-        if implementation == NATIVE:
-            reasons = self._native_reasons()
-            if reasons and self.native is None:
-                return reasons
-        if self._reasons is not None:
-            reasons += list(self._reasons(implementation, platform=platform, dtype=dtype, **options))
-        return reasons
-
-    def _native_reasons(self) -> list[str]:
-        if self.native is None:
+        if implementation == NATIVE and self.native is None:
             return [f"kernel {self.name!r} has no native implementation"]
         reasons = []
-        not_built = getattr(self.native, "not_built_reason", None)
-        reason = not_built() if callable(not_built) else None
-        if reason:
-            reasons.append(f"its native op is not available: {reason}")
-        if platform_lib.in_xla_context():
+        if implementation == NATIVE and platform_lib.in_xla_context():
             reasons.append(
                 "a native op cannot run inside an XLA cluster (jit_compile=True), "
                 "where XLA compiles the call itself"
             )
+        if self._reasons is not None:
+            reasons += list(self._reasons(implementation, platform=platform, dtype=dtype, **options))
+        if implementation == NATIVE and not reasons:
+            not_built = getattr(self.native, "not_built_reason", None)
+            reason = not_built() if callable(not_built) else None
+            if reason:
+                reasons.append(f"its native op is not available: {reason}")
         return reasons
+
+    def table_reasons(self, implementation) -> list[str]:
+        """Why the auto table passes over an implementation that could take the call:
+        a native one that asks not to be chosen while a gradient tape records."""
+        if (
+            implementation == NATIVE
+            and not getattr(self.native, "auto_while_training", True)
+            and platform_lib.gradient_recording()
+        ):
+            return [
+                "a gradient tape is recording and the native op's gradient is slower than "
+                "the compiled paths': the table trains with those (an explicit request or "
+                "a tuned choice runs it)"
+            ]
+        return []
 
     def variants(self, implementation, *, platform, dtype, shapes=(), **options) -> tuple:
         """The variants of ``implementation`` for a call, the default first; ``(None,)``
         for a kernel without variants."""
-        if self._variants is None or implementation == NATIVE:
+        if self._variants is None:
             return (None,)
         found = tuple(
             self._variants(implementation, platform=platform, dtype=dtype, shapes=shapes, **options)
@@ -457,7 +471,7 @@ class Kernel:
 
     def default_variant(self, implementation, *, platform, dtype, shapes=(), **options):
         """The variant an implementation runs unless tuned: the first of ``variants``."""
-        if self._default_variant is not None and implementation != NATIVE:
+        if self._default_variant is not None:
             return self._default_variant(
                 implementation, platform=platform, dtype=dtype, shapes=shapes, **options
             )
@@ -562,7 +576,7 @@ class Kernel:
         dtype = tf.as_dtype(dtype)
         refused = []
         for candidate in self._row_candidates(platform, dtype, shapes, options):
-            reasons = self.not_supported_reasons(
+            reasons = self.table_reasons(candidate) or self.not_supported_reasons(
                 candidate, platform=platform, dtype=dtype, **options
             )
             if not reasons:
@@ -639,6 +653,8 @@ class Kernel:
         if implementation == "reference":
             return self.reference(*tensors, **options)
         if implementation == NATIVE:
+            if self.native is None:
+                raise ValueError(f"Kernel {self.name!r} has no native implementation to run.")
             return self.native(*tensors, **options)
         if implementation == "graph" and not tf.executing_eagerly():
             # Already inside a graph: inline the ops so grappler fuses them with

@@ -67,6 +67,16 @@ def test_every_implementation_runs_the_same_function(implementation):
     assert y.numpy().tolist() == [2.0, -5.0, 6.0]
 
 
+def test_running_native_without_a_native_implementation_raises():
+    kernel = _kernel()
+    assert kernel.not_supported_reasons("native", platform="cpu", dtype=tf.float32) == [
+        "kernel 'double' has no native implementation"
+    ]
+    assert "native" not in kernel.candidates("gpu", tf.float32)
+    with pytest.raises(ValueError, match="Kernel 'double' has no native implementation to run."):
+        kernel.run("native", tf.constant([1.0]))
+
+
 def test_graph_run_inside_a_graph_inlines_ops_under_the_profiler_scope():
     kernel = _kernel()
 
@@ -118,7 +128,7 @@ def test_auto_table_rows_name_known_platforms_and_implementations():
         for (platform, dtype, *_), preferences in row.items():
             assert platform in dispatch.PLATFORMS, (name, platform)
             assert dtype == "*" or tf.as_dtype(dtype).is_floating, (name, dtype)
-            assert preferences and set(preferences) <= set(dispatch.IMPLEMENTATIONS)
+            assert preferences and set(preferences) <= set(dispatch.ALL_IMPLEMENTATIONS)
 
 
 def test_auto_runs_small_eager_calls_with_the_reference():
@@ -309,6 +319,63 @@ def test_inside_an_xla_cluster_auto_keeps_xla_and_an_explicit_native_request_rai
 
     with pytest.raises(ValueError, match=r"cannot run inside an XLA cluster"):
         explicit(tf.ones([3]))
+
+
+class _NativeForInference(_FakeNative):
+    """A native implementation whose gradient is slower than the compiled paths'."""
+
+    auto_while_training = False
+
+
+def test_the_table_passes_over_a_native_that_asks_so_while_a_tape_records():
+    native = _NativeForInference()
+    kernel = _native_kernel(native)
+    assert kernel.select(None, platform="cpu", dtype=tf.float32).implementation == "native"
+    with tf.GradientTape():
+        assert kernel.select(None, platform="cpu", dtype=tf.float32).implementation == "graph"
+        explicit = kernel.select("native", platform="cpu", dtype=tf.float32)
+        assert (explicit.implementation, explicit.source) == ("native", "explicit")
+    assert kernel.table_reasons("native") == []
+    with tf.GradientTape():
+        (reason,) = kernel.table_reasons("native")
+        assert reason.startswith("a gradient tape is recording")
+    # A native implementation without the attribute trains too.
+    with tf.GradientTape():
+        assert _native_kernel(_FakeNative()).table_reasons("native") == []
+
+
+class _CountingNative(_FakeNative):
+    def not_built_reason(self):
+        self.calls.append("asked")
+        return None
+
+
+def test_whether_the_native_op_builds_is_asked_only_when_nothing_else_refuses():
+    native = _CountingNative()
+    refuse_float16 = lambda implementation, *, platform, dtype: (  # noqa: E731
+        ["no float16"] if implementation == "native" and dtype == tf.float16 else []
+    )
+    kernel = dispatch.Kernel("counted", _double, auto={("cpu", "*"): ("native", "graph")},
+                             native=native, not_supported_reasons=refuse_float16)
+    assert kernel.not_supported_reasons("native", platform="cpu", dtype=tf.float16) == ["no float16"]
+    assert native.calls == []
+    assert kernel.not_supported_reasons("native", platform="cpu", dtype=tf.float32) == []
+    assert native.calls == ["asked"]
+
+
+def test_a_native_implementation_receives_its_variant_in_the_selection():
+    native = _FakeNative()
+    variants = lambda implementation, **_: (  # noqa: E731
+        ("native-default", "native-other") if implementation == "native" else ()
+    )
+    kernel = dispatch.Kernel("with_variants", _double, auto={("cpu", "*"): ("native", "graph")},
+                             native=native, variants=variants)
+    kernel(tf.ones([3]))
+    assert [s.variant for s in native.calls] == ["native-default"]
+    candidates = kernel.tuning_candidates(platform="cpu", dtype=tf.float32, shapes=((3,),))
+    assert [(c.implementation, c.variant) for c in candidates if c.implementation == "native"] == [
+        ("native", "native-default"), ("native", "native-other")
+    ]
 
 
 def test_auto_rows_may_name_native_and_rows_by_variant():

@@ -1,0 +1,727 @@
+// Blockwise scaled dot-product attention forward on CPU, one pass per query block.
+//
+// Shape letters: B batch, T query length, S key length, N query heads, K key/value
+// heads (K divides N), G = N / K, H query/key head dim, D value head dim.
+// query [B, T, N, H], key [B, S, K, H], value [B, S, K, D]; bias (float32) and mask
+// (bool) are rank 4 and broadcast to [B, N, T, S]. Outputs: [B, T, N, D] in the input
+// dtype and the per-row logsumexp [B, N, T] in float32.
+//
+// The semantics are those of fastlayers.kernels.attention's reference: scores in
+// float32, masked scores replaced by the mask value, a row with no visible key gives
+// zeros, dropout by the same position hash. Key/value heads are packed once per call
+// into float32 panels (kPanel), so every query head of a group reads them without a
+// repeat; key and value rows no score can see are zeroed while packing, so NaN
+// there reaches no product.
+//
+// Per (batch, query head, query block): Q·Kᵀ for one key block into an L1/L2-sized
+// score tile, a fused pass (bias, mask, running max, exp, row sum, dropout) and P·V
+// into a float32 accumulator rescaled by the running max. Causal key blocks wholly
+// above the diagonal are never visited.
+//
+// ISA dispatch: the three primitives below come as a portable version and an
+// AVX2+FMA one (compiled with a per-function target, chosen at run time from what
+// the CPU reports). AVX-512 or AMX variants would be one more Primitives table and
+// one more test in ChoosePrimitives; none ships because none can be run here.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define FASTLAYERS_X86 1
+#endif
+
+namespace fastlayers {
+
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+namespace errors = tensorflow::errors;
+
+// Packed operands are panels of kPanel floats: keys as [S/16][H][16] (16 keys'
+// values of one head-dim index side by side), values as [D/16][S][16] (16 value
+// dims of one key). A micro-kernel then streams one contiguous panel; a row-major
+// operand would stride by a power of two and thrash a few L1 sets.
+constexpr int64_t kPanel = 16;
+// The mask value of fastlayers.kernels.precision.mask_value(float32): finite, so a
+// row with every key masked never computes inf - inf.
+constexpr float kFloor = -0.7f * 3.4028234663852886e38f;
+
+// ---------------------------------------------------------------------------------
+// Dropout: the position hash of kernels/attention.py (`_mix`, `_dropout_multiplier`).
+
+inline uint32_t Mix(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+struct Dropout {
+  bool on = false;
+  uint32_t seed0_mixed = 0;  // _mix(seed0)
+  uint32_t seed1 = 0;        // words[-1] ^ 0x9E3779B9
+  uint32_t threshold = 0;    // keep iff (bits >> 8) >= threshold, i.e. uniform >= rate
+  float keep_scale = 1.0f;   // 1 / (1 - rate), rounded to float32 as the reference does
+};
+
+// ---------------------------------------------------------------------------------
+// One score tile's row: everything the fused pass needs to know about it.
+
+struct RowContext {
+  const float* bias;       // bias row, or nullptr
+  int64_t bias_stride;     // 0 when the bias broadcasts over keys
+  const bool* mask;        // mask row, or nullptr
+  int64_t mask_stride;     // 0 when the mask broadcasts over keys
+  int64_t keys;            // columns that exist (bias and mask rows end there)
+  int64_t limit;           // columns at or past this are invalid (<= keys; causal)
+  uint32_t row_hash;       // _mix(row ^ _mix(seed0)) when dropout is on
+  const uint32_t* col_hash;  // _mix(s ^ seed1) of the block's columns
+};
+
+// The three primitives, per ISA.
+//   qk:      scores[r*ld_s + c] = sum_h q[r*H + h] * K[c][h], r < rows, c < cols, with
+//            keys a [cols/16][H][16] panel array (cols a multiple of 16)
+//   softmax: one score row in place: masked, exponentiated against the new running
+//            max, dropped; returns the row sum (before dropout) and updates *max
+//   pv:      out[r*ld_o + d] += sum_c p[r*ld_s + c] * V[c][d], d < ld_o (a multiple
+//            of 16), with values panels of 16 dims, panel i at values + i*panel_stride
+struct Primitives {
+  const char* name;
+  void (*qk)(const float* q, int64_t rows, int64_t head_dim, const float* keys, int64_t ld_s,
+             int64_t cols, float* scores);
+  float (*softmax)(float* row, int64_t cols, const RowContext& ctx, const Dropout& drop,
+                   float* max);
+  void (*pv)(const float* p, int64_t rows, int64_t ld_s, int64_t cols, const float* values,
+             int64_t panel_stride, int64_t ld_o, float* out);
+};
+
+// ---------------------------------------------------------------------------------
+// Portable primitives: plain loops the compiler vectorizes for the baseline ISA.
+
+void QkPortable(const float* q, int64_t rows, int64_t head_dim, const float* keys, int64_t ld_s,
+                int64_t cols, float* scores) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = scores + r * ld_s;
+    std::fill(s, s + cols, 0.0f);
+    for (int64_t c = 0; c < cols; c += kPanel) {
+      const float* panel = keys + c * head_dim;
+      for (int64_t h = 0; h < head_dim; ++h) {
+        const float a = q[r * head_dim + h];
+        for (int64_t l = 0; l < kPanel; ++l) s[c + l] += a * panel[h * kPanel + l];
+      }
+    }
+  }
+}
+
+inline bool ValidAt(const RowContext& ctx, int64_t c) {
+  if (c >= ctx.limit) return false;
+  return ctx.mask == nullptr || ctx.mask[c * ctx.mask_stride];
+}
+
+inline float DropScalar(const RowContext& ctx, const Dropout& drop, int64_t c) {
+  const uint32_t bits = Mix(ctx.row_hash ^ ctx.col_hash[c]);
+  return (bits >> 8) >= drop.threshold ? drop.keep_scale : 0.0f;
+}
+
+float SoftmaxPortable(float* row, int64_t cols, const RowContext& ctx, const Dropout& drop,
+                      float* max) {
+  float peak = *max;
+  for (int64_t c = 0; c < cols; ++c) {
+    float s = row[c];
+    if (ctx.bias != nullptr && c < ctx.keys) s += ctx.bias[c * ctx.bias_stride];
+    s = ValidAt(ctx, c) ? s : kFloor;
+    row[c] = s;
+    peak = std::max(peak, s);
+  }
+  float sum = 0.0f;
+  for (int64_t c = 0; c < cols; ++c) {
+    // Invalid scores hold exactly kFloor (NaN compares unequal, so a visible NaN
+    // stays NaN, as in the reference).
+    const float p = row[c] != kFloor ? std::exp(row[c] - peak) : 0.0f;
+    sum += p;
+    row[c] = drop.on ? p * DropScalar(ctx, drop, c) : p;
+  }
+  *max = peak;
+  return sum;
+}
+
+void PvPortable(const float* p, int64_t rows, int64_t ld_s, int64_t cols, const float* values,
+                int64_t panel_stride, int64_t ld_o, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t d = 0; d < ld_o; d += kPanel) {
+      float* o = out + r * ld_o + d;
+      const float* panel = values + (d / kPanel) * panel_stride;
+      for (int64_t c = 0; c < cols; ++c) {
+        const float a = p[r * ld_s + c];
+        for (int64_t l = 0; l < kPanel; ++l) o[l] += a * panel[c * kPanel + l];
+      }
+    }
+  }
+}
+
+constexpr Primitives kPortable = {"portable", QkPortable, SoftmaxPortable, PvPortable};
+
+// ---------------------------------------------------------------------------------
+// AVX2+FMA primitives.
+
+#ifdef FASTLAYERS_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+// exp on 8 floats: Cephes' range reduction and degree-5 polynomial (about 1 ulp).
+// The clamps take x as their second operand, so a NaN passes through.
+inline __m256 Exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);
+  x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x);
+  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+  fx = _mm256_floor_ps(fx);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  y = _mm256_fmadd_ps(y, x2, x);
+  y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
+  __m256i n = _mm256_cvttps_epi32(fx);
+  n = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+inline __m256i Mix8(__m256i x) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7FEB352D));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x846CA68Bu)));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  return x;
+}
+
+inline float HorizontalMax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+inline float HorizontalSum(__m256 v) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+// M query rows × 16 key columns, accumulated over the head dim in 2·M registers.
+template <int M>
+inline void QkTile(const float* q, int64_t head_dim, const float* panel, int64_t ld_s,
+                   float* scores) {
+  __m256 acc[M][2];
+  _Pragma("GCC unroll 8")
+  for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t h = 0; h < head_dim; ++h) {
+    const __m256 b0 = _mm256_loadu_ps(panel + h * kPanel);
+    const __m256 b1 = _mm256_loadu_ps(panel + h * kPanel + 8);
+    _Pragma("GCC unroll 8")
+    for (int i = 0; i < M; ++i) {
+      const __m256 a = _mm256_broadcast_ss(q + i * head_dim + h);
+      acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
+    }
+  }
+  _Pragma("GCC unroll 8")
+  for (int i = 0; i < M; ++i) {
+    _mm256_storeu_ps(scores + i * ld_s, acc[i][0]);
+    _mm256_storeu_ps(scores + i * ld_s + 8, acc[i][1]);
+  }
+}
+
+void QkAvx2(const float* q, int64_t rows, int64_t head_dim, const float* keys, int64_t ld_s,
+            int64_t cols, float* scores) {
+  for (int64_t c = 0; c < cols; c += kPanel) {
+    const float* panel = keys + c * head_dim;
+    int64_t r = 0;
+    for (; r + 6 <= rows; r += 6) QkTile<6>(q + r * head_dim, head_dim, panel, ld_s, scores + r * ld_s + c);
+    const float* qr = q + r * head_dim;
+    float* sr = scores + r * ld_s + c;
+    switch (rows - r) {
+      case 5: QkTile<5>(qr, head_dim, panel, ld_s, sr); break;
+      case 4: QkTile<4>(qr, head_dim, panel, ld_s, sr); break;
+      case 3: QkTile<3>(qr, head_dim, panel, ld_s, sr); break;
+      case 2: QkTile<2>(qr, head_dim, panel, ld_s, sr); break;
+      case 1: QkTile<1>(qr, head_dim, panel, ld_s, sr); break;
+      default: break;
+    }
+  }
+}
+
+// Validity of columns c..c+7 as a lane mask (all ones where valid).
+inline __m256 Valid8(const RowContext& ctx, int64_t c) {
+  const __m256i index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(c)),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(ctx.limit)), index);
+  if (ctx.mask != nullptr) {
+    if (ctx.mask_stride == 0) {
+      if (!ctx.mask[0]) valid = _mm256_setzero_si256();
+    } else {
+      int64_t bytes;
+      std::memcpy(&bytes, ctx.mask + c, sizeof(bytes));
+      const __m256i m = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes));
+      valid = _mm256_andnot_si256(_mm256_cmpeq_epi32(m, _mm256_setzero_si256()), valid);
+    }
+  }
+  return _mm256_castsi256_ps(valid);
+}
+
+float SoftmaxAvx2(float* row, int64_t cols, const RowContext& ctx, const Dropout& drop,
+                  float* max) {
+  // cols is a multiple of 16, and the mask row is read 8 columns at a time only
+  // below ctx.limit (the columns that exist): past it every lane is invalid anyway.
+  const __m256 floor = _mm256_set1_ps(kFloor);
+  __m256 peak = _mm256_set1_ps(*max);
+  const bool plain = ctx.bias == nullptr && ctx.mask == nullptr;
+  for (int64_t c = 0; c < cols; c += 8) {
+    __m256 s = _mm256_loadu_ps(row + c);
+    if (ctx.bias != nullptr) {
+      __m256 b;
+      if (ctx.bias_stride == 0) {
+        b = _mm256_set1_ps(ctx.bias[0]);
+      } else if (c + 8 <= ctx.keys) {
+        b = _mm256_loadu_ps(ctx.bias + c);
+      } else {
+        // Never read bias past the row's last key (those columns are invalid anyway).
+        alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t k = c; k < ctx.keys; ++k) tail[k - c] = ctx.bias[k];
+        b = _mm256_load_ps(tail);
+      }
+      s = _mm256_add_ps(s, b);
+    }
+    const bool changed = !plain || c + 8 > ctx.limit;
+    if (changed) {
+      RowContext bounded = ctx;
+      if (ctx.mask != nullptr && ctx.mask_stride != 0 && c + 8 > ctx.limit) {
+        // Never read mask bytes past the row's last key.
+        alignas(8) bool tail[8] = {false, false, false, false, false, false, false, false};
+        for (int64_t k = c; k < std::min<int64_t>(c + 8, ctx.limit); ++k) tail[k - c] = ctx.mask[k];
+        bounded.mask = tail - c;
+        s = _mm256_blendv_ps(floor, s, Valid8(bounded, c));
+      } else {
+        s = _mm256_blendv_ps(floor, s, Valid8(ctx, c));
+      }
+    }
+    if (changed) _mm256_storeu_ps(row + c, s);
+    peak = _mm256_max_ps(peak, s);
+  }
+  const float new_max = HorizontalMax(peak);
+  const __m256 m = _mm256_set1_ps(new_max);
+  __m256 sum = _mm256_setzero_ps();
+  const __m256i row_hash = _mm256_set1_epi32(static_cast<int>(ctx.row_hash));
+  const __m256i threshold = _mm256_set1_epi32(static_cast<int>(drop.threshold));
+  const __m256 keep_scale = _mm256_set1_ps(drop.keep_scale);
+  for (int64_t c = 0; c < cols; c += 8) {
+    const __m256 s = _mm256_loadu_ps(row + c);
+    __m256 p = Exp8(_mm256_sub_ps(s, m));
+    p = _mm256_and_ps(p, _mm256_cmp_ps(s, floor, _CMP_NEQ_UQ));
+    sum = _mm256_add_ps(sum, p);
+    if (drop.on) {
+      const __m256i cols_hash = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ctx.col_hash + c));
+      const __m256i bits = _mm256_srli_epi32(Mix8(_mm256_xor_si256(row_hash, cols_hash)), 8);
+      // bits < 2^24 and threshold <= 2^24: a signed compare is exact.
+      const __m256i dropped = _mm256_cmpgt_epi32(threshold, bits);
+      p = _mm256_andnot_ps(_mm256_castsi256_ps(dropped), _mm256_mul_ps(p, keep_scale));
+    }
+    _mm256_storeu_ps(row + c, p);
+  }
+  *max = new_max;
+  return HorizontalSum(sum);
+}
+
+// M rows × 16 output columns of P·V, accumulated over the key block in registers;
+// `panel` holds the 16 columns of every key contiguously.
+template <int M>
+inline void PvTile(const float* p, int64_t ld_s, int64_t cols, const float* panel, int64_t ld_o,
+                   float* out) {
+  __m256 acc[M][2];
+  _Pragma("GCC unroll 8")
+  for (int i = 0; i < M; ++i) {
+    acc[i][0] = _mm256_loadu_ps(out + i * ld_o);
+    acc[i][1] = _mm256_loadu_ps(out + i * ld_o + 8);
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    const __m256 b0 = _mm256_loadu_ps(panel + c * kPanel);
+    const __m256 b1 = _mm256_loadu_ps(panel + c * kPanel + 8);
+    _Pragma("GCC unroll 8")
+    for (int i = 0; i < M; ++i) {
+      const __m256 a = _mm256_broadcast_ss(p + i * ld_s + c);
+      acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
+    }
+  }
+  _Pragma("GCC unroll 8")
+  for (int i = 0; i < M; ++i) {
+    _mm256_storeu_ps(out + i * ld_o, acc[i][0]);
+    _mm256_storeu_ps(out + i * ld_o + 8, acc[i][1]);
+  }
+}
+
+void PvAvx2(const float* p, int64_t rows, int64_t ld_s, int64_t cols, const float* values,
+            int64_t panel_stride, int64_t ld_o, float* out) {
+  for (int64_t d = 0; d < ld_o; d += kPanel) {
+    const float* panel = values + (d / kPanel) * panel_stride;
+    int64_t r = 0;
+    for (; r + 6 <= rows; r += 6) PvTile<6>(p + r * ld_s, ld_s, cols, panel, ld_o, out + r * ld_o + d);
+    const float* pr = p + r * ld_s;
+    float* o = out + r * ld_o + d;
+    switch (rows - r) {
+      case 5: PvTile<5>(pr, ld_s, cols, panel, ld_o, o); break;
+      case 4: PvTile<4>(pr, ld_s, cols, panel, ld_o, o); break;
+      case 3: PvTile<3>(pr, ld_s, cols, panel, ld_o, o); break;
+      case 2: PvTile<2>(pr, ld_s, cols, panel, ld_o, o); break;
+      case 1: PvTile<1>(pr, ld_s, cols, panel, ld_o, o); break;
+      default: break;
+    }
+  }
+}
+
+#pragma GCC pop_options
+
+constexpr Primitives kAvx2 = {"avx2", QkAvx2, SoftmaxAvx2, PvAvx2};
+#endif  // FASTLAYERS_X86
+
+// The best primitives this CPU runs, or the portable ones when asked (the op's
+// `isa` attribute: tests compare the two).
+const Primitives& ChoosePrimitives(const std::string& isa = "best") {
+  if (isa == "portable") return kPortable;
+#ifdef FASTLAYERS_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+  return kPortable;
+}
+
+// ---------------------------------------------------------------------------------
+// The op.
+
+REGISTER_OP("FastlayersAttentionForward")
+    .Input("query: T")
+    .Input("key: T")
+    .Input("value: T")
+    .Input("bias: float")
+    .Input("mask: bool")
+    .Input("seed: uint32")
+    .Output("output: T")
+    .Output("logsumexp: float")
+    .Attr("T: {float, half, bfloat16}")
+    .Attr("scale: float")
+    .Attr("is_causal: bool = false")
+    .Attr("dropout_rate: float = 0.0")
+    .Attr("dropout_scale: float = 1.0")
+    .Attr("has_bias: bool = false")
+    .Attr("has_mask: bool = false")
+    .Attr("block_q: int = 64")
+    .Attr("block_k: int = 512")
+    .Attr("isa: {'best', 'portable'} = 'best'")
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
+      tensorflow::shape_inference::ShapeHandle q, v;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &q));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 4, &v));
+      c->set_output(0, c->MakeShape({c->Dim(q, 0), c->Dim(q, 1), c->Dim(q, 2), c->Dim(v, 3)}));
+      c->set_output(1, c->MakeShape({c->Dim(q, 0), c->Dim(q, 2), c->Dim(q, 1)}));
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("FastlayersNativeIsa")
+    .Output("isa: string")
+    .SetShapeFn(tensorflow::shape_inference::ScalarShape);
+
+class NativeIsaOp : public OpKernel {
+ public:
+  explicit NativeIsaOp(OpKernelConstruction* context) : OpKernel(context) {}
+  void Compute(OpKernelContext* context) override {
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({}), &out));
+    out->scalar<tensorflow::tstring>()() = ChoosePrimitives().name;
+  }
+};
+
+REGISTER_KERNEL_BUILDER(Name("FastlayersNativeIsa").Device(tensorflow::DEVICE_CPU), NativeIsaOp);
+
+// A rank-4 [b, n, t, s] bias or mask, each axis 1 (broadcast) or full.
+struct Broadcast4 {
+  int64_t dims[4] = {1, 1, 1, 1};
+  // Element offset of (b, n, t) and the stride along s.
+  int64_t Row(int64_t b, int64_t n, int64_t t) const {
+    const int64_t bb = dims[0] == 1 ? 0 : b, nn = dims[1] == 1 ? 0 : n, tt = dims[2] == 1 ? 0 : t;
+    return ((bb * dims[1] + nn) * dims[2] + tt) * dims[3];
+  }
+  int64_t Stride() const { return dims[3] == 1 ? 0 : 1; }
+};
+
+template <typename Scalar>
+class AttentionForwardOp : public OpKernel {
+ public:
+  explicit AttentionForwardOp(OpKernelConstruction* context)
+      : OpKernel(context) {
+    std::string isa;
+    OP_REQUIRES_OK(context, context->GetAttr("isa", &isa));
+    primitives_ = &ChoosePrimitives(isa);
+    OP_REQUIRES_OK(context, context->GetAttr("scale", &scale_));
+    OP_REQUIRES_OK(context, context->GetAttr("is_causal", &is_causal_));
+    OP_REQUIRES_OK(context, context->GetAttr("dropout_rate", &dropout_rate_));
+    OP_REQUIRES_OK(context, context->GetAttr("dropout_scale", &dropout_scale_));
+    OP_REQUIRES_OK(context, context->GetAttr("has_bias", &has_bias_));
+    OP_REQUIRES_OK(context, context->GetAttr("has_mask", &has_mask_));
+    OP_REQUIRES_OK(context, context->GetAttr("block_q", &block_q_));
+    OP_REQUIRES_OK(context, context->GetAttr("block_k", &block_k_));
+    OP_REQUIRES(context, dropout_rate_ >= 0.0f && dropout_rate_ < 1.0f,
+                errors::InvalidArgument("dropout_rate must be in [0, 1). Received: dropout_rate=",
+                                        dropout_rate_));
+    OP_REQUIRES(context, block_q_ > 0 && block_k_ > 0,
+                errors::InvalidArgument("block_q and block_k must be positive. Received: block_q=",
+                                        block_q_, ", block_k=", block_k_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& query = context->input(0);
+    const Tensor& key = context->input(1);
+    const Tensor& value = context->input(2);
+    const Tensor& bias = context->input(3);
+    const Tensor& mask = context->input(4);
+    const Tensor& seed = context->input(5);
+    OP_REQUIRES(context, query.dims() == 4 && key.dims() == 4 && value.dims() == 4,
+                errors::InvalidArgument("query, key and value must have rank 4. Received: query.shape=",
+                                        query.shape().DebugString(), ", key.shape=", key.shape().DebugString(),
+                                        ", value.shape=", value.shape().DebugString()));
+    const int64_t B = query.dim_size(0), T = query.dim_size(1), N = query.dim_size(2), H = query.dim_size(3);
+    const int64_t S = key.dim_size(1), K = key.dim_size(2), D = value.dim_size(3);
+    OP_REQUIRES(
+        context,
+        key.dim_size(0) == B && value.dim_size(0) == B && value.dim_size(1) == S && value.dim_size(2) == K &&
+            key.dim_size(3) == H && K > 0 && N % K == 0,
+        errors::InvalidArgument("query [B, T, N, H], key [B, S, K, H] and value [B, S, K, D] must agree, with K "
+                                "dividing N. Received: query.shape=",
+                                query.shape().DebugString(), ", key.shape=", key.shape().DebugString(),
+                                ", value.shape=", value.shape().DebugString()));
+    const int64_t target[4] = {B, N, T, S};
+    Broadcast4 bias_layout, mask_layout;
+    OP_REQUIRES_OK(context, CheckBroadcast("bias", bias, has_bias_, target, &bias_layout));
+    OP_REQUIRES_OK(context, CheckBroadcast("mask", mask, has_mask_, target, &mask_layout));
+    Dropout drop;
+    if (dropout_rate_ > 0.0f) {
+      OP_REQUIRES(context, seed.NumElements() == 2,
+                  errors::InvalidArgument("seed must hold two uint32 words when dropout_rate > 0. Received: "
+                                          "seed.shape=",
+                                          seed.shape().DebugString()));
+      const auto words = seed.flat<uint32_t>();
+      drop.on = true;
+      drop.seed0_mixed = Mix(words(0));
+      drop.seed1 = words(1);
+      drop.threshold = static_cast<uint32_t>(std::ceil(static_cast<double>(dropout_rate_) * 16777216.0));
+      drop.keep_scale = dropout_scale_;
+    }
+
+    Tensor* output = nullptr;
+    Tensor* logsumexp = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({B, T, N, D}), &output));
+    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({B, N, T}), &logsumexp));
+    if (B == 0 || T == 0 || N == 0) return;
+
+    const int64_t G = N / K;
+    // Key blocks: at most block_k keys, in whole column quanta.
+    const int64_t block_k = RoundUp(std::max<int64_t>(1, std::min<int64_t>(block_k_, S)), kPanel);
+    const int64_t num_k = (S + block_k - 1) / block_k;
+    const int64_t s_pad = num_k * block_k;
+    const int64_t d_pad = RoundUp(std::max<int64_t>(D, 1), kPanel);
+    const int64_t block_q = std::min<int64_t>(block_q_, T);
+    const int64_t num_q = (T + block_q - 1) / block_q;
+
+    const Scalar* q_data = query.flat<Scalar>().data();
+    const Scalar* k_data = key.flat<Scalar>().data();
+    const Scalar* v_data = value.flat<Scalar>().data();
+    const float* bias_data = has_bias_ ? bias.flat<float>().data() : nullptr;
+    const bool* mask_data = has_mask_ ? mask.flat<bool>().data() : nullptr;
+
+    // Keys no score can see (the mask hides them from every head and row): their
+    // values are zeroed while packing, so NaN there reaches no product.
+    std::vector<uint8_t> key_seen;
+    if (has_mask_) {
+      key_seen.assign(mask_layout.dims[0] * S, 0);
+      for (int64_t b = 0; b < mask_layout.dims[0]; ++b)
+        for (int64_t n = 0; n < mask_layout.dims[1]; ++n)
+          for (int64_t t = 0; t < mask_layout.dims[2]; ++t) {
+            const bool* m = mask_data + mask_layout.Row(b, n, t);
+            for (int64_t s = 0; s < S; ++s) key_seen[b * S + s] |= m[s * mask_layout.Stride()];
+          }
+    }
+
+    Tensor packed_keys, packed_values, column_hashes;
+    OP_REQUIRES_OK(context, context->allocate_temp(tensorflow::DT_FLOAT, TensorShape({B * K * s_pad * H}),
+                                                   &packed_keys));
+    OP_REQUIRES_OK(context, context->allocate_temp(tensorflow::DT_FLOAT, TensorShape({B * K * s_pad * d_pad}),
+                                                   &packed_values));
+    OP_REQUIRES_OK(context, context->allocate_temp(tensorflow::DT_UINT32, TensorShape({drop.on ? s_pad : 0}),
+                                                   &column_hashes));
+    float* kt_all = packed_keys.flat<float>().data();
+    float* v_all = packed_values.flat<float>().data();
+    uint32_t* col_hash = column_hashes.flat<uint32_t>().data();
+    for (int64_t s = 0; drop.on && s < s_pad; ++s) col_hash[s] = Mix(static_cast<uint32_t>(s) ^ drop.seed1);
+
+    auto* workers = context->device()->tensorflow_cpu_worker_threads();
+    // Packing: per (b, k) head, keys as [s_pad/16][H][16] and values as
+    // [d_pad/16][s_pad][16] panels (kPanel), both in float32.
+    auto pack = [&](int64_t begin, int64_t end) {
+      for (int64_t bk = begin; bk < end; ++bk) {
+        const int64_t b = bk / K, k = bk % K;
+        float* kt = kt_all + bk * s_pad * H;
+        float* v = v_all + bk * s_pad * d_pad;
+        const uint8_t* seen = has_mask_ ? key_seen.data() + (mask_layout.dims[0] == 1 ? 0 : b) * S : nullptr;
+        for (int64_t s = 0; s < s_pad; ++s) {
+          const bool keep = s < S && (seen == nullptr || seen[s]);
+          float* k_lane = kt + (s / kPanel) * H * kPanel + (s % kPanel);
+          float* v_lane = v + s * kPanel;
+          const Scalar* k_src = k_data + ((b * S + s) * K + k) * H;
+          const Scalar* v_src = v_data + ((b * S + s) * K + k) * D;
+          for (int64_t h = 0; h < H; ++h) k_lane[h * kPanel] = keep ? static_cast<float>(k_src[h]) : 0.0f;
+          for (int64_t d = 0; d < d_pad; ++d) {
+            v_lane[(d / kPanel) * s_pad * kPanel + d % kPanel] = keep && d < D ? static_cast<float>(v_src[d]) : 0.0f;
+          }
+        }
+      }
+    };
+    tensorflow::Shard(workers->num_threads, workers->workers, B * K, s_pad * (H + d_pad) * 4, pack);
+
+    Scalar* out_data = output->flat<Scalar>().data();
+    float* lse_data = logsumexp->flat<float>().data();
+    const Primitives& prim = *primitives_;
+    const float scale = scale_;
+    const bool causal = is_causal_;
+
+    // One work item: (b, k, g, query block), numbered so that neighbours share a
+    // key/value head.
+    auto attend = [&](int64_t begin, int64_t end) {
+      std::vector<float> q_tile(block_q * std::max<int64_t>(H, 1));
+      std::vector<float> scores(block_q * block_k);
+      std::vector<float> acc(block_q * d_pad);
+      std::vector<float> row_max(block_q), row_sum(block_q);
+      std::vector<uint32_t> row_hash(block_q);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t qi = item % num_q;
+        const int64_t n = (item / num_q) % N;  // n = k·G + g
+        const int64_t b = item / (num_q * N);
+        const int64_t k = n / G;
+        const int64_t t0 = qi * block_q;
+        const int64_t rows = std::min(block_q, T - t0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const Scalar* src = q_data + ((b * T + t0 + r) * N + n) * H;
+          for (int64_t h = 0; h < H; ++h) q_tile[r * H + h] = static_cast<float>(src[h]) * scale;
+          if (drop.on) {
+            const uint32_t position = static_cast<uint32_t>((b * N + n) * T + t0 + r);
+            row_hash[r] = Mix(position ^ drop.seed0_mixed);
+          }
+        }
+        std::fill(acc.begin(), acc.begin() + rows * d_pad, 0.0f);
+        std::fill(row_max.begin(), row_max.begin() + rows, kFloor);
+        std::fill(row_sum.begin(), row_sum.begin() + rows, 0.0f);
+        const float* kt_head = kt_all + (b * K + k) * s_pad * H;
+        const float* v_head = v_all + (b * K + k) * s_pad * d_pad;
+        // Causal: the block's last row sees keys up to t0 + rows - 1.
+        const int64_t key_end = causal ? std::min(S, t0 + rows) : S;
+        for (int64_t j = 0; j * block_k < key_end; ++j) {
+          const int64_t c0 = j * block_k;
+          const int64_t keys = std::min(block_k, key_end - c0);
+          const int64_t cols = RoundUp(keys, kPanel);
+          prim.qk(q_tile.data(), rows, H, kt_head + c0 * H, block_k, cols, scores.data());
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t t = t0 + r;
+            RowContext row;
+            row.bias = has_bias_ ? bias_data + bias_layout.Row(b, n, t) + c0 * bias_layout.Stride() : nullptr;
+            row.bias_stride = bias_layout.Stride();
+            row.mask = has_mask_ ? mask_data + mask_layout.Row(b, n, t) + c0 * mask_layout.Stride() : nullptr;
+            row.mask_stride = mask_layout.Stride();
+            row.keys = keys;
+            row.limit = causal ? std::min(keys, t - c0 + 1) : keys;
+            row.row_hash = drop.on ? row_hash[r] : 0;
+            row.col_hash = drop.on ? col_hash + c0 : nullptr;
+            float peak = row_max[r];
+            const float sum = prim.softmax(scores.data() + r * block_k, cols, row, drop, &peak);
+            const float correction = std::exp(row_max[r] - peak);
+            row_max[r] = peak;
+            row_sum[r] = row_sum[r] * correction + sum;
+            if (correction != 1.0f) {
+              float* o = acc.data() + r * d_pad;
+              for (int64_t d = 0; d < d_pad; ++d) o[d] *= correction;
+            }
+          }
+          prim.pv(scores.data(), rows, block_k, keys, v_head + c0 * kPanel, s_pad * kPanel, d_pad, acc.data());
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          // A row that saw no key has sum 0 and a zero accumulator: dividing by 1 keeps it 0.
+          const float total = row_sum[r] > 0.0f ? row_sum[r] : 1.0f;
+          const float inverse = 1.0f / total;
+          Scalar* dst = out_data + ((b * T + t0 + r) * N + n) * D;
+          const float* o = acc.data() + r * d_pad;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<Scalar>(o[d] * inverse);
+          lse_data[(b * N + n) * T + t0 + r] = row_max[r] + std::log(total);
+        }
+      }
+    };
+    // ParallelFor cuts the items into more blocks than threads and hands them out as
+    // threads free up: causal query blocks cost more the later they come.
+    const int64_t cost = block_q * std::max<int64_t>(S, 1) * (H + D) * 2;
+    workers->workers->ParallelFor(B * N * num_q, cost, attend);
+  }
+
+ private:
+  static int64_t RoundUp(int64_t x, int64_t quantum) { return (x + quantum - 1) / quantum * quantum; }
+
+  static absl::Status CheckBroadcast(const char* name, const Tensor& x, bool present,
+                                           const int64_t target[4], Broadcast4* layout) {
+    if (!present) return absl::OkStatus();
+    bool ok = x.dims() == 4;
+    for (int i = 0; ok && i < 4; ++i) ok = x.dim_size(i) == 1 || x.dim_size(i) == target[i];
+    if (!ok) {
+      return errors::InvalidArgument(name, " must have rank 4 and broadcast to [B, N, T, S] = [", target[0], ", ",
+                                     target[1], ", ", target[2], ", ", target[3], "]. Received: ", name,
+                                     ".shape=", x.shape().DebugString());
+    }
+    for (int i = 0; i < 4; ++i) layout->dims[i] = x.dim_size(i);
+    return absl::OkStatus();
+  }
+
+  const Primitives* primitives_;
+  float scale_;
+  bool is_causal_;
+  float dropout_rate_;
+  float dropout_scale_;
+  bool has_bias_;
+  bool has_mask_;
+  int64_t block_q_;
+  int64_t block_k_;
+};
+
+#define FASTLAYERS_REGISTER(type)                                                                     \
+  REGISTER_KERNEL_BUILDER(Name("FastlayersAttentionForward").Device(tensorflow::DEVICE_CPU).TypeConstraint<type>("T"), \
+                          AttentionForwardOp<type>)
+FASTLAYERS_REGISTER(float);
+FASTLAYERS_REGISTER(Eigen::half);
+FASTLAYERS_REGISTER(Eigen::bfloat16);
+#undef FASTLAYERS_REGISTER
+
+}  // namespace fastlayers

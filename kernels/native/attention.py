@@ -1,0 +1,220 @@
+"""The native attention forward (``attention.cc``) behind the compiled path's signature.
+
+Shape letters as in ``fastlayers.kernels.attention``: ``query [B, T, N, H]``,
+``key [B, S, K, H]``, ``value [B, S, K, D]``, rank-4 ``bias``/``mask`` broadcasting
+to ``[B, N, T, S]``.
+
+The op computes the forward in one blockwise pass and returns the per-row
+logsumexp beside the output. Its gradient recomputes the compiled algorithm's
+forward and backward under XLA (``dot_product_attention_compiled``), so training
+through it is exactly as correct as training through ``"xla"``; a native backward
+from the saved logsumexp would save that recomputation.
+
+Dispatch runs it as ``NATIVE`` (``Kernel(native=...)``): its tiles come in the
+call's ``Selection`` (a ``BlockSizes`` variant); dispatch refuses it inside an XLA
+cluster and asks ``not_built_reason`` whether the op builds; the auto table passes
+it over while a gradient tape records (``auto_while_training``).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import tensorflow as tf
+from fastlayers.kernels import dispatch
+from fastlayers.kernels.native import build as build_lib
+
+DTYPES = (tf.float32, tf.float16, tf.bfloat16)
+
+_state_lock = threading.Lock()
+_failure: str | None = None
+_warned = False
+
+
+@tf.autograph.experimental.do_not_convert
+def load_library():
+    """The op library, built on first use. Raises ``build.BuildError``; a failure is
+    remembered, so a process tries (and fails) to build only once."""
+    global _failure
+    with _state_lock:
+        if _failure is not None:
+            raise build_lib.BuildError(_failure)
+    try:
+        return build_lib.load()
+    except build_lib.BuildError as error:
+        with _state_lock:
+            _failure = str(error)
+        raise
+
+
+@tf.autograph.experimental.do_not_convert
+def build_status() -> tuple[bool, str]:
+    """``(available, detail)``: whether the native op loads in this process, and
+    its ISA (``"avx2"`` or ``"portable"``) or why it does not."""
+    try:
+        library = load_library()
+    except build_lib.BuildError as error:
+        return False, str(error)
+    with tf.init_scope():
+        return True, library.fastlayers_native_isa().numpy().decode()
+
+
+@tf.autograph.experimental.do_not_convert
+def not_supported_reasons(*, platform, dtype):
+    """Why the native op cannot take a call for its platform and dtype; empty when it
+    can. Whether it builds is ``not_built_reason``'s, asked after this."""
+    reasons = []
+    if platform == "gpu":
+        reasons.append("the native kernel runs on CPU only")
+    if tf.as_dtype(dtype) not in DTYPES:
+        reasons.append(
+            f"the native kernel takes float32, float16 or bfloat16, not {tf.as_dtype(dtype).name}"
+        )
+    return reasons
+
+
+@tf.autograph.experimental.do_not_convert
+def not_built_reason() -> str | None:
+    """Why the op cannot run in this process (a missing compiler, a failed build,
+    with the build error's first lines), or None once it is loaded. The first call
+    builds it. A failure warns once per process, so auto, which moves on to the next
+    implementation, says why."""
+    global _warned
+    try:
+        load_library()
+    except build_lib.BuildError as error:
+        with _state_lock:
+            warn, _warned = not _warned, True
+        if warn:
+            warnings.warn(
+                f"fastlayers: the native attention kernel is unavailable: {error}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return f"it could not be built: {error}"
+    return None
+
+
+class NativeAttention:
+    """The ``"native"`` implementation of ``dot_product_attention`` as dispatch runs
+    it: ``dot_product_attention_native`` with the tiles of the call's ``Selection``.
+
+    Attributes:
+        auto_while_training: False: while a gradient tape records, the auto table
+            takes the compiled paths, since this op's gradient recomputes the
+            compiled forward first. An explicit request runs it there.
+    """
+
+    auto_while_training = False
+
+    def __call__(self, query, key, value, bias=None, mask=None, *, selection, sliding_window=None, **options):
+        # A window is one of the kernel's not_supported_reasons for this op: never here.
+        del sliding_window
+        return dot_product_attention_native(
+            query, key, value, bias, mask, block_sizes=selection.variant, **options
+        )
+
+    def not_built_reason(self) -> str | None:
+        """See the module's ``not_built_reason``."""
+        return not_built_reason()
+
+
+NATIVE = NativeAttention()
+
+
+def dot_product_attention_native(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    *,
+    scale,
+    is_causal=False,
+    dropout_rate=0.0,
+    seed=None,
+    block_sizes=None,
+):
+    """The native forward, with the semantics of ``dot_product_attention_compiled``
+    (``bias`` and ``mask`` rank 4).
+
+    ``block_sizes`` (a ``BlockSizes``) sets the op's tiles (key blocks round up to
+    16 columns); None takes ``kernels.attention.NATIVE_BLOCK_SIZES``. The op takes
+    its shapes as they come; the gradient's XLA recomputation makes its own layout
+    and takes the XLA path's default tiles.
+    """
+    library = load_library()
+    from fastlayers.kernels import attention as attention_lib
+
+    options = dict(
+        scale=float(scale),
+        is_causal=bool(is_causal),
+        dropout_rate=float(dropout_rate),
+        has_bias=bias is not None,
+        has_mask=mask is not None,
+    )
+    if dropout_rate > 0.0:
+        options["dropout_scale"] = float(1.0 / (1.0 - dropout_rate))
+        seed_words = tf.stack(attention_lib._seed_words(seed))
+    else:
+        seed_words = tf.zeros([0], tf.uint32)
+    block_sizes = block_sizes or attention_lib.NATIVE_BLOCK_SIZES
+    options.update(block_q=block_sizes.block_q, block_k=block_sizes.block_k)
+    mask_in = tf.zeros([0, 0, 0, 0], tf.bool) if mask is None else mask
+
+    def forward(q, k, v, b):
+        out, _ = library.fastlayers_attention_forward(q, k, v, b, mask_in, seed_words, **options)
+        return out
+
+    platform, batch, heads = dispatch.platform_of(query), query.shape[0], query.shape[2]
+    xla_variant = attention_lib.default_variant(
+        "xla", platform, query.dtype, is_causal=bool(is_causal),
+        batch_heads=None if batch is None or heads is None else batch * heads,
+    )
+    recompute = dict(
+        mask=mask,
+        seed=seed,
+        scale=float(scale),
+        is_causal=bool(is_causal),
+        dropout_rate=float(dropout_rate),
+        selection=dispatch.Selection("xla", xla_variant, "explicit", platform, query.dtype.name),
+        layout=attention_lib.static_layout(query, key, value, bias, mask, lengths=True),
+    )
+    no_bias = tf.zeros([0, 0, 0, 0], tf.float32)
+
+    if bias is None:
+
+        @tf.custom_gradient
+        def attend(q, k, v):
+            def grad(d_out):
+                return _compiled_gradient((q, k, v), d_out, **recompute)
+
+            return forward(q, k, v, no_bias), grad
+
+        return attend(query, key, value)
+
+    @tf.custom_gradient
+    def attend_with_bias(q, k, v, b):
+        def grad(d_out):
+            return _compiled_gradient((q, k, v, b), d_out, **recompute)
+
+        return forward(q, k, v, tf.cast(b, tf.float32)), grad
+
+    return attend_with_bias(query, key, value, bias)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+def _compiled_gradient(inputs, d_out, *, mask, seed, **options):
+    """The gradient at ``inputs`` (q, k, v and maybe bias) against ``d_out`` by the
+    compiled algorithm under XLA: its forward again, then its backward, which
+    recomputes the blocks from its own logsumexp."""
+    from fastlayers.kernels import attention as attention_lib
+
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        q, k, v, *bias = inputs
+        out = attention_lib.dot_product_attention_compiled(
+            q, k, v, bias[0] if bias else None, mask, seed=seed, **options
+        )
+    return tape.gradient(out, inputs, output_gradients=d_out)
