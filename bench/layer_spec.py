@@ -88,6 +88,12 @@ LAYER_DEFAULTS: dict[str, LayerDefaults] = {
     "MultiHeadAttention": LayerDefaults(
         {"num_heads": 8, "key_dim": 64}, (4, 2048, 512), call=lambda layer, x: layer(x, x)
     ),
+    # The grouped-query issue's case: 8 query heads, 2 key/value heads, a causal
+    # sliding window of 256 over 4096 positions.
+    "GroupQueryAttention": LayerDefaults(
+        {"head_dim": 64, "num_query_heads": 8, "num_key_value_heads": 2, "sliding_window": 256},
+        (1, 4096, 512), call=lambda layer, x: layer(x, x, use_causal_mask=True),
+    ),
     "AttentionPooling": LayerDefaults({}, (64, 512, 256)),
     # 8192 tokens of width 1024, the shape of the normalization issue's targets.
     "LayerNormalization": LayerDefaults({}, (8192, 1024)),

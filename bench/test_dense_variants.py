@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from fastlayers import layers
-from fastlayers.bench import cases
+from fastlayers.bench import cases, pytest_adapter
 
-DEVICES = cases.DEVICE_PARAMS
+DEVICES = pytest_adapter.DEVICE_PARAMS
 PROVIDERS = ("fastlayers", "keras")
 MODES = ("eager", "function")
 

@@ -45,7 +45,7 @@ def residual_projection_compiled(a, b, kernel):
 def _work(a, b, kernel):
     if not (a.shape.is_fully_defined() and kernel.shape.is_fully_defined()):
         return None
-    rows = a.shape.num_elements() // a.shape[-1]
+    rows = a.shape[:-1].num_elements()
     return flops_lib.dense_flops(rows, *kernel.shape) + 2 * b.shape.num_elements()
 
 
