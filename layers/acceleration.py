@@ -69,7 +69,7 @@ def accelerate(model, verbose=True):
     it) becomes the drop-in, built from the same config and holding a copy of the
     same weights; every other layer is cloned unchanged with its weights, and
     nested Sequential and functional models are copied the same way. A layer
-    using what the drop-in does not support (a LoRA or quantized Dense, say) stays
+    using what the drop-in does not take (its constructor refuses the config) stays
     Keras's, and the summary says why. Subclasses of Keras's layers are kept, as
     they may change what the layer computes.
 
