@@ -33,7 +33,19 @@ def get_activation(activation):
         ) from error
 
 
-class FastLayer(keras.layers.Layer):
+class ImplementationArgument:
+    """The ``implementation=`` constructor argument of a fastlayers layer, checked and
+    kept in ``get_config()``; mixed in before the Keras layer class it extends."""
+
+    def __init__(self, *args, implementation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.implementation = dispatch.check_implementation(implementation)
+
+    def get_config(self):
+        return {**super().get_config(), "implementation": self.implementation}
+
+
+class FastLayer(ImplementationArgument, keras.layers.Layer):
     """A Keras layer whose computation dispatches through ``implementation=``.
 
     Args:
@@ -43,13 +55,6 @@ class FastLayer(keras.layers.Layer):
             ``"xla"`` or ``"native"`` (where the kernel has one). Kept in
             ``get_config()``.
     """
-
-    def __init__(self, *, implementation=None, **kwargs):
-        super().__init__(**kwargs)
-        self.implementation = dispatch.check_implementation(implementation)
-
-    def get_config(self):
-        return {**super().get_config(), "implementation": self.implementation}
 
 
 class CompiledLayer(FastLayer):

@@ -8,8 +8,7 @@ import keras
 from keras import ops
 
 from fastlayers import kernels
-from fastlayers.kernels import dispatch
-from fastlayers.layers.base import register
+from fastlayers.layers.base import ImplementationArgument, register
 
 
 def check_attention_call(layer, query, value, key, *, query_features, value_features, key_features):
@@ -48,7 +47,7 @@ def attention_mask_4d(mask):
 
 
 @register
-class GroupQueryAttention(keras.layers.GroupQueryAttention):
+class GroupQueryAttention(ImplementationArgument, keras.layers.GroupQueryAttention):
     """Grouped-query attention with memory linear in the sequence length.
 
     A subclass of ``keras.layers.GroupQueryAttention`` (Keras 3.15): the constructor
@@ -85,13 +84,6 @@ class GroupQueryAttention(keras.layers.GroupQueryAttention):
     >>> layer(x, x, use_causal_mask=True).shape
     TensorShape([3, 10, 32])
     """
-
-    def __init__(self, *args, implementation=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.implementation = dispatch.check_implementation(implementation)
-
-    def get_config(self):
-        return {**super().get_config(), "implementation": self.implementation}
 
     def call(
         self,

@@ -9,13 +9,12 @@ import keras
 from keras.src import backend as keras_backend
 
 from fastlayers import kernels
-from fastlayers.kernels import dispatch
-from fastlayers.layers.base import register
+from fastlayers.layers.base import ImplementationArgument, register
 from fastlayers.layers.group_query_attention import check_attention_call
 
 
 @register
-class MultiHeadAttention(keras.layers.MultiHeadAttention):
+class MultiHeadAttention(ImplementationArgument, keras.layers.MultiHeadAttention):
     """Multi-head attention with memory linear in the sequence length.
 
     A subclass of ``keras.layers.MultiHeadAttention`` (Keras 3.15): the constructor
@@ -53,13 +52,6 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
     >>> layer(x, x, use_causal_mask=True).shape
     TensorShape([3, 5, 16])
     """
-
-    def __init__(self, *args, implementation=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.implementation = dispatch.check_implementation(implementation)
-
-    def get_config(self):
-        return {**super().get_config(), "implementation": self.implementation}
 
     def call(
         self,
