@@ -36,6 +36,7 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 from fastlayers.bench.errors import CommandError
+from fastlayers.kernels import dispatch
 
 Shapes = tuple[tuple[int, ...], ...]
 
@@ -100,7 +101,9 @@ LAYER_DEFAULTS: dict[str, LayerDefaults] = {
     "RMSNormalization": LayerDefaults({}, (8192, 1024)),
 }
 
-SCOPE_PATTERN = re.compile(r"fastlayers/[A-Za-z0-9_.]+/(?:reference|graph|xla)\b")
+SCOPE_PATTERN = re.compile(
+    r"fastlayers/[A-Za-z0-9_.]+/(?:" + "|".join(dispatch.ALL_IMPLEMENTATIONS) + r")\b"
+)
 
 
 def builtin_names() -> list[str]:

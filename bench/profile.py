@@ -151,7 +151,7 @@ def profile_layer(
         layer_args: constructor arguments of a layer given by name or class (for a
             fastlayers layer they update its ``LAYER_DEFAULTS`` row).
         policy: Keras dtype policy of a layer given by name or class.
-        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``,
+        implementation: None (auto), ``"reference"``, ``"graph"``, ``"xla"`` or ``"native"``,
             for a ``FastLayer`` given by name or class.
         mode: ``"eager"`` (layer calls) or ``"function"`` (calls in a tf.function).
         device: ``"cpu"`` or ``"gpu"``.

@@ -1103,6 +1103,12 @@ def _as_rank4(name, x, target):
             raise _broadcast_error(name, x, target)
     while x.shape.rank < 4:
         x = x[None]
+    if x.shape[1] is None:
+        # The algorithms split the head axis into key/value groups by its static size
+        # (1 or N); a head axis unknown at trace time is broadcast to N here.
+        static, shape = x.shape, tf.shape(x)
+        x = tf.broadcast_to(x, tf.stack([shape[0], target[1], shape[2], shape[3]]))
+        x.set_shape([static[0], target[1], static[2], static[3]])
     return x
 
 

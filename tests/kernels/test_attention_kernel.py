@@ -244,6 +244,29 @@ def test_inside_a_function_with_unknown_batch_and_length(rng):
     tolerance("float32").check(attend(q).numpy(), attention_oracle(q, q, q, is_causal=True))
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("heads_at_run_time", [1, 4])
+def test_mask_and_bias_with_a_head_axis_unknown_when_traced(rng, implementation, heads_at_run_time):
+    """A mask or bias traced as [B, None, T, S] takes the head axis it has when called
+    (1 broadcasts, N is per head) in every implementation."""
+    q, k, v, options = make_case(rng, "gqa", "float32", b=2, t=9, s=11, n=4, kv=2, h=8)
+    mask = rng.random((2, heads_at_run_time, 9, 11)) > 0.3
+    bias = rng.standard_normal((2, heads_at_run_time, 9, 11))
+    tensors, kwargs = to_tensors("float32", q, k, v, {"mask": mask, "bias": bias})
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([2, None, 9, 11], tf.bool), tf.TensorSpec([2, None, 9, 11], tf.float32)
+    ])
+    def attend(mask, bias):
+        return kernels.dot_product_attention(
+            **tensors, mask=mask, bias=bias, implementation=implementation
+        )
+
+    expected = attention_oracle(q, k, v, mask=mask, bias=bias)
+    tolerance("float32").check(attend(kwargs["mask"], kwargs["bias"]).numpy(), expected,
+                               what=f"{implementation} heads={heads_at_run_time}")
+
+
 def check_gradients_in_a_function(rng, implementation, signature, shapes, is_causal=False):
     """Gradients of ``sum(out * cotangent)`` from a tf.function with ``signature``
     (query, key, value, bias [1, N, T, S], padding mask [B, 1, 1, S], cotangent),

@@ -61,6 +61,13 @@ def test_trace_holds_the_kernel_scope(captures, mode, implementation):
     assert result.scopes == {f"fastlayers/dense/{expected_implementation(implementation, mode)}"}
 
 
+@pytest.mark.parametrize("mode", cases.MODES)
+def test_native_attention_has_its_scope(tmp_path, mode):
+    result = profile.profile_layer(
+        "MultiHeadAttention", str(tmp_path), implementation="native", mode=mode, steps=1)
+    assert "fastlayers/dot_product_attention/native" in result.scopes
+
+
 def trace_viewer_events(xplane_path):
     """The trace viewer's events for a capture, through xprof's own converter."""
     from xprof.convert import raw_to_tool_data
