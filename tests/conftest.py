@@ -1,8 +1,27 @@
 """Fixtures every test module shares: dtype policies, seeds, a clean Keras state."""
 
+import atexit
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _private_cache_dir():
+    """Tests see the shipped auto table, never the records a `fastlayers tune` left in
+    the user's cache: they get a cache directory of their own, whose ``native`` is the
+    user's (the op's builds are keyed by source and flags, and slow to compile)."""
+    user = Path(os.environ.get("FASTLAYERS_CACHE_DIR") or Path.home() / ".cache" / "fastlayers")
+    (user / "native").mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix="fastlayers-tests-"))
+    (private / "native").symlink_to(user / "native", target_is_directory=True)
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
+    return private
+
+
+os.environ["FASTLAYERS_CACHE_DIR"] = str(_private_cache_dir())
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
