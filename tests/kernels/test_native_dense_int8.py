@@ -271,3 +271,47 @@ def test_a_failing_source_is_named(monkeypatch, fresh_build):
     monkeypatch.setattr(build_lib, "SOURCES", (sound, broken))
     with pytest.raises(build_lib.BuildError, match=r"(?s)compiling dense_int8.cc failed \(exit 1\): .*the int8 source is broken"):
         build_lib.build()
+
+
+def test_a_float_layer_refuses_native_with_the_reason(rng):
+    layer = layers.Dense(4, implementation="native")
+    layer.build((None, 3))
+    with pytest.raises(ValueError, match="kernel 'dense' has no native implementation"):
+        layer(rng.standard_normal((2, 3)).astype(np.float32))
+
+
+@pytest.mark.slow
+def test_address_sanitizer_build_runs_the_cases(tmp_path):
+    """Builds the library with -fsanitize=address and runs awkward sizes of the int8
+    op, both ISAs, in a process with ASan preloaded: an out-of-bounds access aborts it."""
+    preload = " ".join(
+        subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        for name in ("libasan.so", "libstdc++.so")
+    )
+    script = textwrap.dedent(
+        """
+        import numpy as np
+        from fastlayers.kernels.native import dense_int8
+        rng = np.random.default_rng(0)
+        for m, k, n in [(1, 1, 1), (7, 33, 17), (97, 301, 260), (5, 0, 3), (0, 4, 3), (13, 2, 0)]:
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            kernel_q = rng.integers(-127, 128, (k, n)).astype(np.int8)
+            scale = rng.uniform(1, 2, n).astype(np.float32)
+            bias = rng.standard_normal(n).astype(np.float32)
+            outs = [dense_int8.dense_int8_native(x, kernel_q, scale, bias, epsilon=1e-7, isa=isa).numpy()
+                    for isa in ("best", "portable")]
+            np.testing.assert_array_equal(*outs)
+        print("ok")
+        """
+    )
+    env = {
+        **os.environ,
+        "FASTLAYERS_CACHE_DIR": str(tmp_path),
+        "FASTLAYERS_NATIVE_CXXFLAGS": "-fsanitize=address -fno-omit-frame-pointer",
+        "LD_PRELOAD": preload,
+        "ASAN_OPTIONS": "detect_leaks=0",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    report = result.stderr[result.stderr.find("ERROR: AddressSanitizer"):][:4000]
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), report or result.stderr[-4000:]
