@@ -334,6 +334,71 @@ DENSE = Suite(
 
 
 
+# --- int8 Dense: Dense(4096, relu) on [M, 1024], quantized as Keras quantizes it ---
+
+def _quantized(layer, shape):
+    layer.build((None, shape["K"]))
+    layer.quantize("int8")
+    return layer
+
+
+def _fastlayers_int8_dense(implementation):
+    def build(shape, policy):
+        from fastlayers import layers
+
+        layer = layers.Dense(shape["N"], activation="relu", bias_initializer="random_normal",
+                             implementation=implementation, dtype=policy)
+        layer = _quantized(layer, shape)
+        x = _normal([shape["M"], shape["K"]], policy, 1)
+        return lambda: layer(x)
+
+    return build
+
+
+def _keras_int8_dense(shape, policy):
+    layer = keras.layers.Dense(shape["N"], activation="relu", bias_initializer="random_normal", dtype=policy)
+    layer = _quantized(layer, shape)
+    x = _normal([shape["M"], shape["K"]], policy, 1)
+    return lambda: layer(x)
+
+
+def _int8_auto_choice(shape, policy, device):
+    from fastlayers.kernels.dense import DENSE_INT8
+
+    m, k, n = shape["M"], shape["K"], shape["N"]
+    with tf.device(tf_device(device)):
+        tensors = (tf.zeros([m, k], compute_dtype(policy)), tf.zeros([k, n], tf.int8),
+                   tf.zeros([n], compute_dtype(policy)), tf.zeros([n], compute_dtype(policy)))
+    selection = DENSE_INT8.select(None, platform=platform_for(device), dtype=compute_dtype(policy),
+                                  tensors=tensors, epsilon=keras.config.epsilon(),
+                                  activation=keras.activations.relu)
+    return "auto: " + selection.describe()
+
+
+DENSE_INT8 = Suite(
+    name="dense-int8",
+    title=f"int8-quantized Dense({DENSE_UNITS}, relu) on an [M, {DENSE_FEATURES}] input",
+    x_label="rows M of the input",
+    shape=lambda size: {"M": size, "K": DENSE_FEATURES, "N": DENSE_UNITS},
+    # Integer multiply-adds counted as FLOPs: 2·M·K·N, as the float Dense.
+    flops=lambda s: flops_lib.dense_flops(s["M"], s["K"], s["N"]),
+    label=lambda s: f"{s['M']}x{s['K']} -> {s['N']} int8",
+    providers=(
+        Provider("fastlayers", _fastlayers_int8_dense(None), note=_int8_auto_choice),
+        *(
+            Provider(f"fastlayers-{impl}", _fastlayers_int8_dense(impl))
+            for impl in (*dispatch.IMPLEMENTATIONS, dispatch.NATIVE)
+        ),
+        # Our float32 Dense on the same problem: the int8 path must beat it.
+        Provider("fastlayers-float", _fastlayers_dense(None)),
+        Provider("keras", _keras_int8_dense, role=BASELINE),
+    ),
+    quick_sizes=(4096,),
+    sweep_sizes=(1, 16, 256, 1024, 4096),
+    headline=False,
+)
+
+
 # --- matmul: the dense kernel alone on square [n, n]·[n, n] -------------------------
 
 def _fastlayers_matmul(implementation):
@@ -493,7 +558,7 @@ ATTENTION = _attention_suite(backward=False)
 ATTENTION_BACKWARD = _attention_suite(backward=True)
 
 SUITES: dict[str, Suite] = {
-    suite.name: suite for suite in (DENSE, MATMUL, ATTENTION, ATTENTION_BACKWARD)
+    suite.name: suite for suite in (DENSE, DENSE_INT8, MATMUL, ATTENTION, ATTENTION_BACKWARD)
 }
 
 

@@ -14,6 +14,7 @@ import tensorflow as tf
 from fastlayers.kernels import dispatch
 from fastlayers.kernels import flops as flops_lib
 from fastlayers.kernels.auto import AUTO
+from fastlayers.kernels.native import dense_int8 as native_dense_int8
 from fastlayers.kernels.precision import LOW_PRECISION_DTYPES, accumulation_dtype
 from fastlayers.kernels.validation import check_floating, check_same_dtype
 
@@ -289,9 +290,15 @@ def _quantized_matmul(x, kernel_q, kernel_scale, epsilon):
     return product(x)
 
 
+def _int8_rows(x, kernel_q):
+    # M counted, not inferred with -1: with K = 0 a [-1, 0] reshape cannot know M.
+    rows = tf.reduce_prod(tf.shape(x)[:-1])
+    return tf.reshape(x, tf.stack([rows, _size(kernel_q, 0)]))
+
+
 def dense_int8_reference(x, kernel_q, kernel_scale, bias=None, *, epsilon, activation=None):
     """The spec: Keras's int8 Dense, op by op, on the ``[M, K]`` rows of ``x``."""
-    rows = tf.reshape(x, [-1, _size(kernel_q, 0)])
+    rows = _int8_rows(x, kernel_q)
     y = _quantized_matmul(rows, kernel_q, kernel_scale, epsilon)
     if bias is not None:
         y = y + bias
@@ -304,7 +311,7 @@ def dense_int8_reference(x, kernel_q, kernel_scale, bias=None, *, epsilon, activ
 def dense_int8_compiled(x, kernel_q, kernel_scale, bias=None, *, epsilon, activation=None):
     """The graph/XLA algorithm: the reference's ops, which XLA fuses into a row
     quantization pass, an int8 dot and one dequantize-bias-activation epilogue."""
-    rows = x if x.shape.rank == 2 else tf.reshape(x, [-1, _size(kernel_q, 0)])
+    rows = x if x.shape.rank == 2 else _int8_rows(x, kernel_q)
     y = _quantized_matmul(rows, kernel_q, kernel_scale, epsilon)
     if bias is not None:
         y = tf.nn.bias_add(y, bias)
@@ -323,8 +330,20 @@ def _int8_work(x, kernel_q, kernel_scale, bias=None, **options):
     return flops_lib.dense_flops(x.shape[:-1].num_elements(), *kernel_q.shape)
 
 
+def _int8_not_supported_reasons(implementation, *, platform, dtype, **options):
+    if implementation != dispatch.NATIVE:
+        return []
+    return native_dense_int8.not_supported_reasons(platform=platform, dtype=dtype)
+
+
 DENSE_INT8 = dispatch.Kernel(
-    "dense_int8", dense_int8_reference, dense_int8_compiled, auto=AUTO["dense_int8"], work=_int8_work
+    "dense_int8",
+    dense_int8_reference,
+    dense_int8_compiled,
+    auto=AUTO["dense_int8"],
+    work=_int8_work,
+    not_supported_reasons=_int8_not_supported_reasons,
+    native=native_dense_int8.NATIVE,
 )
 
 
@@ -334,6 +353,8 @@ def dense_int8(x, kernel_q, kernel_scale, bias=None, *, epsilon=1e-7, activation
     Computes what ``keras.layers.Dense`` computes after ``quantize("int8")``, from the
     weights it saves: each row of ``x`` is quantized to int8 with its own abs-max
     scale, multiplied by the int8 kernel with int32 accumulation, and dequantized.
+    ``"native"`` does it in one C++ op (float32 on CPU, exact int32 sums, the
+    kernel packed once and re-packed when it changes; not inside ``jit_compile``).
 
     Args:
         x: ``[..., K]`` floating tensor.
@@ -344,7 +365,8 @@ def dense_int8(x, kernel_q, kernel_scale, bias=None, *, epsilon=1e-7, activation
         epsilon: added to each row's abs-max before the scale is taken (Keras's
             ``AbsMaxQuantizer.epsilon``, ``keras.config.epsilon()`` by default).
         activation: optional callable applied to the pre-activation.
-        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
+        implementation: None (auto), ``"reference"``, ``"graph"``, ``"xla"`` or
+            ``"native"``.
 
     Returns:
         ``[..., N]`` tensor of the dtype of ``x``.

@@ -8,6 +8,7 @@ from fastlayers.layers.acceleration import accelerate
 from fastlayers.layers.attention_pooling import AttentionPooling
 from fastlayers.layers.base import CompiledLayer, FastLayer
 from fastlayers.layers.dense import Dense
+from fastlayers.layers.einsum_dense import EinsumDense
 from fastlayers.layers.exponential import Exponential
 from fastlayers.layers.group_query_attention import GroupedQueryAttention, GroupQueryAttention
 from fastlayers.layers.linear import Linear
@@ -22,6 +23,7 @@ __all__ = [
     "CenterZero",
     "CompiledLayer",
     "Dense",
+    "EinsumDense",
     "Exponential",
     "FastLayer",
     "FixedMask",

@@ -29,9 +29,9 @@ class Dense(keras.layers.Dense):
     come through the merged kernel), so a training step has no ``[K, N]``
     weight-gradient product. After ``quantize("int8")`` with Keras's default scheme
     (per-row abs-max int8 inputs), calls run ``kernels.dense_int8``: the same saved
-    int8 kernel and scales, the same outputs, in one fused kernel (an int8 product
-    with int32 sums under XLA on CPU). Other quantization modes run Keras's
-    computation. ``not_supported_reasons(inputs)`` (and, when int8-quantized,
+    int8 kernel and scales, the same outputs, in one fused kernel (on CPU in float32
+    a native op with exact int32 sums, bit-equal to Keras's; else an int8 product
+    under XLA). Other quantization modes run Keras's computation. ``not_supported_reasons(inputs)`` (and, when int8-quantized,
     ``int8_not_supported_reasons(inputs)``) say why a call runs Keras's computation
     instead; with an explicit ``implementation`` such a call raises a ValueError
     naming them.
@@ -53,7 +53,9 @@ class Dense(keras.layers.Dense):
         quantization_config: optional Keras quantization config, as for
             ``keras.layers.Dense``.
         implementation: None (auto: the fastest for the device and dtype),
-            ``"reference"``, ``"graph"`` or ``"xla"``. Kept in ``get_config()``.
+            ``"reference"``, ``"graph"``, ``"xla"`` or ``"native"`` (the int8
+            kernel's, once quantized; the float kernel has none). Kept in
+            ``get_config()``.
 
     Input shape:
         N-D tensor with shape ``(batch_size, ..., input_dim)``.

@@ -8,6 +8,7 @@ import keras
 from keras import ops
 
 from fastlayers import kernels
+from fastlayers.layers import einsum_dense
 from fastlayers.layers.base import ImplementationArgument, register
 
 
@@ -62,7 +63,8 @@ class GroupQueryAttention(ImplementationArgument, keras.layers.GroupQueryAttenti
     (Keras builds a ``[T, S]`` band mask), so its work grows with ``T·w``.
 
     Keras's own computation runs when the scores are requested
-    (``return_attention_scores=True``: they are the ``[B, N, T, S]`` tensor).
+    (``return_attention_scores=True``: they are the ``[B, N, T, S]`` tensor), and in
+    a subclass that overrides ``_compute_attention``, which Keras's computation calls.
 
     A query position whose keys are all masked attends to nothing: its attention
     output is zero, where Keras averages every value. Dropout draws a different
@@ -85,6 +87,12 @@ class GroupQueryAttention(ImplementationArgument, keras.layers.GroupQueryAttenti
     TensorShape([3, 10, 32])
     """
 
+    def build(self, query_shape, value_shape, key_shape=None):
+        super().build(query_shape, value_shape, key_shape)
+        # Keras's projections, as our EinsumDense: quantized to int8, they run the
+        # fused int8 kernel.
+        einsum_dense.adopt(self)
+
     def call(
         self,
         query,
@@ -104,11 +112,16 @@ class GroupQueryAttention(ImplementationArgument, keras.layers.GroupQueryAttenti
             value_features=self._value_dense.kernel.shape[0],
             key_features=self._key_dense.kernel.shape[0],
         )
-        if return_attention_scores:
+        # A subclass that overrides `_compute_attention` expects Keras's computation to
+        # call it (with the causal mask built): that hook is Keras's, not the kernel's.
+        overridden = (
+            type(self)._compute_attention is not keras.layers.GroupQueryAttention._compute_attention
+        )
+        if return_attention_scores or overridden:
             return super().call(
                 query, value, key=key, query_mask=query_mask, value_mask=value_mask,
                 key_mask=key_mask, attention_mask=attention_mask,
-                return_attention_scores=True, training=training,
+                return_attention_scores=return_attention_scores, training=training,
                 use_causal_mask=use_causal_mask,
             )
         self._return_attention_scores = False

@@ -9,6 +9,7 @@ import keras
 from keras.src import backend as keras_backend
 
 from fastlayers import kernels
+from fastlayers.layers import einsum_dense
 from fastlayers.layers.base import ImplementationArgument, register
 from fastlayers.layers.group_query_attention import check_attention_call
 
@@ -52,6 +53,12 @@ class MultiHeadAttention(ImplementationArgument, keras.layers.MultiHeadAttention
     >>> layer(x, x, use_causal_mask=True).shape
     TensorShape([3, 5, 16])
     """
+
+    def build(self, query_shape, value_shape, key_shape=None):
+        super().build(query_shape, value_shape, key_shape)
+        # Keras's projections, as our EinsumDense: quantized to int8, they run the
+        # fused int8 kernel.
+        einsum_dense.adopt(self)
 
     def call(
         self,

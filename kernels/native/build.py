@@ -26,7 +26,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("attention.cc")
+# The ops' sources, compiled together into one library: the attention forward and
+# the int8 Dense.
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("attention.cc", "dense_int8.cc"))
 LIBRARY_NAME = "fastlayers_native.so"
 # The flags of the DESIGN's checked build, plus -O3 for the micro-kernels. No -march:
 # the ISA is chosen at run time, per function, so the library runs on any x86-64.
@@ -47,8 +49,9 @@ class BuildPlan:
 
     compiler: str
     compiler_version: str
-    flags: tuple[str, ...]
+    flags: tuple[str, ...]  # compile and link flags
     directory: Path
+    link_flags: tuple[str, ...] = ()  # the flags of ``flags`` that only the link takes
 
     @property
     def library(self) -> Path:
@@ -90,9 +93,10 @@ def plan() -> BuildPlan:
     for part in (tf.__version__, version, *flags, "--link", *link):
         digest.update(part.encode())
         digest.update(b"\0")
-    digest.update(SOURCE.read_bytes())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
     directory = cache_root() / "native" / digest.hexdigest()[:20]
-    return BuildPlan(compiler, version, flags + link, directory)
+    return BuildPlan(compiler, version, flags + link, directory, link)
 
 
 def _first_error_lines(output: str) -> str:
@@ -115,20 +119,34 @@ def build(build_plan: BuildPlan | None = None) -> Path:
     build_plan.directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=build_plan.directory.parent))
     try:
-        command = [
-            build_plan.compiler,
-            str(SOURCE),
-            "-o",
-            str(staging / LIBRARY_NAME),
-            *build_plan.flags,
+        # One object per source, compiled side by side, then one link: a failure
+        # names the source that failed.
+        compile_flags = [flag for flag in build_plan.flags if flag not in build_plan.link_flags]
+        commands, objects = [], []
+        for source in SOURCES:
+            objects.append(str(staging / f"{source.stem}.o"))
+            commands.append([build_plan.compiler, "-c", str(source), "-o", objects[-1], *compile_flags])
+        running = [
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for command in commands
         ]
-        result = subprocess.run(command, capture_output=True, text=True)
+        outputs = [process.communicate() for process in running]
+        for source, process, (stdout, stderr) in zip(SOURCES, running, outputs):
+            if process.returncode != 0:
+                raise BuildError(
+                    f"compiling {source.name} failed (exit {process.returncode}): "
+                    + _first_error_lines(stderr or stdout)
+                )
+        commands.append([build_plan.compiler, *objects, "-o", str(staging / LIBRARY_NAME), *build_plan.flags])
+        result = subprocess.run(commands[-1], capture_output=True, text=True)
         if result.returncode != 0:
             raise BuildError(
-                f"compiling {SOURCE.name} failed (exit {result.returncode}): "
+                f"linking {LIBRARY_NAME} failed (exit {result.returncode}): "
                 + _first_error_lines(result.stderr or result.stdout)
             )
-        (staging / "command.txt").write_text(shlex.join(command) + "\n")
+        for obj in objects:
+            os.remove(obj)
+        (staging / "command.txt").write_text("".join(shlex.join(command) + "\n" for command in commands))
         try:
             os.rename(staging, build_plan.directory)
         except OSError:

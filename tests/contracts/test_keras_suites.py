@@ -18,11 +18,14 @@ import pytest
 KERAS_LAYER_TESTS = Path(keras.__file__).parent / "src" / "layers"
 
 # fastlayers layer -> Keras's test file for it, under keras/src/layers. A new drop-in
-# layer is one line here.
+# layer is one line here, named as keras.src.layers names it (GroupedQueryAttention).
 SUITES = {
     "Dense": "core/dense_test.py",
     "MultiHeadAttention": "attention/multi_head_attention_test.py",
     "MaxPooling2D": "pooling/max_pooling_test.py",
+    "GroupedQueryAttention": "attention/grouped_query_attention_test.py",
+    "LayerNormalization": "normalization/layer_normalization_test.py",
+    "RMSNormalization": "normalization/rms_normalization_test.py",
 }
 
 # "file::Class::test" -> why the test cannot hold for fastlayers' layer.
@@ -34,6 +37,10 @@ SKIPPED_BY_KERAS = {
     "attention/multi_head_attention_test.py::MultiHeadAttentionTest::test_basics_with_flash_attention":
         "Keras: flash attention only on JAX and Torch",
     "attention/multi_head_attention_test.py::MultiHeadAttentionTest::test_flash_attention_with_errors":
+        "Keras: flash attention not supported on TensorFlow",
+    "attention/grouped_query_attention_test.py::GroupedQueryAttentionTest::test_basics_with_flash_attention":
+        "Keras: flash attention only on JAX and Torch",
+    "attention/grouped_query_attention_test.py::GroupedQueryAttentionTest::test_flash_attention_with_errors":
         "Keras: flash attention not supported on TensorFlow",
 }
 
