@@ -2,9 +2,10 @@
 
 The shared library lives in ``$FASTLAYERS_CACHE_DIR/native/<key>/`` (default
 ``~/.cache/fastlayers``), where ``<key>`` hashes the TensorFlow version, the
-compiler's version, the flags and the source, as ``torch.utils.cpp_extension.load``
+compiler's version, the flags and the sources, as ``torch.utils.cpp_extension.load``
 keys its builds: a new TensorFlow, compiler or source builds anew, anything else
-reuses the library. A build compiles into a temporary directory beside the final one
+reuses the library. Each source compiles to its own object (so a failure names the
+file), then one link makes the library. A build compiles into a temporary directory beside the final one
 and renames it into place, so concurrent processes never load a half-written file.
 
 Environment:
@@ -26,7 +27,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("attention.cc")
+# Every op of the library: one source per kernel family, one shared library.
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("attention.cc", "normalization.cc"))
 LIBRARY_NAME = "fastlayers_native.so"
 # The flags of the DESIGN's checked build, plus -O3 for the micro-kernels. No -march:
 # the ISA is chosen at run time, per function, so the library runs on any x86-64.
@@ -43,11 +45,15 @@ class BuildError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class BuildPlan:
-    """Everything a build depends on: the command and the directory its key names."""
+    """Everything a build depends on: the commands and the directory its key names.
+
+    ``flags`` compile each source; ``link_flags`` link the objects into the library.
+    """
 
     compiler: str
     compiler_version: str
     flags: tuple[str, ...]
+    link_flags: tuple[str, ...]
     directory: Path
 
     @property
@@ -90,9 +96,11 @@ def plan() -> BuildPlan:
     for part in (tf.__version__, version, *flags, "--link", *link):
         digest.update(part.encode())
         digest.update(b"\0")
-    digest.update(SOURCE.read_bytes())
+    for source in SOURCES:
+        digest.update(source.name.encode())
+        digest.update(source.read_bytes())
     directory = cache_root() / "native" / digest.hexdigest()[:20]
-    return BuildPlan(compiler, version, flags + link, directory)
+    return BuildPlan(compiler, version, flags, link, directory)
 
 
 def _first_error_lines(output: str) -> str:
@@ -115,20 +123,21 @@ def build(build_plan: BuildPlan | None = None) -> Path:
     build_plan.directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=build_plan.directory.parent))
     try:
-        command = [
-            build_plan.compiler,
-            str(SOURCE),
-            "-o",
-            str(staging / LIBRARY_NAME),
-            *build_plan.flags,
-        ]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise BuildError(
-                f"compiling {SOURCE.name} failed (exit {result.returncode}): "
-                + _first_error_lines(result.stderr or result.stdout)
+        objects, commands = [], []
+        for source in SOURCES:
+            objects.append(str(staging / f"{source.stem}.o"))
+            commands.append(
+                [build_plan.compiler, "-c", str(source), "-o", objects[-1], *build_plan.flags]
             )
-        (staging / "command.txt").write_text(shlex.join(command) + "\n")
+            _run(commands[-1], f"compiling {source.name}")
+        commands.append(
+            [build_plan.compiler, *objects, "-o", str(staging / LIBRARY_NAME),
+             *build_plan.flags, *build_plan.link_flags]
+        )
+        _run(commands[-1], f"linking {LIBRARY_NAME}")
+        for obj in objects:
+            os.remove(obj)
+        (staging / "command.txt").write_text("".join(shlex.join(c) + "\n" for c in commands))
         try:
             os.rename(staging, build_plan.directory)
         except OSError:
@@ -138,6 +147,15 @@ def build(build_plan: BuildPlan | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return build_plan.library
+
+
+def _run(command: list[str], what: str) -> None:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BuildError(
+            f"{what} failed (exit {result.returncode}): "
+            + _first_error_lines(result.stderr or result.stdout)
+        )
 
 
 _lock = threading.Lock()

@@ -1,0 +1,127 @@
+"""The native normalization (``normalization.cc``) behind the compiled path's signature.
+
+Shape letters as in ``fastlayers.kernels.normalization``: ``x [..., D]`` with the
+normalized axes last; the op sees ``x`` as ``[R, D]`` (``R`` rows of ``D`` elements).
+
+The op makes one pass per row: it reads the row from memory once, computes its
+float32 statistics and the output in L1, and writes the output once. Its gradient
+recomputes the compiled algorithm's forward and backward under XLA
+(``normalization_compiled``), so training through it is exactly as correct as
+training through ``"xla"``.
+
+Dispatch runs it as ``NATIVE`` (``Kernel(native=...)``): it takes trailing normalized
+axes only (``not_supported_reasons``), dispatch refuses it inside an XLA cluster and
+asks ``not_built_reason`` whether the library builds, and the auto table passes it
+over while a gradient tape records (``auto_while_training``).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from fastlayers.kernels.native import attention as native_attention
+
+DTYPES = (tf.float32, tf.float16, tf.bfloat16)
+
+
+def not_supported_reasons(*, platform, dtype, axis) -> list[str]:
+    """Why the native op cannot take a call; empty when it can. ``axis`` counts from
+    the end, as the kernel passes it. Whether it builds is ``not_built_reason``'s."""
+    reasons = []
+    if platform == "gpu":
+        reasons.append("the native kernel runs on CPU only")
+    if tf.as_dtype(dtype) not in DTYPES:
+        reasons.append(
+            f"the native kernel takes float32, float16 or bfloat16, not {tf.as_dtype(dtype).name}"
+        )
+    if tuple(axis) != tuple(range(-len(axis), 0)):
+        reasons.append(
+            "the native kernel normalizes trailing axes only (rows of contiguous "
+            f"elements); received axis={tuple(axis)} counted from the end"
+        )
+    return reasons
+
+
+class NativeNormalization:
+    """The ``"native"`` implementation of both normalization kernels as dispatch runs
+    it: ``normalization_native``.
+
+    Attributes:
+        auto_while_training: False: while a gradient tape records, the auto table
+            takes the compiled paths, since this op's gradient recomputes the
+            compiled forward first. An explicit request runs it there.
+    """
+
+    auto_while_training = False
+
+    def __call__(self, x, scale, offset, **options):
+        return normalization_native(x, scale, offset, **options)
+
+    def not_built_reason(self) -> str | None:
+        """Why the op library cannot run in this process, or None (it builds first)."""
+        return native_attention.not_built_reason()
+
+
+NATIVE = NativeNormalization()
+
+
+def normalization_native(x, scale, offset, *, axis, epsilon, centered, subtract_mean):
+    """The native forward, with the semantics of ``normalization_compiled``.
+
+    Args:
+        x: float32, float16 or bfloat16 tensor whose normalized axes, ``axis``
+            (negative, counted from the end), are its last ones.
+        scale: None or a tensor of the normalized axes' sizes (any floating dtype;
+            a full-rank one whose other axes are 1 is taken as well).
+        offset: None or a tensor shaped as ``scale``.
+        epsilon: non-negative number added to the variance.
+        centered: statistics around the row's mean (layer normalization), or the
+            mean square (RMS normalization).
+        subtract_mean: subtract the mean from the output (layer normalization
+            without Keras's ``rms_scaling``).
+
+    Returns:
+        A tensor of the shape and dtype of ``x``.
+    """
+    library = native_attention.load_library()
+
+    def forward(x, *weights):
+        shape = tf.shape(x)
+        rows = tf.reshape(x, tf.stack([-1, tf.reduce_prod(shape[-len(axis) :])]))
+        given = iter(weights)
+        vectors = [
+            tf.reshape(tf.cast(next(given), tf.float32), [-1]) if present else tf.zeros([0])
+            for present in (scale is not None, offset is not None)
+        ]
+        y = library.fastlayers_normalization(
+            rows, *vectors, epsilon=float(epsilon), centered=bool(centered),
+            subtract_mean=bool(subtract_mean),
+        )
+        return tf.reshape(y, shape)
+
+    weights = [w for w in (scale, offset) if w is not None]
+    options = dict(axis=tuple(axis), epsilon=float(epsilon), centered=bool(centered),
+                   subtract_mean=bool(subtract_mean))
+
+    @tf.custom_gradient
+    def normalize(x, *weights):
+        def grad(d_out):
+            return _compiled_gradient((x, *weights), d_out, scale is not None, options)
+
+        return forward(x, *weights), grad
+
+    return normalize(x, *weights)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+def _compiled_gradient(inputs, d_out, has_scale, options):
+    """The gradient at ``inputs`` (x, then the scale and offset that are present)
+    against ``d_out`` by the compiled algorithm under XLA."""
+    from fastlayers.kernels import normalization as normalization_lib
+
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        x, *weights = inputs
+        scale = weights.pop(0) if has_scale else None
+        offset = weights[0] if weights else None
+        out = normalization_lib.normalization_compiled(x, scale, offset, **options)
+    return tape.gradient(out, inputs, output_gradients=d_out)
