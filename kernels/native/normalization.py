@@ -4,10 +4,10 @@ Shape letters as in ``fastlayers.kernels.normalization``: ``x [..., D]`` with th
 normalized axes last; the op sees ``x`` as ``[R, D]`` (``R`` rows of ``D`` elements).
 
 The op makes one pass per row: it reads the row from memory once, computes its
-float32 statistics and the output in L1, and writes the output once. Its gradient
-recomputes the compiled algorithm's forward and backward under XLA
-(``normalization_compiled``), so training through it is exactly as correct as
-training through ``"xla"``.
+float32 statistics and the output in L1, and writes the output once. Its gradient,
+registered for the op type, recomputes the compiled algorithm's forward and
+backward under XLA (``normalization_compiled``), so training through it is exactly
+as correct as training through ``"xla"``.
 
 Dispatch runs it as ``NATIVE`` (``Kernel(native=...)``): it takes trailing normalized
 axes only (``not_supported_reasons``), dispatch refuses it inside an XLA cluster and
@@ -83,45 +83,64 @@ def normalization_native(x, scale, offset, *, axis, epsilon, centered, subtract_
         A tensor of the shape and dtype of ``x``.
     """
     library = native_attention.load_library()
-
-    def forward(x, *weights):
+    # Static sizes where they are known (always, eagerly): an eager call then runs
+    # the op alone, without the shape arithmetic a generic trace needs.
+    normalized = x.shape[len(x.shape) - len(axis) :]
+    if x.shape.rank == 2 and normalized.is_fully_defined():
+        rows = x
+    elif normalized.is_fully_defined():
+        rows = tf.reshape(x, [-1, normalized.num_elements()])
+    else:
         shape = tf.shape(x)
         rows = tf.reshape(x, tf.stack([-1, tf.reduce_prod(shape[-len(axis) :])]))
-        given = iter(weights)
-        vectors = [
-            tf.reshape(tf.cast(next(given), tf.float32), [-1]) if present else tf.zeros([0])
-            for present in (scale is not None, offset is not None)
-        ]
-        y = library.fastlayers_normalization(
-            rows, *vectors, epsilon=float(epsilon), centered=bool(centered),
-            subtract_mean=bool(subtract_mean),
-        )
-        return tf.reshape(y, shape)
+    y = library.fastlayers_normalization(
+        rows, _vector(scale), _vector(offset), epsilon=float(epsilon),
+        centered=bool(centered), subtract_mean=bool(subtract_mean),
+    )
+    return y if rows is x else tf.reshape(y, tf.shape(x))
 
-    weights = [w for w in (scale, offset) if w is not None]
-    options = dict(axis=tuple(axis), epsilon=float(epsilon), centered=bool(centered),
-                   subtract_mean=bool(subtract_mean))
 
-    @tf.custom_gradient
-    def normalize(x, *weights):
-        def grad(d_out):
-            return _compiled_gradient((x, *weights), d_out, scale is not None, options)
+_empty = None
 
-        return forward(x, *weights), grad
 
-    return normalize(x, *weights)
+def _vector(weight):
+    """``weight`` as the op takes it: float32 [D], or [0] when absent."""
+    global _empty
+    if weight is None:
+        if _empty is None:
+            with tf.init_scope():
+                _empty = tf.zeros([0], tf.float32)
+        return _empty
+    if weight.dtype != tf.float32:
+        weight = tf.cast(weight, tf.float32)
+    return weight if weight.shape.rank == 1 else tf.reshape(weight, [-1])
+
+
+@tf.RegisterGradient("FastlayersNormalization")
+def _normalization_gradient(op, d_out):
+    """The op's gradient by the compiled algorithm under XLA, on its [R, D] view;
+    None for an absent (empty) scale or offset."""
+    x, scale, offset = op.inputs
+    options = dict(
+        axis=(-1,), epsilon=op.get_attr("epsilon"), centered=op.get_attr("centered"),
+        subtract_mean=op.get_attr("subtract_mean"),
+    )
+    present = [w.shape[0] != 0 for w in (scale, offset)]
+    grads = _compiled_gradient(x, scale, offset, d_out, tuple(present), options)
+    return grads
 
 
 @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-def _compiled_gradient(inputs, d_out, has_scale, options):
-    """The gradient at ``inputs`` (x, then the scale and offset that are present)
-    against ``d_out`` by the compiled algorithm under XLA."""
+def _compiled_gradient(x, scale, offset, d_out, present, options):
+    """The gradients of x, scale and offset (None for an absent one) against
+    ``d_out``, by the compiled algorithm's forward and backward under XLA."""
     from fastlayers.kernels import normalization as normalization_lib
 
+    inputs = [x] + [w for w, given in zip((scale, offset), present) if given]
     with tf.GradientTape() as tape:
         tape.watch(inputs)
-        x, *weights = inputs
-        scale = weights.pop(0) if has_scale else None
-        offset = weights[0] if weights else None
+        given = iter(inputs[1:])
+        scale, offset = (next(given) if p else None for p in present)
         out = normalization_lib.normalization_compiled(x, scale, offset, **options)
-    return tape.gradient(out, inputs, output_gradients=d_out)
+    found = iter(tape.gradient(out, inputs, output_gradients=d_out))
+    return [next(found)] + [next(found) if p else None for p in present]
