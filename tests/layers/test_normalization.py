@@ -288,7 +288,7 @@ def test_round_trip_with_several_axes(rng, tmp_path):
     x = rng.standard_normal((3, 5, 8))
     for layer in [layers.LayerNormalization(axis=[1, 2], center=False, implementation="xla"),
                   layers.RMSNormalization(axis=[-2, -1], epsilon=1e-4, implementation="graph"),
-                  layers.LayerNormalization(axis=-1, implementation="native")]:
+                  layers.LayerNormalization(axis=[1, 2], implementation="native")]:
         loaded = testing.assert_keras_round_trip(layer, x, tmp_path)
         restored = loaded.layers[-1]
         assert restored.axis == [1, 2] if isinstance(layer, layers.LayerNormalization) else True
