@@ -100,7 +100,7 @@ LAYER_DEFAULTS: dict[str, LayerDefaults] = {
     "RMSNormalization": LayerDefaults({}, (8192, 1024)),
 }
 
-SCOPE_PATTERN = re.compile(r"fastlayers/[A-Za-z0-9_.]+/(?:reference|graph|xla)\b")
+SCOPE_PATTERN = re.compile(r"fastlayers/[A-Za-z0-9_.]+/(?:reference|graph|xla|native)\b")
 
 
 def builtin_names() -> list[str]:

@@ -22,7 +22,7 @@ from fastlayers.bench import cases, pytest_adapter
 SHAPE = (8192, 1024)
 ROUNDS = 7
 DEVICES = pytest_adapter.DEVICE_PARAMS  # "gpu" skips with a reason when none is visible
-PROVIDERS = ("keras", "auto", "reference", "graph", "xla")
+PROVIDERS = ("keras", "auto", "reference", "graph", "xla", "native")
 
 
 @pytest.mark.parametrize("device", DEVICES)

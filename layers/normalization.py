@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from fastlayers.kernels import normalization
+from fastlayers.kernels import dispatch, normalization
 from fastlayers.layers.base import ImplementationArgument, register
 
 
@@ -13,8 +13,12 @@ class _FusedNormalization(ImplementationArgument):
     accepts what its computation then fails on), normalized axes that are known
     when the weights are built, and ``implementation=``."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    # Every implementation runs these layers (``native`` for trailing axes):
+    # ``fastlayers bench --layer`` times each.
+    implementations = dispatch.ALL_IMPLEMENTATIONS
+
+    def __init__(self, *args, implementation=None, **kwargs):
+        super().__init__(*args, implementation=implementation, **kwargs)
         self.epsilon = normalization.check_epsilon(self.epsilon)
         normalization.check_axis(self.axis)
 
