@@ -29,6 +29,8 @@ from pathlib import Path
 
 # Every op of the library: one source per kernel family, one shared library.
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("attention.cc", "normalization.cc"))
+# What the sources include from beside them: part of the key as the sources are.
+HEADERS = (Path(__file__).with_name("isa.h"),)
 LIBRARY_NAME = "fastlayers_native.so"
 # The flags of the DESIGN's checked build, plus -O3 for the micro-kernels. No -march:
 # the ISA is chosen at run time, per function, so the library runs on any x86-64.
@@ -96,7 +98,7 @@ def plan() -> BuildPlan:
     for part in (tf.__version__, version, *flags, "--link", *link):
         digest.update(part.encode())
         digest.update(b"\0")
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update(source.name.encode())
         digest.update(source.read_bytes())
     directory = cache_root() / "native" / digest.hexdigest()[:20]

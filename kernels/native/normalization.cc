@@ -16,8 +16,8 @@
 // statistics passes and the output pass in L1, and writes the row once. A bfloat16
 // or float16 row is widened into a per-shard float32 buffer first.
 //
-// ISA dispatch as in attention.cc: the row primitives come as a portable version and
-// an AVX2+FMA one (per-function target), chosen at run time.
+// ISA dispatch as in attention.cc (isa.h): the row primitives come as a portable
+// version and an AVX2+FMA one, chosen at run time.
 
 #include <cmath>
 #include <cstdint>
@@ -30,10 +30,7 @@
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/util/work_sharder.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define FASTLAYERS_X86 1
-#endif
+#include "isa.h"
 
 namespace fastlayers {
 namespace {
@@ -167,10 +164,8 @@ constexpr RowPrimitives kAvx2 = {"avx2", SumAvx2, SumSquaresAvx2, ApplyAvx2};
 #endif  // FASTLAYERS_X86
 
 const RowPrimitives& ChooseRowPrimitives(const std::string& isa) {
-  if (isa == "portable") return kPortable;
 #ifdef FASTLAYERS_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+  if (UseAvx2(isa)) return kAvx2;
 #endif
   return kPortable;
 }

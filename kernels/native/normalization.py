@@ -20,19 +20,11 @@ from __future__ import annotations
 import tensorflow as tf
 from fastlayers.kernels.native import attention as native_attention
 
-DTYPES = (tf.float32, tf.float16, tf.bfloat16)
-
-
 def not_supported_reasons(*, platform, dtype, axis) -> list[str]:
     """Why the native op cannot take a call; empty when it can. ``axis`` counts from
-    the end, as the kernel passes it. Whether it builds is ``not_built_reason``'s."""
-    reasons = []
-    if platform == "gpu":
-        reasons.append("the native kernel runs on CPU only")
-    if tf.as_dtype(dtype) not in DTYPES:
-        reasons.append(
-            f"the native kernel takes float32, float16 or bfloat16, not {tf.as_dtype(dtype).name}"
-        )
+    the end, as the kernel passes it. Whether it builds is ``not_built_reason``'s.
+    The device and dtypes are the library's, as for attention."""
+    reasons = native_attention.not_supported_reasons(platform=platform, dtype=dtype)
     if tuple(axis) != tuple(range(-len(axis), 0)):
         reasons.append(
             "the native kernel normalizes trailing axes only (rows of contiguous "

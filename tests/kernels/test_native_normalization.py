@@ -12,6 +12,7 @@ from oracles import layer_norm_oracle, rms_norm_oracle
 from fastlayers import kernels
 from fastlayers.kernels import dispatch, normalization, tolerance
 from fastlayers.kernels.native import attention as native_attention
+from fastlayers.kernels.native import build as build_lib
 
 DTYPES = ("float32", "float16", "bfloat16")
 # Trailing axes only; D of 1, 7, 40 and 1027 exercise the AVX2 bodies of 32 and 8
@@ -188,3 +189,19 @@ def test_auto_trains_and_compiles_with_xla():
     # Leading axes: the native op refuses, the table's next entry runs.
     assert _recorded(lambda: kernels.layer_normalization(tf.ones((2, 3, 4)), axis=1)) == [
         ("layer_normalization", "xla", "table")]
+
+
+def test_one_library_holds_both_ops_and_its_key_covers_every_source(monkeypatch, tmp_path):
+    library = native_attention.load_library()
+    assert hasattr(library, "fastlayers_normalization")
+    assert hasattr(library, "fastlayers_attention_forward")
+    monkeypatch.setenv("FASTLAYERS_CACHE_DIR", str(tmp_path))
+    first = build_lib.plan().directory
+    for name in ("SOURCES", "HEADERS"):
+        files = getattr(build_lib, name)
+        changed = tmp_path / files[-1].name
+        changed.write_bytes(files[-1].read_bytes() + b"\n// changed\n")
+        monkeypatch.setattr(build_lib, name, files[:-1] + (changed,))
+        assert build_lib.plan().directory != first, f"a changed {changed.name} keeps the key"
+        monkeypatch.setattr(build_lib, name, files)
+    assert build_lib.plan().directory == first
