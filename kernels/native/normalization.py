@@ -77,14 +77,16 @@ def normalization_native(x, scale, offset, *, axis, epsilon, centered, subtract_
     library = native_attention.load_library()
     # Static sizes where they are known (always, eagerly): an eager call then runs
     # the op alone, without the shape arithmetic a generic trace needs.
-    normalized = x.shape[len(x.shape) - len(axis) :]
-    if x.shape.rank == 2 and normalized.is_fully_defined():
+    # Explicit row counts, never -1: a reshape cannot infer a size from an empty tensor.
+    k = len(axis)
+    leading, normalized = x.shape[: x.shape.rank - k], x.shape[x.shape.rank - k :]
+    if k == 1 and x.shape.rank == 2:
         rows = x
-    elif normalized.is_fully_defined():
-        rows = tf.reshape(x, [-1, normalized.num_elements()])
+    elif leading.is_fully_defined() and normalized.is_fully_defined():
+        rows = tf.reshape(x, [leading.num_elements(), normalized.num_elements()])
     else:
         shape = tf.shape(x)
-        rows = tf.reshape(x, tf.stack([-1, tf.reduce_prod(shape[-len(axis) :])]))
+        rows = tf.reshape(x, tf.stack([tf.reduce_prod(shape[:-k]), tf.reduce_prod(shape[-k:])]))
     y = library.fastlayers_normalization(
         rows, _vector(scale), _vector(offset), epsilon=float(epsilon),
         centered=bool(centered), subtract_mean=bool(subtract_mean),

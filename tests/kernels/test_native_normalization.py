@@ -17,7 +17,9 @@ from fastlayers.kernels.native import build as build_lib
 DTYPES = ("float32", "float16", "bfloat16")
 # Trailing axes only; D of 1, 7, 40 and 1027 exercise the AVX2 bodies of 32 and 8
 # floats and their scalar tails.
-CASES = [(-1, (3, 1)), (-1, (2, 7)), (-1, (3, 5, 40)), ([1, 2], (3, 5, 8)), (-1, (4, 1027))]
+# Every axis of the input (one row) too.
+CASES = [(-1, (3, 1)), (-1, (2, 7)), (-1, (3, 5, 40)), ([1, 2], (3, 5, 8)), (-1, (4, 1027)),
+         ([0, 1], (3, 8)), (0, (40,))]
 
 
 def _layer(x, gamma, beta, axis, implementation, **options):
@@ -129,11 +131,25 @@ def test_gradient_with_neither_weight_and_inside_a_function(rng):
     tolerance("float32", grad=True).check(gradient(x, "native"), gradient(x, "xla"))
 
 
-@pytest.mark.parametrize("shape", [(0, 8), (3, 0), (0, 2, 8)], ids=str)
+@pytest.mark.parametrize("shape", [(0, 8), (3, 0), (0, 2, 8), (2, 3, 0), (2, 0, 4)], ids=str)
 def test_empty_inputs(shape):
     x = tf.zeros(shape)
-    assert normalization.layer_normalization(x, implementation="native").shape == shape
-    assert normalization.rms_normalization(x, implementation="native").shape == shape
+    for axis in (-1, [1, 2] if len(shape) == 3 else [0, 1]):
+        assert normalization.layer_normalization(x, axis=axis, implementation="native").shape == shape
+        assert normalization.rms_normalization(x, axis=axis, implementation="native").shape == shape
+
+
+def test_a_shape_generic_trace_takes_empty_and_full_inputs(rng):
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 8], tf.float32)])
+    def run(x):
+        return normalization.layer_normalization(x, axis=[1, 2], implementation="native")
+
+    for shape in [(0, 3, 8), (2, 0, 8)]:
+        assert run(tf.zeros(shape)).shape == shape
+    x = rng.standard_normal((2, 3, 8))
+    expected = layer_norm_oracle(round_to(x, "float32"), None, None, [1, 2], 1e-3)
+    tolerance("float32").check(run(tf.constant(x, tf.float32)), expected)
+    assert run.experimental_get_tracing_count() == 1
 
 
 def test_leading_axes_are_refused_by_name():
