@@ -221,3 +221,14 @@ def test_one_library_holds_both_ops_and_its_key_covers_every_source(monkeypatch,
         assert build_lib.plan().directory != first, f"a changed {changed.name} keeps the key"
         monkeypatch.setattr(build_lib, name, files)
     assert build_lib.plan().directory == first
+
+
+def test_without_the_library_auto_takes_xla_and_an_explicit_request_says_why(monkeypatch):
+    monkeypatch.setattr(native_attention, "_failure", "compiling normalization.cc failed (exit 1)")
+    monkeypatch.setattr(native_attention, "_warned", True)  # the once-per-process warning
+    x = tf.ones((4, 64))
+    assert _recorded(lambda: kernels.layer_normalization(x)) == [
+        ("layer_normalization", "xla", "table")]
+    with pytest.raises(ValueError, match=r"'native' cannot run kernel 'rms_normalization'.*"
+                       r"could not be built: compiling normalization.cc failed"):
+        normalization.rms_normalization(x, implementation="native")
