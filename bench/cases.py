@@ -579,6 +579,26 @@ def _layer_step(spec, implementation):
     return build
 
 
+def keras_peer(cls):
+    """The Keras layer a fastlayers drop-in subclasses under its own name, or None."""
+    peer = getattr(keras.layers, cls.__name__, None)
+    if isinstance(peer, type) and peer is not cls and issubclass(cls, peer):
+        return peer
+    return None
+
+
+def _keras_step(spec, peer):
+    def build(shape, policy):
+        shapes = spec.shapes_at(shape["B"])
+        layer = peer(**spec.args, dtype=policy)
+        spec.build(layer, shapes, policy)
+        inputs = random_inputs(shapes, policy)
+        call = spec.call
+        return lambda: call(layer, inputs)
+
+    return build
+
+
 def _layer_auto_choice(spec):
     choices = {}
 
@@ -601,7 +621,9 @@ def layer_suite(spec) -> Suite:
 
     A ``FastLayer`` (a ``CompiledLayer`` included) gets one provider per
     implementation, ``auto`` (with the implementation auto picks) and
-    ``reference``, ``graph``, ``xla``, with the reference as the baseline; any other
+    ``reference``, ``graph``, ``xla`` (and ``native`` where the class lists it in
+    its ``implementations``), with the reference as the baseline, or for a drop-in
+    for a Keras layer of the same name, that layer as ``keras``; any other
     Keras layer gets one provider, ``layer``, the layer as it is. ``size`` is the
     batch; the quick size is the one given, the sweep halves it three times.
     FLOPs come from TensorFlow's op counter on one traced call, counted once per size.
@@ -614,15 +636,22 @@ def layer_suite(spec) -> Suite:
         return counts[shape["B"]]
 
     if spec.dispatches:
+        # A drop-in is measured against the Keras layer it replaces; any other
+        # FastLayer against its own reference. A class whose kernel has a native
+        # implementation says so in its ``implementations``.
+        peer = keras_peer(spec.cls)
+        names = ("auto", *getattr(spec.cls, "implementations", dispatch.IMPLEMENTATIONS))
         providers = tuple(
             Provider(
                 name,
                 _layer_step(spec, None if name == "auto" else name),
-                role=BASELINE if name == "reference" else "",
+                role=BASELINE if name == "reference" and peer is None else "",
                 note=_layer_auto_choice(spec) if name == "auto" else None,
             )
-            for name in LAYER_PROVIDERS
+            for name in names
         )
+        if peer is not None:
+            providers += (Provider("keras", _keras_step(spec, peer), role=BASELINE),)
     else:
         providers = (Provider("layer", _layer_step(spec, None), role=BASELINE),)
     return Suite(

@@ -22,7 +22,7 @@ from fastlayers.bench import cases, pytest_adapter
 SHAPE = (8192, 1024)
 ROUNDS = 7
 DEVICES = pytest_adapter.DEVICE_PARAMS  # "gpu" skips with a reason when none is visible
-PROVIDERS = ("keras", "auto", "reference", "graph", "xla")
+PROVIDERS = ("keras", "auto", "reference", "graph", "xla", "native")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -31,6 +31,8 @@ PROVIDERS = ("keras", "auto", "reference", "graph", "xla")
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("name", ("LayerNormalization", "RMSNormalization"))
 def test_normalization(benchmark, name, provider, policy, mode, device):
+    if provider == "native" and device == "gpu":
+        pytest.skip("the native op runs on CPU only")
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(policy)
     try:

@@ -160,26 +160,30 @@ AUTO = {
 
 AUTO["layer_normalization"] = {
     # 2-core AMD EPYC (Zen 3, AVX2, oneDNN off), TF 2.21, 8192x1024, `fastlayers bench
-    # --layer LayerNormalization` (interleaved medians on a heavily shared machine),
-    # speed relative to the reference: float32 XLA 2.7-3.2x eager, 2.3-2.6x in a
-    # tf.function; graph 1.02x / 0.75x; mixed_bfloat16 XLA 2.8-3.9x / 2.3x, graph
-    # 1.18x / 0.83x. XLA fuses the two reductions and the normalization into loops
-    # over the input; the graph path runs the same ops one by one, as the reference.
-    ("cpu", "*"): ("xla", "reference", "graph"),
+    # --layer LayerNormalization` (interleaved medians on a heavily shared machine):
+    # the native op reads each row from memory once and finishes it in L1, where XLA
+    # reads it twice (a reduction fusion, then the element-wise one) and the graph
+    # path runs the reference's ops one by one. While a gradient tape records the
+    # native op steps aside (its gradient recomputes XLA's forward) for XLA.
+    ("cpu", "*"): ("native", "xla", "reference", "graph"),
     # Not measured with oneDNN: grappler's oneDNN remapper fuses a LayerNorm pattern
     # of its own, which the graph path may reach; XLA does not use oneDNN.
-    ("cpu-onednn", "*"): ("xla", "reference", "graph"),
-    ("cpu-onednn-bf16", "*"): ("xla", "reference", "graph"),
+    ("cpu-onednn", "*"): ("native", "xla", "reference", "graph"),
+    ("cpu-onednn-bf16", "*"): ("native", "xla", "reference", "graph"),
     # Not measured (no GPU here): XLA fuses each row's reductions into one kernel.
     ("gpu", "*"): ("xla", "graph", "reference"),
 }
 
-AUTO["rms_normalization"] = {
-    # Same machine and command as layer_normalization (`--layer RMSNormalization`),
-    # relative to the reference: float32 XLA 2.2x eager, 1.4-1.5x in a tf.function,
-    # graph 1.44x / 1.00x; mixed_bfloat16 XLA 2.6-2.7x / 2.1-2.4x, graph 1.04x / 0.88x.
-    ("cpu", "*"): ("xla", "reference", "graph"),
-    ("cpu-onednn", "*"): ("xla", "reference", "graph"),
-    ("cpu-onednn-bf16", "*"): ("xla", "reference", "graph"),
-    ("gpu", "*"): ("xla", "graph", "reference"),
+# Same machine and command (`--layer RMSNormalization`), same reasons.
+AUTO["rms_normalization"] = dict(AUTO["layer_normalization"])
+
+# Per-kernel ``Kernel(eager_reference_below=...)``, in the kernel's work units
+# (``fastlayers.kernels.flops``), for kernels whose fast path wins eagerly far below
+# ``EAGER_REFERENCE_BELOW_FLOPS``. The normalization references run about six eager
+# ops; the native op is one, and on the Zen 3 it beat them eagerly at every size
+# timed, from a single row of 64 up. Where it cannot run, XLA's call was about
+# even with the reference for a few rows and ahead from a few hundred.
+EAGER_REFERENCE_BELOW = {
+    "layer_normalization": 0,
+    "rms_normalization": 0,
 }

@@ -11,8 +11,8 @@ JSON-serialisable dataclass per kernel.
 and where the choice came from: ``"explicit"`` (the caller named it), ``"tuned"``
 (this machine's tuning cache, ``fastlayers.kernels.tuning``), ``"table"`` (the
 shipped auto table, ``fastlayers.kernels.auto``, the first entry of the row that
-supports the call) or ``"small eager call"`` (the reference, below
-``auto.EAGER_REFERENCE_BELOW_FLOPS``). The compiled function receives it as the
+supports the call) or ``"small eager call"`` (the reference, below the kernel's
+``eager_reference_below``, by default ``auto.EAGER_REFERENCE_BELOW_FLOPS``). The compiled function receives it as the
 keyword ``selection`` if it declares one.
 
 An implementation that cannot take a call says why, as a list of readable reasons.
@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import numbers
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -325,8 +326,13 @@ class Kernel:
             tuple, or None for an argument that is not a tensor). The tuner times
             them all.
         work: optional ``fn(*tensors, **options)`` returning the call's FLOPs (None
-            when unknown): auto runs eager calls below
-            ``auto.EAGER_REFERENCE_BELOW_FLOPS`` with the reference.
+            when unknown): auto runs eager calls below ``eager_reference_below``
+            with the reference.
+        eager_reference_below: the work (in ``work``'s units) below which auto
+            runs an eager call with the reference, where a compiled call's fixed
+            cost outweighs its speed; ``auto.EAGER_REFERENCE_BELOW_FLOPS`` when
+            None, measured for matmuls. A kernel whose compiled or native path
+            wins at smaller sizes states its own (0: never the reference).
         signature: optional ``fn(*tensors, **options)`` returning the tuning key's
             ``(bucket, flags)``: a tuple of ints (nearby calls are matched by it) and
             a dict of what changes the algorithm; ``default_signature`` otherwise.
@@ -354,6 +360,7 @@ class Kernel:
         native: Callable | None = None,
         variants: Callable[..., Sequence] | None = None,
         work: Callable[..., float | None] | None = None,
+        eager_reference_below: float | None = None,
         signature: Callable[..., tuple[tuple[int, ...], dict]] | None = None,
         layout: Callable[..., Hashable] | None = None,
         choice_options: Sequence[str] = (),
@@ -369,6 +376,16 @@ class Kernel:
         self._variants = variants
         self._default_variant = default_variant
         self._work = work
+        if eager_reference_below is None:
+            eager_reference_below = EAGER_REFERENCE_BELOW_FLOPS
+        elif isinstance(eager_reference_below, bool) or not (
+            isinstance(eager_reference_below, numbers.Real) and eager_reference_below >= 0
+        ):
+            raise ValueError(
+                "Received an invalid value for `eager_reference_below`, expected a "
+                f"non-negative number or None. Received: eager_reference_below={eager_reference_below!r}"
+            )
+        self.eager_reference_below = float(eager_reference_below)
         self._signature = signature or default_signature
         self._layout = layout
         self._auto_row = auto_row
@@ -496,7 +513,7 @@ class Kernel:
         """Resolves ``implementation`` (None = auto) for one call, or raises ValueError.
 
         Auto takes, in order: the reference for an eager call of known ``work``
-        below ``auto.EAGER_REFERENCE_BELOW_FLOPS``; this machine's tuned choice for
+        below the kernel's ``eager_reference_below``; this machine's tuned choice for
         the call's signature (nearest measured bucket), if still supported; with
         ``FASTLAYERS_AUTOTUNE=1`` a choice tuned now for a new signature; else the
         first entry of the auto table's row that supports the call. ``tensors`` are
@@ -517,7 +534,7 @@ class Kernel:
             return self._selection(implementation, "explicit", platform, dtype, shapes, options)
         if (
             work is not None
-            and work < EAGER_REFERENCE_BELOW_FLOPS
+            and work < self.eager_reference_below
             and tf.executing_eagerly()
             and not self.not_supported_reasons("reference", platform=platform, dtype=dtype, **options)
         ):

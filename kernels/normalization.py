@@ -16,7 +16,9 @@ mean of squared deviations from the mean (two passes over a row), never
 ``mean(x²) - mean²``, which cancels catastrophically when a row's mean is large
 against its spread. XLA fuses the reductions and the normalization of a row into
 loops over the input, so the compiled path reads ``x`` about twice and writes once,
-where Keras's graph runs a dozen separate element-wise and reduction ops.
+where Keras's graph runs a dozen separate element-wise and reduction ops. The
+native op (``kernels.native.normalization``) reads each row from memory once and
+makes both passes in L1.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import numbers
 import tensorflow as tf
 from fastlayers.kernels import dispatch
 from fastlayers.kernels import flops as flops_lib
-from fastlayers.kernels.auto import AUTO
+from fastlayers.kernels.auto import AUTO, EAGER_REFERENCE_BELOW
+from fastlayers.kernels.native import normalization as native_normalization
 from fastlayers.kernels.precision import accumulation_dtype
 
 
@@ -48,76 +51,73 @@ def _broadcast(weight, x, axis):
     return tf.reshape(weight, shape)
 
 
-def layer_normalization_reference(x, gamma, beta, *, axis, epsilon, rms_scaling):
-    """The spec: Keras's formula, step by step, statistics in the accumulation dtype."""
-    acc = accumulation_dtype(x.dtype)
-    xf = tf.cast(x, acc)
-    mean = tf.reduce_mean(xf, axis=axis, keepdims=True)
-    deviation = xf - mean
+def normalization_reference(x, scale, offset, *, axis, epsilon, centered, subtract_mean):
+    """The spec of both kernels, step by step, statistics in the accumulation dtype.
+
+    ``centered``: the variance is taken around the row's mean (layer normalization);
+    otherwise it is the mean square (RMS normalization). ``subtract_mean``: the
+    output is centered too (layer normalization without ``rms_scaling``).
+    """
+    xf = tf.cast(x, accumulation_dtype(x.dtype))
+    deviation = xf - tf.reduce_mean(xf, axis=axis, keepdims=True) if centered else xf
     variance = tf.reduce_mean(tf.square(deviation), axis=axis, keepdims=True)
-    normalized = (xf if rms_scaling else deviation) * tf.math.rsqrt(variance + epsilon)
-    gamma, beta = _broadcast(gamma, x, axis), _broadcast(beta, x, axis)
-    if gamma is not None:
-        normalized = normalized * gamma
-    if beta is not None and not rms_scaling:
-        normalized = normalized + beta
+    normalized = (deviation if subtract_mean else xf) * tf.math.rsqrt(variance + epsilon)
+    scale, offset = _broadcast(scale, x, axis), _broadcast(offset, x, axis)
+    if scale is not None:
+        normalized = normalized * scale
+    if offset is not None:
+        normalized = normalized + offset
     return tf.cast(normalized, x.dtype)
 
 
-def layer_normalization_compiled(x, gamma, beta, *, axis, epsilon, rms_scaling):
+def normalization_compiled(x, scale, offset, *, axis, epsilon, centered, subtract_mean):
     """The graph/XLA algorithm: ``x * a + c`` with per-row ``a`` and ``c``.
 
-    ``a = rsqrt(var + epsilon) * gamma`` and ``c = beta - mean * a`` fold the
+    ``a = rsqrt(var + epsilon) * scale`` and ``c = offset - mean * a`` fold the
     normalization and the affine map into one multiply-add per element, which XLA
     fuses with the cast in and out of float32.
     """
-    acc = accumulation_dtype(x.dtype)
-    xf = tf.cast(x, acc)
-    mean = tf.reduce_mean(xf, axis=axis, keepdims=True)
-    variance = tf.reduce_mean(tf.square(xf - mean), axis=axis, keepdims=True)
-    a = tf.math.rsqrt(variance + epsilon)
-    gamma, beta = _broadcast(gamma, x, axis), _broadcast(beta, x, axis)
-    if gamma is not None:
-        a = a * gamma
-    if rms_scaling:
-        return tf.cast(xf * a, x.dtype)
-    c = -mean * a
-    if beta is not None:
-        c = c + beta
-    return tf.cast(xf * a + c, x.dtype)
-
-
-def rms_normalization_reference(x, scale, *, axis, epsilon):
-    """The spec: ``x * rsqrt(mean(x²) + epsilon) * scale`` in the accumulation dtype."""
     xf = tf.cast(x, accumulation_dtype(x.dtype))
-    mean_square = tf.reduce_mean(tf.square(xf), axis=axis, keepdims=True)
-    normalized = xf * tf.math.rsqrt(mean_square + epsilon)
-    scale = _broadcast(scale, x, axis)
+    mean = tf.reduce_mean(xf, axis=axis, keepdims=True) if centered else None
+    deviation = xf - mean if centered else xf
+    a = tf.math.rsqrt(tf.reduce_mean(tf.square(deviation), axis=axis, keepdims=True) + epsilon)
+    scale, offset = _broadcast(scale, x, axis), _broadcast(offset, x, axis)
     if scale is not None:
-        normalized = normalized * scale
-    return tf.cast(normalized, x.dtype)
+        a = a * scale
+    c = -mean * a if subtract_mean else None
+    if offset is not None:
+        c = offset if c is None else c + offset
+    return tf.cast(xf * a if c is None else xf * a + c, x.dtype)
 
 
-def _work(x, *_, rms=False, **__):
+def _work(x, *_, centered, **__):
     if not x.shape.is_fully_defined():
         return None
-    return flops_lib.normalization_flops(x.shape.num_elements(), rms=rms)
+    return flops_lib.normalization_flops(x.shape.num_elements(), rms=not centered)
 
 
-LAYER_NORMALIZATION = dispatch.Kernel(
-    "layer_normalization",
-    layer_normalization_reference,
-    layer_normalization_compiled,
-    auto=AUTO["layer_normalization"],
-    work=_work,
-)
+def _native_reasons(implementation, *, platform, dtype, axis, **_):
+    if implementation != dispatch.NATIVE:
+        return []
+    return native_normalization.not_supported_reasons(platform=platform, dtype=dtype, axis=axis)
 
-# One reduction and one multiply per element: the reference is already the fused form.
-RMS_NORMALIZATION = dispatch.Kernel(
-    "rms_normalization",
-    rms_normalization_reference,
-    auto=AUTO["rms_normalization"],
-    work=lambda x, *_, **__: _work(x, rms=True),
+
+# Both kernels run the same functions; their options say which statistics and
+# output: layer normalization is ``centered`` (and ``subtract_mean`` unless
+# Keras's rms_scaling), RMS normalization neither. They keep their own auto rows,
+# eager thresholds and tuning records.
+LAYER_NORMALIZATION, RMS_NORMALIZATION = (
+    dispatch.Kernel(
+        name,
+        normalization_reference,
+        normalization_compiled,
+        auto=AUTO[name],
+        not_supported_reasons=_native_reasons,
+        native=native_normalization.NATIVE,
+        work=_work,
+        eager_reference_below=EAGER_REFERENCE_BELOW[name],
+    )
+    for name in ("layer_normalization", "rms_normalization")
 )
 
 
@@ -216,7 +216,8 @@ def layer_normalization(
         epsilon: non-negative number added to the variance.
         rms_scaling: Keras's deprecated flag: scale ``x`` by ``rsqrt(var + epsilon)``
             without centering it.
-        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
+        implementation: None (auto), ``"reference"``, ``"graph"``, ``"xla"`` or
+            ``"native"`` (CPU; the normalized axes must be the last ones).
 
     Returns:
         A tensor of the shape and dtype of ``x``.
@@ -227,8 +228,8 @@ def layer_normalization(
     gamma = _check_weight("gamma", gamma, x, axis)
     beta = _check_weight("beta", beta, x, axis)
     return LAYER_NORMALIZATION(
-        x, gamma, beta, implementation=implementation,
-        axis=_from_end(axis, x), epsilon=epsilon, rms_scaling=bool(rms_scaling),
+        x, gamma, None if rms_scaling else beta, implementation=implementation,
+        axis=_from_end(axis, x), epsilon=epsilon, centered=True, subtract_mean=not rms_scaling,
     )
 
 
@@ -241,7 +242,8 @@ def rms_normalization(x, scale=None, *, axis=-1, epsilon=1e-6, implementation=No
             rank, broadcasting over the others); any floating dtype, used in float32.
         axis: int or list/tuple of ints, the axes to normalize over.
         epsilon: non-negative number added to the mean square.
-        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
+        implementation: None (auto), ``"reference"``, ``"graph"``, ``"xla"`` or
+            ``"native"`` (CPU; the normalized axes must be the last ones).
 
     Returns:
         A tensor of the shape and dtype of ``x``.
@@ -251,7 +253,8 @@ def rms_normalization(x, scale=None, *, axis=-1, epsilon=1e-6, implementation=No
     epsilon = check_epsilon(epsilon)
     scale = _check_weight("scale", scale, x, axis)
     return RMS_NORMALIZATION(
-        x, scale, implementation=implementation, axis=_from_end(axis, x), epsilon=epsilon
+        x, scale, None, implementation=implementation,
+        axis=_from_end(axis, x), epsilon=epsilon, centered=False, subtract_mean=False,
     )
 
 

@@ -5,11 +5,30 @@ from __future__ import annotations
 import keras
 
 from fastlayers.kernels import dispatch, normalization
-from fastlayers.layers.base import register
+from fastlayers.layers.base import ImplementationArgument, register
+
+
+class _FusedNormalization(ImplementationArgument):
+    """What both layers add to Keras's: checked ``axis`` and ``epsilon`` (Keras
+    accepts what its computation then fails on), normalized axes that are known
+    when the weights are built, and ``implementation=``."""
+
+    # Every implementation runs these layers (``native`` for trailing axes):
+    # ``fastlayers bench --layer`` times each.
+    implementations = dispatch.ALL_IMPLEMENTATIONS
+
+    def __init__(self, *args, implementation=None, **kwargs):
+        super().__init__(*args, implementation=implementation, **kwargs)
+        self.epsilon = normalization.check_epsilon(self.epsilon)
+        normalization.check_axis(self.axis)
+
+    def build(self, input_shape):
+        _check_normalized_axes(self.name, self.axis, input_shape)
+        super().build(input_shape)
 
 
 @register
-class LayerNormalization(keras.layers.LayerNormalization):
+class LayerNormalization(_FusedNormalization, keras.layers.LayerNormalization):
     """Layer normalization, a drop-in for ``keras.layers.LayerNormalization``.
 
     A subclass of Keras 3.15's layer: the constructor arguments (``axis``, one or
@@ -17,15 +36,16 @@ class LayerNormalization(keras.layers.LayerNormalization):
     constraints of ``gamma`` and ``beta``; the deprecated ``rms_scaling``), weights
     and their order, masking and ``get_config`` are Keras's, so
     ``ours.set_weights(keras_layer.get_weights())`` reproduces Keras's outputs. Only
-    the computation differs: ``kernels.layer_normalization``, whose compiled path
-    reads the input about twice in one XLA-fused pass with float32 statistics under
-    every dtype policy.
+    the computation differs: ``kernels.layer_normalization``, with float32
+    statistics under every dtype policy; its native op (auto's choice on CPU
+    outside training) reads each row once and writes it once, and training runs
+    XLA's fused forward and gradient.
 
     Args:
         *args: the positional arguments of ``keras.layers.LayerNormalization``
             (``axis``, ``epsilon``, ...).
-        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
-            Kept in ``get_config()``.
+        implementation: None (auto), ``"reference"``, ``"graph"``, ``"xla"`` or
+            ``"native"`` (CPU; trailing normalized axes). Kept in ``get_config()``.
         **kwargs: the keyword arguments of ``keras.layers.LayerNormalization``.
 
     Input shape:
@@ -41,16 +61,6 @@ class LayerNormalization(keras.layers.LayerNormalization):
     TensorShape([2, 3, 4])
     """
 
-    def __init__(self, *args, implementation=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.epsilon = normalization.check_epsilon(self.epsilon)
-        normalization.check_axis(self.axis)
-        self.implementation = dispatch.check_implementation(implementation)
-
-    def build(self, input_shape):
-        _check_normalized_axes(self.name, self.axis, input_shape)
-        super().build(input_shape)
-
     def call(self, inputs):
         outputs = normalization.layer_normalization(
             inputs,
@@ -63,24 +73,22 @@ class LayerNormalization(keras.layers.LayerNormalization):
         )
         return keras.ops.cast(outputs, self.compute_dtype)
 
-    def get_config(self):
-        return {**super().get_config(), "implementation": self.implementation}
-
 
 @register
-class RMSNormalization(keras.layers.RMSNormalization):
+class RMSNormalization(_FusedNormalization, keras.layers.RMSNormalization):
     """Root-mean-square normalization, a drop-in for ``keras.layers.RMSNormalization``.
 
     ``x * rsqrt(mean(x²) + epsilon) * scale`` over ``axis``. A subclass of Keras
     3.15's layer: its arguments, ``scale`` weight and ``get_config`` are Keras's. The
-    computation is ``kernels.rms_normalization`` (one XLA-fused pass on the compiled
-    path), with the statistics and the scale in float32 under every dtype policy.
+    computation is ``kernels.rms_normalization`` (the native op's one pass per row,
+    or XLA's fused one), with the statistics and the scale in float32 under every
+    dtype policy.
 
     Args:
         axis: int or list/tuple of ints, the axes to normalize over.
         epsilon: non-negative number added to the mean square.
-        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``.
-            Kept in ``get_config()``.
+        implementation: None (auto), ``"reference"``, ``"graph"``, ``"xla"`` or
+            ``"native"`` (CPU; trailing normalized axes). Kept in ``get_config()``.
         **kwargs: the base layer's keyword arguments (``name``, ``dtype``, ...).
 
     Input shape:
@@ -96,15 +104,6 @@ class RMSNormalization(keras.layers.RMSNormalization):
     TensorShape([2, 8])
     """
 
-    def __init__(self, axis=-1, epsilon=1e-6, *, implementation=None, **kwargs):
-        super().__init__(axis=axis, epsilon=normalization.check_epsilon(epsilon), **kwargs)
-        normalization.check_axis(axis)
-        self.implementation = dispatch.check_implementation(implementation)
-
-    def build(self, input_shape):
-        _check_normalized_axes(self.name, self.axis, input_shape)
-        super().build(input_shape)
-
     def call(self, x):
         # The variable, not its autocast copy: the scale multiplies in float32.
         outputs = normalization.rms_normalization(
@@ -115,9 +114,6 @@ class RMSNormalization(keras.layers.RMSNormalization):
             implementation=self.implementation,
         )
         return keras.ops.cast(outputs, self.compute_dtype)
-
-    def get_config(self):
-        return {**super().get_config(), "implementation": self.implementation}
 
 
 def _check_normalized_axes(name, axis, input_shape):

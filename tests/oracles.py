@@ -94,3 +94,34 @@ def pool_oracle(x, pool_size, strides, padding, data_format, upstream=None):
     if data_format == "channels_first":
         y, grad = y.transpose(0, 3, 1, 2), grad.transpose(0, 3, 1, 2)
     return y, grad
+
+
+def normalized_axes(axis, rank):
+    """``axis`` (an int or a list/tuple) as sorted non-negative axes of a rank-``rank`` input."""
+    return tuple(sorted(a % rank for a in (axis if isinstance(axis, (list, tuple)) else [axis])))
+
+
+def _expand(weight, axes, rank):
+    shape = [1] * rank
+    for a, size in zip(axes, np.shape(weight)):
+        shape[a] = size
+    return np.reshape(weight, shape)
+
+
+def layer_norm_oracle(x, gamma, beta, axis, epsilon, rms_scaling=False):
+    """Keras's formula in float64."""
+    axes = normalized_axes(axis, x.ndim)
+    mean = x.mean(axis=axes, keepdims=True)
+    variance = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    y = (x if rms_scaling else x - mean) / np.sqrt(variance + epsilon)
+    if gamma is not None:
+        y = y * _expand(gamma, axes, x.ndim)
+    if beta is not None and not rms_scaling:
+        y = y + _expand(beta, axes, x.ndim)
+    return y
+
+
+def rms_norm_oracle(x, scale, axis, epsilon):
+    axes = normalized_axes(axis, x.ndim)
+    y = x / np.sqrt((x**2).mean(axis=axes, keepdims=True) + epsilon)
+    return y if scale is None else y * _expand(scale, axes, x.ndim)

@@ -1,5 +1,6 @@
 """fastlayers.kernels.native: C++ TensorFlow ops built on first use against the
-installed TensorFlow (``build``), and their Python entry points (``attention``)."""
+installed TensorFlow (``build``) into one library, and their Python entry points
+(``attention``, ``normalization``)."""
 
 from fastlayers.kernels.native.attention import (
     NATIVE,

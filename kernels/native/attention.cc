@@ -36,10 +36,7 @@
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/util/work_sharder.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define FASTLAYERS_X86 1
-#endif
+#include "isa.h"
 
 namespace fastlayers {
 
@@ -408,10 +405,8 @@ constexpr Primitives kAvx2 = {"avx2", QkAvx2, SoftmaxAvx2, PvAvx2};
 // The best primitives this CPU runs, or the portable ones when asked (the op's
 // `isa` attribute: tests compare the two).
 const Primitives& ChoosePrimitives(const std::string& isa = "best") {
-  if (isa == "portable") return kPortable;
 #ifdef FASTLAYERS_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+  if (UseAvx2(isa)) return kAvx2;
 #endif
   return kPortable;
 }

@@ -2,9 +2,10 @@
 
 The shared library lives in ``$FASTLAYERS_CACHE_DIR/native/<key>/`` (default
 ``~/.cache/fastlayers``), where ``<key>`` hashes the TensorFlow version, the
-compiler's version, the flags and the source, as ``torch.utils.cpp_extension.load``
+compiler's version, the flags and the sources, as ``torch.utils.cpp_extension.load``
 keys its builds: a new TensorFlow, compiler or source builds anew, anything else
-reuses the library. A build compiles into a temporary directory beside the final one
+reuses the library. Each source compiles to its own object (so a failure names the
+file), then one link makes the library. A build compiles into a temporary directory beside the final one
 and renames it into place, so concurrent processes never load a half-written file.
 
 Environment:
@@ -26,9 +27,12 @@ import tempfile
 import threading
 from pathlib import Path
 
-# The ops' sources, compiled together into one library: the attention forward and
-# the int8 Dense.
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("attention.cc", "dense_int8.cc"))
+# Every op of the library: one source per kernel family, one shared library.
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("attention.cc", "normalization.cc", "dense_int8.cc")
+)
+# What the sources include from beside them: part of the key as the sources are.
+HEADERS = (Path(__file__).with_name("isa.h"),)
 LIBRARY_NAME = "fastlayers_native.so"
 # The flags of the DESIGN's checked build, plus -O3 for the micro-kernels. No -march:
 # the ISA is chosen at run time, per function, so the library runs on any x86-64.
@@ -45,13 +49,16 @@ class BuildError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class BuildPlan:
-    """Everything a build depends on: the command and the directory its key names."""
+    """Everything a build depends on: the commands and the directory its key names.
+
+    ``flags`` compile each source; ``link_flags`` link the objects into the library.
+    """
 
     compiler: str
     compiler_version: str
-    flags: tuple[str, ...]  # compile and link flags
+    flags: tuple[str, ...]
+    link_flags: tuple[str, ...]
     directory: Path
-    link_flags: tuple[str, ...] = ()  # the flags of ``flags`` that only the link takes
 
     @property
     def library(self) -> Path:
@@ -93,10 +100,11 @@ def plan() -> BuildPlan:
     for part in (tf.__version__, version, *flags, "--link", *link):
         digest.update(part.encode())
         digest.update(b"\0")
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
+        digest.update(source.name.encode())
         digest.update(source.read_bytes())
     directory = cache_root() / "native" / digest.hexdigest()[:20]
-    return BuildPlan(compiler, version, flags + link, directory, link)
+    return BuildPlan(compiler, version, flags, link, directory)
 
 
 def _first_error_lines(output: str) -> str:
@@ -119,34 +127,28 @@ def build(build_plan: BuildPlan | None = None) -> Path:
     build_plan.directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=build_plan.directory.parent))
     try:
-        # One object per source, compiled side by side, then one link: a failure
-        # names the source that failed.
-        compile_flags = [flag for flag in build_plan.flags if flag not in build_plan.link_flags]
-        commands, objects = [], []
+        objects, commands = [], []
         for source in SOURCES:
             objects.append(str(staging / f"{source.stem}.o"))
-            commands.append([build_plan.compiler, "-c", str(source), "-o", objects[-1], *compile_flags])
+            commands.append(
+                [build_plan.compiler, "-c", str(source), "-o", objects[-1], *build_plan.flags]
+            )
+        # The sources compile side by side; the first that fails is named.
         running = [
             subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for command in commands
         ]
         outputs = [process.communicate() for process in running]
         for source, process, (stdout, stderr) in zip(SOURCES, running, outputs):
-            if process.returncode != 0:
-                raise BuildError(
-                    f"compiling {source.name} failed (exit {process.returncode}): "
-                    + _first_error_lines(stderr or stdout)
-                )
-        commands.append([build_plan.compiler, *objects, "-o", str(staging / LIBRARY_NAME), *build_plan.flags])
-        result = subprocess.run(commands[-1], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise BuildError(
-                f"linking {LIBRARY_NAME} failed (exit {result.returncode}): "
-                + _first_error_lines(result.stderr or result.stdout)
-            )
+            _check(process.returncode, stdout, stderr, f"compiling {source.name}")
+        commands.append(
+            [build_plan.compiler, *objects, "-o", str(staging / LIBRARY_NAME),
+             *build_plan.flags, *build_plan.link_flags]
+        )
+        _run(commands[-1], f"linking {LIBRARY_NAME}")
         for obj in objects:
             os.remove(obj)
-        (staging / "command.txt").write_text("".join(shlex.join(command) + "\n" for command in commands))
+        (staging / "command.txt").write_text("".join(shlex.join(c) + "\n" for c in commands))
         try:
             os.rename(staging, build_plan.directory)
         except OSError:
@@ -156,6 +158,16 @@ def build(build_plan: BuildPlan | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return build_plan.library
+
+
+def _run(command: list[str], what: str) -> None:
+    result = subprocess.run(command, capture_output=True, text=True)
+    _check(result.returncode, result.stdout, result.stderr, what)
+
+
+def _check(returncode: int, stdout: str, stderr: str, what: str) -> None:
+    if returncode != 0:
+        raise BuildError(f"{what} failed (exit {returncode}): " + _first_error_lines(stderr or stdout))
 
 
 _lock = threading.Lock()

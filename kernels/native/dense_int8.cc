@@ -56,10 +56,7 @@
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/util/work_sharder.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define FASTLAYERS_X86 1
-#endif
+#include "isa.h"
 
 namespace fastlayers {
 namespace int8 {
@@ -263,10 +260,8 @@ constexpr Primitives kAvx2 = {"avx2", MicroAvx2, AbsMaxAvx2, QuantizeAvx2, Epilo
 #endif  // FASTLAYERS_X86
 
 const Primitives& ChoosePrimitives(const std::string& isa = "best") {
-  if (isa == "portable") return kPortable;
 #ifdef FASTLAYERS_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2")) return kAvx2;
+  if (UseAvx2(isa)) return kAvx2;
 #endif
   return kPortable;
 }

@@ -8,10 +8,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import COMPILED, IMPLEMENTATIONS, round_to
+from oracles import layer_norm_oracle, normalized_axes, rms_norm_oracle
 
 from fastlayers import kernels, layers, testing
 from fastlayers.kernels import normalization
 from fastlayers.kernels.precision import tolerance
+
+# The native op normalizes trailing axes: every implementation runs those.
+WITH_NATIVE = IMPLEMENTATIONS + ("native",)
+
+
+def _implementations(axis, rank):
+    trailing = normalized_axes(axis, rank) == tuple(range(rank - len(normalized_axes(axis, rank)), rank))
+    return WITH_NATIVE if trailing else IMPLEMENTATIONS
+
 
 # Every axis form on a [B, T, D] (or [B, H, W, C]) input: the last axis, a middle
 # one, trailing axes, axes that are not neighbours, and negative indices.
@@ -22,36 +32,6 @@ AXES = [
     ([-3, -1], (2, 3, 4, 5)),
     ((1, 3), (2, 3, 4, 5)),
 ]
-
-
-def _positive(axis, rank):
-    return tuple(sorted(a % rank for a in (axis if isinstance(axis, (list, tuple)) else [axis])))
-
-
-def _expand(weight, axes, rank):
-    shape = [1] * rank
-    for a, size in zip(axes, np.shape(weight)):
-        shape[a] = size
-    return np.reshape(weight, shape)
-
-
-def layer_norm_oracle(x, gamma, beta, axis, epsilon, rms_scaling=False):
-    """Keras's formula in float64."""
-    axes = _positive(axis, x.ndim)
-    mean = x.mean(axis=axes, keepdims=True)
-    variance = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
-    y = (x if rms_scaling else x - mean) / np.sqrt(variance + epsilon)
-    if gamma is not None:
-        y = y * _expand(gamma, axes, x.ndim)
-    if beta is not None and not rms_scaling:
-        y = y + _expand(beta, axes, x.ndim)
-    return y
-
-
-def rms_norm_oracle(x, scale, axis, epsilon):
-    axes = _positive(axis, x.ndim)
-    y = x / np.sqrt((x**2).mean(axis=axes, keepdims=True) + epsilon)
-    return y if scale is None else y * _expand(scale, axes, x.ndim)
 
 
 def _layer_norm(axis, epsilon=1e-3, **options):
@@ -86,13 +66,15 @@ def _rms_norm(axis, shape, epsilon=1e-6):
 @pytest.mark.parametrize("axis,shape", AXES, ids=str)
 def test_layer_normalization_matches_numpy_in_every_policy_and_implementation(axis, shape, rng):
     make, oracle = _layer_norm(axis)
-    testing.assert_layer_matches(make, oracle, rng.standard_normal(shape) * 3 + 1)
+    testing.assert_layer_matches(make, oracle, rng.standard_normal(shape) * 3 + 1,
+                                 implementations=_implementations(axis, len(shape)))
 
 
 @pytest.mark.parametrize("axis,shape", AXES, ids=str)
 def test_rms_normalization_matches_numpy_in_every_policy_and_implementation(axis, shape, rng):
     make, oracle = _rms_norm(axis, shape)
-    testing.assert_layer_matches(make, oracle, rng.standard_normal(shape) * 3 + 1)
+    testing.assert_layer_matches(make, oracle, rng.standard_normal(shape) * 3 + 1,
+                                 implementations=_implementations(axis, len(shape)))
 
 
 @pytest.mark.parametrize(
@@ -111,7 +93,8 @@ def test_center_and_scale_off_and_rms_scaling(options, rng):
         ] * (options.get("center", True) and "rms_scaling" not in options)
         assert [w.name for w in layer.weights] == expected_weights
         testing.assert_layer_matches(make, oracle, rng.standard_normal((3, 5, 8)),
-                                     policies=("float32", "mixed_bfloat16"))
+                                     policies=("float32", "mixed_bfloat16"),
+                                     implementations=WITH_NATIVE)
 
 
 @pytest.mark.parametrize("epsilon", [0.0, 0.5, 10.0])
@@ -119,9 +102,11 @@ def test_epsilon_enters_the_denominator(epsilon, rng):
     # A small spread makes epsilon dominate the variance, so a wrong epsilon shows.
     x = rng.standard_normal((4, 16)) * 0.3
     make, oracle = _layer_norm(-1, epsilon=epsilon)
-    testing.assert_layer_matches(make, oracle, x, policies=("float32", "mixed_float16"))
+    testing.assert_layer_matches(make, oracle, x, policies=("float32", "mixed_float16"),
+                                 implementations=WITH_NATIVE)
     make, oracle = _rms_norm(-1, x.shape, epsilon=epsilon)
-    testing.assert_layer_matches(make, oracle, x, policies=("float32", "mixed_float16"))
+    testing.assert_layer_matches(make, oracle, x, policies=("float32", "mixed_float16"),
+                                 implementations=WITH_NATIVE)
 
 
 @pytest.mark.parametrize("axis,shape", AXES[:3] + AXES[4:], ids=str)
@@ -149,7 +134,7 @@ def test_weights_copied_from_kerass_layers_give_kerass_outputs(axis, shape, poli
 
 
 @pytest.mark.parametrize("policy_name", ["mixed_float16", "mixed_bfloat16"])
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", WITH_NATIVE)
 def test_statistics_are_float32_under_mixed_policies(policy_name, implementation):
     # Squares of 300 overflow float16 (max 65504): float16 statistics give inf/0.
     x = np.linspace(-300, 300, 64).reshape(2, 32) + 1000
@@ -181,7 +166,7 @@ def test_variance_does_not_cancel_when_the_mean_is_large(implementation, rng):
 @pytest.mark.parametrize("axis,shape", AXES, ids=str)
 def test_kernels_match_numpy_in_every_dtype(axis, shape, rng):
     x = rng.standard_normal(shape) * 2 - 1
-    axes = _positive(axis, len(shape))
+    axes = normalized_axes(axis, len(shape))
     gamma = rng.uniform(0.5, 2, [shape[a] for a in axes])
     beta = rng.standard_normal([shape[a] for a in axes])
     testing.assert_kernel_matches(
@@ -208,7 +193,7 @@ def test_full_rank_weights_broadcast(rng):
 )
 def test_kernel_gradients_match_the_reference(axis, shape, rng):
     x = rng.standard_normal(shape)
-    axes = _positive(axis, len(shape))
+    axes = normalized_axes(axis, len(shape))
     weight = rng.uniform(0.5, 2, [shape[a] for a in axes])
     testing.assert_kernel_gradients_match_reference(
         lambda x, g, b, implementation: kernels.layer_normalization(
@@ -220,9 +205,11 @@ def test_kernel_gradients_match_the_reference(axis, shape, rng):
 
 def test_layer_gradients_match_the_reference_in_every_policy(rng):
     x = rng.standard_normal((3, 5, 8))
-    testing.assert_gradients_match_reference(_layer_norm([1, 2])[0], x)
+    testing.assert_gradients_match_reference(_layer_norm([1, 2])[0], x,
+                                             implementations=COMPILED + ("native",))
     testing.assert_gradients_match_reference(
-        lambda **kw: layers.RMSNormalization(axis=-1, **kw), x)
+        lambda **kw: layers.RMSNormalization(axis=-1, **kw), x,
+        implementations=COMPILED + ("native",))
 
 
 def test_layer_gradients_match_numpy(rng):
@@ -255,11 +242,11 @@ def _norm_layers(implementation):
 
 
 @pytest.mark.parametrize("shape", EMPTY, ids=str)
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", WITH_NATIVE)
 def test_empty_batch_or_sequence_gives_an_empty_output(shape, implementation):
     x = np.zeros(shape, "float32")
     for layer in _norm_layers(implementation):
-        reference = type(layer).__mro__[1](axis=layer.axis)  # Keras's layer
+        reference = getattr(keras.layers, type(layer).__name__)(axis=layer.axis)
         assert layer(x).shape == reference(x).shape == shape
         assert tf.function(layer)(x).shape == shape
         x_t = tf.constant(x)
@@ -269,7 +256,7 @@ def test_empty_batch_or_sequence_gives_an_empty_output(shape, implementation):
         assert tape.gradient(loss, x_t).shape == shape
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", WITH_NATIVE)
 def test_traced_with_unknown_sizes_then_called_with_zero(implementation):
     layer = layers.LayerNormalization(implementation=implementation)
     rms = layers.RMSNormalization(implementation=implementation)
@@ -290,7 +277,7 @@ def test_traced_with_unknown_sizes_then_called_with_zero(implementation):
     assert run.experimental_get_tracing_count() == 1
 
 
-@pytest.mark.parametrize("implementation", COMPILED)
+@pytest.mark.parametrize("implementation", COMPILED + ("native",))
 def test_kernels_take_an_empty_normalized_axis(implementation):
     # Zero features: nothing to normalize, an empty output (the mean of nothing is NaN
     # but no element holds it), as Keras's ops give.
@@ -302,7 +289,8 @@ def test_kernels_take_an_empty_normalized_axis(implementation):
 def test_round_trip_with_several_axes(rng, tmp_path):
     x = rng.standard_normal((3, 5, 8))
     for layer in [layers.LayerNormalization(axis=[1, 2], center=False, implementation="xla"),
-                  layers.RMSNormalization(axis=[-2, -1], epsilon=1e-4, implementation="graph")]:
+                  layers.RMSNormalization(axis=[-2, -1], epsilon=1e-4, implementation="graph"),
+                  layers.LayerNormalization(axis=[1, 2], implementation="native")]:
         loaded = testing.assert_keras_round_trip(layer, x, tmp_path)
         restored = loaded.layers[-1]
         assert restored.axis == [1, 2] if isinstance(layer, layers.LayerNormalization) else True
