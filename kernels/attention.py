@@ -234,6 +234,8 @@ def _kept_variant(first, shapes, is_causal, sliding_window):
     block_q = max(1, min(DEFAULT_BLOCK_SIZES.block_q, t_len))
     if sliding_window is not None or (is_causal and block_q < t_len):
         return None
+    if kept_bytes(query_shape[0], query_shape[2], block_q, s_len) > tile_budget_bytes():
+        return None
     return dataclasses.replace(first, block_q=block_q, block_k=s_len, keep_probabilities=True)
 
 
@@ -327,6 +329,8 @@ def _variants(
     if s_len and batch_heads is not None and t_len and fits_keep_budget(query_shape[0], query_shape[2], t_len, s_len):
         for block_q in sorted({min(t_len, DEFAULT_BLOCK_SIZES.block_q), t_len}):
             variant = AttentionVariant(block_q, s_len, False, first.native_operands, keep_probabilities=True)
+            if 4 * batch_heads * block_q * s_len > budget:
+                continue
             if runs_as(variant) not in seen:
                 seen.add(runs_as(variant))
                 found.append(variant)
