@@ -18,7 +18,9 @@ sum per query row, in float32), so no ``T·S`` tensor is ever held whole; causal
 above the diagonal, and blocks wholly outside a sliding window's band, are never
 computed. With T or S zero it walks one block of padding, so its loops keep one shape. Its gradient (``tf.custom_gradient``) recomputes
 the blocks from the saved per-row logsumexp, so the backward pass is linear in ``T``
-too. Where TensorFlow runs on oneDNN, the graph path instead softmaxes each tile with
+too, unless the variant keeps the probabilities (``keep_probabilities``: whole score
+rows, kept from the forward for the backward, as Keras's layer does) and they fit
+``keep_budget_bytes()``. Where TensorFlow runs on oneDNN, the graph path instead softmaxes each tile with
 oneDNN's one-pass kernel and merges tiles by logsumexp, or, when every key fits in one
 tile, takes each row's whole softmax at once (``AttentionVariant``).
 """
@@ -33,6 +35,7 @@ import os
 import tensorflow as tf
 from fastlayers.kernels import dispatch
 from fastlayers.kernels import flops as flops_lib
+from fastlayers.kernels import platform as platform_lib
 from fastlayers.kernels.auto import AUTO
 from fastlayers.kernels.native import attention as native_attention
 from fastlayers.kernels.validation import check_floating, check_same_dtype
@@ -92,14 +95,46 @@ TILE_BUDGET_ENV = "FASTLAYERS_ATTENTION_TILE_MIB"
 DEFAULT_TILE_BUDGET_BYTES = 32 * ONEDNN_BLOCK_SIZES.block_q * ONEDNN_BLOCK_SIZES.block_k * 4
 
 
+KEEP_BUDGET_ENV = "FASTLAYERS_ATTENTION_KEEP_MIB"
+# The probabilities one call may keep from its forward for its backward (float32,
+# ``B·N·T·S·4`` bytes): as much as the score tile may hold.
+DEFAULT_KEEP_BUDGET_BYTES = DEFAULT_TILE_BUDGET_BYTES
+
+
+def _budget_from_env(name, default):
+    try:
+        mib = float(os.environ.get(name, ""))
+    except ValueError:
+        return default
+    return int(mib * 2**20) if mib > 0 else default
+
+
 def tile_budget_bytes() -> int:
     """The score tile's memory budget: ``FASTLAYERS_ATTENTION_TILE_MIB`` MiB if set
     (a positive number), else ``DEFAULT_TILE_BUDGET_BYTES``."""
-    try:
-        mib = float(os.environ.get(TILE_BUDGET_ENV, ""))
-    except ValueError:
-        return DEFAULT_TILE_BUDGET_BYTES
-    return int(mib * 2**20) if mib > 0 else DEFAULT_TILE_BUDGET_BYTES
+    return _budget_from_env(TILE_BUDGET_ENV, DEFAULT_TILE_BUDGET_BYTES)
+
+
+def keep_budget_bytes() -> int:
+    """The memory a call may spend keeping its probabilities for the backward
+    (``AttentionVariant.keep_probabilities``): ``FASTLAYERS_ATTENTION_KEEP_MIB`` MiB
+    if set (a positive number), else ``DEFAULT_KEEP_BUDGET_BYTES`` (128 MiB). The
+    probabilities of a call take ``B·N·T·S·4`` bytes (T and S padded to whole
+    blocks); a call over the budget recomputes them, in memory linear in T and S."""
+    return _budget_from_env(KEEP_BUDGET_ENV, DEFAULT_KEEP_BUDGET_BYTES)
+
+
+def kept_bytes(batch, heads, t_len, s_len) -> int:
+    """The bytes of the float32 probabilities ``[B, N, T, S]`` a call would keep."""
+    return 4 * batch * heads * t_len * s_len
+
+
+def fits_keep_budget(batch, heads, t_len, s_len) -> bool:
+    """Whether a call with these static sizes may keep its probabilities (False
+    when any is unknown: the budget cannot be checked)."""
+    if None in (batch, heads, t_len, s_len):
+        return False
+    return kept_bytes(batch, heads, t_len, s_len) <= keep_budget_bytes()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,17 +151,25 @@ class AttentionVariant:
         native_operands: matmul operands stay in the input's half-precision dtype
             (where the platform's products accumulate in float32 natively) instead
             of being cast to float32.
+        keep_probabilities: with every key in one block (``block_k`` at least
+            ``S``), take each row's whole softmax at once and keep the
+            probabilities from the forward for the backward, which then uses them
+            instead of recomputing the scores (one product and the softmax fewer per
+            tile, as Keras's layer). Only where they fit ``keep_budget_bytes()``
+            with static sizes; otherwise the call runs as without the flag.
     """
 
     block_q: int = DEFAULT_BLOCK_SIZES.block_q
     block_k: int = DEFAULT_BLOCK_SIZES.block_k
     fused_softmax: bool = False
     native_operands: bool = False
+    keep_probabilities: bool = False
 
     @property
     def label(self) -> str:
         algorithm = " fused" if self.fused_softmax else ""
-        return f"{self.block_q}x{self.block_k}{algorithm}{' native' if self.native_operands else ''}"
+        kept = " keep" if self.keep_probabilities else ""
+        return f"{self.block_q}x{self.block_k}{algorithm}{' native' if self.native_operands else ''}{kept}"
 
     @property
     def block_sizes(self) -> BlockSizes:
@@ -177,6 +220,25 @@ NATIVE_BLOCK_SIZES = BlockSizes(block_q=64, block_k=512)
 NATIVE_TUNED_BLOCK_SIZES = ((32, 512), (128, 256), (64, 1024))
 
 
+def _kept_variant(first, shapes, is_causal, sliding_window):
+    """``first`` as whole rows keeping their probabilities, or None where that does
+    not fit the keep budget (or sizes are unknown when traced) or loses the blocks a
+    causal mask or a window skips (more than one query block)."""
+    query_shape = shapes[0] if shapes else None
+    key_shape = shapes[1] if len(shapes) > 1 else None
+    if query_shape is None or key_shape is None:
+        return None
+    t_len, s_len = query_shape[1], key_shape[1]
+    if not fits_keep_budget(query_shape[0], query_shape[2], t_len, s_len) or not s_len:
+        return None
+    block_q = max(1, min(DEFAULT_BLOCK_SIZES.block_q, t_len))
+    if sliding_window is not None or (is_causal and block_q < t_len):
+        return None
+    if kept_bytes(query_shape[0], query_shape[2], block_q, s_len) > tile_budget_bytes():
+        return None
+    return dataclasses.replace(first, block_q=block_q, block_k=s_len, keep_probabilities=True)
+
+
 def _default_variant(
     implementation, *, platform, dtype, shapes, is_causal=False, sliding_window=None, block_sizes=None, **_
 ):
@@ -185,11 +247,16 @@ def _default_variant(
     if implementation == dispatch.NATIVE:
         return block_sizes or NATIVE_BLOCK_SIZES
     # A window skips blocks as a causal mask does: small tiles skip more.
-    return default_variant(
+    first = default_variant(
         implementation, platform, dtype, is_causal=is_causal or sliding_window is not None,
         batch_heads=_batch_heads(shapes),
         block_sizes=block_sizes,
     )
+    if block_sizes is None and platform_lib.gradient_recording():
+        # A training step: the backward reads the probabilities instead of one more
+        # product and softmax per tile, where they fit the budget.
+        return _kept_variant(first, shapes, is_causal, sliding_window) or first
+    return first
 
 
 def _native_variants(shapes, block_sizes):
@@ -246,7 +313,7 @@ def _variants(
     def runs_as(variant):  # tiles beyond T or S run as tiles of T or S (_Plan)
         q = variant.block_q if t_len is None else min(variant.block_q, t_len)
         k = variant.block_k if s_len is None else min(variant.block_k, s_len)
-        return q, k, variant.fused_softmax, variant.native_operands
+        return q, k, variant.fused_softmax, variant.native_operands, variant.keep_probabilities
 
     found, seen = [first], {runs_as(first)}
     for fused in (first.fused_softmax, not first.fused_softmax) if implementation == "graph" else (False,):
@@ -254,6 +321,16 @@ def _variants(
             if batch_heads is not None and 4 * batch_heads * block_q * block_k > budget:
                 continue
             variant = AttentionVariant(block_q, block_k, fused, first.native_operands)
+            if runs_as(variant) not in seen:
+                seen.add(runs_as(variant))
+                found.append(variant)
+    # Whole rows that keep their probabilities for the backward, within the keep
+    # budget: a candidate wherever they fit, causal or not (the tuner times them).
+    if s_len and batch_heads is not None and t_len and fits_keep_budget(query_shape[0], query_shape[2], t_len, s_len):
+        for block_q in sorted({min(t_len, DEFAULT_BLOCK_SIZES.block_q), t_len}):
+            variant = AttentionVariant(block_q, s_len, False, first.native_operands, keep_probabilities=True)
+            if 4 * batch_heads * block_q * s_len > budget:
+                continue
             if runs_as(variant) not in seen:
                 seen.add(runs_as(variant))
                 found.append(variant)
@@ -542,9 +619,19 @@ class _Plan:
         self.num_k = _at_least_one((self.s_len + self.block_k - 1) // self.block_k)
         # Every key in one block (S static and at most block_k): with the fused softmax,
         # a tile's softmax is its rows' whole softmax, with no logsumexp to merge or save.
-        self.whole_rows = tiles.fused_softmax and isinstance(self.num_k, int) and self.num_k == 1
+        self.whole_rows = (
+            (tiles.fused_softmax or tiles.keep_probabilities) and isinstance(self.num_k, int) and self.num_k == 1
+        )
         self.t_pad = self.num_q * self.block_q
         self.s_pad = self.num_k * self.block_k
+        # The forward keeps the whole rows' probabilities for the backward only within
+        # the budget, checked on static sizes: above it memory stays linear.
+        self.keep = (
+            tiles.keep_probabilities
+            and self.whole_rows
+            and isinstance(self.t_pad, int)
+            and fits_keep_budget(query.shape[0], query.shape[2], self.t_pad, self.s_pad)
+        )
         self.pads_queries = static_t is None or static_t != self.t_pad
         self.pads_keys = static_s is None or static_s != self.s_pad
         self.is_causal = is_causal
@@ -715,9 +802,10 @@ def _attention_forward(plan, q_blocks, k_blocks, v_blocks, bias):
     """Blockwise forward on the block-major operands: ``q_blocks`` (scaled) from
     ``_query_blocks``, ``k_blocks``/``v_blocks`` from ``_key_blocks``.
 
-    Returns the output ``[B, T_pad, K, G, D]`` and the per-row logsumexp by query
+    Returns the output ``[B, T_pad, K, G, D]``, the per-row logsumexp by query
     block, ``[num_q, B, K, G, block_q]`` (None with ``plan.whole_rows``: the gradient
-    recomputes the softmax itself). Every product is a plain batched matmul over
+    recomputes the softmax itself), and with ``plan.keep`` the probabilities by
+    query block, ``[num_q, B, K, G, block_q, S_pad]``, zero where masked (else None). Every product is a plain batched matmul over
     ``(B, K)`` with one contracted axis (query tiles as ``[B, K, G·block_q, H]``):
     XLA's CPU dot emitter hands those to its fast GEMM.
     """
@@ -726,7 +814,7 @@ def _attention_forward(plan, q_blocks, k_blocks, v_blocks, bias):
     floor = mask_value(acc)
     value_dim = v_blocks.shape[-1]
 
-    def query_block(i, outputs, logsumexps):
+    def query_block(i, outputs, logsumexps, kept):
         q_i = q_blocks[i]  # [B, K, G·block_q, H]
         stat_shape = tf.concat([[batch], [plan.kv_heads, plan.groups, plan.block_q]], axis=0)
 
@@ -771,10 +859,19 @@ def _attention_forward(plan, q_blocks, k_blocks, v_blocks, bias):
             # operand dtype for p·V anyway.
             s = tf.matmul(q_i, k_blocks[0], transpose_b=True)
             s, valid = plan.mask_scores(_tile_5d(plan, s if bias is None else tf.cast(s, acc)), bias, i, 0)
-            out = weighted_values(tf.nn.softmax(s), 0)
-            if valid is not None:  # rows that see no key: zeros, not a mean of the values
-                out = tf.where(tf.reduce_any(valid, axis=-1, keepdims=True), out, tf.zeros([], acc))
-            return i + 1, outputs.write(i, tf.transpose(out, [0, 3, 1, 2, 4])), logsumexps
+            p = tf.nn.softmax(s)
+            if plan.keep:
+                # Zero where masked: rows that see no key weigh nothing, here and in
+                # the backward, which then needs no mask.
+                if valid is not None:
+                    p = tf.where(valid, p, tf.zeros([], p.dtype))
+                out = weighted_values(p, 0)
+                kept = kept.write(i, p)
+            else:
+                out = weighted_values(p, 0)
+                if valid is not None:  # rows that see no key: zeros, not a mean of the values
+                    out = tf.where(tf.reduce_any(valid, axis=-1, keepdims=True), out, tf.zeros([], acc))
+            return i + 1, outputs.write(i, tf.transpose(out, [0, 3, 1, 2, 4])), logsumexps, kept
 
         zero_out = tf.zeros(tf.concat([stat_shape, [value_dim]], axis=0), acc)
         floors = tf.fill(stat_shape, tf.constant(floor, acc))
@@ -798,15 +895,23 @@ def _attention_forward(plan, q_blocks, k_blocks, v_blocks, bias):
             lse = peak + tf.math.log(safe_total)
         outputs = outputs.write(i, tf.transpose(out, [0, 3, 1, 2, 4]))  # [B, block_q, K, G, D]
         logsumexps = logsumexps.write(i, lse)
-        return i + 1, outputs, logsumexps
+        return i + 1, outputs, logsumexps, kept
 
-    _, outputs, logsumexps = tf.while_loop(
+    # The kept probabilities' dtype: the scores' (float32, or the operand dtype where
+    # whole rows skip the cast, without a bias).
+    kept_dtype = plan.operand if bias is None else acc
+    _, outputs, logsumexps, kept = tf.while_loop(
         lambda i, *_: i < plan.num_q,
         query_block,
         (
             tf.constant(0),
             tf.TensorArray(acc, size=plan.num_q, element_shape=[static_batch, plan.block_q, plan.kv_heads, plan.groups, value_dim]),
             tf.TensorArray(acc, size=plan.num_q, element_shape=[static_batch, plan.kv_heads, plan.groups, plan.block_q]),
+            tf.TensorArray(
+                kept_dtype,
+                size=plan.num_q if plan.keep else 0,
+                element_shape=[static_batch, plan.kv_heads, plan.groups, plan.block_q, plan.block_k],
+            ),
         ),
         maximum_iterations=plan.num_q,
         # Graph mode would otherwise run up to 10 query blocks at once, each with its
@@ -817,7 +922,7 @@ def _attention_forward(plan, q_blocks, k_blocks, v_blocks, bias):
     if out.shape[1] != 1:  # with one sequence the transpose only moves a unit axis
         out = tf.transpose(out, [1, 0, 2, 3, 4, 5])
     out = tf.reshape(out, [batch, plan.t_pad, plan.kv_heads, plan.groups, value_dim])
-    return out, None if plan.whole_rows else logsumexps.stack()
+    return out, None if plan.whole_rows else logsumexps.stack(), kept.stack() if plan.keep else None
 
 
 def _reduce_to(x, shape):
@@ -849,8 +954,9 @@ def _key_major(x):
     return tf.transpose(x, [0, 1, 4, 2, 3])
 
 
-def _attention_backward(plan, q_blocks, k_blocks, v_blocks, bias, out, lse, d_out):
-    """Blockwise gradients, recomputing each score tile from the saved logsumexp.
+def _attention_backward(plan, q_blocks, k_blocks, v_blocks, bias, out, lse, kept, d_out):
+    """Blockwise gradients, recomputing each score tile from the saved logsumexp, or
+    with ``plan.keep`` reading it from ``kept`` (the forward's probabilities).
 
     ``q_blocks``, ``k_blocks``, ``v_blocks``: the forward's block-major operands
     (``q`` scaled, in ``plan.operand``: products accumulate in float32 and every
@@ -913,7 +1019,9 @@ def _attention_backward(plan, q_blocks, k_blocks, v_blocks, bias, out, lse, d_ou
 
         def query_block(i, d_k, d_v, d_q, d_bias):
             q_i, do_i = q_blocks[i], do_blocks[i]  # [B, K, G·block_q, H|D]
-            if plan.whole_rows:
+            if plan.keep:
+                p, valid = _key_major(tf.cast(kept[i], acc)), None  # zero where masked
+            elif plan.whole_rows:
                 s = _tile_5d(plan, matmul(q_i, k_j, transpose_b=True))
                 s, valid = plan.mask_scores(s, bias, i, j)
                 p = _key_major(tf.nn.softmax(s))
@@ -1055,11 +1163,11 @@ def dot_product_attention_compiled(
         bias5 = plan.bias5(maybe_bias[0]) if maybe_bias else None
         # Block-major copies, made once: the gradient reuses them.
         blocks = _query_blocks(plan, q), _key_blocks(plan, k), _key_blocks(plan, v)
-        out, lse = _attention_forward(plan, *blocks, bias5)
+        out, lse, kept = _attention_forward(plan, *blocks, bias5)
 
         def grad(d_output):
             d_out = plan.pad_sequence(split(tf.cast(d_output, acc)), queries=True)
-            d_q, d_k, d_v, d_bias = _attention_backward(plan, *blocks, bias5, out, lse, d_out)
+            d_q, d_k, d_v, d_bias = _attention_backward(plan, *blocks, bias5, out, lse, kept, d_out)
             if plan.pads_keys:
                 d_k, d_v = d_k[:, : plan.s_len], d_v[:, : plan.s_len]
             grads = [

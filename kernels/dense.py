@@ -13,6 +13,7 @@ import numbers
 import tensorflow as tf
 from fastlayers.kernels import dispatch
 from fastlayers.kernels import flops as flops_lib
+from fastlayers.kernels import platform as platform_lib
 from fastlayers.kernels.auto import AUTO
 from fastlayers.kernels.native import dense_int8 as native_dense_int8
 from fastlayers.kernels.precision import LOW_PRECISION_DTYPES, accumulation_dtype
@@ -142,8 +143,13 @@ def _work(x, kernel, bias=None, lora_a=None, lora_b=None, **options):
     return work
 
 
+def _auto_row(**_):
+    # A training step's choice differs from a forward call's (kernels/auto.py).
+    return "training" if platform_lib.gradient_recording() else None
+
+
 DENSE = dispatch.Kernel(
-    "dense", dense_reference, dense_compiled, auto=AUTO["dense"], work=_work
+    "dense", dense_reference, dense_compiled, auto=AUTO["dense"], work=_work, auto_row=_auto_row
 )
 
 

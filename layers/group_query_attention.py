@@ -47,6 +47,26 @@ def attention_mask_4d(mask):
     return mask
 
 
+def attend(layer, query, key, value, mask, *, rate, scale, training, is_causal, sliding_window):
+    """The attention layers' kernel call: ``kernels.dot_product_attention`` with
+    the layer's implementation, and in training dropout at ``rate`` seeded from
+    the layer's dropout seed generator (a new seed per call)."""
+    rate = rate if training else 0.0
+    seed = layer._dropout_layer.seed_generator.next() if rate > 0.0 else None
+    return kernels.dot_product_attention(
+        query,
+        key,
+        value,
+        mask=mask,
+        scale=scale,
+        is_causal=bool(is_causal),
+        sliding_window=sliding_window,
+        dropout_rate=rate,
+        seed=seed,
+        implementation=layer.implementation,
+    )
+
+
 @register
 class GroupQueryAttention(ImplementationArgument, keras.layers.GroupQueryAttention):
     """Grouped-query attention with memory linear in the sequence length.
@@ -133,19 +153,9 @@ class GroupQueryAttention(ImplementationArgument, keras.layers.GroupQueryAttenti
         query = self._query_dense(query)  # [B, T, N, H]
         key = self._key_dense(key)  # [B, S, K, H]
         value = self._value_dense(value)  # [B, S, K, H]
-        rate = self.dropout if training else 0.0
-        seed = self._dropout_layer.seed_generator.next() if rate > 0.0 else None
-        output = kernels.dot_product_attention(
-            query,
-            key,
-            value,
-            mask=mask,
-            scale=self._inverse_sqrt_head_dim,
-            is_causal=bool(use_causal_mask),
-            sliding_window=self.sliding_window,
-            dropout_rate=rate,
-            seed=seed,
-            implementation=self.implementation,
+        output = attend(
+            self, query, key, value, mask, rate=self.dropout, scale=self._inverse_sqrt_head_dim,
+            training=training, is_causal=use_causal_mask, sliding_window=self.sliding_window,
         )
         if self.use_gate:
             output = ops.multiply(output, gate)

@@ -8,10 +8,9 @@ import types
 import keras
 from keras.src import backend as keras_backend
 
-from fastlayers import kernels
 from fastlayers.layers import einsum_dense
 from fastlayers.layers.base import ImplementationArgument, register
-from fastlayers.layers.group_query_attention import check_attention_call
+from fastlayers.layers.group_query_attention import attend, attention_mask_4d, check_attention_call
 
 
 @register
@@ -160,27 +159,13 @@ class MultiHeadAttention(ImplementationArgument, keras.layers.MultiHeadAttention
                 return_attention_scores,
                 use_causal_mask=use_causal_mask,
             )
-        mask = None
-        if attention_mask is not None:
-            # [T, S], [B, T, S] or [B, N, T, S], as Keras accepts it: the missing axes
-            # are the leading ones of [B, N], so [T, S] is one mask for every batch
-            # element and head, and [B, T, S] one for every head.
-            mask = keras.ops.cast(attention_mask, "bool")
-            while len(mask.shape) < 4:
-                mask = keras.ops.expand_dims(mask, axis=-3)
-        rate = self._dropout if training else 0.0
-        seed = self._dropout_layer.seed_generator.next() if rate > 0.0 else None
-        output = kernels.dot_product_attention(
-            query,
-            key,
-            value,
-            mask=mask,
-            scale=self._inverse_sqrt_key_dim,
-            is_causal=use_causal_mask,
-            sliding_window=sliding_window,
-            dropout_rate=rate,
-            seed=seed,
-            implementation=self.implementation,
+        # [T, S], [B, T, S] or [B, N, T, S], as Keras accepts it: the missing axes are
+        # the leading ones of [B, N], so [T, S] is one mask for every batch element and
+        # head, and [B, T, S] one for every head.
+        mask = None if attention_mask is None else attention_mask_4d(attention_mask)
+        output = attend(
+            self, query, key, value, mask, rate=self._dropout, scale=self._inverse_sqrt_key_dim,
+            training=training, is_causal=use_causal_mask, sliding_window=sliding_window,
         )
         return output, None
 

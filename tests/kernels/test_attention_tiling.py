@@ -184,7 +184,8 @@ def test_the_tuners_variants_fit_the_budget_and_differ_in_what_runs(monkeypatch)
                                   seed=None, **options)
 
     assert variants("reference", 64, 64) == (None,)
-    assert variants("xla", 64, 64) == (AttentionVariant(),)  # every tile runs as 64x64
+    # Every tile runs as 64x64; then whole rows keeping their probabilities.
+    assert variants("xla", 64, 64) == (AttentionVariant(), AttentionVariant(64, 64, keep_probabilities=True))
     long = variants("graph", 2048, 2048)
     assert long[0] == attention.default_variant("graph", "cpu-onednn", tf.float32, batch_heads=32)
     assert {v.fused_softmax for v in long} == {True, False}

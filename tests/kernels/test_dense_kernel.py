@@ -346,3 +346,16 @@ def test_int8_bad_shapes(x_shape, k_shape, scale_shape, error, message):
 def test_int8_kernel_of_another_dtype_is_refused():
     with pytest.raises(TypeError, match=r"`kernel_q` must be an int8 tensor. Received: kernel_q.dtype=float32"):
         kernels.dense_int8(np.ones((3, 4), "float32"), np.ones((4, 5), "float32"), np.ones(5, "float32"))
+
+
+def test_auto_trains_with_the_inlined_graph_path_where_forward_calls_take_xla():
+    """On Eigen CPUs a forward call takes XLA's dot; a training step (a gradient tape
+    recording) the graph path, inlined into the step (kernels/auto.py says why)."""
+    from fastlayers.kernels.dense import DENSE
+
+    forward = DENSE.table_selection(platform="cpu", dtype=tf.float32)
+    with tf.GradientTape():
+        training = DENSE.table_selection(platform="cpu", dtype=tf.float32)
+        onednn = DENSE.table_selection(platform="cpu-onednn", dtype=tf.float32)
+    assert (forward.implementation, training.implementation) == ("xla", "graph")
+    assert onednn.implementation == DENSE.auto[("cpu-onednn", "*")][0]
