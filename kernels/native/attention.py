@@ -164,57 +164,52 @@ def dot_product_attention_native(
     mask_in = tf.zeros([0, 0, 0, 0], tf.bool) if mask is None else mask
 
     def forward(q, k, v, b):
-        out, _ = library.fastlayers_attention_forward(q, k, v, b, mask_in, seed_words, **options)
-        return out
+        return library.fastlayers_attention_forward(q, k, v, b, mask_in, seed_words, **options)
 
-    platform, batch, heads = dispatch.platform_of(query), query.shape[0], query.shape[2]
-    xla_variant = attention_lib.default_variant(
-        "xla", platform, query.dtype, is_causal=bool(is_causal),
-        batch_heads=None if batch is None or heads is None else batch * heads,
-    )
-    recompute = dict(
-        mask=mask,
-        seed=seed,
-        scale=float(scale),
-        is_causal=bool(is_causal),
-        dropout_rate=float(dropout_rate),
-        selection=dispatch.Selection("xla", xla_variant, "explicit", platform, query.dtype.name),
-        layout=attention_lib.static_layout(query, key, value, bias, mask, lengths=True),
-    )
+    backward_blocks = attention_lib.NATIVE_BACKWARD_BLOCK_SIZES
+    backward_options = dict(options, block_q=backward_blocks.block_q, block_k=backward_blocks.block_k)
+
+    def backward(q, k, v, b, out, lse, d_out):
+        return library.fastlayers_attention_backward(
+            q, k, v, b, mask_in, seed_words, out, lse, d_out, **backward_options
+        )
+
     no_bias = tf.zeros([0, 0, 0, 0], tf.float32)
 
     if bias is None:
 
         @tf.custom_gradient
         def attend(q, k, v):
-            def grad(d_out):
-                return _compiled_gradient((q, k, v), d_out, **recompute)
+            out, lse = forward(q, k, v, no_bias)
 
-            return forward(q, k, v, no_bias), grad
+            def grad(d_out):
+                d_q, d_k, d_v, _ = backward(q, k, v, no_bias, out, lse, d_out)
+                return d_q, d_k, d_v
+
+            return out, grad
 
         return attend(query, key, value)
 
     @tf.custom_gradient
     def attend_with_bias(q, k, v, b):
-        def grad(d_out):
-            return _compiled_gradient((q, k, v, b), d_out, **recompute)
+        b32 = tf.cast(b, tf.float32)
+        out, lse = forward(q, k, v, b32)
 
-        return forward(q, k, v, tf.cast(b, tf.float32)), grad
+        def grad(d_out):
+            d_q, d_k, d_v, d_b = backward(q, k, v, b32, out, lse, d_out)
+            return d_q, d_k, d_v, tf.cast(d_b, b.dtype)
+
+        return out, grad
 
     return attend_with_bias(query, key, value, bias)
 
 
-@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-def _compiled_gradient(inputs, d_out, *, mask, seed, **options):
-    """The gradient at ``inputs`` (q, k, v and maybe bias) against ``d_out`` by the
-    compiled algorithm under XLA: its forward again, then its backward, which
-    recomputes the blocks from its own logsumexp."""
-    from fastlayers.kernels import attention as attention_lib
-
-    with tf.GradientTape() as tape:
-        tape.watch(inputs)
-        q, k, v, *bias = inputs
-        out = attention_lib.dot_product_attention_compiled(
-            q, k, v, bias[0] if bias else None, mask, seed=seed, **options
-        )
-    return tape.gradient(out, inputs, output_gradients=d_out)
+@tf.RegisterGradient("FastlayersAttentionBackward")
+def _second_order(op, *grads):
+    """The native backward has no gradient of its own: say so, and what does."""
+    del grads
+    raise NotImplementedError(
+        "implementation='native' of dot_product_attention has no second-order gradient "
+        f"(the gradient of its gradient, op {op.name!r}). Pass implementation='xla' or "
+        "'graph' to differentiate the attention twice."
+    )
