@@ -1,4 +1,6 @@
-// Blockwise scaled dot-product attention forward on CPU, one pass per query block.
+// Blockwise scaled dot-product attention on CPU: the forward, one pass per query
+// block, and its backward (AttentionBackwardOp, below), which recomputes each block's
+// probabilities from the forward's logsumexp.
 //
 // Shape letters: B batch, T query length, S key length, N query heads, K key/value
 // heads (K divides N), G = N / K, H query/key head dim, D value head dim.
@@ -18,7 +20,7 @@
 // into a float32 accumulator rescaled by the running max. Causal key blocks wholly
 // above the diagonal are never visited.
 //
-// ISA dispatch: the three primitives below come as a portable version and an
+// ISA dispatch: the primitives below come as a portable version and an
 // AVX2+FMA one (compiled with a per-function target, chosen at run time from what
 // the CPU reports). AVX-512 or AMX variants would be one more Primitives table and
 // one more test in ChoosePrimitives; none ships because none can be run here.

@@ -4,16 +4,16 @@ Shape letters as in ``fastlayers.kernels.attention``: ``query [B, T, N, H]``,
 ``key [B, S, K, H]``, ``value [B, S, K, D]``, rank-4 ``bias``/``mask`` broadcasting
 to ``[B, N, T, S]``.
 
-The op computes the forward in one blockwise pass and returns the per-row
-logsumexp beside the output. Its gradient recomputes the compiled algorithm's
-forward and backward under XLA (``dot_product_attention_compiled``), so training
-through it is exactly as correct as training through ``"xla"``; a native backward
-from the saved logsumexp would save that recomputation.
+The forward op computes the output in one blockwise pass and returns the per-row
+logsumexp beside it; the backward op recomputes each block's probabilities from
+that logsumexp and returns dq, dk, dv and the bias gradient (``attention.cc``), so
+training through it never holds a ``[T, S]`` tensor either. It has no second-order
+gradient: differentiating its gradient raises, naming the paths that have one.
 
 Dispatch runs it as ``NATIVE`` (``Kernel(native=...)``): its tiles come in the
-call's ``Selection`` (a ``BlockSizes`` variant); dispatch refuses it inside an XLA
-cluster and asks ``not_built_reason`` whether the op builds; the auto table passes
-it over while a gradient tape records (``auto_while_training``).
+call's ``Selection`` (a ``BlockSizes`` variant; the backward takes
+``kernels.attention.NATIVE_BACKWARD_BLOCK_SIZES``); dispatch refuses it inside an
+XLA cluster and asks ``not_built_reason`` whether the op builds.
 """
 
 from __future__ import annotations
@@ -101,12 +101,11 @@ class NativeAttention:
     it: ``dot_product_attention_native`` with the tiles of the call's ``Selection``.
 
     Attributes:
-        auto_while_training: False: while a gradient tape records, the auto table
-            takes the compiled paths, since this op's gradient recomputes the
-            compiled forward first. An explicit request runs it there.
+        auto_while_training: True: the op's gradient is the native backward, so the
+            auto table takes it while a gradient tape records too.
     """
 
-    auto_while_training = False
+    auto_while_training = True
 
     def __call__(self, query, key, value, bias=None, mask=None, *, selection, sliding_window=None, **options):
         # A window is one of the kernel's not_supported_reasons for this op: never here.
@@ -139,10 +138,11 @@ def dot_product_attention_native(
     """The native forward, with the semantics of ``dot_product_attention_compiled``
     (``bias`` and ``mask`` rank 4).
 
-    ``block_sizes`` (a ``BlockSizes``) sets the op's tiles (key blocks round up to
-    16 columns); None takes ``kernels.attention.NATIVE_BLOCK_SIZES``. The op takes
-    its shapes as they come; the gradient's XLA recomputation makes its own layout
-    and takes the XLA path's default tiles.
+    ``block_sizes`` (a ``BlockSizes``) sets the forward's tiles (key blocks round up
+    to 16 columns); None takes ``kernels.attention.NATIVE_BLOCK_SIZES``. The gradient
+    is the native backward, with ``NATIVE_BACKWARD_BLOCK_SIZES``: the gradients of
+    ``query``, ``key``, ``value`` and ``bias`` (summed over the bias's broadcast axes,
+    in the bias's dtype).
     """
     library = load_library()
     from fastlayers.kernels import attention as attention_lib
