@@ -908,9 +908,8 @@ FASTLAYERS_REGISTER(Eigen::bfloat16);
 // A bias gradient sums dS over the bias's broadcast axes, so items whose batch or
 // head the bias broadcasts over add into the same elements. They go to different
 // slots (float32 copies of d_bias, summed in slot order at the end) or, past
-// kBiasSlotBytes of slots, run one after another in one work unit; either way the
-// order of every sum is fixed, and threads change no bit of any gradient.
-constexpr int64_t kBiasSlotBytes = int64_t{128} << 20;
+// `bias_slot_bytes` of slots, run one after another in one work unit; either way
+// the order of every sum is fixed, and threads change no bit of any gradient.
 
 REGISTER_OP("FastlayersAttentionBackward")
     .Input("query: T")
@@ -935,6 +934,7 @@ REGISTER_OP("FastlayersAttentionBackward")
     .Attr("has_mask: bool = false")
     .Attr("block_q: int = 64")
     .Attr("block_k: int = 128")
+    .Attr("bias_slot_bytes: int = 134217728")
     .Attr("isa: {'best', 'portable'} = 'best'")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       for (int i = 0; i < 4; ++i) c->set_output(i, c->input(i));
@@ -956,6 +956,7 @@ class AttentionBackwardOp : public OpKernel {
     OP_REQUIRES_OK(context, context->GetAttr("has_mask", &has_mask_));
     OP_REQUIRES_OK(context, context->GetAttr("block_q", &block_q_));
     OP_REQUIRES_OK(context, context->GetAttr("block_k", &block_k_));
+    OP_REQUIRES_OK(context, context->GetAttr("bias_slot_bytes", &bias_slot_bytes_));
     OP_REQUIRES(context, dropout_rate_ >= 0.0f && dropout_rate_ < 1.0f,
                 errors::InvalidArgument("dropout_rate must be in [0, 1). Received: dropout_rate=",
                                         dropout_rate_));
@@ -1059,7 +1060,7 @@ class AttentionBackwardOp : public OpKernel {
     const int64_t colliding = (shared_b ? B : 1) * (shared_k ? K : 1);
     const int64_t apart = B * K / colliding;
     const int64_t slots =
-        std::clamp<int64_t>(kBiasSlotBytes / std::max<int64_t>(1, bias_elems * 4), 1, colliding);
+        std::clamp<int64_t>(bias_slot_bytes_ / std::max<int64_t>(1, bias_elems * 4), 1, colliding);
     Tensor extra_slots;
     OP_REQUIRES_OK(context, context->allocate_temp(tensorflow::DT_FLOAT, TensorShape({(slots - 1) * bias_elems}),
                                                    &extra_slots));
@@ -1216,6 +1217,7 @@ class AttentionBackwardOp : public OpKernel {
   bool has_mask_;
   int64_t block_q_;
   int64_t block_k_;
+  int64_t bias_slot_bytes_;
 };
 
 #define FASTLAYERS_REGISTER(type)                                                                      \

@@ -207,9 +207,9 @@ def dot_product_attention_native(
 @tf.RegisterGradient("FastlayersAttentionBackward")
 def _second_order(op, *grads):
     """The native backward has no gradient of its own: say so, and what does."""
-    del grads
+    del op, grads
     raise NotImplementedError(
         "implementation='native' of dot_product_attention has no second-order gradient "
-        f"(the gradient of its gradient, op {op.name!r}). Pass implementation='xla' or "
-        "'graph' to differentiate the attention twice."
+        "(the gradient of its gradient). Pass implementation='graph' or 'reference' to "
+        "differentiate the attention twice."
     )
