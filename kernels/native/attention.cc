@@ -905,11 +905,19 @@ FASTLAYERS_REGISTER(Eigen::bfloat16);
 // accumulators of its S rows. An item owns its dk/dv rows, so no two threads write
 // the same one, and its sums run in one order whatever the thread count.
 //
+// Fewer items than kMinUnits (a small batch with few key/value heads) would leave
+// threads idle: without a bias, each item's key blocks are then cut into chunks of
+// their own work unit, each owning its keys' dk/dv rows and adding its share of dq
+// into a float32 partial of its own, summed in chunk order at the end. The chunk
+// count follows the shapes only, never the thread count.
+//
 // A bias gradient sums dS over the bias's broadcast axes, so items whose batch or
 // head the bias broadcasts over add into the same elements. They go to different
 // slots (float32 copies of d_bias, summed in slot order at the end) or, past
 // `bias_slot_bytes` of slots, run one after another in one work unit; either way
 // the order of every sum is fixed, and threads change no bit of any gradient.
+
+constexpr int64_t kMinUnits = 8;
 
 REGISTER_OP("FastlayersAttentionBackward")
     .Input("query: T")
@@ -1067,6 +1075,15 @@ class AttentionBackwardOp : public OpKernel {
     float* extra_data = extra_slots.flat<float>().data();
     std::fill(extra_data, extra_data + (slots - 1) * bias_elems, 0.0f);
 
+    const int64_t chunks = has_bias_ || B * K >= kMinUnits
+                               ? 1
+                               : std::max<int64_t>(1, std::min(num_k, (kMinUnits + B * K - 1) / (B * K)));
+    Tensor partials;
+    OP_REQUIRES_OK(context, context->allocate_temp(tensorflow::DT_FLOAT,
+                                                   TensorShape({chunks > 1 ? chunks * B * T * N * H : 0}), &partials));
+    float* partial_data = partials.flat<float>().data();
+    std::fill(partial_data, partial_data + partials.NumElements(), 0.0f);
+
     const Primitives& prim = *primitives_;
     const float scale = scale_;
     const bool causal = is_causal_;
@@ -1081,11 +1098,14 @@ class AttentionBackwardOp : public OpKernel {
       std::vector<uint32_t> row_hash(block_q);
       const float* pd_tile = drop.on ? dropped.data() : probs.data();
 
-      auto item = [&](int64_t b, int64_t k, float* d_bias_slot) {
+      // Item (b, k) over key blocks [j_begin, j_end); dq goes to d_query, or with
+      // chunks to its float32 partial [B, T, N, H] (unscaled).
+      auto item = [&](int64_t b, int64_t k, int64_t j_begin, int64_t j_end, float* d_bias_slot,
+                      float* dq_partial) {
         // Keys as [s_pad/16][H][16] panels (for S = Q·Kᵀ) and as rows [s_pad][h_pad]
         // (for dQ = dS·K); values as [s_pad/16][D][16] panels (for dP = dO·Vᵀ).
         const uint8_t* seen = has_mask_ ? key_seen.data() + (mask_layout.dims[0] == 1 ? 0 : b) * S : nullptr;
-        for (int64_t s = 0; s < s_pad; ++s) {
+        for (int64_t s = j_begin * block_k; s < j_end * block_k; ++s) {
           const bool keep = s < S && (seen == nullptr || seen[s]);
           const Scalar* k_src = k_data + ((b * S + std::min(s, S - 1)) * K + k) * H;
           const Scalar* v_src = v_data + ((b * S + std::min(s, S - 1)) * K + k) * D;
@@ -1096,13 +1116,16 @@ class AttentionBackwardOp : public OpKernel {
           for (int64_t h = 0; h < h_pad; ++h) k_row[h] = keep && h < H ? static_cast<float>(k_src[h]) : 0.0f;
           for (int64_t d = 0; d < D; ++d) v_lane[d * kPanel] = keep ? static_cast<float>(v_src[d]) : 0.0f;
         }
-        std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
-        std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
+        std::fill(dk_acc.begin() + j_begin * block_k * h_pad, dk_acc.begin() + j_end * block_k * h_pad, 0.0f);
+        std::fill(dv_acc.begin() + j_begin * block_k * d_pad, dv_acc.begin() + j_end * block_k * d_pad, 0.0f);
         for (int64_t g = 0; g < G; ++g) {
           const int64_t n = k * G + g;
           for (int64_t qi = 0; qi < num_q; ++qi) {
             const int64_t t0 = qi * block_q;
             const int64_t rows = std::min(block_q, T - t0);
+            // Causal: the block's last row sees keys up to t0 + rows - 1.
+            const int64_t key_end = std::min(causal ? std::min(S, t0 + rows) : S, j_end * block_k);
+            if (key_end <= j_begin * block_k && dq_partial != nullptr) continue;  // its partial rows stay 0
             for (int64_t r = 0; r < rows; ++r) {
               const int64_t t = t0 + r;
               bool row_seen = true;
@@ -1128,8 +1151,7 @@ class AttentionBackwardOp : public OpKernel {
               if (drop.on) row_hash[r] = Mix(static_cast<uint32_t>((b * N + n) * T + t) ^ drop.seed0_mixed);
             }
             std::fill(dq_tile.begin(), dq_tile.begin() + rows * h_pad, 0.0f);
-            const int64_t key_end = causal ? std::min(S, t0 + rows) : S;
-            for (int64_t j = 0; j * block_k < key_end; ++j) {
+            for (int64_t j = j_begin; j * block_k < key_end; ++j) {
               const int64_t c0 = j * block_k;
               const int64_t keys = std::min(block_k, key_end - c0);
               const int64_t cols = RoundUp(keys, kPanel);
@@ -1175,12 +1197,17 @@ class AttentionBackwardOp : public OpKernel {
                         dk_acc.data() + c0 * h_pad, h_pad, true);
             }
             for (int64_t r = 0; r < rows; ++r) {
-              Scalar* dst = dq_data + ((b * T + t0 + r) * N + n) * H;
-              for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<Scalar>(dq_tile[r * h_pad + h] * scale);
+              const int64_t offset = ((b * T + t0 + r) * N + n) * H;
+              const float* src = dq_tile.data() + r * h_pad;
+              if (dq_partial != nullptr) {
+                std::copy(src, src + H, dq_partial + offset);
+              } else {
+                for (int64_t h = 0; h < H; ++h) dq_data[offset + h] = static_cast<Scalar>(src[h] * scale);
+              }
             }
           }
         }
-        for (int64_t s = 0; s < S; ++s) {
+        for (int64_t s = j_begin * block_k; s < std::min(S, j_end * block_k); ++s) {
           Scalar* dk_dst = dk_data + ((b * S + s) * K + k) * H;
           Scalar* dv_dst = dv_data + ((b * S + s) * K + k) * D;
           for (int64_t h = 0; h < H; ++h) dk_dst[h] = static_cast<Scalar>(dk_acc[s * h_pad + h]);
@@ -1189,18 +1216,34 @@ class AttentionBackwardOp : public OpKernel {
       };
 
       for (int64_t unit = begin; unit < end; ++unit) {
+        if (chunks > 1) {
+          const int64_t chunk = unit % chunks, bk = unit / chunks;
+          const int64_t j_begin = chunk * num_k / chunks, j_end = (chunk + 1) * num_k / chunks;
+          item(bk / K, bk % K, j_begin, j_end, nullptr, partial_data + chunk * B * T * N * H);
+          continue;
+        }
         const int64_t slot = unit / apart, kind = unit % apart;
         float* d_bias_slot = slot == 0 ? d_bias_data : extra_data + (slot - 1) * bias_elems;
         for (int64_t c = slot; c < colliding; c += slots) {
           const int64_t b = shared_b ? c / (shared_k ? K : 1) : kind / (shared_k ? 1 : K);
           const int64_t k = shared_k ? c % K : kind % K;
-          item(b, k, d_bias_slot);
+          item(b, k, 0, num_k, d_bias_slot, nullptr);
         }
       }
     };
     auto* workers = context->device()->tensorflow_cpu_worker_threads();
-    const int64_t cost = B * K / (slots * apart) * G * std::max<int64_t>(T, 1) * std::max<int64_t>(S, 1) * (H + D) * 5;
-    workers->workers->ParallelFor(slots * apart, cost, work);
+    const int64_t units = chunks > 1 ? B * K * chunks : slots * apart;
+    const int64_t cost = B * K * G * std::max<int64_t>(T, 1) * std::max<int64_t>(S, 1) * (H + D) * 5 / units;
+    workers->workers->ParallelFor(units, cost, work);
+    if (chunks > 1) {
+      // Partials summed in chunk order, whichever thread wrote them.
+      const int64_t size = B * T * N * H;
+      for (int64_t e = 0; e < size; ++e) {
+        float sum = 0.0f;
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial_data[chunk * size + e];
+        dq_data[e] = static_cast<Scalar>(sum * scale);
+      }
+    }
     for (int64_t slot = 1; slot < slots; ++slot) {
       const float* src = extra_data + (slot - 1) * bias_elems;
       for (int64_t e = 0; e < bias_elems; ++e) d_bias_data[e] += src[e];
