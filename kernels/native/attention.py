@@ -22,7 +22,6 @@ import threading
 import warnings
 
 import tensorflow as tf
-from fastlayers.kernels import dispatch
 from fastlayers.kernels.native import build as build_lib
 
 DTYPES = (tf.float32, tf.float16, tf.bfloat16)

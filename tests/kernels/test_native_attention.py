@@ -781,30 +781,35 @@ def test_backward_op_checks_the_saved_forward():
         raw_backward(q, q, q, out, tf.transpose(lse, [0, 2, 1]), out)
 
 
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_backward_one_and_two_threads_give_identical_gradients(rng, tmp_path, with_bias):
+def test_backward_one_and_two_threads_give_identical_gradients(rng, tmp_path):
     """With a bias broadcast over batch and heads (its gradient in slots), and
-    without (one batch entry and key/value head: key blocks in chunks)."""
-    b, kv = (2, 2) if with_bias else (1, 1)
-    q, k, v, options = make_case(rng, "fully_masked", "float32", b=b, t=150, s=290, n=4, kv=kv, h=16)
-    bias = rng.standard_normal((1, 1, 150, 290)) * (1.0 if with_bias else 0.0)
-    np.savez(tmp_path / "case.npz", q=q, k=k, v=v, mask=options["mask"], bias=bias)
+    without, with one batch entry and key/value head (key blocks in chunks)."""
+    cases = {}
+    for name, b, kv in (("bias", 2, 2), ("chunks", 1, 1)):
+        q, k, v, options = make_case(rng, "fully_masked", "float32", b=b, t=150, s=290, n=4, kv=kv, h=16)
+        cases.update({f"{name}_q": q, f"{name}_k": k, f"{name}_v": v, f"{name}_mask": options["mask"]})
+    cases["bias_bias"] = rng.standard_normal((1, 1, 150, 290))
+    np.savez(tmp_path / "case.npz", **cases)
     script = textwrap.dedent(
         f"""
         import numpy as np, tensorflow as tf, sys
         tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
         from fastlayers import kernels
         case = np.load({str(tmp_path / 'case.npz')!r})
-        inputs = [tf.constant(case[name], tf.float32) for name in ("q", "k", "v", "bias")]
-        if not {with_bias}:
-            inputs.pop()
-        with tf.GradientTape() as tape:
-            tape.watch(inputs)
-            out = kernels.dot_product_attention(
-                *inputs[:3], bias=inputs[3] if {with_bias} else None, mask=tf.constant(case["mask"]),
-                is_causal=True, dropout_rate=0.2, seed=3, implementation="native")
-            loss = tf.reduce_sum(out * out)
-        np.savez(sys.argv[2], *[g.numpy() for g in tape.gradient(loss, inputs)])
+        grads = {{}}
+        for name in ("bias", "chunks"):
+            inputs = [tf.constant(case[f"{{name}}_{{x}}"], tf.float32) for x in ("q", "k", "v")]
+            bias = tf.constant(case["bias_bias"], tf.float32) if name == "bias" else None
+            inputs += [] if bias is None else [bias]
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                out = kernels.dot_product_attention(
+                    *inputs[:3], bias=bias, mask=tf.constant(case[f"{{name}}_mask"]), is_causal=True,
+                    dropout_rate=0.2, seed=3, implementation="native")
+                loss = tf.reduce_sum(out * out)
+            for i, g in enumerate(tape.gradient(loss, inputs)):
+                grads[f"{{name}}_{{i}}"] = g.numpy()
+        np.savez(sys.argv[2], **grads)
         """
     )
     results = []
@@ -813,11 +818,11 @@ def test_backward_one_and_two_threads_give_identical_gradients(rng, tmp_path, wi
         subprocess.run([sys.executable, "-c", script, str(threads), str(path)], check=True,
                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True)
         with np.load(path) as grads:
-            results.append([grads[f"arr_{i}"] for i in range(len(grads.files))])
-    assert len(results[0]) == (4 if with_bias else 3)
-    for one, two in zip(*results):
-        np.testing.assert_array_equal(one, two)
-    assert all(np.isfinite(g).all() and np.abs(g).max() > 0 for g in results[0])
+            results.append({name: grads[name] for name in grads.files})
+    assert sorted(results[0]) == ["bias_0", "bias_1", "bias_2", "bias_3", "chunks_0", "chunks_1", "chunks_2"]
+    for name, grad in results[0].items():
+        np.testing.assert_array_equal(grad, results[1][name], err_msg=name)
+        assert np.isfinite(grad).all() and np.abs(grad).max() > 0, name
 
 
 class TestSecondOrder:
