@@ -169,6 +169,9 @@ GIB = 1024**3
         ("graph", 32768, False, 1 * GIB),
         ("xla", 8192, True, 2 * GIB),
         ("graph", 8192, True, 2 * GIB),
+        # The native ops: per-thread tiles and per-head float32 accumulators only.
+        ("native", 32768, False, 1 * GIB),
+        ("native", 8192, True, 2 * GIB),
         # Contrast: Keras holds [1, 8, T, T] scores (and their softmax): 0.5 GiB a copy.
         ("keras", 4096, False, None),
     ],

@@ -218,6 +218,9 @@ def _batch_heads(shapes):
 # (key blocks round up to 16 columns in the op).
 NATIVE_BLOCK_SIZES = BlockSizes(block_q=64, block_k=512)
 NATIVE_TUNED_BLOCK_SIZES = ((32, 512), (128, 256), (64, 1024))
+# The native backward's tiles: it holds three float32 score tiles (P, dropped P, dS)
+# besides the key block's operands, so its key blocks are narrower than the forward's.
+NATIVE_BACKWARD_BLOCK_SIZES = BlockSizes(block_q=64, block_k=128)
 
 
 def _kept_variant(first, shapes, is_causal, sliding_window):

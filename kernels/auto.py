@@ -142,10 +142,9 @@ AUTO = {
         ("gpu", "*"): ("graph", "xla", "reference"),
     },
     "dot_product_attention": {
-        # The native op keeps a whole block loop's scores, softmax and products in
-        # registers and L1/L2 (float32, float16 and bfloat16; never inside an XLA
-        # cluster, and the table trains with the compiled paths, since its gradient
-        # recomputes the XLA forward). Next, XLA's dot beats Eigen's, and its loop
+        # The native ops keep a whole block loop's scores, softmax and products in
+        # registers and L1/L2, forward and backward (float32, float16 and bfloat16;
+        # never inside an XLA cluster). Next, XLA's dot beats Eigen's, and its loop
         # fuses the online softmax's element-wise ops.
         ("cpu", "*"): ("native", "xla", "graph", "reference"),
         # Not measured with oneDNN on a CPU without bfloat16 instructions; XLA does

@@ -1,4 +1,6 @@
-// Blockwise scaled dot-product attention forward on CPU, one pass per query block.
+// Blockwise scaled dot-product attention on CPU: the forward, one pass per query
+// block, and its backward (AttentionBackwardOp, below), which recomputes each block's
+// probabilities from the forward's logsumexp.
 //
 // Shape letters: B batch, T query length, S key length, N query heads, K key/value
 // heads (K divides N), G = N / K, H query/key head dim, D value head dim.
@@ -18,7 +20,7 @@
 // into a float32 accumulator rescaled by the running max. Causal key blocks wholly
 // above the diagonal are never visited.
 //
-// ISA dispatch: the three primitives below come as a portable version and an
+// ISA dispatch: the primitives below come as a portable version and an
 // AVX2+FMA one (compiled with a per-function target, chosen at run time from what
 // the CPU reports). AVX-512 or AMX variants would be one more Primitives table and
 // one more test in ChoosePrimitives; none ships because none can be run here.
@@ -105,6 +107,19 @@ struct Primitives {
                    float* max);
   void (*pv)(const float* p, int64_t rows, int64_t ld_s, int64_t cols, const float* values,
              int64_t panel_stride, int64_t ld_o, float* out);
+  // The backward's (see AttentionBackwardOp):
+  //   gemm:   c[r*ldc + n] (+)= sum_k a[r*a_row + k*a_col] * b_n[k*ldb + n % 16] for
+  //           r < rows, n < cols (a multiple of 16), k < depth, where b_n is panel
+  //           n / 16 at b + (n / 16) * panel_stride; a_row == 1 or a_col == 1, so a
+  //           transposed left operand (Pᵀ, dSᵀ) is read in place
+  //   probs:  p[c] = exp(scores[c] + bias - lse) where valid, else 0; with dropout
+  //           also pd[c] = p[c] times the dropout multiplier
+  //   dscore: ds[c] = pd[c]·dp[c] - p[c]·delta (ds may be dp)
+  void (*gemm)(const float* a, int64_t a_row, int64_t a_col, int64_t rows, int64_t depth, const float* b,
+               int64_t panel_stride, int64_t ldb, int64_t cols, float* c, int64_t ldc, bool accumulate);
+  void (*probs)(const float* scores, int64_t cols, const RowContext& ctx, const Dropout& drop, float lse,
+                float* p, float* pd);
+  void (*dscore)(const float* p, const float* pd, const float* dp, int64_t cols, float delta, float* ds);
 };
 
 // ---------------------------------------------------------------------------------
@@ -171,7 +186,39 @@ void PvPortable(const float* p, int64_t rows, int64_t ld_s, int64_t cols, const 
   }
 }
 
-constexpr Primitives kPortable = {"portable", QkPortable, SoftmaxPortable, PvPortable};
+void GemmPortable(const float* a, int64_t a_row, int64_t a_col, int64_t rows, int64_t depth, const float* b,
+                  int64_t panel_stride, int64_t ldb, int64_t cols, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t n = 0; n < cols; n += kPanel) {
+      float acc[kPanel];
+      for (int64_t l = 0; l < kPanel; ++l) acc[l] = accumulate ? c[r * ldc + n + l] : 0.0f;
+      const float* panel = b + (n / kPanel) * panel_stride;
+      for (int64_t k = 0; k < depth; ++k) {
+        const float x = a[r * a_row + k * a_col];
+        for (int64_t l = 0; l < kPanel; ++l) acc[l] += x * panel[k * ldb + l];
+      }
+      std::memcpy(c + r * ldc + n, acc, sizeof(acc));
+    }
+  }
+}
+
+void ProbsPortable(const float* scores, int64_t cols, const RowContext& ctx, const Dropout& drop, float lse,
+                   float* p, float* pd) {
+  for (int64_t c = 0; c < cols; ++c) {
+    float s = scores[c];
+    if (ctx.bias != nullptr && c < ctx.keys) s += ctx.bias[c * ctx.bias_stride];
+    // A select, not a product: a NaN or Inf score where the row sees nothing stays out.
+    p[c] = ValidAt(ctx, c) ? std::exp(s - lse) : 0.0f;
+    if (drop.on) pd[c] = p[c] * DropScalar(ctx, drop, c);
+  }
+}
+
+void DscorePortable(const float* p, const float* pd, const float* dp, int64_t cols, float delta, float* ds) {
+  for (int64_t c = 0; c < cols; ++c) ds[c] = pd[c] * dp[c] - p[c] * delta;
+}
+
+constexpr Primitives kPortable = {"portable", QkPortable, SoftmaxPortable, PvPortable,
+                                  GemmPortable, ProbsPortable, DscorePortable};
 
 // ---------------------------------------------------------------------------------
 // AVX2+FMA primitives.
@@ -397,9 +444,124 @@ void PvAvx2(const float* p, int64_t rows, int64_t ld_s, int64_t cols, const floa
   }
 }
 
+// M rows × 16 columns of a gemm, accumulated over depth in 2·M registers. Transposed:
+// a's rows are adjacent (a_row == 1), so one step's M values are contiguous.
+template <int M, bool Transposed>
+inline void GemmTile(const float* a, int64_t a_row, int64_t a_col, int64_t depth, const float* panel,
+                     int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  __m256 acc[M][2];
+  _Pragma("GCC unroll 8")
+  for (int i = 0; i < M; ++i) {
+    acc[i][0] = accumulate ? _mm256_loadu_ps(c + i * ldc) : _mm256_setzero_ps();
+    acc[i][1] = accumulate ? _mm256_loadu_ps(c + i * ldc + 8) : _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(panel + k * ldb);
+    const __m256 b1 = _mm256_loadu_ps(panel + k * ldb + 8);
+    _Pragma("GCC unroll 8")
+    for (int i = 0; i < M; ++i) {
+      const __m256 x = _mm256_broadcast_ss(Transposed ? a + k * a_col + i : a + i * a_row + k);
+      acc[i][0] = _mm256_fmadd_ps(x, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(x, b1, acc[i][1]);
+    }
+  }
+  _Pragma("GCC unroll 8")
+  for (int i = 0; i < M; ++i) {
+    _mm256_storeu_ps(c + i * ldc, acc[i][0]);
+    _mm256_storeu_ps(c + i * ldc + 8, acc[i][1]);
+  }
+}
+
+template <bool Transposed>
+void GemmRows(const float* a, int64_t a_row, int64_t a_col, int64_t rows, int64_t depth, const float* b,
+              int64_t panel_stride, int64_t ldb, int64_t cols, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t n = 0; n < cols; n += kPanel) {
+    const float* panel = b + (n / kPanel) * panel_stride;
+    int64_t r = 0;
+    for (; r + 6 <= rows; r += 6) {
+      GemmTile<6, Transposed>(a + r * a_row, a_row, a_col, depth, panel, ldb, c + r * ldc + n, ldc, accumulate);
+    }
+    const float* ar = a + r * a_row;
+    float* cr = c + r * ldc + n;
+    switch (rows - r) {
+      case 5: GemmTile<5, Transposed>(ar, a_row, a_col, depth, panel, ldb, cr, ldc, accumulate); break;
+      case 4: GemmTile<4, Transposed>(ar, a_row, a_col, depth, panel, ldb, cr, ldc, accumulate); break;
+      case 3: GemmTile<3, Transposed>(ar, a_row, a_col, depth, panel, ldb, cr, ldc, accumulate); break;
+      case 2: GemmTile<2, Transposed>(ar, a_row, a_col, depth, panel, ldb, cr, ldc, accumulate); break;
+      case 1: GemmTile<1, Transposed>(ar, a_row, a_col, depth, panel, ldb, cr, ldc, accumulate); break;
+      default: break;
+    }
+  }
+}
+
+void GemmAvx2(const float* a, int64_t a_row, int64_t a_col, int64_t rows, int64_t depth, const float* b,
+              int64_t panel_stride, int64_t ldb, int64_t cols, float* c, int64_t ldc, bool accumulate) {
+  if (a_row == 1 && a_col != 1) {
+    GemmRows<true>(a, a_row, a_col, rows, depth, b, panel_stride, ldb, cols, c, ldc, accumulate);
+  } else {
+    GemmRows<false>(a, a_row, a_col, rows, depth, b, panel_stride, ldb, cols, c, ldc, accumulate);
+  }
+}
+
+void ProbsAvx2(const float* scores, int64_t cols, const RowContext& ctx, const Dropout& drop, float lse,
+               float* p, float* pd) {
+  // As SoftmaxAvx2: cols is a multiple of 16; bias and mask are never read past the
+  // row's last key.
+  const __m256 offset = _mm256_set1_ps(lse);
+  const bool plain = ctx.bias == nullptr && ctx.mask == nullptr;
+  const __m256i row_hash = _mm256_set1_epi32(static_cast<int>(ctx.row_hash));
+  const __m256i threshold = _mm256_set1_epi32(static_cast<int>(drop.threshold));
+  const __m256 keep_scale = _mm256_set1_ps(drop.keep_scale);
+  for (int64_t c = 0; c < cols; c += 8) {
+    __m256 s = _mm256_loadu_ps(scores + c);
+    if (ctx.bias != nullptr) {
+      __m256 b;
+      if (ctx.bias_stride == 0) {
+        b = _mm256_set1_ps(ctx.bias[0]);
+      } else if (c + 8 <= ctx.keys) {
+        b = _mm256_loadu_ps(ctx.bias + c);
+      } else {
+        alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t k = c; k < ctx.keys; ++k) tail[k - c] = ctx.bias[k];
+        b = _mm256_load_ps(tail);
+      }
+      s = _mm256_add_ps(s, b);
+    }
+    __m256 x = Exp8(_mm256_sub_ps(s, offset));
+    if (!plain || c + 8 > ctx.limit) {
+      __m256 valid;
+      if (ctx.mask != nullptr && ctx.mask_stride != 0 && c + 8 > ctx.limit) {
+        alignas(8) bool tail[8] = {false, false, false, false, false, false, false, false};
+        for (int64_t k = c; k < std::min<int64_t>(c + 8, ctx.limit); ++k) tail[k - c] = ctx.mask[k];
+        RowContext bounded = ctx;
+        bounded.mask = tail - c;
+        valid = Valid8(bounded, c);
+      } else {
+        valid = Valid8(ctx, c);
+      }
+      x = _mm256_and_ps(x, valid);
+    }
+    _mm256_storeu_ps(p + c, x);
+    if (drop.on) {
+      const __m256i cols_hash = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ctx.col_hash + c));
+      const __m256i bits = _mm256_srli_epi32(Mix8(_mm256_xor_si256(row_hash, cols_hash)), 8);
+      const __m256i dropped = _mm256_cmpgt_epi32(threshold, bits);
+      _mm256_storeu_ps(pd + c, _mm256_andnot_ps(_mm256_castsi256_ps(dropped), _mm256_mul_ps(x, keep_scale)));
+    }
+  }
+}
+
+void DscoreAvx2(const float* p, const float* pd, const float* dp, int64_t cols, float delta, float* ds) {
+  const __m256 d = _mm256_set1_ps(delta);
+  for (int64_t c = 0; c < cols; c += 8) {
+    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(p + c), d);
+    _mm256_storeu_ps(ds + c, _mm256_fmsub_ps(_mm256_loadu_ps(pd + c), _mm256_loadu_ps(dp + c), x));
+  }
+}
+
 #pragma GCC pop_options
 
-constexpr Primitives kAvx2 = {"avx2", QkAvx2, SoftmaxAvx2, PvAvx2};
+constexpr Primitives kAvx2 = {"avx2", QkAvx2, SoftmaxAvx2, PvAvx2, GemmAvx2, ProbsAvx2, DscoreAvx2};
 #endif  // FASTLAYERS_X86
 
 // The best primitives this CPU runs, or the portable ones when asked (the op's
@@ -469,6 +631,38 @@ struct Broadcast4 {
   int64_t Stride() const { return dims[3] == 1 ? 0 : 1; }
 };
 
+// The op's dropout from its attributes and seed words (two uint32 when rate > 0).
+absl::Status MakeDropout(float rate, float keep_scale, const Tensor& seed, Dropout* drop) {
+  if (rate <= 0.0f) return absl::OkStatus();
+  if (seed.NumElements() != 2) {
+    return errors::InvalidArgument("seed must hold two uint32 words when dropout_rate > 0. Received: seed.shape=",
+                                   seed.shape().DebugString());
+  }
+  const auto words = seed.flat<uint32_t>();
+  drop->on = true;
+  drop->seed0_mixed = Mix(words(0));
+  drop->seed1 = words(1);
+  drop->threshold = static_cast<uint32_t>(std::ceil(static_cast<double>(rate) * 16777216.0));
+  drop->keep_scale = keep_scale;
+  return absl::OkStatus();
+}
+
+int64_t RoundUp(int64_t x, int64_t quantum) { return (x + quantum - 1) / quantum * quantum; }
+
+absl::Status CheckBroadcast(const char* name, const Tensor& x, bool present, const int64_t target[4],
+                            Broadcast4* layout) {
+  if (!present) return absl::OkStatus();
+  bool ok = x.dims() == 4;
+  for (int i = 0; ok && i < 4; ++i) ok = x.dim_size(i) == 1 || x.dim_size(i) == target[i];
+  if (!ok) {
+    return errors::InvalidArgument(name, " must have rank 4 and broadcast to [B, N, T, S] = [", target[0], ", ",
+                                   target[1], ", ", target[2], ", ", target[3], "]. Received: ", name,
+                                   ".shape=", x.shape().DebugString());
+  }
+  for (int i = 0; i < 4; ++i) layout->dims[i] = x.dim_size(i);
+  return absl::OkStatus();
+}
+
 template <typename Scalar>
 class AttentionForwardOp : public OpKernel {
  public:
@@ -519,18 +713,7 @@ class AttentionForwardOp : public OpKernel {
     OP_REQUIRES_OK(context, CheckBroadcast("bias", bias, has_bias_, target, &bias_layout));
     OP_REQUIRES_OK(context, CheckBroadcast("mask", mask, has_mask_, target, &mask_layout));
     Dropout drop;
-    if (dropout_rate_ > 0.0f) {
-      OP_REQUIRES(context, seed.NumElements() == 2,
-                  errors::InvalidArgument("seed must hold two uint32 words when dropout_rate > 0. Received: "
-                                          "seed.shape=",
-                                          seed.shape().DebugString()));
-      const auto words = seed.flat<uint32_t>();
-      drop.on = true;
-      drop.seed0_mixed = Mix(words(0));
-      drop.seed1 = words(1);
-      drop.threshold = static_cast<uint32_t>(std::ceil(static_cast<double>(dropout_rate_) * 16777216.0));
-      drop.keep_scale = dropout_scale_;
-    }
+    OP_REQUIRES_OK(context, MakeDropout(dropout_rate_, dropout_scale_, seed, &drop));
 
     Tensor* output = nullptr;
     Tensor* logsumexp = nullptr;
@@ -684,22 +867,6 @@ class AttentionForwardOp : public OpKernel {
   }
 
  private:
-  static int64_t RoundUp(int64_t x, int64_t quantum) { return (x + quantum - 1) / quantum * quantum; }
-
-  static absl::Status CheckBroadcast(const char* name, const Tensor& x, bool present,
-                                           const int64_t target[4], Broadcast4* layout) {
-    if (!present) return absl::OkStatus();
-    bool ok = x.dims() == 4;
-    for (int i = 0; ok && i < 4; ++i) ok = x.dim_size(i) == 1 || x.dim_size(i) == target[i];
-    if (!ok) {
-      return errors::InvalidArgument(name, " must have rank 4 and broadcast to [B, N, T, S] = [", target[0], ", ",
-                                     target[1], ", ", target[2], ", ", target[3], "]. Received: ", name,
-                                     ".shape=", x.shape().DebugString());
-    }
-    for (int i = 0; i < 4; ++i) layout->dims[i] = x.dim_size(i);
-    return absl::OkStatus();
-  }
-
   const Primitives* primitives_;
   float scale_;
   bool is_causal_;
@@ -714,6 +881,387 @@ class AttentionForwardOp : public OpKernel {
 #define FASTLAYERS_REGISTER(type)                                                                     \
   REGISTER_KERNEL_BUILDER(Name("FastlayersAttentionForward").Device(tensorflow::DEVICE_CPU).TypeConstraint<type>("T"), \
                           AttentionForwardOp<type>)
+FASTLAYERS_REGISTER(float);
+FASTLAYERS_REGISTER(Eigen::half);
+FASTLAYERS_REGISTER(Eigen::bfloat16);
+#undef FASTLAYERS_REGISTER
+
+// ---------------------------------------------------------------------------------
+// The backward op: dq, dk, dv (and d_bias) from the forward's output and logsumexp.
+//
+// Per (batch, key/value head) item, the G query heads of its group one after the
+// other, query blocks outside and key blocks inside (the loop order of PyTorch's
+// CPU flash attention backward). For query block i and key block j, with q scaled:
+//   S = Q_i·K_jᵀ, P = exp(S + bias - lse) where valid (else 0), Pd = P·dropout,
+//   dV_j += Pdᵀ·dO_i, dP = dO_i·V_jᵀ, dS = Pd·dP - P·Delta (Delta = rowsum(dO·O)),
+//   dQ_i += dS·K_j, dK_j += dSᵀ·Q_i,
+// each product one `gemm` on float32 tiles; no [T, S] buffer exists. dQ_i lives in a
+// small accumulator written once per query block; dK and dV in the item's float32
+// accumulators of its S rows. An item owns its dk/dv rows, so no two threads write
+// the same one, and its sums run in one order whatever the thread count.
+//
+// Fewer items than kMinUnits (a small batch with few key/value heads) would leave
+// threads idle: without a bias, each item's key blocks are then cut into chunks of
+// their own work unit, each owning its keys' dk/dv rows and adding its share of dq
+// into a float32 partial of its own, summed in chunk order at the end. The chunk
+// count follows the shapes only, never the thread count.
+//
+// A bias gradient sums dS over the bias's broadcast axes, so items whose batch or
+// head the bias broadcasts over add into the same elements. They go to different
+// slots (float32 copies of d_bias, summed in slot order at the end) or, past
+// `bias_slot_bytes` of slots, run one after another in one work unit; either way
+// the order of every sum is fixed, and threads change no bit of any gradient.
+
+constexpr int64_t kMinUnits = 8;
+
+REGISTER_OP("FastlayersAttentionBackward")
+    .Input("query: T")
+    .Input("key: T")
+    .Input("value: T")
+    .Input("bias: float")
+    .Input("mask: bool")
+    .Input("seed: uint32")
+    .Input("output: T")
+    .Input("logsumexp: float")
+    .Input("d_output: T")
+    .Output("d_query: T")
+    .Output("d_key: T")
+    .Output("d_value: T")
+    .Output("d_bias: float")
+    .Attr("T: {float, half, bfloat16}")
+    .Attr("scale: float")
+    .Attr("is_causal: bool = false")
+    .Attr("dropout_rate: float = 0.0")
+    .Attr("dropout_scale: float = 1.0")
+    .Attr("has_bias: bool = false")
+    .Attr("has_mask: bool = false")
+    .Attr("block_q: int = 64")
+    .Attr("block_k: int = 128")
+    .Attr("bias_slot_bytes: int = 134217728")
+    .Attr("isa: {'best', 'portable'} = 'best'")
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
+      for (int i = 0; i < 4; ++i) c->set_output(i, c->input(i));
+      return absl::OkStatus();
+    });
+
+template <typename Scalar>
+class AttentionBackwardOp : public OpKernel {
+ public:
+  explicit AttentionBackwardOp(OpKernelConstruction* context) : OpKernel(context) {
+    std::string isa;
+    OP_REQUIRES_OK(context, context->GetAttr("isa", &isa));
+    primitives_ = &ChoosePrimitives(isa);
+    OP_REQUIRES_OK(context, context->GetAttr("scale", &scale_));
+    OP_REQUIRES_OK(context, context->GetAttr("is_causal", &is_causal_));
+    OP_REQUIRES_OK(context, context->GetAttr("dropout_rate", &dropout_rate_));
+    OP_REQUIRES_OK(context, context->GetAttr("dropout_scale", &dropout_scale_));
+    OP_REQUIRES_OK(context, context->GetAttr("has_bias", &has_bias_));
+    OP_REQUIRES_OK(context, context->GetAttr("has_mask", &has_mask_));
+    OP_REQUIRES_OK(context, context->GetAttr("block_q", &block_q_));
+    OP_REQUIRES_OK(context, context->GetAttr("block_k", &block_k_));
+    OP_REQUIRES_OK(context, context->GetAttr("bias_slot_bytes", &bias_slot_bytes_));
+    OP_REQUIRES(context, dropout_rate_ >= 0.0f && dropout_rate_ < 1.0f,
+                errors::InvalidArgument("dropout_rate must be in [0, 1). Received: dropout_rate=",
+                                        dropout_rate_));
+    OP_REQUIRES(context, block_q_ > 0 && block_k_ > 0,
+                errors::InvalidArgument("block_q and block_k must be positive. Received: block_q=",
+                                        block_q_, ", block_k=", block_k_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& query = context->input(0);
+    const Tensor& key = context->input(1);
+    const Tensor& value = context->input(2);
+    const Tensor& bias = context->input(3);
+    const Tensor& mask = context->input(4);
+    const Tensor& seed = context->input(5);
+    const Tensor& output = context->input(6);
+    const Tensor& logsumexp = context->input(7);
+    const Tensor& d_output = context->input(8);
+    OP_REQUIRES(context, query.dims() == 4 && key.dims() == 4 && value.dims() == 4,
+                errors::InvalidArgument("query, key and value must have rank 4. Received: query.shape=",
+                                        query.shape().DebugString(), ", key.shape=", key.shape().DebugString(),
+                                        ", value.shape=", value.shape().DebugString()));
+    const int64_t B = query.dim_size(0), T = query.dim_size(1), N = query.dim_size(2), H = query.dim_size(3);
+    const int64_t S = key.dim_size(1), K = key.dim_size(2), D = value.dim_size(3);
+    OP_REQUIRES(
+        context,
+        key.dim_size(0) == B && value.dim_size(0) == B && value.dim_size(1) == S && value.dim_size(2) == K &&
+            key.dim_size(3) == H && K > 0 && N % K == 0,
+        errors::InvalidArgument("query [B, T, N, H], key [B, S, K, H] and value [B, S, K, D] must agree, with K "
+                                "dividing N. Received: query.shape=",
+                                query.shape().DebugString(), ", key.shape=", key.shape().DebugString(),
+                                ", value.shape=", value.shape().DebugString()));
+    const TensorShape out_shape({B, T, N, D});
+    OP_REQUIRES(context,
+                output.shape() == out_shape && d_output.shape() == out_shape &&
+                    logsumexp.shape() == TensorShape({B, N, T}),
+                errors::InvalidArgument("output and d_output must have shape [B, T, N, D] = ", out_shape.DebugString(),
+                                        " and logsumexp [B, N, T] = [", B, ",", N, ",", T,
+                                        "]. Received: output.shape=", output.shape().DebugString(),
+                                        ", d_output.shape=", d_output.shape().DebugString(),
+                                        ", logsumexp.shape=", logsumexp.shape().DebugString()));
+    const int64_t target[4] = {B, N, T, S};
+    Broadcast4 bias_layout, mask_layout;
+    OP_REQUIRES_OK(context, CheckBroadcast("bias", bias, has_bias_, target, &bias_layout));
+    OP_REQUIRES_OK(context, CheckBroadcast("mask", mask, has_mask_, target, &mask_layout));
+    Dropout drop;
+    OP_REQUIRES_OK(context, MakeDropout(dropout_rate_, dropout_scale_, seed, &drop));
+
+    Tensor *d_query = nullptr, *d_key = nullptr, *d_value = nullptr, *d_bias = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, query.shape(), &d_query));
+    OP_REQUIRES_OK(context, context->allocate_output(1, key.shape(), &d_key));
+    OP_REQUIRES_OK(context, context->allocate_output(2, value.shape(), &d_value));
+    OP_REQUIRES_OK(context, context->allocate_output(3, has_bias_ ? bias.shape() : TensorShape({0, 0, 0, 0}),
+                                                     &d_bias));
+    const int64_t bias_elems = has_bias_ ? bias.NumElements() : 0;
+    float* d_bias_data = d_bias->flat<float>().data();
+    std::fill(d_bias_data, d_bias_data + bias_elems, 0.0f);
+    if (B == 0) return;
+
+    const int64_t G = N / K;
+    const int64_t block_k = RoundUp(std::max<int64_t>(1, std::min<int64_t>(block_k_, S)), kPanel);
+    const int64_t num_k = (S + block_k - 1) / block_k;
+    const int64_t s_pad = num_k * block_k;
+    const int64_t h_pad = RoundUp(std::max<int64_t>(H, 1), kPanel);
+    const int64_t d_pad = RoundUp(std::max<int64_t>(D, 1), kPanel);
+    const int64_t block_q = std::max<int64_t>(1, std::min<int64_t>(block_q_, T));
+    const int64_t num_q = (T + block_q - 1) / block_q;
+
+    const Scalar* q_data = query.flat<Scalar>().data();
+    const Scalar* k_data = key.flat<Scalar>().data();
+    const Scalar* v_data = value.flat<Scalar>().data();
+    const Scalar* o_data = output.flat<Scalar>().data();
+    const Scalar* do_data = d_output.flat<Scalar>().data();
+    const float* lse_data = logsumexp.flat<float>().data();
+    const float* bias_data = has_bias_ ? bias.flat<float>().data() : nullptr;
+    const bool* mask_data = has_mask_ ? mask.flat<bool>().data() : nullptr;
+    Scalar* dq_data = d_query->flat<Scalar>().data();
+    Scalar* dk_data = d_key->flat<Scalar>().data();
+    Scalar* dv_data = d_value->flat<Scalar>().data();
+
+    // Keys no score can see are zeroed while packing, query rows that see no key
+    // too: NaN there reaches no product (the reference's _hide_unseen).
+    std::vector<uint8_t> key_seen;
+    if (has_mask_) {
+      key_seen.assign(mask_layout.dims[0] * S, 0);
+      for (int64_t b = 0; b < mask_layout.dims[0]; ++b)
+        for (int64_t n = 0; n < mask_layout.dims[1]; ++n)
+          for (int64_t t = 0; t < mask_layout.dims[2]; ++t) {
+            const bool* m = mask_data + mask_layout.Row(b, n, t);
+            for (int64_t s = 0; s < S; ++s) key_seen[b * S + s] |= m[s * mask_layout.Stride()];
+          }
+    }
+    std::vector<uint32_t> col_hash(drop.on ? s_pad : 0);
+    for (int64_t s = 0; drop.on && s < s_pad; ++s) col_hash[s] = Mix(static_cast<uint32_t>(s) ^ drop.seed1);
+
+    // Work units (see above): `colliding` items share bias-gradient elements,
+    // `apart` classes of items never do; unit (slot, class) runs the items of its
+    // class whose colliding index is slot modulo `slots`.
+    const bool shared_b = has_bias_ && bias_layout.dims[0] == 1 && B > 1;
+    const bool shared_k = has_bias_ && bias_layout.dims[1] == 1 && K > 1;
+    const int64_t colliding = (shared_b ? B : 1) * (shared_k ? K : 1);
+    const int64_t apart = B * K / colliding;
+    const int64_t slots =
+        std::clamp<int64_t>(bias_slot_bytes_ / std::max<int64_t>(1, bias_elems * 4), 1, colliding);
+    Tensor extra_slots;
+    OP_REQUIRES_OK(context, context->allocate_temp(tensorflow::DT_FLOAT, TensorShape({(slots - 1) * bias_elems}),
+                                                   &extra_slots));
+    float* extra_data = extra_slots.flat<float>().data();
+    std::fill(extra_data, extra_data + (slots - 1) * bias_elems, 0.0f);
+
+    const int64_t chunks = has_bias_ || B * K >= kMinUnits
+                               ? 1
+                               : std::max<int64_t>(1, std::min(num_k, (kMinUnits + B * K - 1) / (B * K)));
+    Tensor partials;
+    OP_REQUIRES_OK(context, context->allocate_temp(tensorflow::DT_FLOAT,
+                                                   TensorShape({chunks > 1 ? chunks * B * T * N * H : 0}), &partials));
+    float* partial_data = partials.flat<float>().data();
+    std::fill(partial_data, partial_data + partials.NumElements(), 0.0f);
+
+    const Primitives& prim = *primitives_;
+    const float scale = scale_;
+    const bool causal = is_causal_;
+
+    auto work = [&](int64_t begin, int64_t end) {
+      std::vector<float> kt(s_pad * H), k_rows(s_pad * h_pad), vt(s_pad * D);
+      std::vector<float> dk_acc(s_pad * h_pad), dv_acc(s_pad * d_pad);
+      std::vector<float> q_tile(block_q * h_pad), do_tile(block_q * d_pad), dq_tile(block_q * h_pad);
+      std::vector<float> probs(block_q * block_k), dropped(drop.on ? block_q * block_k : 0),
+          d_scores(block_q * block_k);
+      std::vector<float> lse(block_q), delta(block_q);
+      std::vector<uint32_t> row_hash(block_q);
+      const float* pd_tile = drop.on ? dropped.data() : probs.data();
+
+      // Item (b, k) over key blocks [j_begin, j_end); dq goes to d_query, or with
+      // chunks to its float32 partial [B, T, N, H] (unscaled).
+      auto item = [&](int64_t b, int64_t k, int64_t j_begin, int64_t j_end, float* d_bias_slot,
+                      float* dq_partial) {
+        // Keys as [s_pad/16][H][16] panels (for S = Q·Kᵀ) and as rows [s_pad][h_pad]
+        // (for dQ = dS·K); values as [s_pad/16][D][16] panels (for dP = dO·Vᵀ).
+        const uint8_t* seen = has_mask_ ? key_seen.data() + (mask_layout.dims[0] == 1 ? 0 : b) * S : nullptr;
+        for (int64_t s = j_begin * block_k; s < j_end * block_k; ++s) {
+          const bool keep = s < S && (seen == nullptr || seen[s]);
+          const Scalar* k_src = k_data + ((b * S + std::min(s, S - 1)) * K + k) * H;
+          const Scalar* v_src = v_data + ((b * S + std::min(s, S - 1)) * K + k) * D;
+          float* k_lane = kt.data() + (s / kPanel) * H * kPanel + (s % kPanel);
+          float* k_row = k_rows.data() + s * h_pad;
+          float* v_lane = vt.data() + (s / kPanel) * D * kPanel + (s % kPanel);
+          for (int64_t h = 0; h < H; ++h) k_lane[h * kPanel] = keep ? static_cast<float>(k_src[h]) : 0.0f;
+          for (int64_t h = 0; h < h_pad; ++h) k_row[h] = keep && h < H ? static_cast<float>(k_src[h]) : 0.0f;
+          for (int64_t d = 0; d < D; ++d) v_lane[d * kPanel] = keep ? static_cast<float>(v_src[d]) : 0.0f;
+        }
+        std::fill(dk_acc.begin() + j_begin * block_k * h_pad, dk_acc.begin() + j_end * block_k * h_pad, 0.0f);
+        std::fill(dv_acc.begin() + j_begin * block_k * d_pad, dv_acc.begin() + j_end * block_k * d_pad, 0.0f);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t n = k * G + g;
+          for (int64_t qi = 0; qi < num_q; ++qi) {
+            const int64_t t0 = qi * block_q;
+            const int64_t rows = std::min(block_q, T - t0);
+            // Causal: the block's last row sees keys up to t0 + rows - 1.
+            const int64_t key_end = std::min(causal ? std::min(S, t0 + rows) : S, j_end * block_k);
+            if (key_end <= j_begin * block_k && dq_partial != nullptr) continue;  // its partial rows stay 0
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t t = t0 + r;
+              bool row_seen = true;
+              if (has_mask_) {
+                const bool* m = mask_data + mask_layout.Row(b, n, t);
+                row_seen = false;
+                for (int64_t s = 0; s < S && !row_seen; ++s) row_seen = m[s * mask_layout.Stride()];
+              }
+              const Scalar* q_src = q_data + ((b * T + t) * N + n) * H;
+              for (int64_t h = 0; h < h_pad; ++h) {
+                q_tile[r * h_pad + h] = row_seen && h < H ? static_cast<float>(q_src[h]) * scale : 0.0f;
+              }
+              const Scalar* o_src = o_data + ((b * T + t) * N + n) * D;
+              const Scalar* do_src = do_data + ((b * T + t) * N + n) * D;
+              float dot = 0.0f;
+              for (int64_t d = 0; d < d_pad; ++d) {
+                const float x = d < D ? static_cast<float>(do_src[d]) : 0.0f;
+                do_tile[r * d_pad + d] = x;
+                if (d < D) dot += x * static_cast<float>(o_src[d]);
+              }
+              delta[r] = dot;
+              lse[r] = lse_data[(b * N + n) * T + t];
+              if (drop.on) row_hash[r] = Mix(static_cast<uint32_t>((b * N + n) * T + t) ^ drop.seed0_mixed);
+            }
+            std::fill(dq_tile.begin(), dq_tile.begin() + rows * h_pad, 0.0f);
+            for (int64_t j = j_begin; j * block_k < key_end; ++j) {
+              const int64_t c0 = j * block_k;
+              const int64_t keys = std::min(block_k, key_end - c0);
+              const int64_t cols = RoundUp(keys, kPanel);
+              prim.gemm(q_tile.data(), h_pad, 1, rows, H, kt.data() + c0 * H, kPanel * H, kPanel, cols,
+                        probs.data(), block_k, false);
+              for (int64_t r = 0; r < rows; ++r) {
+                const int64_t t = t0 + r;
+                RowContext row;
+                row.bias = has_bias_ ? bias_data + bias_layout.Row(b, n, t) + c0 * bias_layout.Stride() : nullptr;
+                row.bias_stride = bias_layout.Stride();
+                row.mask = has_mask_ ? mask_data + mask_layout.Row(b, n, t) + c0 * mask_layout.Stride() : nullptr;
+                row.mask_stride = mask_layout.Stride();
+                row.keys = keys;
+                row.limit = causal ? std::min(keys, t - c0 + 1) : keys;
+                row.row_hash = drop.on ? row_hash[r] : 0;
+                row.col_hash = drop.on ? col_hash.data() + c0 : nullptr;
+                prim.probs(probs.data() + r * block_k, cols, row, drop, lse[r], probs.data() + r * block_k,
+                           drop.on ? dropped.data() + r * block_k : nullptr);
+              }
+              // dV_j += Pdᵀ·dO_i: Pd read transposed in place.
+              prim.gemm(pd_tile, 1, block_k, keys, rows, do_tile.data(), kPanel, d_pad, d_pad,
+                        dv_acc.data() + c0 * d_pad, d_pad, true);
+              prim.gemm(do_tile.data(), d_pad, 1, rows, D, vt.data() + c0 * D, kPanel * D, kPanel, cols,
+                        d_scores.data(), block_k, false);
+              for (int64_t r = 0; r < rows; ++r) {
+                float* ds = d_scores.data() + r * block_k;
+                prim.dscore(probs.data() + r * block_k, pd_tile + r * block_k, ds, cols, delta[r], ds);
+                if (has_bias_) {
+                  float* dst = d_bias_slot + bias_layout.Row(b, n, t0 + r) + c0 * bias_layout.Stride();
+                  if (bias_layout.Stride() == 0) {
+                    float sum = 0.0f;
+                    for (int64_t c = 0; c < keys; ++c) sum += ds[c];
+                    dst[0] += sum;
+                  } else {
+                    for (int64_t c = 0; c < keys; ++c) dst[c] += ds[c];
+                  }
+                }
+              }
+              prim.gemm(d_scores.data(), block_k, 1, rows, keys, k_rows.data() + c0 * h_pad, kPanel, h_pad, h_pad,
+                        dq_tile.data(), h_pad, true);
+              // dK_j += dSᵀ·Q_i: dS read transposed in place.
+              prim.gemm(d_scores.data(), 1, block_k, keys, rows, q_tile.data(), kPanel, h_pad, h_pad,
+                        dk_acc.data() + c0 * h_pad, h_pad, true);
+            }
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t offset = ((b * T + t0 + r) * N + n) * H;
+              const float* src = dq_tile.data() + r * h_pad;
+              if (dq_partial != nullptr) {
+                std::copy(src, src + H, dq_partial + offset);
+              } else {
+                for (int64_t h = 0; h < H; ++h) dq_data[offset + h] = static_cast<Scalar>(src[h] * scale);
+              }
+            }
+          }
+        }
+        for (int64_t s = j_begin * block_k; s < std::min(S, j_end * block_k); ++s) {
+          Scalar* dk_dst = dk_data + ((b * S + s) * K + k) * H;
+          Scalar* dv_dst = dv_data + ((b * S + s) * K + k) * D;
+          for (int64_t h = 0; h < H; ++h) dk_dst[h] = static_cast<Scalar>(dk_acc[s * h_pad + h]);
+          for (int64_t d = 0; d < D; ++d) dv_dst[d] = static_cast<Scalar>(dv_acc[s * d_pad + d]);
+        }
+      };
+
+      for (int64_t unit = begin; unit < end; ++unit) {
+        if (chunks > 1) {
+          const int64_t chunk = unit % chunks, bk = unit / chunks;
+          const int64_t j_begin = chunk * num_k / chunks, j_end = (chunk + 1) * num_k / chunks;
+          item(bk / K, bk % K, j_begin, j_end, nullptr, partial_data + chunk * B * T * N * H);
+          continue;
+        }
+        const int64_t slot = unit / apart, kind = unit % apart;
+        float* d_bias_slot = slot == 0 ? d_bias_data : extra_data + (slot - 1) * bias_elems;
+        for (int64_t c = slot; c < colliding; c += slots) {
+          const int64_t b = shared_b ? c / (shared_k ? K : 1) : kind / (shared_k ? 1 : K);
+          const int64_t k = shared_k ? c % K : kind % K;
+          item(b, k, 0, num_k, d_bias_slot, nullptr);
+        }
+      }
+    };
+    auto* workers = context->device()->tensorflow_cpu_worker_threads();
+    const int64_t units = chunks > 1 ? B * K * chunks : slots * apart;
+    const int64_t cost = B * K * G * std::max<int64_t>(T, 1) * std::max<int64_t>(S, 1) * (H + D) * 5 / units;
+    workers->workers->ParallelFor(units, cost, work);
+    if (chunks > 1) {
+      // Partials summed in chunk order, whichever thread wrote them.
+      const int64_t size = B * T * N * H;
+      for (int64_t e = 0; e < size; ++e) {
+        float sum = 0.0f;
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial_data[chunk * size + e];
+        dq_data[e] = static_cast<Scalar>(sum * scale);
+      }
+    }
+    for (int64_t slot = 1; slot < slots; ++slot) {
+      const float* src = extra_data + (slot - 1) * bias_elems;
+      for (int64_t e = 0; e < bias_elems; ++e) d_bias_data[e] += src[e];
+    }
+  }
+
+ private:
+  const Primitives* primitives_;
+  float scale_;
+  bool is_causal_;
+  float dropout_rate_;
+  float dropout_scale_;
+  bool has_bias_;
+  bool has_mask_;
+  int64_t block_q_;
+  int64_t block_k_;
+  int64_t bias_slot_bytes_;
+};
+
+#define FASTLAYERS_REGISTER(type)                                                                      \
+  REGISTER_KERNEL_BUILDER(                                                                             \
+      Name("FastlayersAttentionBackward").Device(tensorflow::DEVICE_CPU).TypeConstraint<type>("T"), \
+      AttentionBackwardOp<type>)
 FASTLAYERS_REGISTER(float);
 FASTLAYERS_REGISTER(Eigen::half);
 FASTLAYERS_REGISTER(Eigen::bfloat16);

@@ -4,16 +4,16 @@ Shape letters as in ``fastlayers.kernels.attention``: ``query [B, T, N, H]``,
 ``key [B, S, K, H]``, ``value [B, S, K, D]``, rank-4 ``bias``/``mask`` broadcasting
 to ``[B, N, T, S]``.
 
-The op computes the forward in one blockwise pass and returns the per-row
-logsumexp beside the output. Its gradient recomputes the compiled algorithm's
-forward and backward under XLA (``dot_product_attention_compiled``), so training
-through it is exactly as correct as training through ``"xla"``; a native backward
-from the saved logsumexp would save that recomputation.
+The forward op computes the output in one blockwise pass and returns the per-row
+logsumexp beside it; the backward op recomputes each block's probabilities from
+that logsumexp and returns dq, dk, dv and the bias gradient (``attention.cc``), so
+training through it never holds a ``[T, S]`` tensor either. It has no second-order
+gradient: differentiating its gradient raises, naming the paths that have one.
 
 Dispatch runs it as ``NATIVE`` (``Kernel(native=...)``): its tiles come in the
-call's ``Selection`` (a ``BlockSizes`` variant); dispatch refuses it inside an XLA
-cluster and asks ``not_built_reason`` whether the op builds; the auto table passes
-it over while a gradient tape records (``auto_while_training``).
+call's ``Selection`` (a ``BlockSizes`` variant; the backward takes
+``kernels.attention.NATIVE_BACKWARD_BLOCK_SIZES``); dispatch refuses it inside an
+XLA cluster and asks ``not_built_reason`` whether the op builds.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import threading
 import warnings
 
 import tensorflow as tf
-from fastlayers.kernels import dispatch
 from fastlayers.kernels.native import build as build_lib
 
 DTYPES = (tf.float32, tf.float16, tf.bfloat16)
@@ -101,12 +100,11 @@ class NativeAttention:
     it: ``dot_product_attention_native`` with the tiles of the call's ``Selection``.
 
     Attributes:
-        auto_while_training: False: while a gradient tape records, the auto table
-            takes the compiled paths, since this op's gradient recomputes the
-            compiled forward first. An explicit request runs it there.
+        auto_while_training: True: the op's gradient is the native backward, so the
+            auto table takes it while a gradient tape records too.
     """
 
-    auto_while_training = False
+    auto_while_training = True
 
     def __call__(self, query, key, value, bias=None, mask=None, *, selection, sliding_window=None, **options):
         # A window is one of the kernel's not_supported_reasons for this op: never here.
@@ -139,10 +137,11 @@ def dot_product_attention_native(
     """The native forward, with the semantics of ``dot_product_attention_compiled``
     (``bias`` and ``mask`` rank 4).
 
-    ``block_sizes`` (a ``BlockSizes``) sets the op's tiles (key blocks round up to
-    16 columns); None takes ``kernels.attention.NATIVE_BLOCK_SIZES``. The op takes
-    its shapes as they come; the gradient's XLA recomputation makes its own layout
-    and takes the XLA path's default tiles.
+    ``block_sizes`` (a ``BlockSizes``) sets the forward's tiles (key blocks round up
+    to 16 columns); None takes ``kernels.attention.NATIVE_BLOCK_SIZES``. The gradient
+    is the native backward, with ``NATIVE_BACKWARD_BLOCK_SIZES``: the gradients of
+    ``query``, ``key``, ``value`` and ``bias`` (summed over the bias's broadcast axes,
+    in the bias's dtype).
     """
     library = load_library()
     from fastlayers.kernels import attention as attention_lib
@@ -164,57 +163,52 @@ def dot_product_attention_native(
     mask_in = tf.zeros([0, 0, 0, 0], tf.bool) if mask is None else mask
 
     def forward(q, k, v, b):
-        out, _ = library.fastlayers_attention_forward(q, k, v, b, mask_in, seed_words, **options)
-        return out
+        return library.fastlayers_attention_forward(q, k, v, b, mask_in, seed_words, **options)
 
-    platform, batch, heads = dispatch.platform_of(query), query.shape[0], query.shape[2]
-    xla_variant = attention_lib.default_variant(
-        "xla", platform, query.dtype, is_causal=bool(is_causal),
-        batch_heads=None if batch is None or heads is None else batch * heads,
-    )
-    recompute = dict(
-        mask=mask,
-        seed=seed,
-        scale=float(scale),
-        is_causal=bool(is_causal),
-        dropout_rate=float(dropout_rate),
-        selection=dispatch.Selection("xla", xla_variant, "explicit", platform, query.dtype.name),
-        layout=attention_lib.static_layout(query, key, value, bias, mask, lengths=True),
-    )
+    backward_blocks = attention_lib.NATIVE_BACKWARD_BLOCK_SIZES
+    backward_options = dict(options, block_q=backward_blocks.block_q, block_k=backward_blocks.block_k)
+
+    def backward(q, k, v, b, out, lse, d_out):
+        return library.fastlayers_attention_backward(
+            q, k, v, b, mask_in, seed_words, out, lse, d_out, **backward_options
+        )
+
     no_bias = tf.zeros([0, 0, 0, 0], tf.float32)
 
     if bias is None:
 
         @tf.custom_gradient
         def attend(q, k, v):
-            def grad(d_out):
-                return _compiled_gradient((q, k, v), d_out, **recompute)
+            out, lse = forward(q, k, v, no_bias)
 
-            return forward(q, k, v, no_bias), grad
+            def grad(d_out):
+                d_q, d_k, d_v, _ = backward(q, k, v, no_bias, out, lse, d_out)
+                return d_q, d_k, d_v
+
+            return out, grad
 
         return attend(query, key, value)
 
     @tf.custom_gradient
     def attend_with_bias(q, k, v, b):
-        def grad(d_out):
-            return _compiled_gradient((q, k, v, b), d_out, **recompute)
+        b32 = tf.cast(b, tf.float32)
+        out, lse = forward(q, k, v, b32)
 
-        return forward(q, k, v, tf.cast(b, tf.float32)), grad
+        def grad(d_out):
+            d_q, d_k, d_v, d_b = backward(q, k, v, b32, out, lse, d_out)
+            return d_q, d_k, d_v, tf.cast(d_b, b.dtype)
+
+        return out, grad
 
     return attend_with_bias(query, key, value, bias)
 
 
-@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-def _compiled_gradient(inputs, d_out, *, mask, seed, **options):
-    """The gradient at ``inputs`` (q, k, v and maybe bias) against ``d_out`` by the
-    compiled algorithm under XLA: its forward again, then its backward, which
-    recomputes the blocks from its own logsumexp."""
-    from fastlayers.kernels import attention as attention_lib
-
-    with tf.GradientTape() as tape:
-        tape.watch(inputs)
-        q, k, v, *bias = inputs
-        out = attention_lib.dot_product_attention_compiled(
-            q, k, v, bias[0] if bias else None, mask, seed=seed, **options
-        )
-    return tape.gradient(out, inputs, output_gradients=d_out)
+@tf.RegisterGradient("FastlayersAttentionBackward")
+def _second_order(op, *grads):
+    """The native backward has no gradient of its own: say so, and what does."""
+    del op, grads
+    raise NotImplementedError(
+        "implementation='native' of dot_product_attention has no second-order gradient "
+        "(the gradient of its gradient). Pass implementation='graph' or 'reference' to "
+        "differentiate the attention twice."
+    )

@@ -450,7 +450,7 @@ def test_auto_skips_a_failed_build_with_one_warning(monkeypatch, fresh_build, rn
     tolerance("float32").check(out.numpy(), attention_oracle(q, k, v))
 
 
-def test_auto_takes_native_unless_a_tape_records():
+def test_auto_takes_native_while_a_tape_records_too():
     from fastlayers.kernels.attention import ATTENTION, NATIVE_BLOCK_SIZES
 
     def choice(implementation, dtype=tf.float32):
@@ -460,8 +460,8 @@ def test_auto_takes_native_unless_a_tape_records():
     assert choice(None) == ("native", NATIVE_BLOCK_SIZES)
     assert choice(None, tf.float64)[0] == "xla"
     with tf.GradientTape():
-        assert choice(None)[0] == "xla"
-        assert choice("native") == ("native", NATIVE_BLOCK_SIZES)
+        assert choice(None) == ("native", NATIVE_BLOCK_SIZES)
+        assert choice(None, tf.float64)[0] == "xla"
 
 
 def test_the_callers_tiles_reach_the_op_through_the_selection(monkeypatch):
@@ -513,8 +513,9 @@ def test_broken_flags_give_the_compiler_error(monkeypatch, fresh_build):
 
 @pytest.mark.slow
 def test_address_sanitizer_build_runs_the_cases(tmp_path):
-    """Builds the op with -fsanitize=address and runs awkward, masked, dropped and
-    causal cases in a process with ASan preloaded: any out-of-bounds read aborts it."""
+    """Builds the ops with -fsanitize=address and runs awkward, masked, dropped and
+    causal cases forward and backward in a process with ASan preloaded: any
+    out-of-bounds read aborts it."""
     # libstdc++ preloaded beside ASan: its __cxa_throw interceptor needs the real one
     # resolvable at start-up, before TensorFlow loads it.
     preload = " ".join(
@@ -538,9 +539,19 @@ def test_address_sanitizer_build_runs_the_cases(tmp_path):
                 bias = tf.constant(rng.standard_normal((1, n, 1, s)), dtype)
                 for kwargs in (dict(), dict(mask=mask, is_causal=True), dict(bias=bias, dropout_rate=0.3, seed=1),
                                dict(mask=mask[..., :1, :], block_sizes=kernels.BlockSizes(7, 17))):
-                    out = kernels.dot_product_attention(q, k, v, implementation="native", **kwargs)
-                    ref = kernels.dot_product_attention(q, k, v, implementation="reference", **kwargs)
-                    kernels.tolerance(dtype).check(out.numpy(), ref.numpy())
+                    results = []
+                    for implementation in ("native", "reference"):
+                        inputs = [q, k, v] + ([kwargs["bias"]] if "bias" in kwargs else [])
+                        with tf.GradientTape() as tape:
+                            tape.watch(inputs)
+                            out = kernels.dot_product_attention(
+                                q, k, v, implementation=implementation, **kwargs)
+                            loss = tf.reduce_sum(tf.cast(out, tf.float32) ** 2)
+                        results.append([out] + tape.gradient(loss, inputs))
+                    kernels.tolerance(dtype).check(results[0][0].numpy(), results[1][0].numpy())
+                    for grad, expected in zip(results[0][1:], results[1][1:]):
+                        kernels.tolerance(dtype, grad=True).check(
+                            grad.numpy(), expected.numpy(), what=f"{dtype} {sorted(kwargs)}")
         print("ok")
         """
     )
@@ -575,3 +586,271 @@ def test_a_sliding_window_is_refused_by_name_and_auto_takes_the_compiled_path(rn
     auto = kernels.dot_product_attention(q, q, q, sliding_window=2)
     reference = kernels.dot_product_attention(q, q, q, sliding_window=2, implementation="reference")
     tolerance("float32").check(auto.numpy(), reference.numpy(), what="auto")
+
+
+# --- the backward ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_backward_tiles(monkeypatch):
+    """Backward tiles smaller than the test lengths: several query and key blocks,
+    partial ones last (24 key columns round up to 32)."""
+    from fastlayers.kernels import attention as attention_lib
+
+    monkeypatch.setattr(attention_lib, "NATIVE_BACKWARD_BLOCK_SIZES", BlockSizes(block_q=8, block_k=24))
+
+
+def gradients(implementation, tensors, kwargs, weights, dtype=None):
+    """The output and the gradients of ``sum(out * weights)`` with respect to query,
+    key, value (and bias); ``dtype`` casts the inputs first (the float32 truth)."""
+    cast = (lambda x: x) if dtype is None else (lambda x: tf.cast(x, dtype))  # noqa: E731
+    sources = {name: cast(x) for name, x in tensors.items()}
+    call = {key: (cast(x) if key == "bias" else x) for key, x in kwargs.items()}
+    if "bias" in call:
+        sources["bias"] = call.pop("bias")
+    with tf.GradientTape() as tape:
+        tape.watch(list(sources.values()))
+        out = kernels.dot_product_attention(
+            **sources, **call, block_sizes=SMALL_BLOCKS, implementation=implementation
+        )
+        loss = tf.reduce_sum(tf.cast(out, tf.float32) * weights)
+    return out, dict(zip(sources, tape.gradient(loss, list(sources.values()))))
+
+
+def check_gradients(rng, dtype, tensors, kwargs, what=""):
+    """The native gradients against the reference's on the same (rounded) inputs in
+    float32, with the dtype's gradient tolerance; returns the native ones."""
+    out_shape = tensors["query"].shape[:3] + tensors["value"].shape[3:]
+    weights = tf.constant(rng.standard_normal(out_shape), tf.float32)
+    _, actual = gradients("native", tensors, kwargs, weights)
+    _, expected = gradients("reference", tensors, kwargs, weights, dtype=tf.float32)
+    assert set(actual) == set(expected)
+    for name, grad in actual.items():
+        source = tensors.get(name, kwargs.get("bias"))
+        assert grad.shape == source.shape and grad.dtype == source.dtype, name
+        tolerance(dtype, grad=True).check(grad.numpy(), expected[name].numpy(), what=f"{what} {dtype} d{name}")
+    return actual
+
+
+@pytest.mark.usefixtures("small_backward_tiles")
+@pytest.mark.parametrize("case", ["causal", "padding", "bias", "gqa", "fully_masked"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_matches_the_reference(rng, dtype, case):
+    q, k, v, options = make_case(rng, case, dtype, t=29, s=41)
+    tensors, kwargs = to_tensors(dtype, q, k, v, options)
+    grads = check_gradients(rng, dtype, tensors, kwargs, what=case)
+    if case == "fully_masked":
+        np.testing.assert_array_equal(grads["query"].numpy()[:, ::5].astype(np.float64), 0.0)
+
+
+@pytest.mark.usefixtures("small_backward_tiles")
+@pytest.mark.parametrize("form", MASK_FORMS)
+def test_backward_every_mask_and_bias_broadcast_form(rng, form):
+    """The bias gradient sums over the bias's broadcast axes (several batch entries
+    and key/value heads add into the same elements)."""
+    b, t, s, n, kv, h = 3, 13, 21, 4, 2, 8
+    q, k, v, _ = make_case(rng, "plain", "float32", b=b, t=t, s=s, n=n, kv=kv, h=h)
+    shape = form_shape(form, (b, n, t, s))
+    mask = rng.random(shape) > 0.3
+    bias = rng.standard_normal(shape)
+    tensors, _ = to_tensors("float32", q, k, v, {})
+    kwargs = dict(bias=tf.constant(bias, tf.float32), mask=tf.constant(mask), is_causal=form == "BNTS")
+    check_gradients(rng, "float32", tensors, kwargs, what=form)
+
+
+@pytest.mark.parametrize(
+    "t, s, h, d, causal",
+    [
+        (1, 1, 8, 8, False),
+        (1, 203, 40, 40, True),
+        (113, 203, 40, 40, False),
+        (113, 203, 80, 80, True),
+        (203, 113, 80, 24, True),
+    ],
+)
+def test_backward_awkward_sizes_with_the_default_tiles(rng, t, s, h, d, causal):
+    q, k, v, _ = make_case(rng, "gqa", "float32", b=1, t=t, s=s, n=4, h=h, d=d)
+    tensors, _ = to_tensors("float32", q, k, v, {})
+    check_gradients(rng, "float32", tensors, dict(is_causal=causal))
+
+
+@pytest.mark.usefixtures("small_backward_tiles")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_dropout_drops_the_reference_positions(rng, dtype):
+    q, k, v, options = make_case(rng, "bias", dtype, t=29, s=41, kv=2)
+    tensors, kwargs = to_tensors(dtype, q, k, v, options)
+    kwargs.update(is_causal=True, dropout_rate=0.3, seed=[5, 9])
+    check_gradients(rng, dtype, tensors, kwargs, what="dropout")
+
+
+@pytest.mark.usefixtures("small_backward_tiles")
+@pytest.mark.parametrize("variant", ["keys", "rows"])
+def test_backward_nan_in_hidden_positions_reaches_nothing(rng, variant):
+    b, t, s, n, h = 2, 11, 29, 4, 8
+    q, k, v, _ = make_case(rng, "gqa", "float32", b=b, t=t, s=s, n=n, h=h)
+    mask = np.ones((b, 1, t, s), bool)
+    mask[:, :, :, 20:] = False  # keys 20.. hidden from every row
+    if variant == "rows":
+        mask[:, :, 7:, :] = False  # query rows 7.. see no key
+    weights = tf.constant(rng.standard_normal((b, t, n, h)), tf.float32)
+    clean, _ = to_tensors("float32", q, k, v, {})
+    _, expected = gradients("reference", clean, dict(mask=tf.constant(mask)), weights)
+    q_bad, k_bad, v_bad = q.copy(), k.copy(), v.copy()
+    k_bad[:, 20:] = np.nan
+    v_bad[:, 20:] = np.inf
+    if variant == "rows":
+        q_bad[:, 7:] = np.nan
+    bad, _ = to_tensors("float32", q_bad, k_bad, v_bad, {})
+    _, actual = gradients("native", bad, dict(mask=tf.constant(mask)), weights)
+    for name in ("query", "key", "value"):
+        assert np.isfinite(actual[name].numpy()).all(), name
+        tolerance("float32", grad=True).check(actual[name].numpy(), expected[name].numpy(), what=f"d{name}")
+    np.testing.assert_array_equal(actual["key"].numpy()[:, 20:], 0.0)
+    np.testing.assert_array_equal(actual["value"].numpy()[:, 20:], 0.0)
+    if variant == "rows":
+        np.testing.assert_array_equal(actual["query"].numpy()[:, 7:], 0.0)
+
+
+@pytest.mark.parametrize("b, t, s", [(2, 0, 5), (2, 5, 0), (0, 5, 5)])
+def test_backward_empty_axes_give_what_the_reference_gives(rng, b, t, s):
+    q, k, v, _ = make_case(rng, "gqa", "float32", b=b, t=t, s=s)
+    tensors, _ = to_tensors("float32", q, k, v, {})
+    bias = tf.constant(rng.standard_normal((1, 4, t, s)), tf.float32)
+    weights = tf.ones([b, t, 4, 8])
+    _, actual = gradients("native", tensors, dict(bias=bias), weights)
+    _, expected = gradients("reference", tensors, dict(bias=bias), weights)
+    for name, grad in expected.items():
+        assert actual[name].shape == grad.shape, name
+        np.testing.assert_array_equal(actual[name].numpy(), grad.numpy())  # empty, or zeros
+
+
+def raw_backward(q, k, v, out, lse, d_out, *, bias=None, mask=None, scale=None, **attrs):
+    """The backward op itself: ``(d_query, d_key, d_value, d_bias)``."""
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    return library().fastlayers_attention_backward(
+        q, k, v,
+        tf.zeros([0, 0, 0, 0]) if bias is None else bias,
+        tf.zeros([0, 0, 0, 0], tf.bool) if mask is None else mask,
+        tf.zeros([0], tf.uint32),
+        out, lse, d_out,
+        scale=scale, has_bias=bias is not None, has_mask=mask is not None, **attrs,
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", ["plain", "bias", "causal", "padding"])
+def test_backward_portable_primitives_match_the_vectorised_ones(rng, case, dtype):
+    q, k, v, options = make_case(rng, case, dtype, t=21, s=45, h=40)
+    tensors, kwargs = to_tensors(dtype, q, k, v, options)
+    args = dict(
+        bias=tf.cast(kwargs["bias"], tf.float32) if "bias" in kwargs else None,
+        mask=kwargs.get("mask"),
+        is_causal=kwargs.get("is_causal", False),
+    )
+    out, lse = raw_forward(*tensors.values(), **args)
+    d_out = tf.constant(rng.standard_normal(out.shape), dtype)
+    best = raw_backward(*tensors.values(), out, lse, d_out, **args, block_q=8, block_k=16)
+    portable = raw_backward(*tensors.values(), out, lse, d_out, **args, block_q=8, block_k=16, isa="portable")
+    for name, x, y in zip(("query", "key", "value", "bias"), best, portable):
+        tolerance(dtype, grad=True).check(x.numpy(), y.numpy(), what=f"best vs portable d{name}")
+
+
+def test_backward_bias_slots_past_the_budget_run_in_turn(rng):
+    """With too little memory for one bias-gradient slot per colliding item, the
+    items share slots in turn: the same gradient."""
+    q, k, v, _ = make_case(rng, "gqa", "float32", b=3, t=19, s=23)
+    tensors, _ = to_tensors("float32", q, k, v, {})
+    bias = tf.constant(rng.standard_normal((1, 1, 19, 23)), tf.float32)
+    out, lse = raw_forward(*tensors.values(), bias=bias)
+    d_out = tf.constant(rng.standard_normal(out.shape), tf.float32)
+    roomy = raw_backward(*tensors.values(), out, lse, d_out, bias=bias)
+    tight = raw_backward(*tensors.values(), out, lse, d_out, bias=bias, bias_slot_bytes=2 * 19 * 23 * 4)
+    for name, x, y in zip(("query", "key", "value", "bias"), tight, roomy):
+        tolerance("float32", grad=True).check(x.numpy(), y.numpy(), what=f"d{name}")
+
+
+def test_backward_op_checks_the_saved_forward():
+    q = tf.ones([1, 4, 2, 8])
+    out, lse = raw_forward(q, q, q)
+    expected = (
+        r"output and d_output must have shape \[B, T, N, D\] = \[1,4,2,8\] and logsumexp "
+        r"\[B, N, T\] = \[1,2,4\]. Received: output.shape=\[1,4,2,8\], d_output.shape=\[1,4,2,8\], "
+        r"logsumexp.shape=\[1,4,2\]"
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match=expected):
+        raw_backward(q, q, q, out, tf.transpose(lse, [0, 2, 1]), out)
+
+
+def test_backward_one_and_two_threads_give_identical_gradients(rng, tmp_path):
+    """With a bias broadcast over batch and heads (its gradient in slots), and
+    without, with one batch entry and key/value head (key blocks in chunks)."""
+    cases = {}
+    for name, b, kv in (("bias", 2, 2), ("chunks", 1, 1)):
+        q, k, v, options = make_case(rng, "fully_masked", "float32", b=b, t=150, s=290, n=4, kv=kv, h=16)
+        cases.update({f"{name}_q": q, f"{name}_k": k, f"{name}_v": v, f"{name}_mask": options["mask"]})
+    cases["bias_bias"] = rng.standard_normal((1, 1, 150, 290))
+    np.savez(tmp_path / "case.npz", **cases)
+    script = textwrap.dedent(
+        f"""
+        import numpy as np, tensorflow as tf, sys
+        tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
+        from fastlayers import kernels
+        case = np.load({str(tmp_path / 'case.npz')!r})
+        grads = {{}}
+        for name in ("bias", "chunks"):
+            inputs = [tf.constant(case[f"{{name}}_{{x}}"], tf.float32) for x in ("q", "k", "v")]
+            bias = tf.constant(case["bias_bias"], tf.float32) if name == "bias" else None
+            inputs += [] if bias is None else [bias]
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                out = kernels.dot_product_attention(
+                    *inputs[:3], bias=bias, mask=tf.constant(case[f"{{name}}_mask"]), is_causal=True,
+                    dropout_rate=0.2, seed=3, implementation="native")
+                loss = tf.reduce_sum(out * out)
+            for i, g in enumerate(tape.gradient(loss, inputs)):
+                grads[f"{{name}}_{{i}}"] = g.numpy()
+        np.savez(sys.argv[2], **grads)
+        """
+    )
+    results = []
+    for threads in (1, 2):
+        path = tmp_path / f"grads{threads}.npz"
+        subprocess.run([sys.executable, "-c", script, str(threads), str(path)], check=True,
+                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True)
+        with np.load(path) as grads:
+            results.append({name: grads[name] for name in grads.files})
+    assert sorted(results[0]) == ["bias_0", "bias_1", "bias_2", "bias_3", "chunks_0", "chunks_1", "chunks_2"]
+    for name, grad in results[0].items():
+        np.testing.assert_array_equal(grad, results[1][name], err_msg=name)
+        assert np.isfinite(grad).all() and np.abs(grad).max() > 0, name
+
+
+class TestSecondOrder:
+    """The native backward has no gradient: differentiating it raises, naming the paths that have one."""
+
+    message = r"implementation='native' of dot_product_attention has no second-order gradient"
+
+    def inputs(self):
+        rng = np.random.default_rng(1)
+        return [tf.constant(rng.standard_normal((1, 5, 2, 8)), tf.float32) for _ in range(3)]
+
+    def test_nested_tapes(self):
+        inputs = self.inputs()
+        with tf.GradientTape() as outer:
+            outer.watch(inputs)
+            with tf.GradientTape() as inner:
+                inner.watch(inputs)
+                loss = tf.reduce_sum(kernels.dot_product_attention(*inputs, implementation="native") ** 2)
+            d_query = inner.gradient(loss, inputs[0])
+        with pytest.raises(NotImplementedError, match=self.message + r".*Pass implementation='graph' or 'reference'"):
+            outer.gradient(d_query, inputs)
+
+    def test_tf_gradients_twice(self):
+        @tf.function
+        def twice(q, k, v):
+            loss = tf.reduce_sum(kernels.dot_product_attention(q, k, v, implementation="native") ** 2)
+            d_query = tf.gradients(loss, q)[0]
+            return tf.gradients(tf.reduce_sum(d_query), [q, k, v])
+
+        with pytest.raises(NotImplementedError, match=self.message):
+            twice(*self.inputs())
