@@ -16,9 +16,17 @@ from fastlayers.kernels import BlockSizes, tolerance
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def numpy_cases():
+    """Every implementation and dtype; XLA's half-precision sweep (a program per case
+    and dtype, the slowest to compile) runs with -m slow, its float32 by default."""
+    for implementation in IMPLEMENTATIONS:
+        for dtype in DTYPES:
+            slow = implementation == "xla" and dtype != "float32"
+            yield pytest.param(implementation, dtype, marks=[pytest.mark.slow] if slow else [])
+
+
 @pytest.mark.parametrize("case", ["causal", "padding", "bias", "gqa", "fully_masked"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation, dtype", list(numpy_cases()))
 def test_matches_numpy(rng, implementation, dtype, case):
     q, k, v, options = make_case(rng, case, dtype)
     tensors, kwargs = to_tensors(dtype, q, k, v, options)

@@ -95,8 +95,14 @@ def test_regularizer_losses_match_kerass(rng):
                                sorted(float(l) for l in theirs.losses), rtol=1e-6)
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+# Training under jit_compile=True compiles the whole step with our kernel inside:
+# auto's by default, each explicit implementation's with -m slow.
+@pytest.mark.parametrize("implementation, jit_compile", [
+    *((implementation, False) for implementation in IMPLEMENTATIONS),
+    (None, True),
+    *(pytest.param(implementation, True, marks=pytest.mark.slow)
+      for implementation in IMPLEMENTATIONS if implementation is not None),
+])
 def test_trains_in_a_functional_model(implementation, jit_compile, rng):
     inputs = keras.Input((6,))
     hidden = layers.Dense(16, activation="relu", kernel_constraint="non_neg",
