@@ -26,7 +26,6 @@ from collections.abc import Callable
 
 from fastlayers.bench import build_cli, tune
 from fastlayers.bench.errors import CommandError
-from fastlayers.kernels import dispatch
 
 EXIT_REGRESSION = 1
 EXIT_USAGE = 2
@@ -388,7 +387,9 @@ def _profile_arguments(profile: argparse.ArgumentParser) -> None:
                          help=LAYER_ARGS_HELP.format(what="--dtype and --implementation set"))
     profile.add_argument("--dtype", choices=POLICIES, default="float32",
                          help="Keras dtype policy (default: %(default)s)")
-    profile.add_argument("--implementation", choices=("auto", *dispatch.ALL_IMPLEMENTATIONS),
+    # dispatch.ALL_IMPLEMENTATIONS, spelled out: the CLI imports TensorFlow only after
+    # setting its log level (main).
+    profile.add_argument("--implementation", choices=("auto", "reference", "graph", "xla", "native"),
                          default="auto", help="(default: %(default)s)")
     profile.add_argument("--mode", choices=MODES, default="eager",
                          help="eager (each call from Python) or function (calls inside a "

@@ -78,6 +78,10 @@ _HOLE_MASK = [[0.0 if 62 <= i < 66 and 62 <= j < 66 else 1.0 for j in range(128)
 LAYER_DEFAULTS: dict[str, LayerDefaults] = {
     "Dense": LayerDefaults({"units": 4096, "activation": "relu"}, (4096, 1024)),
     "Linear": LayerDefaults({"units": 4096}, (4096, 1024)),
+    # Attention's query projection, on Dense's rows.
+    "EinsumDense": LayerDefaults(
+        {"equation": "abc,cde->abde", "output_shape": (None, 8, 64), "bias_axes": "de"}, (4, 1024, 512)
+    ),
     # A ResNet stem's activations.
     "MaxPooling2D": LayerDefaults({"pool_size": 2}, (64, 112, 112, 64)),
     "FixedMask": LayerDefaults({"mask": _HOLE_MASK}, (256, 128, 128)),

@@ -61,6 +61,12 @@ def test_trace_holds_the_kernel_scope(captures, mode, implementation):
     assert result.scopes == {f"fastlayers/dense/{expected_implementation(implementation, mode)}"}
 
 
+def test_the_cli_offers_every_implementation():
+    action = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["profile"]._actions
+                  if a.dest == "implementation")
+    assert tuple(action.choices) == ("auto", *dispatch.ALL_IMPLEMENTATIONS)
+
+
 @pytest.mark.parametrize("mode", cases.MODES)
 def test_native_attention_has_its_scope(tmp_path, mode):
     result = profile.profile_layer(
