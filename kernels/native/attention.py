@@ -18,33 +18,17 @@ XLA cluster and asks ``not_built_reason`` whether the op builds.
 
 from __future__ import annotations
 
-import threading
-import warnings
-
 import tensorflow as tf
 from fastlayers.kernels.native import build as build_lib
 
 DTYPES = (tf.float32, tf.float16, tf.bfloat16)
 
-_state_lock = threading.Lock()
-_failure: str | None = None
-_warned = False
-
 
 @tf.autograph.experimental.do_not_convert
 def load_library():
-    """The op library, built on first use. Raises ``build.BuildError``; a failure is
-    remembered, so a process tries (and fails) to build only once."""
-    global _failure
-    with _state_lock:
-        if _failure is not None:
-            raise build_lib.BuildError(_failure)
-    try:
-        return build_lib.load()
-    except build_lib.BuildError as error:
-        with _state_lock:
-            _failure = str(error)
-        raise
+    """The op library, built on first use (``build.load_once``). Raises
+    ``build.BuildError``; a failure is remembered for the process."""
+    return build_lib.load_once()
 
 
 @tf.autograph.experimental.do_not_convert
@@ -75,24 +59,9 @@ def not_supported_reasons(*, platform, dtype):
 
 @tf.autograph.experimental.do_not_convert
 def not_built_reason() -> str | None:
-    """Why the op cannot run in this process (a missing compiler, a failed build,
-    with the build error's first lines), or None once it is loaded. The first call
-    builds it. A failure warns once per process, so auto, which moves on to the next
-    implementation, says why."""
-    global _warned
-    try:
-        load_library()
-    except build_lib.BuildError as error:
-        with _state_lock:
-            warn, _warned = not _warned, True
-        if warn:
-            warnings.warn(
-                f"fastlayers: the native attention kernel is unavailable: {error}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return f"it could not be built: {error}"
-    return None
+    """Why the op cannot run in this process, or None once it is loaded; the first
+    call builds it, and a failure warns once (``build.not_built_reason``)."""
+    return build_lib.not_built_reason("the native attention kernel")
 
 
 class NativeAttention:

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 # Every op of the library: one source per kernel family, one shared library.
@@ -196,3 +197,46 @@ def load():
         except (tf.errors.NotFoundError, OSError) as error:
             raise BuildError(f"loading {path} failed: {str(error).strip().splitlines()[0]}") from error
         return _loaded
+
+
+# A failed build or load, remembered: a process tries (and fails) to build only once.
+_failure: str | None = None
+# The kernel families that have warned of it: each warns once per process.
+_warned: set[str] = set()
+_state_lock = threading.Lock()
+
+
+def load_once():
+    """``load()``, with a failure remembered for the rest of the process.
+
+    Raises:
+        BuildError: the library cannot be built or loaded (now or at the first try).
+    """
+    global _failure
+    with _state_lock:
+        if _failure is not None:
+            raise BuildError(_failure)
+    try:
+        return load()
+    except BuildError as error:
+        with _state_lock:
+            _failure = str(error)
+        raise
+
+
+def not_built_reason(what: str) -> str | None:
+    """Why the library cannot run ``what`` (a kernel, as "the native attention
+    kernel") in this process: a missing compiler, a failed build, with the build
+    error's first lines; None once it is loaded. The first call builds it. A failure
+    warns once per process for each ``what``, so auto, which moves on to the next
+    implementation, says why."""
+    try:
+        load_once()
+    except BuildError as error:
+        with _state_lock:
+            warn = what not in _warned
+            _warned.add(what)
+        if warn:
+            warnings.warn(f"fastlayers: {what} is unavailable: {error}", RuntimeWarning, stacklevel=3)
+        return f"it could not be built: {error}"
+    return None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 from fastlayers.kernels.native import attention as native_attention
+from fastlayers.kernels.native import build as build_lib
 
 def not_supported_reasons(*, platform, dtype, axis) -> list[str]:
     """Why the native op cannot take a call; empty when it can. ``axis`` counts from
@@ -49,8 +50,9 @@ class NativeNormalization:
         return normalization_native(x, scale, offset, **options)
 
     def not_built_reason(self) -> str | None:
-        """Why the op library cannot run in this process, or None (it builds first)."""
-        return native_attention.not_built_reason()
+        """Why the op library cannot run in this process, or None (it builds first;
+        a failure warns once)."""
+        return build_lib.not_built_reason("the native normalization kernel")
 
 
 NATIVE = NativeNormalization()
@@ -74,7 +76,7 @@ def normalization_native(x, scale, offset, *, axis, epsilon, centered, subtract_
     Returns:
         A tensor of the shape and dtype of ``x``.
     """
-    library = native_attention.load_library()
+    library = build_lib.load_once()
     # Static sizes where they are known (always, eagerly): an eager call then runs
     # the op alone, without the shape arithmetic a generic trace needs.
     # Explicit row counts, never -1: a reshape cannot infer a size from an empty tensor.

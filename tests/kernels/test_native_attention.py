@@ -400,8 +400,8 @@ class TestOpBadInput:
 def fresh_build(monkeypatch, tmp_path):
     """A process state where the library was never built, with an empty cache."""
     monkeypatch.setenv("FASTLAYERS_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(native_attention, "_failure", None)
-    monkeypatch.setattr(native_attention, "_warned", False)
+    monkeypatch.setattr(build_lib, "_failure", None)
+    monkeypatch.setattr(build_lib, "_warned", set())
     monkeypatch.setattr(build_lib, "_loaded", None)
     return tmp_path
 

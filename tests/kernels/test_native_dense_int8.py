@@ -13,9 +13,7 @@ import pytest
 import tensorflow as tf
 
 from fastlayers import kernels, layers
-from fastlayers.kernels import dispatch
 from fastlayers.kernels.dense import DENSE_INT8, dense_int8_reference
-from fastlayers.kernels.native import attention as native_attention
 from fastlayers.kernels.native import build as build_lib
 from fastlayers.kernels.native import dense_int8 as native_int8
 
@@ -229,9 +227,8 @@ def test_layer_honours_a_kernel_assigned_after_the_first_call(rng):
 def fresh_build(monkeypatch, tmp_path):
     """A process state where the library was never built, with an empty cache."""
     monkeypatch.setenv("FASTLAYERS_CACHE_DIR", str(tmp_path))
-    for module in (native_int8, native_attention):
-        monkeypatch.setattr(module, "_failure", None)
-        monkeypatch.setattr(module, "_warned", False)
+    monkeypatch.setattr(build_lib, "_failure", None)
+    monkeypatch.setattr(build_lib, "_warned", set())
     monkeypatch.setattr(build_lib, "_loaded", None)
     return tmp_path
 
