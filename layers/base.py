@@ -33,6 +33,18 @@ def get_activation(activation):
         ) from error
 
 
+class KerasQuantization:
+    """Mixin of the drop-ins that subclass a layer Keras quantizes (Dense,
+    EinsumDense). Keras refuses to quantize subclasses of its layers, whose
+    computation it cannot vouch for; ours compute Keras's, so the refusal moves down
+    one level: a subclass of ours is refused, as Keras refuses one of its own."""
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        if type_check and KerasQuantization not in type(self).__bases__:
+            raise self._not_implemented_error(self.quantize)
+        super().quantize(mode, type_check=False, config=config)
+
+
 class ImplementationArgument:
     """The ``implementation=`` constructor argument of a fastlayers layer, checked and
     kept in ``get_config()``; mixed in before the Keras layer class it extends."""

@@ -7,11 +7,11 @@ import tensorflow as tf
 
 from fastlayers import kernels
 from fastlayers.kernels import dispatch
-from fastlayers.layers.base import check_positive_int, get_activation, register
+from fastlayers.layers.base import KerasQuantization, check_positive_int, get_activation, register
 
 
 @register
-class Dense(keras.layers.Dense):
+class Dense(KerasQuantization, keras.layers.Dense):
     """Just your regular densely-connected layer, fast: ``activation(inputs · kernel + bias)``.
 
     A subclass of ``keras.layers.Dense`` (Keras 3.15) that replaces only its float
@@ -80,13 +80,6 @@ class Dense(keras.layers.Dense):
 
     def get_config(self):
         return {**super().get_config(), "implementation": self.implementation}
-
-    def quantize(self, mode=None, type_check=True, config=None):
-        # Keras refuses to quantize subclasses of its Dense, whose float computation it
-        # cannot vouch for; ours computes Keras's, so the refusal moves down one level.
-        if type_check and type(self) is not Dense:
-            raise self._not_implemented_error(self.quantize)
-        super().quantize(mode, type_check=False, config=config)
 
     def not_supported_reasons(self, inputs) -> list[str]:
         """Why the fused kernel cannot take ``inputs``; empty when it can.

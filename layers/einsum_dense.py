@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from fastlayers import kernels
 from fastlayers.kernels import dispatch
-from fastlayers.layers.base import register
+from fastlayers.layers.base import KerasQuantization, register
 
 
 def matmul_split(equation: str):
@@ -38,7 +38,7 @@ def matmul_split(equation: str):
 
 
 @register
-class EinsumDense(keras.layers.EinsumDense):
+class EinsumDense(KerasQuantization, keras.layers.EinsumDense):
     """A layer that uses ``einsum`` as the backing computation, fast when int8-quantized.
 
     A subclass of ``keras.layers.EinsumDense`` (Keras 3.15): constructor arguments,
@@ -79,13 +79,6 @@ class EinsumDense(keras.layers.EinsumDense):
 
     def get_config(self):
         return {**super().get_config(), "implementation": self.implementation}
-
-    def quantize(self, mode=None, type_check=True, config=None):
-        # Keras refuses to quantize subclasses of its EinsumDense, whose computation it
-        # cannot vouch for; ours computes Keras's, so the refusal moves down one level.
-        if type_check and type(self) is not EinsumDense:
-            raise self._not_implemented_error(self.quantize)
-        super().quantize(mode, type_check=False, config=config)
 
     def int8_not_supported_reasons(self, inputs) -> list[str]:
         """Why the fused int8 kernel cannot take ``inputs`` on this int8-quantized
@@ -162,6 +155,16 @@ class EinsumDense(keras.layers.EinsumDense):
         if self.activation is not None:
             y = self.activation(y)
         return y
+
+
+class Int8Projections:
+    """Mixin of the attention layers: once built, Keras's ``EinsumDense`` projections
+    take this module's class (``adopt``), so that quantized to int8 they run the fused
+    int8 kernel."""
+
+    def build(self, query_shape, value_shape, key_shape=None):
+        super().build(query_shape, value_shape, key_shape)
+        adopt(self)
 
 
 def adopt(layer):

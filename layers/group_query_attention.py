@@ -68,7 +68,9 @@ def attend(layer, query, key, value, mask, *, rate, scale, training, is_causal, 
 
 
 @register
-class GroupQueryAttention(ImplementationArgument, keras.layers.GroupQueryAttention):
+class GroupQueryAttention(
+    ImplementationArgument, einsum_dense.Int8Projections, keras.layers.GroupQueryAttention
+):
     """Grouped-query attention with memory linear in the sequence length.
 
     A subclass of ``keras.layers.GroupQueryAttention`` (Keras 3.15): the constructor
@@ -106,12 +108,6 @@ class GroupQueryAttention(ImplementationArgument, keras.layers.GroupQueryAttenti
     >>> layer(x, x, use_causal_mask=True).shape
     TensorShape([3, 10, 32])
     """
-
-    def build(self, query_shape, value_shape, key_shape=None):
-        super().build(query_shape, value_shape, key_shape)
-        # Keras's projections, as our EinsumDense: quantized to int8, they run the
-        # fused int8 kernel.
-        einsum_dense.adopt(self)
 
     def call(
         self,

@@ -14,7 +14,9 @@ from fastlayers.layers.group_query_attention import attend, attention_mask_4d, c
 
 
 @register
-class MultiHeadAttention(ImplementationArgument, keras.layers.MultiHeadAttention):
+class MultiHeadAttention(
+    ImplementationArgument, einsum_dense.Int8Projections, keras.layers.MultiHeadAttention
+):
     """Multi-head attention with memory linear in the sequence length.
 
     A subclass of ``keras.layers.MultiHeadAttention`` (Keras 3.15): the constructor
@@ -52,12 +54,6 @@ class MultiHeadAttention(ImplementationArgument, keras.layers.MultiHeadAttention
     >>> layer(x, x, use_causal_mask=True).shape
     TensorShape([3, 5, 16])
     """
-
-    def build(self, query_shape, value_shape, key_shape=None):
-        super().build(query_shape, value_shape, key_shape)
-        # Keras's projections, as our EinsumDense: quantized to int8, they run the
-        # fused int8 kernel.
-        einsum_dense.adopt(self)
 
     def call(
         self,
