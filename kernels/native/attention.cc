@@ -663,11 +663,10 @@ absl::Status CheckBroadcast(const char* name, const Tensor& x, bool present, con
   return absl::OkStatus();
 }
 
-template <typename Scalar>
-class AttentionForwardOp : public OpKernel {
- public:
-  explicit AttentionForwardOp(OpKernelConstruction* context)
-      : OpKernel(context) {
+// The attributes the forward and backward ops share, read and checked once.
+class AttentionOpBase : public OpKernel {
+ protected:
+  explicit AttentionOpBase(OpKernelConstruction* context) : OpKernel(context) {
     std::string isa;
     OP_REQUIRES_OK(context, context->GetAttr("isa", &isa));
     primitives_ = &ChoosePrimitives(isa);
@@ -686,6 +685,22 @@ class AttentionForwardOp : public OpKernel {
                 errors::InvalidArgument("block_q and block_k must be positive. Received: block_q=",
                                         block_q_, ", block_k=", block_k_));
   }
+
+  const Primitives* primitives_;
+  float scale_;
+  bool is_causal_;
+  float dropout_rate_;
+  float dropout_scale_;
+  bool has_bias_;
+  bool has_mask_;
+  int64_t block_q_;
+  int64_t block_k_;
+};
+
+template <typename Scalar>
+class AttentionForwardOp : public AttentionOpBase {
+ public:
+  explicit AttentionForwardOp(OpKernelConstruction* context) : AttentionOpBase(context) {}
 
   void Compute(OpKernelContext* context) override {
     const Tensor& query = context->input(0);
@@ -866,16 +881,6 @@ class AttentionForwardOp : public OpKernel {
     workers->workers->ParallelFor(B * N * num_q, cost, attend);
   }
 
- private:
-  const Primitives* primitives_;
-  float scale_;
-  bool is_causal_;
-  float dropout_rate_;
-  float dropout_scale_;
-  bool has_bias_;
-  bool has_mask_;
-  int64_t block_q_;
-  int64_t block_k_;
 };
 
 #define FASTLAYERS_REGISTER(type)                                                                     \
@@ -945,27 +950,10 @@ REGISTER_OP("FastlayersAttentionBackward")
     });
 
 template <typename Scalar>
-class AttentionBackwardOp : public OpKernel {
+class AttentionBackwardOp : public AttentionOpBase {
  public:
-  explicit AttentionBackwardOp(OpKernelConstruction* context) : OpKernel(context) {
-    std::string isa;
-    OP_REQUIRES_OK(context, context->GetAttr("isa", &isa));
-    primitives_ = &ChoosePrimitives(isa);
-    OP_REQUIRES_OK(context, context->GetAttr("scale", &scale_));
-    OP_REQUIRES_OK(context, context->GetAttr("is_causal", &is_causal_));
-    OP_REQUIRES_OK(context, context->GetAttr("dropout_rate", &dropout_rate_));
-    OP_REQUIRES_OK(context, context->GetAttr("dropout_scale", &dropout_scale_));
-    OP_REQUIRES_OK(context, context->GetAttr("has_bias", &has_bias_));
-    OP_REQUIRES_OK(context, context->GetAttr("has_mask", &has_mask_));
-    OP_REQUIRES_OK(context, context->GetAttr("block_q", &block_q_));
-    OP_REQUIRES_OK(context, context->GetAttr("block_k", &block_k_));
+  explicit AttentionBackwardOp(OpKernelConstruction* context) : AttentionOpBase(context) {
     OP_REQUIRES_OK(context, context->GetAttr("bias_slot_bytes", &bias_slot_bytes_));
-    OP_REQUIRES(context, dropout_rate_ >= 0.0f && dropout_rate_ < 1.0f,
-                errors::InvalidArgument("dropout_rate must be in [0, 1). Received: dropout_rate=",
-                                        dropout_rate_));
-    OP_REQUIRES(context, block_q_ > 0 && block_k_ > 0,
-                errors::InvalidArgument("block_q and block_k must be positive. Received: block_q=",
-                                        block_q_, ", block_k=", block_k_));
   }
 
   void Compute(OpKernelContext* context) override {
@@ -1246,15 +1234,6 @@ class AttentionBackwardOp : public OpKernel {
   }
 
  private:
-  const Primitives* primitives_;
-  float scale_;
-  bool is_causal_;
-  float dropout_rate_;
-  float dropout_scale_;
-  bool has_bias_;
-  bool has_mask_;
-  int64_t block_q_;
-  int64_t block_k_;
   int64_t bias_slot_bytes_;
 };
 
