@@ -663,9 +663,36 @@ absl::Status CheckBroadcast(const char* name, const Tensor& x, bool present, con
   return absl::OkStatus();
 }
 
-// The attributes the forward and backward ops share, read and checked once.
+// The attributes the forward and backward ops share, read and checked once, and
+// the shape check of their operands.
 class AttentionOpBase : public OpKernel {
  protected:
+  // The sizes of query [B, T, N, H], key [B, S, K, H] and value [B, S, K, D];
+  // false, with the context's status set, when their ranks or sizes disagree.
+  static bool CheckedDims(OpKernelContext* context, const Tensor& query, const Tensor& key,
+                          const Tensor& value, int64_t* B, int64_t* T, int64_t* N, int64_t* H,
+                          int64_t* S, int64_t* K, int64_t* D) {
+    const auto shapes = [&] {
+      return errors::InvalidArgument(
+          "query [B, T, N, H], key [B, S, K, H] and value [B, S, K, D] must agree (rank 4, "
+          "K dividing N). Received: query.shape=",
+          query.shape().DebugString(), ", key.shape=", key.shape().DebugString(),
+          ", value.shape=", value.shape().DebugString());
+    };
+    if (query.dims() != 4 || key.dims() != 4 || value.dims() != 4) {
+      context->CtxFailure(__FILE__, __LINE__, shapes());
+      return false;
+    }
+    *B = query.dim_size(0), *T = query.dim_size(1), *N = query.dim_size(2), *H = query.dim_size(3);
+    *S = key.dim_size(1), *K = key.dim_size(2), *D = value.dim_size(3);
+    if (key.dim_size(0) != *B || value.dim_size(0) != *B || value.dim_size(1) != *S ||
+        value.dim_size(2) != *K || key.dim_size(3) != *H || *K <= 0 || *N % *K != 0) {
+      context->CtxFailure(__FILE__, __LINE__, shapes());
+      return false;
+    }
+    return true;
+  }
+
   explicit AttentionOpBase(OpKernelConstruction* context) : OpKernel(context) {
     std::string isa;
     OP_REQUIRES_OK(context, context->GetAttr("isa", &isa));
@@ -709,20 +736,8 @@ class AttentionForwardOp : public AttentionOpBase {
     const Tensor& bias = context->input(3);
     const Tensor& mask = context->input(4);
     const Tensor& seed = context->input(5);
-    OP_REQUIRES(context, query.dims() == 4 && key.dims() == 4 && value.dims() == 4,
-                errors::InvalidArgument("query, key and value must have rank 4. Received: query.shape=",
-                                        query.shape().DebugString(), ", key.shape=", key.shape().DebugString(),
-                                        ", value.shape=", value.shape().DebugString()));
-    const int64_t B = query.dim_size(0), T = query.dim_size(1), N = query.dim_size(2), H = query.dim_size(3);
-    const int64_t S = key.dim_size(1), K = key.dim_size(2), D = value.dim_size(3);
-    OP_REQUIRES(
-        context,
-        key.dim_size(0) == B && value.dim_size(0) == B && value.dim_size(1) == S && value.dim_size(2) == K &&
-            key.dim_size(3) == H && K > 0 && N % K == 0,
-        errors::InvalidArgument("query [B, T, N, H], key [B, S, K, H] and value [B, S, K, D] must agree, with K "
-                                "dividing N. Received: query.shape=",
-                                query.shape().DebugString(), ", key.shape=", key.shape().DebugString(),
-                                ", value.shape=", value.shape().DebugString()));
+    int64_t B, T, N, H, S, K, D;
+    if (!CheckedDims(context, query, key, value, &B, &T, &N, &H, &S, &K, &D)) return;
     const int64_t target[4] = {B, N, T, S};
     Broadcast4 bias_layout, mask_layout;
     OP_REQUIRES_OK(context, CheckBroadcast("bias", bias, has_bias_, target, &bias_layout));
@@ -966,20 +981,8 @@ class AttentionBackwardOp : public AttentionOpBase {
     const Tensor& output = context->input(6);
     const Tensor& logsumexp = context->input(7);
     const Tensor& d_output = context->input(8);
-    OP_REQUIRES(context, query.dims() == 4 && key.dims() == 4 && value.dims() == 4,
-                errors::InvalidArgument("query, key and value must have rank 4. Received: query.shape=",
-                                        query.shape().DebugString(), ", key.shape=", key.shape().DebugString(),
-                                        ", value.shape=", value.shape().DebugString()));
-    const int64_t B = query.dim_size(0), T = query.dim_size(1), N = query.dim_size(2), H = query.dim_size(3);
-    const int64_t S = key.dim_size(1), K = key.dim_size(2), D = value.dim_size(3);
-    OP_REQUIRES(
-        context,
-        key.dim_size(0) == B && value.dim_size(0) == B && value.dim_size(1) == S && value.dim_size(2) == K &&
-            key.dim_size(3) == H && K > 0 && N % K == 0,
-        errors::InvalidArgument("query [B, T, N, H], key [B, S, K, H] and value [B, S, K, D] must agree, with K "
-                                "dividing N. Received: query.shape=",
-                                query.shape().DebugString(), ", key.shape=", key.shape().DebugString(),
-                                ", value.shape=", value.shape().DebugString()));
+    int64_t B, T, N, H, S, K, D;
+    if (!CheckedDims(context, query, key, value, &B, &T, &N, &H, &S, &K, &D)) return;
     const TensorShape out_shape({B, T, N, D});
     OP_REQUIRES(context,
                 output.shape() == out_shape && d_output.shape() == out_shape &&
