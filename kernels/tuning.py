@@ -4,9 +4,11 @@ A call's **signature** is its kernel, dtype, platform, a bucket of its sizes (ea
 rounded up to a power of two) and the flags that change the algorithm (causal, a
 mask or bias present, forward or forward+backward, ...). ``tune`` times every
 candidate the kernel offers (``Kernel.tuning_candidates``: each implementation ×
-its variants) interleaved, round after round within a time budget, and keeps the
-one with the lowest median; candidates within ``TIE`` of the fastest count as tied
-and the table's order decides, so noise never moves auto off the table for nothing.
+its variants) interleaved, round after round within a time budget; clear losers
+leave the race after each round, so the rounds go to the candidates that may still
+win, and the one with the lowest median wins. Candidates within ``TIE`` of the
+fastest count as tied and the table's order decides, so noise never moves auto off
+the table for nothing.
 
 Results live in one JSON file per machine fingerprint (``platform.fingerprint``)
 under ``FASTLAYERS_CACHE_DIR`` (default ``~/.cache/fastlayers``): another machine,
@@ -49,8 +51,9 @@ DEFAULT_BUDGET_SECONDS = 10.0
 MIN_ROUNDS = 3
 MAX_ROUNDS = 15
 # Candidates whose median is within this fraction of the fastest are tied: the
-# first in the table's order wins.
-TIE = 0.02
+# first in the table's order wins. Wider than a quiet machine's spread of medians
+# (1-2%), so that a tuned choice off the table is one that wins again when measured.
+TIE = 0.03
 
 
 def cache_dir() -> str:
@@ -382,9 +385,16 @@ def _runner(kernel, selection, tensors, options, backward: bool, in_function: bo
 
 def measure(candidates, run, *, budget: float, clock=time.perf_counter) -> dict[str, list[float]]:
     """Times ``run(candidate)`` for each candidate, interleaved, until ``budget`` seconds
-    (warm-ups included) are spent; at least ``MIN_ROUNDS`` rounds, at most ``MAX_ROUNDS``.
-    Candidates are warmed up in order while the budget lasts; those it does not
-    reach are not timed.
+    (warm-ups included) are spent.
+
+    Candidates are warmed up (traced, compiled) in order while the budget lasts;
+    those it does not reach are not timed. Then rounds: each times every candidate
+    still in the race once, in an order rotated round by round so that no candidate
+    always runs first. After each round the clear losers leave the race (see
+    ``_still_racing``), so the rounds that follow, and the medians that decide, go
+    to the candidates that may still win. Every racing candidate gets at least
+    ``MIN_ROUNDS`` rounds and no more than ``MAX_ROUNDS``; the race ends early when
+    one candidate is left.
 
     Returns each candidate's label → its timed seconds. A candidate that raises is
     dropped (it cannot serve the call).
@@ -400,26 +410,49 @@ def measure(candidates, run, *, budget: float, clock=time.perf_counter) -> dict[
             continue
         live.append(candidate)
     times: dict[str, list[float]] = {c.label: [] for c in live}
+    racing = list(live)
     for round_index in range(MAX_ROUNDS):
         round_start = clock()
-        for candidate in live:
+        shift = round_index % len(racing)
+        for candidate in racing[shift:] + racing[:shift]:
             before = clock()
             run(candidate)
             times[candidate.label].append(clock() - before)
-        spent, last = clock() - start, clock() - round_start
-        if round_index + 1 >= MIN_ROUNDS and spent + last > budget:
+        racing = _still_racing(racing, times, round_index + 1)
+        done = round_index + 1 >= MIN_ROUNDS and (
+            len(racing) == 1 or clock() - start + (clock() - round_start) > budget
+        )
+        if done:
             break
     return times
 
 
+# A candidate leaves the race once even its fastest call so far is this much slower
+# than the leader's median: after the first round, twice as slow (one call each, so
+# only a wide margin is trusted); from the second, a quarter slower.
+FIRST_ROUND_MARGIN = 1.0
+LATER_ROUND_MARGIN = 0.25
+
+
+def _still_racing(racing, times, rounds: int):
+    """The candidates that may still win after ``rounds`` rounds, in their order."""
+    leader = min(statistics.median(times[c.label]) for c in racing)
+    margin = FIRST_ROUND_MARGIN if rounds == 1 else LATER_ROUND_MARGIN
+    return [c for c in racing if min(times[c.label]) <= leader * (1 + margin)]
+
+
 def choose(candidates, times: dict[str, list[float]]):
-    """The candidate with the lowest median; within ``TIE`` of it, the earliest."""
+    """The candidate with the lowest median among those timed the most rounds (the
+    race's finalists); within ``TIE`` of it, the earliest. Returns it and every timed
+    candidate's median."""
     medians = {c.label: statistics.median(times[c.label]) for c in candidates if times.get(c.label)}
     if not medians:
         return None, medians
-    best = min(medians.values())
-    for candidate in candidates:
-        if candidate.label in medians and medians[candidate.label] <= best * (1 + TIE):
+    rounds = max(len(times[label]) for label in medians)
+    finalists = [c for c in candidates if c.label in medians and len(times[c.label]) == rounds]
+    best = min(medians[c.label] for c in finalists)
+    for candidate in finalists:
+        if medians[candidate.label] <= best * (1 + TIE):
             return candidate, medians
     return None, medians
 

@@ -71,6 +71,48 @@ def test_the_fastest_candidate_wins_and_a_slow_one_never_does():
     assert record["seconds"] == {"graph": 3.0, "xla": 1.0, "reference": 50.0}
 
 
+def test_clear_losers_leave_the_race_and_the_finalists_get_the_rounds():
+    clock = FakeClock({"graph": 1.3, "xla": 1.0, "reference": 50.0})
+    record = _tune(_kernel(), clock, budget=30.0)
+    # a warm-up each; reference is over twice the leader in the first round, graph
+    # over a quarter slower from the second: xla alone is left after its MIN_ROUNDS
+    assert clock.calls == {"reference": 2, "graph": 3, "xla": 1 + tuning.MIN_ROUNDS}
+    assert record["implementation"] == "xla" and record["rounds"] == tuning.MIN_ROUNDS
+    assert record["seconds"] == pytest.approx({"graph": 1.3, "xla": 1.0, "reference": 50.0})
+
+
+def test_candidates_within_the_margin_race_until_the_budget():
+    clock = FakeClock({"graph": 1.1, "xla": 1.0, "reference": 1.2})
+    record = _tune(_kernel(), clock, budget=1e9)
+    assert clock.calls == {label: 1 + tuning.MAX_ROUNDS for label in clock.costs}
+    assert record["implementation"] == "xla"
+
+
+def test_rounds_rotate_the_order_the_candidates_run_in():
+    order = []
+    clock = FakeClock({"graph": 1.0, "xla": 1.0, "reference": 1.0})
+
+    def run(candidate):
+        order.append(candidate.label)
+        clock.run(candidate)
+
+    tuning.tune(_kernel(), (tf.ones([2]),), {}, budget=12.0, clock=clock, run=run)
+    rounds = [order[i:i + 3] for i in range(3, len(order), 3)]
+    assert rounds[:3] == [
+        ["graph", "xla", "reference"], ["xla", "reference", "graph"], ["reference", "graph", "xla"]
+    ]
+
+
+def test_a_noisy_first_round_does_not_decide_alone():
+    # graph's first timed call is slow (noise), its later ones the fastest: it stays
+    # in the race (within twice the leader) and wins on its median
+    costs = iter([1.0, 1.0, 1.0] + [1.9, 1.0, 1.0] + [0.8, 1.0, 1.0] * 20)
+    clock = FakeClock({"graph": 0, "xla": 0, "reference": 0})
+    clock.run = lambda candidate: setattr(clock, "now", clock.now + next(costs))
+    record = tuning.tune(_kernel(), (tf.ones([2]),), {}, budget=1e9, clock=clock, run=clock.run)
+    assert record["implementation"] == "graph"
+
+
 def test_ties_go_to_the_tables_order():
     clock = FakeClock({"graph": 1.0, "xla": 1.0 - tuning.TIE / 2, "reference": 1.0})
     assert _tune(_kernel(), clock)["implementation"] == "graph"
