@@ -33,9 +33,10 @@ import pytest  # noqa: E402
 import tensorflow  # noqa: E402, F401
 from helpers import POLICIES  # noqa: E402
 
-# TensorFlow and Keras leave some 300,000 long-lived objects behind their imports; every
-# full collection (Keras's clear_session runs one after each test) walked them all, about
-# 0.8 s a test. Frozen, they are skipped: a collection scans only what the tests made.
+# TensorFlow and Keras leave some 300,000 long-lived objects behind their imports, and
+# the traced functions every kernel keeps grow the heap test by test; a full collection
+# (Keras's clear_session runs one after each test) walked them all, 0.5-0.8 s a test.
+# Frozen, they are skipped: each collection scans only what the last test made.
 gc.freeze()
 
 
@@ -55,4 +56,5 @@ def rng():
 def _fresh_keras_state():
     yield
     keras.config.set_dtype_policy("float32")
-    keras.backend.clear_session()
+    keras.backend.clear_session()  # and a full collection
+    gc.freeze()  # what survived it lives on (caches, traced functions): never scan it again

@@ -25,3 +25,39 @@ DEVICES = (
         ],
     ),
 )
+
+
+def pairwise(*axes, ids=None):
+    """The product of ``axes`` as pytest params: a subset in which every pair of
+    values of any two axes occurs runs by default, the rest of the product under
+    ``-m slow``.
+
+    A bug that needs one value of an axis, or two values of two axes together,
+    shows in the default run; the full product's other combinations are for the
+    slow sweep. The subset is chosen greedily (each step the combination covering
+    the most pairs not yet covered, the earliest of equals), so it is the same on
+    every run. ``ids`` gives one function per axis naming its value (None: ``str``).
+    """
+    import itertools
+
+    sizes = [len(axis) for axis in axes]
+    combos = list(itertools.product(*(range(size) for size in sizes)))
+
+    def pairs(combo):
+        return {(i, combo[i], j, combo[j]) for i, j in itertools.combinations(range(len(combo)), 2)}
+
+    uncovered = set().union(*(pairs(combo) for combo in combos))
+    quick = set()
+    while uncovered:
+        best = max(combos, key=lambda combo: (len(pairs(combo) & uncovered), -combos.index(combo)))
+        quick.add(best)
+        uncovered -= pairs(best)
+    if len(axes) < 2:
+        quick = set(combos)
+    names = ids or [None] * len(axes)
+    params = []
+    for combo in combos:
+        values = [axis[index] for axis, index in zip(axes, combo)]
+        label = "-".join((name or str)(value) for name, value in zip(names, values))
+        params.append(pytest.param(*values, id=label, marks=() if combo in quick else (pytest.mark.slow,)))
+    return params

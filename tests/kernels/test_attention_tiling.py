@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from attention_cases import SMALL_BLOCKS, make_case, to_tensors
+from helpers import pairwise
 from oracles import attention_oracle
 
 from fastlayers.kernels import AttentionVariant, BlockSizes, Selection, attention, tolerance
@@ -39,10 +40,10 @@ def _compiled(tiling, blocks="key_blocks", **signature):
     return tf.function(run, autograph=False, **signature)
 
 
-@pytest.mark.parametrize("blocks", BLOCKS)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("tiling", TILINGS, ids=_name)
+# Every pair of (tiling, dtype, case, blocks) values by default; the product with -m slow.
+@pytest.mark.parametrize(
+    "tiling, dtype, case, blocks", pairwise(TILINGS, ["float32", "bfloat16"], CASES, list(BLOCKS), ids=[_name, None, None, None])
+)
 def test_tiling_matches_numpy(rng, tiling, dtype, case, blocks):
     q, k, v, options = make_case(rng, case, dtype)
     tensors, kwargs = to_tensors(dtype, q, k, v, options)
@@ -66,10 +67,10 @@ def test_tiling_with_dynamic_lengths(rng, tiling):
         tolerance("float32").check(out.numpy(), attention_oracle(q, k, v), what=f"T={t} S={s}")
 
 
-@pytest.mark.parametrize("blocks", BLOCKS)
-@pytest.mark.parametrize("case", ["causal", "bias", "fully_masked"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("tiling", TILINGS, ids=_name)
+@pytest.mark.parametrize(
+    "tiling, dtype, case, blocks",
+    pairwise(TILINGS, ["float32", "bfloat16"], ["causal", "bias", "fully_masked"], list(BLOCKS), ids=[_name, None, None, None]),
+)
 def test_tiling_gradients_match_reference(rng, tiling, dtype, case, blocks):
     q, k, v, options = make_case(rng, case, dtype, t=29, s=41)
     tensors, kwargs = to_tensors(dtype, q, k, v, options)

@@ -253,32 +253,6 @@ def test_reports_its_isa():
     assert detail == ("avx2" if {"avx2", "fma"} <= set(flags) else "portable")
 
 
-def test_one_and_two_threads_give_identical_outputs(rng, tmp_path):
-    q, k, v, options = make_case(rng, "fully_masked", "float32", b=2, t=150, s=130, n=4, kv=2, h=16)
-    np.savez(tmp_path / "case.npz", q=q, k=k, v=v, mask=options["mask"])
-    script = textwrap.dedent(
-        f"""
-        import numpy as np, tensorflow as tf, sys
-        tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
-        from fastlayers import kernels
-        case = np.load({str(tmp_path / 'case.npz')!r})
-        out = kernels.dot_product_attention(
-            tf.constant(case["q"], tf.float32), tf.constant(case["k"], tf.float32),
-            tf.constant(case["v"], tf.float32), mask=tf.constant(case["mask"]), is_causal=True,
-            block_sizes=kernels.BlockSizes(16, 32), implementation="native")
-        np.save(sys.argv[2], out.numpy())
-        """
-    )
-    outputs = []
-    for threads in (1, 2):
-        path = tmp_path / f"out{threads}.npy"
-        subprocess.run([sys.executable, "-c", script, str(threads), str(path)], check=True,
-                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True)
-        outputs.append(np.load(path))
-    np.testing.assert_array_equal(outputs[0], outputs[1])
-    tolerance("float32").check(outputs[0], attention_oracle(q, k, v, mask=options["mask"], is_causal=True))
-
-
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_gradients_match_the_reference(rng, with_bias):
     q, k, v, options = make_case(rng, "bias" if with_bias else "gqa", "float32", t=19, s=27)
@@ -781,48 +755,79 @@ def test_backward_op_checks_the_saved_forward():
         raw_backward(q, q, q, out, tf.transpose(lse, [0, 2, 1]), out)
 
 
-def test_backward_one_and_two_threads_give_identical_gradients(rng, tmp_path):
-    """With a bias broadcast over batch and heads (its gradient in slots), and
-    without, with one batch entry and key/value head (key blocks in chunks)."""
-    cases = {}
+THREAD_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
+    from fastlayers import kernels
+
+    case = np.load(sys.argv[2])
+    results = {}
+    q, k, v = (tf.constant(case[f"forward_{x}"], tf.float32) for x in "qkv")
+    results["forward"] = kernels.dot_product_attention(
+        q, k, v, mask=tf.constant(case["forward_mask"]), is_causal=True,
+        block_sizes=kernels.BlockSizes(16, 32), implementation="native").numpy()
+    for name in ("bias", "chunks"):
+        inputs = [tf.constant(case[f"{name}_{x}"], tf.float32) for x in "qkv"]
+        bias = tf.constant(case["bias_bias"], tf.float32) if name == "bias" else None
+        inputs += [] if bias is None else [bias]
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            out = kernels.dot_product_attention(
+                *inputs[:3], bias=bias, mask=tf.constant(case[f"{name}_mask"]), is_causal=True,
+                dropout_rate=0.2, seed=3, implementation="native")
+            loss = tf.reduce_sum(out * out)
+        for i, g in enumerate(tape.gradient(loss, inputs)):
+            results[f"{name}_{i}"] = g.numpy()
+    np.savez(sys.argv[3], **results)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def thread_runs(tmp_path_factory):
+    """The forward, and the gradients with a bias broadcast over batch and heads (its
+    gradient in slots) and without, with one batch entry and key/value head (key
+    blocks in chunks), each computed in a process with one and with two intra-op
+    threads: the case's arrays and ``{threads: results}``."""
+    rng = np.random.default_rng(20261201)
+    directory = tmp_path_factory.mktemp("threads")
+    q, k, v, options = make_case(rng, "fully_masked", "float32", b=2, t=150, s=130, n=4, kv=2, h=16)
+    case = {"forward_q": q, "forward_k": k, "forward_v": v, "forward_mask": options["mask"]}
     for name, b, kv in (("bias", 2, 2), ("chunks", 1, 1)):
         q, k, v, options = make_case(rng, "fully_masked", "float32", b=b, t=150, s=290, n=4, kv=kv, h=16)
-        cases.update({f"{name}_q": q, f"{name}_k": k, f"{name}_v": v, f"{name}_mask": options["mask"]})
-    cases["bias_bias"] = rng.standard_normal((1, 1, 150, 290))
-    np.savez(tmp_path / "case.npz", **cases)
-    script = textwrap.dedent(
-        f"""
-        import numpy as np, tensorflow as tf, sys
-        tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
-        from fastlayers import kernels
-        case = np.load({str(tmp_path / 'case.npz')!r})
-        grads = {{}}
-        for name in ("bias", "chunks"):
-            inputs = [tf.constant(case[f"{{name}}_{{x}}"], tf.float32) for x in ("q", "k", "v")]
-            bias = tf.constant(case["bias_bias"], tf.float32) if name == "bias" else None
-            inputs += [] if bias is None else [bias]
-            with tf.GradientTape() as tape:
-                tape.watch(inputs)
-                out = kernels.dot_product_attention(
-                    *inputs[:3], bias=bias, mask=tf.constant(case[f"{{name}}_mask"]), is_causal=True,
-                    dropout_rate=0.2, seed=3, implementation="native")
-                loss = tf.reduce_sum(out * out)
-            for i, g in enumerate(tape.gradient(loss, inputs)):
-                grads[f"{{name}}_{{i}}"] = g.numpy()
-        np.savez(sys.argv[2], **grads)
-        """
-    )
-    results = []
+        case.update({f"{name}_q": q, f"{name}_k": k, f"{name}_v": v, f"{name}_mask": options["mask"]})
+    case["bias_bias"] = rng.standard_normal((1, 1, 150, 290))
+    np.savez(directory / "case.npz", **case)
+    runs = {}
     for threads in (1, 2):
-        path = tmp_path / f"grads{threads}.npz"
-        subprocess.run([sys.executable, "-c", script, str(threads), str(path)], check=True,
-                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True)
-        with np.load(path) as grads:
-            results.append({name: grads[name] for name in grads.files})
-    assert sorted(results[0]) == ["bias_0", "bias_1", "bias_2", "bias_3", "chunks_0", "chunks_1", "chunks_2"]
-    for name, grad in results[0].items():
-        np.testing.assert_array_equal(grad, results[1][name], err_msg=name)
-        assert np.isfinite(grad).all() and np.abs(grad).max() > 0, name
+        path = directory / f"results{threads}.npz"
+        subprocess.run([sys.executable, "-c", THREAD_SCRIPT, str(threads), str(directory / "case.npz"), str(path)],
+                       check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True)
+        with np.load(path) as results:
+            runs[threads] = {name: results[name] for name in results.files}
+    return case, runs
+
+
+def test_one_and_two_threads_give_identical_outputs(thread_runs):
+    case, runs = thread_runs
+    np.testing.assert_array_equal(runs[1]["forward"], runs[2]["forward"])
+    expected = attention_oracle(case["forward_q"], case["forward_k"], case["forward_v"],
+                                mask=case["forward_mask"], is_causal=True)
+    tolerance("float32").check(runs[1]["forward"], expected)
+
+
+def test_backward_one_and_two_threads_give_identical_gradients(thread_runs):
+    _, runs = thread_runs
+    gradients = sorted(name for name in runs[1] if name != "forward")
+    assert gradients == ["bias_0", "bias_1", "bias_2", "bias_3", "chunks_0", "chunks_1", "chunks_2"]
+    for name in gradients:
+        np.testing.assert_array_equal(runs[1][name], runs[2][name], err_msg=name)
+        assert np.isfinite(runs[1][name]).all() and np.abs(runs[1][name]).max() > 0, name
 
 
 class TestSecondOrder:

@@ -11,7 +11,11 @@ import pytest
 SCRIPT = pathlib.Path(__file__).with_name("distributed_training.py")
 
 
-@pytest.mark.parametrize("implementation", ["auto", "reference", "graph"])
+# Each case trains in a subprocess with two logical devices (about 10 s): auto's
+# choice by default, the explicit paths with -m slow.
+@pytest.mark.parametrize("implementation", [
+    "auto", *(pytest.param(name, marks=pytest.mark.slow) for name in ("reference", "graph"))
+])
 def test_mirrored_training_matches_one_device(implementation):
     run = subprocess.run(
         [sys.executable, str(SCRIPT), implementation],

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import gpu_available
 from layer_cases import LAYER_CASES
 
 from fastlayers import layers
@@ -11,7 +12,13 @@ from fastlayers.kernels.dense import DENSE
 
 
 @pytest.mark.parametrize("case", LAYER_CASES, ids=str)
-@pytest.mark.parametrize("jit_compile", [False, True, "auto"])
+@pytest.mark.parametrize("jit_compile", [
+    False,
+    True,
+    # Keras resolves "auto" to False where no accelerator is visible: there it repeats
+    # False, and runs with -m slow.
+    pytest.param("auto", marks=() if gpu_available() else (pytest.mark.slow,)),
+])
 def test_fit_under_every_jit_compile_setting(case, jit_compile, rng):
     x = tf.nest.map_structure(lambda a: np.concatenate([np.asarray(a, "float32")] * 8),
                               case.inputs(rng))
