@@ -393,8 +393,8 @@ def measure(candidates, run, *, budget: float, clock=time.perf_counter) -> dict[
     always runs first. After each round the clear losers leave the race (see
     ``_still_racing``), so the rounds that follow, and the medians that decide, go
     to the candidates that may still win. Every racing candidate gets at least
-    ``MIN_ROUNDS`` rounds and no more than ``MAX_ROUNDS``; the race ends early when
-    one candidate is left.
+    ``MIN_ROUNDS`` rounds and no more than ``MAX_ROUNDS``; the race ends early once
+    it is decided (``_decided``).
 
     Returns each candidate's label → its timed seconds. A candidate that raises is
     dropped (it cannot serve the call).
@@ -411,7 +411,7 @@ def measure(candidates, run, *, budget: float, clock=time.perf_counter) -> dict[
         live.append(candidate)
     times: dict[str, list[float]] = {c.label: [] for c in live}
     racing = list(live)
-    for round_index in range(MAX_ROUNDS):
+    for round_index in range(MAX_ROUNDS if racing else 0):
         round_start = clock()
         shift = round_index % len(racing)
         for candidate in racing[shift:] + racing[:shift]:
@@ -419,26 +419,40 @@ def measure(candidates, run, *, budget: float, clock=time.perf_counter) -> dict[
             run(candidate)
             times[candidate.label].append(clock() - before)
         racing = _still_racing(racing, times, round_index + 1)
-        done = round_index + 1 >= MIN_ROUNDS and (
-            len(racing) == 1 or clock() - start + (clock() - round_start) > budget
-        )
-        if done:
+        if round_index + 1 >= MIN_ROUNDS and (
+            _decided(racing, times) or clock() - start + (clock() - round_start) > budget
+        ):
             break
     return times
 
 
 # A candidate leaves the race once even its fastest call so far is this much slower
 # than the leader's median: after the first round, twice as slow (one call each, so
-# only a wide margin is trusted); from the second, a quarter slower.
+# only a wide margin is trusted); from the second, a quarter slower. From the second
+# round a candidate whose fastest call is slower than the leader's slowest leaves too
+# (unless within TIE of the leader's median): on a quiet machine that separates a few
+# percent within three rounds.
 FIRST_ROUND_MARGIN = 1.0
 LATER_ROUND_MARGIN = 0.25
 
 
 def _still_racing(racing, times, rounds: int):
     """The candidates that may still win after ``rounds`` rounds, in their order."""
-    leader = min(statistics.median(times[c.label]) for c in racing)
+    leader = min(racing, key=lambda c: statistics.median(times[c.label]))
+    median = statistics.median(times[leader.label])
     margin = FIRST_ROUND_MARGIN if rounds == 1 else LATER_ROUND_MARGIN
-    return [c for c in racing if min(times[c.label]) <= leader * (1 + margin)]
+    slowest = max(times[leader.label]) if rounds > 1 else math.inf
+    # never below a tie: a candidate within TIE of the leader may still win by the
+    # table's order
+    limit = max(min(median * (1 + margin), slowest), median * (1 + TIE))
+    return [c for c in racing if c is leader or min(times[c.label]) <= limit]
+
+
+def _decided(racing, times) -> bool:
+    """Whether more rounds cannot change the choice: one candidate left, or every one
+    left within ``TIE`` of the leader (tied: the table's order decides)."""
+    medians = [statistics.median(times[c.label]) for c in racing]
+    return len(racing) == 1 or max(medians) <= min(medians) * (1 + TIE)
 
 
 def choose(candidates, times: dict[str, list[float]]):

@@ -96,8 +96,9 @@ class GroupQueryAttention(
     Args:
         *args: the positional arguments of ``keras.layers.GroupQueryAttention``
             (``head_dim``, ``num_query_heads``, ``num_key_value_heads``, ...).
-        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``: the
-            implementation of the attention kernel. Kept in ``get_config()``.
+        implementation: None (auto), ``"reference"``, ``"graph"``, ``"xla"`` or
+            ``"native"``: the implementation of the attention kernel. Kept in
+            ``get_config()``.
         **kwargs: the keyword arguments of ``keras.layers.GroupQueryAttention``.
 
     Example:

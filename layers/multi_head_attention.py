@@ -43,8 +43,9 @@ class MultiHeadAttention(
     Args:
         *args: the positional arguments of ``keras.layers.MultiHeadAttention``
             (``num_heads``, ``key_dim``, ...).
-        implementation: None (auto), ``"reference"``, ``"graph"`` or ``"xla"``: the
-            implementation of the attention kernel. Kept in ``get_config()``.
+        implementation: None (auto), ``"reference"``, ``"graph"``, ``"xla"`` or
+            ``"native"``: the implementation of the attention kernel. Kept in
+            ``get_config()``.
         **kwargs: the keyword arguments of ``keras.layers.MultiHeadAttention``.
 
     Example:

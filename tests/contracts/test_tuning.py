@@ -43,7 +43,8 @@ def _kernel(name="tuned_double", refuse=None, **kwargs):
 
 
 class FakeClock:
-    """Time moves only when a candidate runs: by its cost in seconds."""
+    """Time moves only when a candidate runs: by its cost in seconds, or by the next
+    of its list of costs (cycled; the first is its warm-up's)."""
 
     def __init__(self, costs):
         self.now = 0.0
@@ -54,8 +55,15 @@ class FakeClock:
         return self.now
 
     def run(self, candidate):
+        cost = self.costs[candidate.label]
+        if isinstance(cost, list):
+            cost = cost[self.calls[candidate.label] % len(cost)]
         self.calls[candidate.label] += 1
-        self.now += self.costs[candidate.label]
+        self.now += cost
+
+
+# Three candidates whose timings overlap (noise): none separates from the others.
+NOISY = {"graph": [1.0, 1.25], "xla": [1.25, 1.0, 1.0], "reference": [1.1, 1.2, 1.0]}
 
 
 def _tune(kernel, clock, budget=100.0, x=None, **options):
@@ -81,10 +89,19 @@ def test_clear_losers_leave_the_race_and_the_finalists_get_the_rounds():
     assert record["seconds"] == pytest.approx({"graph": 1.3, "xla": 1.0, "reference": 50.0})
 
 
-def test_candidates_within_the_margin_race_until_the_budget():
-    clock = FakeClock({"graph": 1.1, "xla": 1.0, "reference": 1.2})
+def test_candidates_whose_timings_overlap_race_until_the_budget():
+    clock = FakeClock(NOISY)
     record = _tune(_kernel(), clock, budget=1e9)
     assert clock.calls == {label: 1 + tuning.MAX_ROUNDS for label in clock.costs}
+    assert record["implementation"] == "xla"  # timed 1.0, 1.0, 1.25, ...: the lowest median
+
+
+def test_a_candidate_slower_on_every_call_than_the_leader_leaves_after_two_rounds():
+    clock = FakeClock({"graph": 1.05, "xla": 1.0, "reference": [1.1, 0.95, 1.3]})
+    record = _tune(_kernel(), clock, budget=1e9)
+    # graph is 5% slower every time: out after the second round; reference's fastest
+    # call beats xla's slowest, so it races on until its median loses by the margin
+    assert clock.calls["graph"] == 1 + 2
     assert record["implementation"] == "xla"
 
 
@@ -121,17 +138,22 @@ def test_ties_go_to_the_tables_order():
 
 
 def test_the_budget_is_respected():
-    costs = {"graph": 1.0, "xla": 1.0, "reference": 1.0}
-    clock = FakeClock(costs)
+    clock = FakeClock(NOISY)
     record = _tune(_kernel(), clock, budget=20.0)
-    # warm-ups (3 s) and whole rounds of 3 s while the next one still fits in 20 s
-    assert clock.now <= 20.0
+    # warm-ups (3.35 s), then whole rounds (3.2-3.7 s) while the next one still fits
+    assert 20.0 - 3.7 < clock.now <= 20.0
     assert record["rounds"] == 5
-    clock = FakeClock(costs)
+    clock = FakeClock(NOISY)
     record = _tune(_kernel(), clock, budget=0.5)
     assert record["rounds"] == tuning.MIN_ROUNDS  # medians need a few rounds whatever the budget
-    clock = FakeClock(costs)
+    clock = FakeClock(NOISY)
     assert _tune(_kernel(), clock, budget=1e9)["rounds"] == tuning.MAX_ROUNDS
+
+
+def test_tied_candidates_end_the_race_after_its_first_rounds():
+    clock = FakeClock({"graph": 1.0, "xla": 1.0 - tuning.TIE / 2, "reference": 1.0 + tuning.TIE / 2})
+    record = _tune(_kernel(), clock, budget=1e9)
+    assert record["rounds"] == tuning.MIN_ROUNDS and record["implementation"] == "graph"
 
 
 def test_a_candidate_that_fails_is_dropped():
