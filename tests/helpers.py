@@ -27,6 +27,36 @@ DEVICES = (
 )
 
 
+def each_value(*axes, ids=None):
+    """The product of ``axes`` as pytest params: a subset in which every value of each
+    axis occurs runs by default (the i-th combination takes each axis's value ``i``
+    modulo its length), the rest of the product under ``-m slow``. For axes whose
+    pairs other tests cover; ``pairwise`` where pairs matter.
+
+    A value given as a ``pytest.param`` keeps its marks (an "auto" that only means
+    something on a GPU, say) and is left out of the default subset when marked slow.
+    """
+    import itertools
+
+    def unwrap(value):
+        return (value.values[0], tuple(value.marks)) if isinstance(value, type(pytest.param(0))) else (value, ())
+
+    axes = [[unwrap(value) for value in axis] for axis in axes]
+    names = ids or [None] * len(axes)
+    usable = [[i for i, (_, marks) in enumerate(axis) if not any(m.name == "slow" for m in marks)] or list(range(len(axis)))
+              for axis in axes]
+    quick = {tuple(axis[i % len(axis)] for axis in usable) for i in range(max(len(axis) for axis in usable))}
+    params = []
+    for combo in itertools.product(*(range(len(axis)) for axis in axes)):
+        values = [axes[a][i][0] for a, i in enumerate(combo)]
+        marks = [m for a, i in enumerate(combo) for m in axes[a][i][1]]
+        if combo not in quick and not any(m.name == "slow" for m in marks):
+            marks.append(pytest.mark.slow)
+        label = "-".join((name or str)(value) for name, value in zip(names, values))
+        params.append(pytest.param(*values, id=label, marks=marks))
+    return params
+
+
 def pairwise(*axes, ids=None):
     """The product of ``axes`` as pytest params: a subset in which every pair of
     values of any two axes occurs runs by default, the rest of the product under

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from attention_cases import SMALL_BLOCKS, make_case, to_tensors
-from helpers import pairwise
+from helpers import each_value, pairwise
 from oracles import attention_oracle
 
 from fastlayers.kernels import AttentionVariant, BlockSizes, Selection, attention, tolerance
@@ -93,8 +93,7 @@ def test_tiling_gradients_match_reference(rng, tiling, dtype, case, blocks):
                                           what=f"d{name} {_name(tiling)}")
 
 
-@pytest.mark.parametrize("blocks", BLOCKS)
-@pytest.mark.parametrize("tiling", TILINGS, ids=_name)
+@pytest.mark.parametrize("tiling, blocks", each_value(TILINGS, list(BLOCKS), ids=[_name, None]))
 def test_tiling_dropout_matches_reference(rng, tiling, blocks):
     q, k, v, _ = make_case(rng, "causal", "float32")
     tensors, _ = to_tensors("float32", q, k, v, {})

@@ -4,22 +4,21 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import gpu_available
+from helpers import each_value, gpu_available
 from layer_cases import LAYER_CASES
 
 from fastlayers import layers
 from fastlayers.kernels.dense import DENSE
 
 
-@pytest.mark.parametrize("case", LAYER_CASES, ids=str)
-@pytest.mark.parametrize("jit_compile", [
-    False,
-    True,
-    # Keras resolves "auto" to False where no accelerator is visible: there it repeats
-    # False, and runs with -m slow.
-    pytest.param("auto", marks=() if gpu_available() else (pytest.mark.slow,)),
-])
-def test_fit_under_every_jit_compile_setting(case, jit_compile, rng):
+# Every layer under one of False and True by default (each setting in turn; every
+# layer's own tests train it under both); the product with -m slow. Keras resolves
+# "auto" to False where no accelerator is visible: there it repeats False.
+@pytest.mark.parametrize("jit_compile, case", each_value(
+    [False, True, pytest.param("auto", marks=() if gpu_available() else (pytest.mark.slow,))],
+    LAYER_CASES,
+))
+def test_fit_under_every_jit_compile_setting(jit_compile, case, rng):
     x = tf.nest.map_structure(lambda a: np.concatenate([np.asarray(a, "float32")] * 8),
                               case.inputs(rng))
     inputs = tf.nest.map_structure(lambda a: keras.Input(a.shape[1:]), x)
