@@ -223,7 +223,15 @@ def _recorded_calls(case: _Case):
     return calls
 
 
+# A Keras call at least this long is timed once: a ratio to it moves by less than the
+# noise of a second call, and a slow baseline (bfloat16 attention on a CPU without
+# bfloat16 instructions runs for tens of seconds) must not dominate the tuning time.
+KERAS_ONE_CALL_SECONDS = 2.0
+
+
 def _time_keras(case: _Case, in_function: bool) -> float | None:
+    """Seconds of one call of the case's Keras step, timed as the tuner times: traced
+    first (not timed), then the median of three calls, or one call if it is long."""
     import tensorflow as tf
 
     if case.keras_step is None:
@@ -231,12 +239,14 @@ def _time_keras(case: _Case, in_function: bool) -> float | None:
     step = case.keras_step()
     if in_function:
         step = tf.function(step)
-    step()
+        step.get_concrete_function()  # trace only
     times = []
-    for _ in range(3):
+    while len(times) < 3:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+        if times[0] >= KERAS_ONE_CALL_SECONDS:
+            break
     return statistics.median(times)
 
 

@@ -465,3 +465,31 @@ def test_a_tuning_that_fails_warns_once_and_the_call_still_runs(monkeypatch):
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert messages == ["fastlayers could not tune a call of kernel 'failing_double' (out of memory); "
                         "auto uses the shipped table where it has no tuned choice."]
+
+
+def _variant_kernel(name):
+    """A kernel whose graph and xla paths have three variants each (a tile size)."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Tile:
+        size: int
+
+    def variants(implementation, **_):
+        return () if implementation == "reference" else (Tile(1), Tile(2), Tile(3))
+
+    return _kernel(name, variants=variants)
+
+
+def test_only_the_variants_of_implementations_near_the_fastest_are_tried():
+    kernel = _variant_kernel("tiled_double")
+    labels = [c.label for c in kernel.tuning_candidates(platform=dispatch.cpu_platform(), dtype=tf.float32)]
+    graph, xla = [label for label in labels if label.startswith("graph")], [label for label in labels if label.startswith("xla")]
+    assert len(graph) == len(xla) == 3
+    costs = {label: 1.0 for label in labels}
+    costs.update({xla[0]: 3.0, graph[1]: 0.8, xla[1]: 0.1})  # xla's default is 3x the fastest
+    clock = FakeClock(costs)
+    record = _tune(kernel, clock, budget=1e9)
+    assert all(clock.calls[label] == 0 for label in xla[1:])  # never tried, however fast
+    assert clock.calls[xla[0]] == 3  # warm-up, the screening call, the first round
+    assert record["label"] == graph[1]
