@@ -406,15 +406,20 @@ class Kernel:
         # of one graph per batch size (XLA still compiles one program per shape), so
         # compiled code must not assume static sizes. Kernels write their control
         # flow with explicit TF ops, so autograph has nothing to convert.
-        self._functions = {
-            implementation: tf.function(
+        def compiled_function(implementation):
+            return tf.function(
                 _renamed(self.compiled, function_name(name, implementation)),
                 jit_compile=True if implementation == "xla" else None,
                 reduce_retracing=True,
                 autograph=False,
             )
-            for implementation in ("graph", "xla")
-        }
+
+        self._functions = {implementation: compiled_function(implementation) for implementation in ("graph", "xla")}
+        # XLA, called from inside a graph: a function of its own. A gradient traced in a
+        # graph gives the XLA function a forward that returns its loops' intermediates
+        # (TensorLists) for the backward; an eager call under a tape would then reuse
+        # that forward, and TensorLists cannot leave an XLA cluster eagerly.
+        self._xla_in_graph = compiled_function("xla")
 
     # -- what can run -----------------------------------------------------------
 
@@ -673,10 +678,12 @@ class Kernel:
             if self.native is None:
                 raise ValueError(f"Kernel {self.name!r} has no native implementation to run.")
             return self.native(*tensors, **options)
-        if implementation == "graph" and not tf.executing_eagerly():
-            # Already inside a graph: inline the ops so grappler fuses them with
-            # their neighbours; a nested function call would only be inlined later.
-            return self.compiled(*tensors, **options)
+        if not tf.executing_eagerly():
+            if implementation == "graph":
+                # Already inside a graph: inline the ops so grappler fuses them with
+                # their neighbours; a nested function call would only be inlined later.
+                return self.compiled(*tensors, **options)
+            return self._xla_in_graph(*tensors, **options)
         return self._functions[implementation](*tensors, **options)
 
     # Dispatch has no tensor-dependent Python control flow for autograph to convert;

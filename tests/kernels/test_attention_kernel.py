@@ -409,3 +409,23 @@ class TestBadInput:
     def test_block_sizes(self):
         with pytest.raises(ValueError, match=r"Received: block_q=0"):
             BlockSizes(block_q=0)
+
+
+@pytest.mark.parametrize("function_first", [True, False])
+def test_xla_gradients_in_a_function_and_eagerly_in_one_process(rng, function_first):
+    """A gradient traced in a graph gives the XLA function a forward whose loops' state
+    (TensorLists) goes to the backward; an eager tape must not reuse it, since
+    TensorLists cannot leave an XLA cluster eagerly."""
+    q, k, v, _ = make_case(rng, "plain", "float32", t=19, s=23)
+    tensors = [tf.constant(x, tf.float32) for x in (q, k, v)]
+
+    def gradients():
+        with tf.GradientTape() as tape:
+            tape.watch(tensors)
+            out = kernels.dot_product_attention(*tensors, block_sizes=SMALL_BLOCKS, implementation="xla")
+        return tape.gradient(out, tensors)
+
+    runs = [tf.function(gradients), gradients] if function_first else [gradients, tf.function(gradients)]
+    first, second = ([g.numpy() for g in run()] for run in runs)
+    for a, b in zip(first, second):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
