@@ -859,3 +859,22 @@ class TestSecondOrder:
 
         with pytest.raises(NotImplementedError, match=self.message):
             twice(*self.inputs())
+
+
+def test_calls_running_at_the_same_time_give_the_outputs_of_calls_one_by_one(rng):
+    """The forward keeps its key/value panels in one buffer between calls; a call that
+    finds it in use packs into its own."""
+    import concurrent.futures
+
+    cases = [make_case(rng, "gqa", "float32", b=2, t=60 + 7 * i, s=90 + 5 * i) for i in range(4)]
+    inputs = [to_tensors("float32", q, k, v, options) for q, k, v, options in cases]
+    one_by_one = [native(**tensors, **kwargs).numpy() for tensors, kwargs in inputs]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            futures = [pool.submit(lambda t=t, kw=kw: native(**t, **kw).numpy()) for t, kw in inputs]
+            for future, expected in zip(futures, one_by_one):
+                np.testing.assert_array_equal(future.result(), expected)
+    # and two ops of one graph, which TensorFlow may run side by side
+    both = tf.function(lambda: [native(**t, **kw) for t, kw in inputs[:2]])()
+    for got, expected in zip(both, one_by_one[:2]):
+        np.testing.assert_array_equal(got.numpy(), expected)
