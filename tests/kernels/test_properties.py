@@ -21,10 +21,11 @@ QUICK = settings(max_examples=12, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.too_slow])
 LONG = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
-# A differentiated attention call compiles a forward and a backward program per
-# path (about 2 s an example), so its quick run has fewer examples; the long run
-# (-m slow) draws 150.
-QUICK_GRADIENTS = settings(QUICK, max_examples=4)
+# An attention example compiles an XLA program per path and dtype (about 1.5 s), and
+# a differentiated one a forward and a backward program per path (about 6 s), so
+# their quick runs have fewer examples; the long runs (-m slow) draw 150.
+QUICK_ATTENTION = settings(QUICK, max_examples=6)
+QUICK_GRADIENTS = settings(QUICK, max_examples=2)
 
 sizes = st.one_of(st.sampled_from([0, 1, 2, 3, 7, 64, 127]), st.integers(0, 200))
 float_dtypes = st.sampled_from(["float16", "bfloat16", "float32"])
@@ -272,7 +273,7 @@ def _check_attention(problem, dtype):
                                what=f"{implementation} vs reference")
 
 
-@QUICK
+@QUICK_ATTENTION
 @given(attention_problems(), float_dtypes)
 def test_dot_product_attention_paths_agree(problem, dtype):
     _check_attention(problem, dtype)
