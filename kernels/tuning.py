@@ -422,9 +422,9 @@ def measure(candidates, run, *, budget: float, clock=time.perf_counter) -> dict[
 
 # Where an implementation has variants (tiles), its default is warmed up and timed
 # once first; the other variants are tried only for implementations whose default
-# runs within this fraction of the fastest default. Variants move an implementation
-# by tens of percent, not by the 1.7-2.5x that separates attention's XLA and graph
-# paths from the native op at long sequences, and each costs a compile.
+# runs within this fraction of the fastest default. Tiles move an implementation by
+# less than what separates attention's implementations at long sequences, and each
+# variant costs a compile.
 SCREEN_MARGIN = 0.5
 
 

@@ -335,6 +335,26 @@ inline __m256 Valid8(const RowContext& ctx, int64_t c) {
   return _mm256_castsi256_ps(valid);
 }
 
+// The bias of columns c..c+7 (ctx.bias set), never read past the row's last key
+// (those columns are invalid anyway).
+inline __m256 Bias8(const RowContext& ctx, int64_t c) {
+  if (ctx.bias_stride == 0) return _mm256_set1_ps(ctx.bias[0]);
+  if (c + 8 <= ctx.keys) return _mm256_loadu_ps(ctx.bias + c);
+  alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t k = c; k < ctx.keys; ++k) tail[k - c] = ctx.bias[k];
+  return _mm256_load_ps(tail);
+}
+
+// Valid8, never reading mask bytes past the row's last visible key (ctx.limit).
+inline __m256 BoundedValid8(const RowContext& ctx, int64_t c) {
+  if (ctx.mask == nullptr || ctx.mask_stride == 0 || c + 8 <= ctx.limit) return Valid8(ctx, c);
+  alignas(8) bool tail[8] = {false, false, false, false, false, false, false, false};
+  for (int64_t k = c; k < std::min<int64_t>(c + 8, ctx.limit); ++k) tail[k - c] = ctx.mask[k];
+  RowContext bounded = ctx;
+  bounded.mask = tail - c;
+  return Valid8(bounded, c);
+}
+
 float SoftmaxAvx2(float* row, int64_t cols, const RowContext& ctx, const Dropout& drop,
                   float* max) {
   // cols is a multiple of 16, and the mask row is read 8 columns at a time only
@@ -344,34 +364,12 @@ float SoftmaxAvx2(float* row, int64_t cols, const RowContext& ctx, const Dropout
   const bool plain = ctx.bias == nullptr && ctx.mask == nullptr;
   for (int64_t c = 0; c < cols; c += 8) {
     __m256 s = _mm256_loadu_ps(row + c);
-    if (ctx.bias != nullptr) {
-      __m256 b;
-      if (ctx.bias_stride == 0) {
-        b = _mm256_set1_ps(ctx.bias[0]);
-      } else if (c + 8 <= ctx.keys) {
-        b = _mm256_loadu_ps(ctx.bias + c);
-      } else {
-        // Never read bias past the row's last key (those columns are invalid anyway).
-        alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int64_t k = c; k < ctx.keys; ++k) tail[k - c] = ctx.bias[k];
-        b = _mm256_load_ps(tail);
-      }
-      s = _mm256_add_ps(s, b);
-    }
+    if (ctx.bias != nullptr) s = _mm256_add_ps(s, Bias8(ctx, c));
     const bool changed = !plain || c + 8 > ctx.limit;
     if (changed) {
-      RowContext bounded = ctx;
-      if (ctx.mask != nullptr && ctx.mask_stride != 0 && c + 8 > ctx.limit) {
-        // Never read mask bytes past the row's last key.
-        alignas(8) bool tail[8] = {false, false, false, false, false, false, false, false};
-        for (int64_t k = c; k < std::min<int64_t>(c + 8, ctx.limit); ++k) tail[k - c] = ctx.mask[k];
-        bounded.mask = tail - c;
-        s = _mm256_blendv_ps(floor, s, Valid8(bounded, c));
-      } else {
-        s = _mm256_blendv_ps(floor, s, Valid8(ctx, c));
-      }
+      s = _mm256_blendv_ps(floor, s, BoundedValid8(ctx, c));
+      _mm256_storeu_ps(row + c, s);
     }
-    if (changed) _mm256_storeu_ps(row + c, s);
     peak = _mm256_max_ps(peak, s);
   }
   const float new_max = HorizontalMax(peak);
@@ -515,33 +513,9 @@ void ProbsAvx2(const float* scores, int64_t cols, const RowContext& ctx, const D
   const __m256 keep_scale = _mm256_set1_ps(drop.keep_scale);
   for (int64_t c = 0; c < cols; c += 8) {
     __m256 s = _mm256_loadu_ps(scores + c);
-    if (ctx.bias != nullptr) {
-      __m256 b;
-      if (ctx.bias_stride == 0) {
-        b = _mm256_set1_ps(ctx.bias[0]);
-      } else if (c + 8 <= ctx.keys) {
-        b = _mm256_loadu_ps(ctx.bias + c);
-      } else {
-        alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int64_t k = c; k < ctx.keys; ++k) tail[k - c] = ctx.bias[k];
-        b = _mm256_load_ps(tail);
-      }
-      s = _mm256_add_ps(s, b);
-    }
+    if (ctx.bias != nullptr) s = _mm256_add_ps(s, Bias8(ctx, c));
     __m256 x = Exp8(_mm256_sub_ps(s, offset));
-    if (!plain || c + 8 > ctx.limit) {
-      __m256 valid;
-      if (ctx.mask != nullptr && ctx.mask_stride != 0 && c + 8 > ctx.limit) {
-        alignas(8) bool tail[8] = {false, false, false, false, false, false, false, false};
-        for (int64_t k = c; k < std::min<int64_t>(c + 8, ctx.limit); ++k) tail[k - c] = ctx.mask[k];
-        RowContext bounded = ctx;
-        bounded.mask = tail - c;
-        valid = Valid8(bounded, c);
-      } else {
-        valid = Valid8(ctx, c);
-      }
-      x = _mm256_and_ps(x, valid);
-    }
+    if (!plain || c + 8 > ctx.limit) x = _mm256_and_ps(x, BoundedValid8(ctx, c));
     _mm256_storeu_ps(p + c, x);
     if (drop.on) {
       const __m256i cols_hash = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ctx.col_hash + c));

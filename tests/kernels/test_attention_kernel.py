@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from attention_cases import SMALL_BLOCKS, check_gradients_match_reference, loss_and_grads, make_case, to_tensors
-from helpers import IMPLEMENTATIONS
+from helpers import IMPLEMENTATIONS, pairwise
 from oracles import attention_oracle
 
 from fastlayers import kernels
@@ -17,16 +17,17 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 def numpy_cases():
-    """Every implementation and dtype; XLA's half-precision sweep (a program per case
-    and dtype, the slowest to compile) runs with -m slow, its float32 by default."""
-    for implementation in IMPLEMENTATIONS:
-        for dtype in DTYPES:
-            slow = implementation == "xla" and dtype != "float32"
-            yield pytest.param(implementation, dtype, marks=[pytest.mark.slow] if slow else [])
+    """Every pair of implementation, dtype and case values by default, the product
+    with -m slow; XLA's half precision (a program per case and dtype, the slowest to
+    compile) only with -m slow."""
+    for param in pairwise(IMPLEMENTATIONS, DTYPES, ["causal", "padding", "bias", "gqa", "fully_masked"]):
+        implementation, dtype, _ = param.values
+        slow = implementation == "xla" and dtype != "float32"
+        yield pytest.param(*param.values, id=param.id,
+                           marks=[*param.marks, pytest.mark.slow] if slow else param.marks)
 
 
-@pytest.mark.parametrize("case", ["causal", "padding", "bias", "gqa", "fully_masked"])
-@pytest.mark.parametrize("implementation, dtype", list(numpy_cases()))
+@pytest.mark.parametrize("implementation, dtype, case", list(numpy_cases()))
 def test_matches_numpy(rng, implementation, dtype, case):
     q, k, v, options = make_case(rng, case, dtype)
     tensors, kwargs = to_tensors(dtype, q, k, v, options)

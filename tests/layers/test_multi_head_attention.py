@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import IMPLEMENTATIONS
+from helpers import IMPLEMENTATIONS, POLICIES, each_value
 
 from fastlayers import layers
 from fastlayers.kernels import tolerance
@@ -26,7 +26,8 @@ def build_and_copy(theirs, ours, query, value, key=None):
     ours.set_weights(theirs.get_weights())
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+# Every policy and every implementation by default (each in turn), the product with -m slow.
+@pytest.mark.parametrize("policy, implementation", each_value(POLICIES, IMPLEMENTATIONS), indirect=["policy"])
 def test_matches_keras_under_every_policy(policy, rng, implementation):
     theirs, ours = twin_layers(implementation, num_heads=3, key_dim=8, value_dim=5)
     query = rng.standard_normal((2, 13, 12)).astype(np.float32)
