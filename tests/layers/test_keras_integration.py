@@ -42,9 +42,14 @@ def test_graph_path_stops_retracing_once_shapes_vary(rng):
     for batch in (1, 2, 3, 5, 8, 13):
         for time in (4, 9):
             layer(rng.standard_normal((batch, time, 6)).astype("float32"))
-    # the first shape, then one relaxed trace per axis that varies (batch, time):
-    # twelve shapes, three traces
-    assert _tracing_count("graph") - before == 3
+    # the first shape, then one relaxed trace per axis that varies (batch, time): at
+    # most three traces for twelve shapes (fewer when an earlier test in this process
+    # left a relaxed trace of this kernel), and none for the shapes after them
+    assert _tracing_count("graph") - before <= 3
+    settled = _tracing_count("graph")
+    for batch, time in ((21, 5), (3, 17)):
+        layer(rng.standard_normal((batch, time, 6)).astype("float32"))
+    assert _tracing_count("graph") == settled
 
 
 def test_xla_path_compiles_once_per_shape(rng):
