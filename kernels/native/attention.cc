@@ -228,27 +228,27 @@ constexpr Primitives kPortable = {"portable", QkPortable, SoftmaxPortable, PvPor
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
-// exp on 8 floats: Cephes' range reduction and degree-5 polynomial (about 1 ulp).
-// The clamps take x as their second operand, so a NaN passes through.
+// exp on 8 floats for x < 88 (a softmax's shifted scores are <= 0), or NaN (passed
+// through). Cephes' polynomial (about 1.4 ulp) in Estrin's order, and k = round(x·log2 e)
+// by adding 1.5·2^23 + 127, which leaves k + 127 in the low bits: shifted into the
+// exponent field, that is 2^k. Thirteen instructions where Horner's order with a
+// floor and a conversion takes seventeen, and half the dependency chain. Below -88,
+// k + 127 <= 0 and the result is 0 (exp(-88) is 6e-39, under float32's normal range).
 inline __m256 Exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);
-  x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x);
-  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
-  fx = _mm256_floor_ps(fx);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
-  const __m256 x2 = _mm256_mul_ps(x, x);
-  y = _mm256_fmadd_ps(y, x2, x);
-  y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
-  __m256i n = _mm256_cvttps_epi32(fx);
-  n = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+  x = _mm256_max_ps(_mm256_set1_ps(-88.0f), x);
+  const __m256 magic = _mm256_set1_ps(12582912.0f + 127.0f);
+  const __m256 shifted = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 k = _mm256_sub_ps(shifted, magic);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(1.6666665459E-1f), r, _mm256_set1_ps(5.0000001201E-1f));
+  const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(8.3334519073E-3f), r, _mm256_set1_ps(4.1665795894E-2f));
+  const __m256 p45 = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500E-4f), r, _mm256_set1_ps(1.3981999507E-3f));
+  const __m256 p25 = _mm256_fmadd_ps(p45, r2, p23);
+  const __m256 p05 = _mm256_fmadd_ps(p25, r2, p01);
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p05, r2, r), _mm256_set1_ps(1.0f));
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(shifted), 23)));
 }
 
 inline __m256i Mix8(__m256i x) {
@@ -355,35 +355,27 @@ inline __m256 BoundedValid8(const RowContext& ctx, int64_t c) {
   return Valid8(bounded, c);
 }
 
-float SoftmaxAvx2(float* row, int64_t cols, const RowContext& ctx, const Dropout& drop,
-                  float* max) {
-  // cols is a multiple of 16, and the mask row is read 8 columns at a time only
-  // below ctx.limit (the columns that exist): past it every lane is invalid anyway.
+// SoftmaxAvx2's second pass: p = exp(s - m) over the row, zero where a column was
+// masked (columns from `clean` on may hold the floor), dropped when kDrop; returns
+// the sum before dropout. Its own function per kDrop, so the plain loop keeps every
+// constant in a register.
+template <bool kDrop>
+inline float ExpPass(float* row, int64_t cols, int64_t clean, float max, const RowContext& ctx,
+                     const Dropout& drop) {
   const __m256 floor = _mm256_set1_ps(kFloor);
-  __m256 peak = _mm256_set1_ps(*max);
-  const bool plain = ctx.bias == nullptr && ctx.mask == nullptr;
-  for (int64_t c = 0; c < cols; c += 8) {
-    __m256 s = _mm256_loadu_ps(row + c);
-    if (ctx.bias != nullptr) s = _mm256_add_ps(s, Bias8(ctx, c));
-    const bool changed = !plain || c + 8 > ctx.limit;
-    if (changed) {
-      s = _mm256_blendv_ps(floor, s, BoundedValid8(ctx, c));
-      _mm256_storeu_ps(row + c, s);
-    }
-    peak = _mm256_max_ps(peak, s);
-  }
-  const float new_max = HorizontalMax(peak);
-  const __m256 m = _mm256_set1_ps(new_max);
-  __m256 sum = _mm256_setzero_ps();
+  const __m256 m = _mm256_set1_ps(max);
   const __m256i row_hash = _mm256_set1_epi32(static_cast<int>(ctx.row_hash));
   const __m256i threshold = _mm256_set1_epi32(static_cast<int>(drop.threshold));
   const __m256 keep_scale = _mm256_set1_ps(drop.keep_scale);
+  __m256 sum = _mm256_setzero_ps();
   for (int64_t c = 0; c < cols; c += 8) {
     const __m256 s = _mm256_loadu_ps(row + c);
     __m256 p = Exp8(_mm256_sub_ps(s, m));
-    p = _mm256_and_ps(p, _mm256_cmp_ps(s, floor, _CMP_NEQ_UQ));
+    // Only a masked column holds the floor (a row with every column masked has the
+    // floor as its max, and exp(0) must not count).
+    if (c >= clean) p = _mm256_and_ps(p, _mm256_cmp_ps(s, floor, _CMP_NEQ_UQ));
     sum = _mm256_add_ps(sum, p);
-    if (drop.on) {
+    if (kDrop) {
       const __m256i cols_hash = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ctx.col_hash + c));
       const __m256i bits = _mm256_srli_epi32(Mix8(_mm256_xor_si256(row_hash, cols_hash)), 8);
       // bits < 2^24 and threshold <= 2^24: a signed compare is exact.
@@ -392,8 +384,29 @@ float SoftmaxAvx2(float* row, int64_t cols, const RowContext& ctx, const Dropout
     }
     _mm256_storeu_ps(row + c, p);
   }
-  *max = new_max;
   return HorizontalSum(sum);
+}
+
+float SoftmaxAvx2(float* row, int64_t cols, const RowContext& ctx, const Dropout& drop,
+                  float* max) {
+  // cols is a multiple of 16, and the mask row is read 8 columns at a time only
+  // below ctx.limit (the columns that exist): past it every lane is invalid anyway.
+  // Without bias or mask, the whole vectors below ctx.limit are scores as they are.
+  const int64_t clean = ctx.bias == nullptr && ctx.mask == nullptr ? ctx.limit / 8 * 8 : 0;
+  const __m256 floor = _mm256_set1_ps(kFloor);
+  __m256 peak = _mm256_set1_ps(*max);
+  int64_t c = 0;
+  for (; c < clean; c += 8) peak = _mm256_max_ps(peak, _mm256_loadu_ps(row + c));
+  for (; c < cols; c += 8) {
+    __m256 s = _mm256_loadu_ps(row + c);
+    if (ctx.bias != nullptr) s = _mm256_add_ps(s, Bias8(ctx, c));
+    s = _mm256_blendv_ps(floor, s, BoundedValid8(ctx, c));
+    _mm256_storeu_ps(row + c, s);
+    peak = _mm256_max_ps(peak, s);
+  }
+  *max = HorizontalMax(peak);
+  return drop.on ? ExpPass<true>(row, cols, clean, *max, ctx, drop)
+                 : ExpPass<false>(row, cols, clean, *max, ctx, drop);
 }
 
 // M rows × 16 output columns of P·V, accumulated over the key block in registers;
