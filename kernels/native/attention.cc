@@ -515,12 +515,11 @@ void GemmAvx2(const float* a, int64_t a_row, int64_t a_col, int64_t rows, int64_
   }
 }
 
-void ProbsAvx2(const float* scores, int64_t cols, const RowContext& ctx, const Dropout& drop, float lse,
-               float* p, float* pd) {
-  // As SoftmaxAvx2: cols is a multiple of 16; bias and mask are never read past the
-  // row's last key.
+// ProbsAvx2's loop, its own function per kDrop as ExpPass.
+template <bool kDrop>
+inline void ProbsPass(const float* scores, int64_t cols, int64_t clean, const RowContext& ctx,
+                      const Dropout& drop, float lse, float* p, float* pd) {
   const __m256 offset = _mm256_set1_ps(lse);
-  const bool plain = ctx.bias == nullptr && ctx.mask == nullptr;
   const __m256i row_hash = _mm256_set1_epi32(static_cast<int>(ctx.row_hash));
   const __m256i threshold = _mm256_set1_epi32(static_cast<int>(drop.threshold));
   const __m256 keep_scale = _mm256_set1_ps(drop.keep_scale);
@@ -528,14 +527,26 @@ void ProbsAvx2(const float* scores, int64_t cols, const RowContext& ctx, const D
     __m256 s = _mm256_loadu_ps(scores + c);
     if (ctx.bias != nullptr) s = _mm256_add_ps(s, Bias8(ctx, c));
     __m256 x = Exp8(_mm256_sub_ps(s, offset));
-    if (!plain || c + 8 > ctx.limit) x = _mm256_and_ps(x, BoundedValid8(ctx, c));
+    if (c >= clean) x = _mm256_and_ps(x, BoundedValid8(ctx, c));
     _mm256_storeu_ps(p + c, x);
-    if (drop.on) {
+    if (kDrop) {
       const __m256i cols_hash = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ctx.col_hash + c));
       const __m256i bits = _mm256_srli_epi32(Mix8(_mm256_xor_si256(row_hash, cols_hash)), 8);
       const __m256i dropped = _mm256_cmpgt_epi32(threshold, bits);
       _mm256_storeu_ps(pd + c, _mm256_andnot_ps(_mm256_castsi256_ps(dropped), _mm256_mul_ps(x, keep_scale)));
     }
+  }
+}
+
+void ProbsAvx2(const float* scores, int64_t cols, const RowContext& ctx, const Dropout& drop, float lse,
+               float* p, float* pd) {
+  // As SoftmaxAvx2: cols is a multiple of 16; bias and mask are never read past the
+  // row's last key; without either, the whole vectors below ctx.limit need no mask.
+  const int64_t clean = ctx.bias == nullptr && ctx.mask == nullptr ? ctx.limit / 8 * 8 : 0;
+  if (drop.on) {
+    ProbsPass<true>(scores, cols, clean, ctx, drop, lse, p, pd);
+  } else {
+    ProbsPass<false>(scores, cols, clean, ctx, drop, lse, p, pd);
   }
 }
 
