@@ -8,7 +8,9 @@ its variants) interleaved, round after round within a time budget; clear losers
 leave the race after each round, so the rounds go to the candidates that may still
 win, and the one with the lowest median wins. Candidates within ``TIE`` of the
 fastest count as tied and the table's order decides, so noise never moves auto off
-the table for nothing.
+the table for nothing. Candidates are compared round by round (the ratio of their
+times in one round, whose calls run back to back), so a machine whose speed drifts
+does not favour whichever candidate happened to run while it was fast.
 
 Results live in one JSON file per machine fingerprint (``platform.fingerprint``)
 under ``FASTLAYERS_CACHE_DIR`` (default ``~/.cache/fastlayers``): another machine,
@@ -393,8 +395,8 @@ def measure(candidates, run, *, budget: float, clock=time.perf_counter) -> dict[
     ``SCREEN_MARGIN`` of the fastest are tried). Then rounds: each times every candidate
     still in the race once, in an order rotated round by round so that no candidate
     always runs first. After each round the clear losers leave the race (see
-    ``_still_racing``), so the rounds that follow, and the medians that decide, go
-    to the candidates that may still win. Every racing candidate gets at least
+    ``_still_racing``), so the rounds that follow, and the round-by-round ratios that
+    decide (``_ratio``), go to the candidates that may still win. Every racing candidate gets at least
     ``MIN_ROUNDS`` rounds and no more than ``MAX_ROUNDS``; the race ends early once
     it is decided (``_decided``).
 
@@ -465,47 +467,60 @@ def _warm_up(candidates, run, *, start, budget, clock):
     return live
 
 
-# A candidate leaves the race once even its fastest call so far is this much slower
-# than the leader's median: after the first round, twice as slow (one call each, so
-# only a wide margin is trusted); from the second, a quarter slower. From the second
-# round a candidate whose fastest call is slower than the leader's slowest leaves too
-# (unless within TIE of the leader's median): on a quiet machine that separates a few
-# percent within three rounds.
+# The machine's speed drifts (other work, frequency) over seconds, so a candidate is
+# compared with another round by round: each round times every racing candidate
+# once, close together, and the ratio of two candidates' times in one round cancels
+# what the machine did to both. ``_ratio`` is the median of those ratios.
+#
+# After the first round a candidate leaves the race once it took more than
+# ``1 + FIRST_ROUND_MARGIN`` times the leader's time (one call each, so only a wide
+# margin is trusted); from the second round, once it lost every round to the leader
+# by more than a tie.
 FIRST_ROUND_MARGIN = 1.0
-LATER_ROUND_MARGIN = 0.25
+
+
+def _ratio(times, a, b) -> float:
+    """The median, over the rounds both ran, of a's time over b's (labels)."""
+    pairs = list(zip(times[a], times[b]))
+    return statistics.median(x / y for x, y in pairs) if pairs else math.inf
+
+
+def _leader(racing, times):
+    """The candidate the others lose to by their median ratio (the first on a tie)."""
+    anchor = racing[0].label
+    return min(racing, key=lambda c: _ratio(times, c.label, anchor))
 
 
 def _still_racing(racing, times, rounds: int):
     """The candidates that may still win after ``rounds`` rounds, in their order."""
-    leader = min(racing, key=lambda c: statistics.median(times[c.label]))
-    median = statistics.median(times[leader.label])
-    margin = FIRST_ROUND_MARGIN if rounds == 1 else LATER_ROUND_MARGIN
-    slowest = max(times[leader.label]) if rounds > 1 else math.inf
-    # never below a tie: a candidate within TIE of the leader may still win by the
-    # table's order
-    limit = max(min(median * (1 + margin), slowest), median * (1 + TIE))
-    return [c for c in racing if c is leader or min(times[c.label]) <= limit]
+    leader = _leader(racing, times)
+    limit = 1 + (FIRST_ROUND_MARGIN if rounds == 1 else TIE)
+
+    def best_round(candidate) -> float:
+        return min(x / y for x, y in zip(times[candidate.label], times[leader.label]))
+
+    return [c for c in racing if c is leader or best_round(c) <= limit]
 
 
 def _decided(racing, times) -> bool:
     """Whether more rounds cannot change the choice: one candidate left, or every one
     left within ``TIE`` of the leader (tied: the table's order decides)."""
-    medians = [statistics.median(times[c.label]) for c in racing]
-    return len(racing) == 1 or max(medians) <= min(medians) * (1 + TIE)
+    leader = _leader(racing, times)
+    return all(_ratio(times, c.label, leader.label) <= 1 + TIE for c in racing)
 
 
 def choose(candidates, times: dict[str, list[float]]):
-    """The candidate with the lowest median among those timed the most rounds (the
-    race's finalists); within ``TIE`` of it, the earliest. Returns it and every timed
-    candidate's median."""
+    """The leader among the candidates timed the most rounds (the race's finalists),
+    by their round-by-round ratios; within ``TIE`` of it, the earliest in the table's
+    order. Returns it and every timed candidate's median seconds."""
     medians = {c.label: statistics.median(times[c.label]) for c in candidates if times.get(c.label)}
     if not medians:
         return None, medians
     rounds = max(len(times[label]) for label in medians)
     finalists = [c for c in candidates if c.label in medians and len(times[c.label]) == rounds]
-    best = min(medians[c.label] for c in finalists)
+    leader = _leader(finalists, times)
     for candidate in finalists:
-        if medians[candidate.label] <= best * (1 + TIE):
+        if _ratio(times, candidate.label, leader.label) <= 1 + TIE:
             return candidate, medians
     return None, medians
 

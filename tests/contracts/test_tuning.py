@@ -62,8 +62,10 @@ class FakeClock:
         self.now += cost
 
 
-# Three candidates whose timings overlap (noise): none separates from the others.
-NOISY = {"graph": [1.0, 1.25], "xla": [1.25, 1.0, 1.0], "reference": [1.1, 1.2, 1.0]}
+# Three candidates whose timings overlap (noise): in each of the first rounds every
+# one wins or ties, so none leaves the race, and none ties the leader on its median
+# ratio to it (xla; graph's ratio is 1.1 in two rounds of four, reference's 1.2).
+NOISY = {"graph": [0.9, 1.1, 0.95, 1.1], "xla": [1.25, 1.0, 1.0, 1.0], "reference": [1.0, 1.2, 1.0, 1.2]}
 
 
 def _tune(kernel, clock, budget=100.0, x=None, **options):
@@ -93,14 +95,15 @@ def test_candidates_whose_timings_overlap_race_until_the_budget():
     clock = FakeClock(NOISY)
     record = _tune(_kernel(), clock, budget=1e9)
     assert clock.calls == {label: 1 + tuning.MAX_ROUNDS for label in clock.costs}
-    assert record["implementation"] == "xla"  # timed 1.0, 1.0, 1.25, ...: the lowest median
+    assert record["implementation"] == "xla"
 
 
 def test_a_candidate_slower_on_every_call_than_the_leader_leaves_after_two_rounds():
     clock = FakeClock({"graph": 1.05, "xla": 1.0, "reference": [1.1, 0.95, 1.3]})
     record = _tune(_kernel(), clock, budget=1e9)
-    # graph is 5% slower every time: out after the second round; reference's fastest
-    # call beats xla's slowest, so it races on until its median loses by the margin
+    # graph is 5% slower every time: out after the second round (it lost both by more
+    # than a tie); reference wins a round in three, so it races on, and loses on its
+    # median ratio to xla (1.1)
     assert clock.calls["graph"] == 1 + 2
     assert record["implementation"] == "xla"
 
@@ -122,10 +125,31 @@ def test_rounds_rotate_the_order_the_candidates_run_in():
 
 def test_a_noisy_first_round_does_not_decide_alone():
     # graph's first timed call is slow (noise), its later ones the fastest: it stays
-    # in the race (within twice the leader) and wins on its median
-    costs = iter([1.0, 1.0, 1.0] + [1.9, 1.0, 1.0] + [0.8, 1.0, 1.0] * 20)
-    clock = FakeClock({"graph": 0, "xla": 0, "reference": 0})
-    clock.run = lambda candidate: setattr(clock, "now", clock.now + next(costs))
+    # in the race (within twice the leader) and wins on its median ratio
+    clock = FakeClock({"graph": [1.0, 1.9] + [0.8] * 20, "xla": 1.0, "reference": 1.0})
+    record = tuning.tune(_kernel(), (tf.ones([2]),), {}, budget=1e9, clock=clock, run=clock.run)
+    assert record["implementation"] == "graph"
+
+
+class DriftingClock(FakeClock):
+    """A machine whose speed drifts: call n costs factors[n % len(factors)] times the
+    candidate's cost, whichever candidate it is."""
+
+    def __init__(self, costs, factors):
+        super().__init__(costs)
+        self.factors = factors
+        self.count = 0
+
+    def run(self, candidate):
+        self.now += self.factors[self.count % len(self.factors)] * self.costs[candidate.label]
+        self.count += 1
+
+
+def test_a_drifting_machine_does_not_pick_the_candidate_it_was_fast_for():
+    # graph is the fastest (0.9 against xla's 1.0); the machine is twice as slow for
+    # three calls of every five, which fall on graph's calls more often than on xla's
+    # (medians of raw times pick xla); the ratios of calls in one round pick graph
+    clock = DriftingClock({"graph": 0.9, "xla": 1.0, "reference": 1.2}, [2.0, 1.0, 1.0, 2.0, 2.0])
     record = tuning.tune(_kernel(), (tf.ones([2]),), {}, budget=1e9, clock=clock, run=clock.run)
     assert record["implementation"] == "graph"
 
@@ -140,8 +164,8 @@ def test_ties_go_to_the_tables_order():
 def test_the_budget_is_respected():
     clock = FakeClock(NOISY)
     record = _tune(_kernel(), clock, budget=20.0)
-    # warm-ups (3.35 s), then whole rounds (3.2-3.7 s) while the next one still fits
-    assert 20.0 - 3.7 < clock.now <= 20.0
+    # warm-ups (3.15 s), then whole rounds (2.95-3.3 s) while the next one still fits
+    assert 20.0 - 3.3 < clock.now <= 20.0
     assert record["rounds"] == 5
     clock = FakeClock(NOISY)
     record = _tune(_kernel(), clock, budget=0.5)
