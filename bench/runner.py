@@ -2,7 +2,8 @@
 
 The machine is shared and its speed drifts, so the providers of one group (same
 suite, size, policy, mode and device) are measured in interleaved rounds, each
-round in a rotated order, and every figure is a median over rounds. Ratios
+round in a balanced order (every provider right after every other equally
+often), and every figure is a median over rounds. Ratios
 within a group (fraction of the peak row, speed-up over the Keras built-in) are
 therefore far steadier than the GFLOP/s themselves (``fastlayers.bench.report``
 derives them and prints the table).
@@ -23,6 +24,7 @@ from fastlayers.bench import cases as cases_lib
 from fastlayers.bench import layer_spec
 from fastlayers.bench.cases import HEADLINE_POLICIES, MODES, Case
 from fastlayers.bench.report import Result, derive_ratios
+from fastlayers.kernels import tuning
 
 # A timed sample repeats short calls until it lasts this long, so that timer
 # resolution and call overhead do not dominate small sizes.
@@ -57,8 +59,9 @@ def measure_group(
 
     Each provider is built, warmed up (tracing and compiling) and calibrated
     first; a provider that fails to build or run is reported with its error and
-    left out of the rounds. Round ``r`` starts at provider ``r`` so that no
-    provider always runs right after the same neighbour.
+    left out of the rounds. Round ``r`` runs them in ``round_order(n, r)``, so that
+    no provider always runs first or right after the same neighbour (with rotated
+    rounds, the row that always followed PyTorch's measured 7-15% below its twin).
     """
     results = [Result(case) for case in group]
     steps = {}
@@ -75,8 +78,7 @@ def measure_group(
         tick()
     order = sorted(steps)
     for r in range(repeats if order else 0):
-        start = r % len(order)
-        for i in order[start:] + order[:start]:
+        for i in [order[j] for j in tuning.round_order(len(order), r)]:
             step, calls = steps[i]
             results[i].seconds.append(sample(step, calls))
             tick()

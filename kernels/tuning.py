@@ -385,6 +385,24 @@ def _runner(kernel, selection, tensors, options, backward: bool, in_function: bo
     return tf.function(step, autograph=False) if in_function else step
 
 
+def round_order(count: int, round_index: int) -> list[int]:
+    """The order of ``count`` interleaved candidates in round ``round_index``: a
+    balanced Latin square (Williams'), in which every candidate runs right after every
+    other equally often over ``count`` rounds (``2 * count`` when it is odd), as well
+    as in every position. A candidate can slow the next one down (thread pools that
+    spin after their work, caches it left cold); rotating one order would leave each
+    candidate behind the same neighbour in every round."""
+    base, low, high = [0], 1, count - 1
+    while len(base) < count:
+        base.append(low)
+        low += 1
+        if len(base) < count:
+            base.append(high)
+            high -= 1
+    order = [(b + round_index) % count for b in base]
+    return order[::-1] if count % 2 and (round_index // count) % 2 else order
+
+
 def measure(candidates, run, *, budget: float, clock=time.perf_counter) -> dict[str, list[float]]:
     """Times ``run(candidate)`` for each candidate, interleaved, until ``budget`` seconds
     (warm-ups included) are spent.
@@ -393,8 +411,8 @@ def measure(candidates, run, *, budget: float, clock=time.perf_counter) -> dict[
     those it does not reach are not timed (``_warm_up``: where implementations have
     variants, only those of the implementations whose default runs within
     ``SCREEN_MARGIN`` of the fastest are tried). Then rounds: each times every candidate
-    still in the race once, in an order rotated round by round so that no candidate
-    always runs first. After each round the clear losers leave the race (see
+    still in the race once, in a balanced order (``round_order``) so that no candidate
+    always runs first or right after the same neighbour. After each round the clear losers leave the race (see
     ``_still_racing``), so the rounds that follow, and the round-by-round ratios that
     decide (``_ratio``), go to the candidates that may still win. Every racing candidate gets at least
     ``MIN_ROUNDS`` rounds and no more than ``MAX_ROUNDS``; the race ends early once
@@ -409,8 +427,7 @@ def measure(candidates, run, *, budget: float, clock=time.perf_counter) -> dict[
     racing = list(live)
     for round_index in range(MAX_ROUNDS if racing else 0):
         round_start = clock()
-        shift = round_index % len(racing)
-        for candidate in racing[shift:] + racing[:shift]:
+        for candidate in [racing[i] for i in round_order(len(racing), round_index)]:
             before = clock()
             run(candidate)
             times[candidate.label].append(clock() - before)

@@ -123,6 +123,19 @@ def test_rounds_rotate_the_order_the_candidates_run_in():
     ]
 
 
+@pytest.mark.parametrize("count", range(1, 8))
+def test_round_orders_balance_positions_and_neighbours(count):
+    rounds = count * (2 if count % 2 else 1)
+    orders = [tuning.round_order(count, r) for r in range(rounds)]
+    assert all(sorted(order) == list(range(count)) for order in orders)
+    positions = {(order[p], p) for order in orders for p in range(count)}
+    assert len(positions) == count * count  # each candidate in every position
+    follows = [(order[p], order[p + 1]) for order in orders for p in range(count - 1)]
+    # each candidate right after each other equally often
+    assert len(set(follows)) == count * (count - 1)
+    assert all(follows.count(pair) == follows.count(follows[0]) for pair in follows)
+
+
 def test_a_noisy_first_round_does_not_decide_alone():
     # graph's first timed call is slow (noise), its later ones the fastest: it stays
     # in the race (within twice the leader) and wins on its median ratio
