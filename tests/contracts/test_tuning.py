@@ -99,9 +99,9 @@ def test_candidates_whose_timings_overlap_race_until_the_budget():
 
 
 def test_a_candidate_slower_on_every_call_than_the_leader_leaves_after_two_rounds():
-    clock = FakeClock({"graph": 1.05, "xla": 1.0, "reference": [1.1, 0.95, 1.3]})
+    clock = FakeClock({"graph": 1.08, "xla": 1.0, "reference": [1.1, 0.95, 1.3]})
     record = _tune(_kernel(), clock, budget=1e9)
-    # graph is 5% slower every time: out after the second round (it lost both by more
+    # graph is 8% slower every time: out after the second round (it lost both by more
     # than a tie); reference wins a round in three, so it races on, and loses on its
     # median ratio to xla (1.1)
     assert clock.calls["graph"] == 1 + 2
