@@ -12,31 +12,43 @@
 //   acc     = sum_k xq[m, k] * kernel[k, n]                 exact, int32
 //   y[m,n]  = activation(float(acc) / (kernel_scale[n] * s[m]) + bias[n])
 //
-// The product is exact: both operands lie in [-127, 127]. This CPU family's int8
-// instruction (vpmaddubsw, u8 x s8) saturates its int16 pair sums, so the AVX2 path
-// widens both operands to int16 and multiplies pairs with vpmaddwd into int32
-// (a·b + a'·b' <= 2·127·127 fits easily), as many multiply-adds per instruction as
-// vpmaddubsw + vpmaddwd would give together.
+// The product is exact. xq lies in [-127, 127] (the clip) and the kernel in
+// [-128, 127] (any int8: Keras's own quantizer gives [-127, 127], but a custom weight
+// quantizer or an assignment can hold -128). AVX2's int8 multiply, vpmaddubsw,
+// multiplies unsigned by signed bytes and adds adjacent pairs into int16 with
+// saturation, so the AVX2 path feeds it |w| (vpabsb; -128 gives 128 as an unsigned
+// byte) and sign(xq, w) (vpsignb: xq negated where w < 0, zero where w = 0, never
+// -128 since xq is not): |w| · sign(xq, w) = xq · w, and a pair sums to at most
+// 2 · 128 · 127 = 32512 < 32767 in magnitude, so nothing saturates. vpmaddwd by ones
+// then adds neighbouring pairs into int32 (four features per lane), added to int32
+// accumulators. The other route, widening both operands to int16 and multiplying
+// pairs with vpmaddwd alone, takes as many instructions per multiply-add, but
+// instruction count is not what bounds it: vpmaddwd's throughput is. Here each
+// vpmaddwd sums four features per lane instead of two, and the byte instructions
+// that come with it (vpsignb, vpmaddubsw) cost this CPU less than the second
+// vpmaddwd they replace, so the sequence does more multiply-adds per cycle (measured
+// on one core with independent chains, and in the op).
 //
-// Layouts. The kernel is packed once into int16 panels of kNr = 16 units, pairs of
-// features side by side: panel j is [P][16][2] with P = ceil(K / 2) pairs, so one
-// 64-byte row of a panel is two ymm registers of (k, k+1) pairs for 16 units. The
-// packed kernel is cached by the address of the kernel's buffer and checked against
-// a copy of the kernel on every call (a byte compare, about a tenth of a packing):
-// a kernel assigned since it was packed is packed again, never used stale.
-// The inputs are quantized per call into row panels of kMr = 6 rows, [P][6] int32
-// (each an int16 pair), the broadcast operand of the micro-kernel.
+// Layouts. The kernel is packed once into int8 panels of kNr = 16 units, quads of
+// features side by side: panel j is [Q][16][4] with Q = ceil(K / 4) quads, so one
+// 64-byte row of a panel is two ymm registers of (k..k+3) quads for 8 units each.
+// The packed kernel is cached by the address of the kernel's buffer and checked
+// against a copy of the kernel on every call (a byte compare, cheaper than a
+// packing): a kernel assigned since it was packed is packed again, never used stale.
+// The inputs are quantized per call into row panels of kMr = 4 rows, [Q][4] int32
+// (each an int8 quad), the broadcast operand of the micro-kernel. Features past K
+// are zeros on both sides, which adds nothing.
 //
 // Work: tiles of kMc rows by kNc units, shared out over TensorFlow's intra-op pool.
-// A tile walks the features in blocks of kKcPairs pairs (the kernel's micro-panel
+// A tile walks the features in blocks of kKcQuads quads (the kernel's micro-panel
 // stays in L1 while every row panel of the tile passes over it) into an int32 tile,
 // then runs the epilogue on it.
 //
 // ISA dispatch: the micro-kernel comes as a portable loop and an AVX2 one (compiled
-// with a per-function target, chosen at run time from what the CPU reports). A CPU
-// with VNNI (AVX-VNNI or AVX512-VNNI vpdpbusd, or AMX-INT8) would take one more
-// Primitives entry with int8 quad packing, u8 inputs offset by 128 and a per-unit
-// correction of 128·sum_k kernel[k, n]; none ships because none can be run here.
+// with a per-function target, chosen at run time from what the CPU reports); both
+// read the same packed layout. A CPU with VNNI (AVX-VNNI or AVX512-VNNI vpdpbusd)
+// would take one more Primitives entry on the same quads, vpdpbusd(|w|, sign(xq, w))
+// in place of vpmaddubsw + vpmaddwd + vpaddd; none ships because none can be run here.
 
 #include <algorithm>
 #include <cmath>
@@ -68,26 +80,34 @@ using tensorflow::Tensor;
 using tensorflow::TensorShape;
 namespace errors = tensorflow::errors;
 
-constexpr int64_t kMr = 6;         // rows of the micro-kernel
-constexpr int64_t kNr = 16;        // units of the micro-kernel (two ymm of int32)
-constexpr int64_t kKcPairs = 128;  // feature pairs per block: a 8 KiB kernel micro-panel
-constexpr int64_t kMc = 16 * kMr;  // rows of a tile
+constexpr int64_t kMr = 4;    // rows of the micro-kernel
+constexpr int64_t kNr = 16;   // units of the micro-kernel (two ymm of int32)
+constexpr int64_t kQuad = 4;  // features per int32 lane of a product
+// Feature quads per block: the kernel's micro-panel (kKcQuads · 64 bytes) takes half
+// of L1, beside the row panel streaming over it (a quarter of its size); a longer
+// block leaves L1 too little room for the row panels. A tile's row panels for one
+// block (read by each of its kernel micro-panels, then by the next tile, which shares
+// its rows) and its int32 tile stay in L2; each kernel micro-panel passes once per
+// tile. A block spans widths up to 1024 features, whose int32 tile is written once.
+constexpr int64_t kKcQuads = 256;
+constexpr int64_t kMc = 24 * kMr;  // rows of a tile
 constexpr int64_t kNc = 16 * kNr;  // units of a tile
 // The packed kernels kept at once; past this the least recently used goes.
 constexpr int64_t kCacheBytes = int64_t{1} << 30;
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// c[r * ldc + n] (+)= sum_p a[p*kMr + r] · b[p*2*kNr + n] over int16 pairs, for
-// r < kMr, n < kNr. `accumulate` false starts from zero.
+// c[r * ldc + n] (+)= sum over quads q and h < 4 of xq[r][4q + h] · w[4q + h][n], for
+// r < kMr, n < kNr: a[q * kMr + r] holds row r's quad q (four int8), b[(q * kNr + n)
+// * 4 + h] the kernel's. `accumulate` false starts from zero.
 struct Primitives {
   const char* name;
-  void (*micro)(const int32_t* a, const int16_t* b, int64_t pairs, int32_t* c, int64_t ldc,
+  void (*micro)(const int32_t* a, const int8_t* b, int64_t quads, int32_t* c, int64_t ldc,
                 bool accumulate);
   // One row: its abs-max (as TensorFlow's reduce_max: -inf for no element).
   float (*abs_max)(const float* x, int64_t k);
   // q[i] = clip(round_half_even(x[i] * scale), -127, 127), i < k.
-  void (*quantize)(const float* x, int64_t k, float scale, int16_t* q);
+  void (*quantize)(const float* x, int64_t k, float scale, int8_t* q);
   // out[j] = activation(float(acc[j]) / (kscale[j] * s) + bias[j]), j < cols;
   // bias may be nullptr. Relu is TensorFlow's: a NaN stays NaN.
   void (*epilogue)(const int32_t* acc, int64_t cols, float s, const float* kscale,
@@ -97,19 +117,20 @@ struct Primitives {
 // ---------------------------------------------------------------------------------
 // Portable primitives.
 
-void MicroPortable(const int32_t* a, const int16_t* b, int64_t pairs, int32_t* c, int64_t ldc,
+void MicroPortable(const int32_t* a, const int8_t* b, int64_t quads, int32_t* c, int64_t ldc,
                    bool accumulate) {
   int32_t acc[kMr][kNr];
   for (int64_t r = 0; r < kMr; ++r)
     for (int64_t n = 0; n < kNr; ++n) acc[r][n] = accumulate ? c[r * ldc + n] : 0;
-  for (int64_t p = 0; p < pairs; ++p) {
-    const int16_t* bp = b + p * 2 * kNr;
+  for (int64_t q = 0; q < quads; ++q) {
+    const int8_t* bq = b + q * kNr * kQuad;
     for (int64_t r = 0; r < kMr; ++r) {
-      int16_t lo, hi;
-      const int32_t word = a[p * kMr + r];
-      std::memcpy(&lo, &word, 2);
-      std::memcpy(&hi, reinterpret_cast<const char*>(&word) + 2, 2);
-      for (int64_t n = 0; n < kNr; ++n) acc[r][n] += int32_t{lo} * bp[2 * n] + int32_t{hi} * bp[2 * n + 1];
+      int8_t x[kQuad];
+      std::memcpy(x, a + q * kMr + r, kQuad);
+      for (int64_t n = 0; n < kNr; ++n) {
+        const int8_t* w = bq + n * kQuad;
+        acc[r][n] += int32_t{x[0]} * w[0] + int32_t{x[1]} * w[1] + int32_t{x[2]} * w[2] + int32_t{x[3]} * w[3];
+      }
     }
   }
   for (int64_t r = 0; r < kMr; ++r)
@@ -122,11 +143,11 @@ float AbsMaxPortable(const float* x, int64_t k) {
   return peak;
 }
 
-void QuantizePortable(const float* x, int64_t k, float scale, int16_t* q) {
+void QuantizePortable(const float* x, int64_t k, float scale, int8_t* q) {
   for (int64_t i = 0; i < k; ++i) {
     // nearbyint rounds half to even (the default rounding mode), as tf.round.
     const float r = std::nearbyint(x[i] * scale);
-    q[i] = static_cast<int16_t>(r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r));
+    q[i] = static_cast<int8_t>(r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r));
   }
 }
 
@@ -150,9 +171,14 @@ constexpr Primitives kPortable = {"portable", MicroPortable, AbsMaxPortable, Qua
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
-void MicroAvx2(const int32_t* a, const int16_t* b, int64_t pairs, int32_t* c, int64_t ldc,
+void MicroAvx2(const int32_t* a, const int8_t* b, int64_t quads, int32_t* c, int64_t ldc,
                bool accumulate) {
-  __m256i c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  // Eight accumulators, the kernel quads and their magnitudes (four registers), the
+  // broadcast row quad, a product and the ones: 15 of the 16 ymm registers, so
+  // nothing spills. Twelve accumulators (6 x 16, 4 x 24) leave too few registers for
+  // the rest: the compiler spills them, and even without spills (operands from
+  // memory) the measured rate was lower.
+  __m256i c00, c01, c10, c11, c20, c21, c30, c31;
   if (accumulate) {
     c00 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 0 * ldc));
     c01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 0 * ldc + 8));
@@ -162,37 +188,31 @@ void MicroAvx2(const int32_t* a, const int16_t* b, int64_t pairs, int32_t* c, in
     c21 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 2 * ldc + 8));
     c30 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 3 * ldc));
     c31 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 3 * ldc + 8));
-    c40 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 4 * ldc));
-    c41 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 4 * ldc + 8));
-    c50 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 5 * ldc));
-    c51 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 5 * ldc + 8));
   } else {
-    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_si256();
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = _mm256_setzero_si256();
   }
-  for (int64_t p = 0; p < pairs; ++p) {
-    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
-    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
-    __m256i w;
-    w = _mm256_set1_epi32(a[0]);
-    c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(w, b0));
-    c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(w, b1));
-    w = _mm256_set1_epi32(a[1]);
-    c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(w, b0));
-    c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(w, b1));
-    w = _mm256_set1_epi32(a[2]);
-    c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(w, b0));
-    c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(w, b1));
-    w = _mm256_set1_epi32(a[3]);
-    c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(w, b0));
-    c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(w, b1));
-    w = _mm256_set1_epi32(a[4]);
-    c40 = _mm256_add_epi32(c40, _mm256_madd_epi16(w, b0));
-    c41 = _mm256_add_epi32(c41, _mm256_madd_epi16(w, b1));
-    w = _mm256_set1_epi32(a[5]);
-    c50 = _mm256_add_epi32(c50, _mm256_madd_epi16(w, b0));
-    c51 = _mm256_add_epi32(c51, _mm256_madd_epi16(w, b1));
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t q = 0; q < quads; ++q) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32));
+    const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
+    // |w| · sign(xq, w) = xq · w by bytes; pairs of those into int16 (exact, see the
+    // header), pairs of pairs into int32.
+    __m256i x;
+    x = _mm256_set1_epi32(a[0]);
+    c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(x, w0)), ones));
+    c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(x, w1)), ones));
+    x = _mm256_set1_epi32(a[1]);
+    c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(x, w0)), ones));
+    c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(x, w1)), ones));
+    x = _mm256_set1_epi32(a[2]);
+    c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(x, w0)), ones));
+    c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(x, w1)), ones));
+    x = _mm256_set1_epi32(a[3]);
+    c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(x, w0)), ones));
+    c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(x, w1)), ones));
     a += kMr;
-    b += 2 * kNr;
+    b += kNr * kQuad;
   }
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + 0 * ldc), c00);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + 0 * ldc + 8), c01);
@@ -202,10 +222,6 @@ void MicroAvx2(const int32_t* a, const int16_t* b, int64_t pairs, int32_t* c, in
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + 2 * ldc + 8), c21);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + 3 * ldc), c30);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + 3 * ldc + 8), c31);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + 4 * ldc), c40);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + 4 * ldc + 8), c41);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + 5 * ldc), c50);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + 5 * ldc + 8), c51);
 }
 
 float AbsMaxAvx2(const float* x, int64_t k) {
@@ -223,18 +239,23 @@ float AbsMaxAvx2(const float* x, int64_t k) {
   return result;
 }
 
-void QuantizeAvx2(const float* x, int64_t k, float scale, int16_t* q) {
+void QuantizeAvx2(const float* x, int64_t k, float scale, int8_t* q) {
   const __m256 s = _mm256_set1_ps(scale);
   const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  // The packs work per 128-bit lane (exactly: the values are in [-127, 127]): after
+  // both, lane l holds lane l of r[0], r[1], r[2], r[3] in turn as four 4-byte
+  // groups; the permute puts the eight groups back in feature order.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   int64_t i = 0;
-  for (; i + 16 <= k; i += 16) {
-    __m256 r0 = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r1 = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    r0 = _mm256_min_ps(_mm256_max_ps(r0, lo), hi);
-    r1 = _mm256_min_ps(_mm256_max_ps(r1, lo), hi);
-    // packs works per 128-bit lane: the permute puts the 16 values back in order.
-    const __m256i packed = _mm256_packs_epi32(_mm256_cvtps_epi32(r0), _mm256_cvtps_epi32(r1));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permute4x64_epi64(packed, 0xD8));
+  for (; i + 32 <= k; i += 32) {
+    __m256i r[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * j), s),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      r[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+    }
+    const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(packed, order));
   }
   QuantizePortable(x + i, k - i, scale, q + i);
 }
@@ -276,9 +297,9 @@ struct AlignedFree {
 struct PackedKernel {
   const void* address = nullptr;
   int64_t k = 0, n = 0;
-  std::vector<int8_t> source;                       // the kernel it was packed from
-  std::unique_ptr<int16_t[], AlignedFree> panels;  // [ceil(N/16)][P][16][2]
-  int64_t Bytes() const { return static_cast<int64_t>(source.size()) * 3; }
+  std::vector<int8_t> source;                      // the kernel it was packed from
+  std::unique_ptr<int8_t[], AlignedFree> panels;  // [ceil(N/16)][Q][16][4]
+  int64_t Bytes() const { return static_cast<int64_t>(source.size()) * 2; }
 };
 
 class KernelCache {
@@ -338,26 +359,26 @@ class KernelCache {
  private:
   static void Pack(const int8_t* kernel, int64_t k, int64_t n,
                    const tensorflow::DeviceBase::CpuWorkerThreads& workers, PackedKernel* packed) {
-    const int64_t pairs = CeilDiv(k, 2), panels = CeilDiv(n, kNr);
-    const int64_t elements = std::max<int64_t>(panels * pairs * 2 * kNr, 1);
-    const size_t size = static_cast<size_t>(CeilDiv(elements * 2, 64) * 64);
-    packed->panels.reset(static_cast<int16_t*>(std::aligned_alloc(64, size)));
-    int16_t* out = packed->panels.get();
+    const int64_t quads = CeilDiv(k, kQuad), panels = CeilDiv(n, kNr);
+    const int64_t elements = std::max<int64_t>(panels * quads * kNr * kQuad, 1);
+    const size_t size = static_cast<size_t>(CeilDiv(elements, 64) * 64);
+    packed->panels.reset(static_cast<int8_t*>(std::aligned_alloc(64, size)));
+    int8_t* out = packed->panels.get();
     auto pack = [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
-        int16_t* panel = out + j * pairs * 2 * kNr;
-        for (int64_t p = 0; p < pairs; ++p) {
+        int8_t* panel = out + j * quads * kNr * kQuad;
+        for (int64_t q = 0; q < quads; ++q) {
           for (int64_t c = 0; c < kNr; ++c) {
             const int64_t col = j * kNr + c;
-            for (int64_t h = 0; h < 2; ++h) {
-              const int64_t row = 2 * p + h;
-              panel[(p * kNr + c) * 2 + h] = (row < k && col < n) ? kernel[row * n + col] : 0;
+            for (int64_t h = 0; h < kQuad; ++h) {
+              const int64_t row = kQuad * q + h;
+              panel[(q * kNr + c) * kQuad + h] = (row < k && col < n) ? kernel[row * n + col] : 0;
             }
           }
         }
       }
     };
-    tensorflow::Shard(workers.num_threads, workers.workers, panels, pairs * 2 * kNr * 4, pack);
+    tensorflow::Shard(workers.num_threads, workers.workers, panels, quads * kNr * kQuad * 4, pack);
   }
 
   std::mutex mutex_;
@@ -452,16 +473,16 @@ class DenseInt8Op : public OpKernel {
 
     const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
     const Primitives& prim = *primitives_;
-    const int64_t pairs = CeilDiv(K, 2);
+    const int64_t quads = CeilDiv(K, kQuad);
     const int64_t row_panels = CeilDiv(M, kMr);
 
     std::shared_ptr<const PackedKernel> packed =
         KernelCache::Get().Find(kernel.flat<int8_t>().data(), K, N, workers);
 
-    // Quantize the rows into [row_panels][P][kMr] int16 pairs, padded with zeros.
+    // Quantize the rows into [row_panels][Q][kMr] int8 quads, padded with zeros.
     Tensor a_tensor, scale_tensor;
     OP_REQUIRES_OK(context, context->allocate_temp(tensorflow::DT_INT32,
-                                                   TensorShape({std::max<int64_t>(row_panels * pairs * kMr, 1)}),
+                                                   TensorShape({std::max<int64_t>(row_panels * quads * kMr, 1)}),
                                                    &a_tensor));
     OP_REQUIRES_OK(context, context->allocate_temp(tensorflow::DT_FLOAT, TensorShape({M}), &scale_tensor));
     int32_t* a_all = a_tensor.flat<int32_t>().data();
@@ -469,9 +490,9 @@ class DenseInt8Op : public OpKernel {
     const float* x_data = x.flat<float>().data();
     const float epsilon = epsilon_;
     auto quantize = [&](int64_t begin, int64_t end) {
-      std::vector<int16_t> row(2 * pairs);
+      std::vector<int8_t> row(quads * kQuad);
       for (int64_t panel = begin; panel < end; ++panel) {
-        int32_t* a = a_all + panel * pairs * kMr;
+        int32_t* a = a_all + panel * quads * kMr;
         for (int64_t r = 0; r < kMr; ++r) {
           const int64_t m = panel * kMr + r;
           std::fill(row.begin(), row.end(), 0);
@@ -481,17 +502,13 @@ class DenseInt8Op : public OpKernel {
             scales[m] = scale;
             prim.quantize(src, K, scale, row.data());
           }
-          for (int64_t p = 0; p < pairs; ++p) {
-            uint32_t word = static_cast<uint16_t>(row[2 * p]) |
-                            (static_cast<uint32_t>(static_cast<uint16_t>(row[2 * p + 1])) << 16);
-            std::memcpy(a + p * kMr + r, &word, 4);
-          }
+          for (int64_t q = 0; q < quads; ++q) std::memcpy(a + q * kMr + r, row.data() + q * kQuad, kQuad);
         }
       }
     };
     tensorflow::Shard(workers.num_threads, workers.workers, row_panels, kMr * K * 8, quantize);
 
-    const int16_t* b_all = packed->panels.get();
+    const int8_t* b_all = packed->panels.get();
     const float* kscale = kernel_scale.flat<float>().data();
     const float* bias_data = has_bias_ ? bias.flat<float>().data() : nullptr;
     float* y = output->flat<float>().data();
@@ -506,14 +523,14 @@ class DenseInt8Op : public OpKernel {
         const int64_t rows = std::min(kMc, M - m0), cols = std::min(kNc, N - n0);
         const int64_t panels_m = CeilDiv(rows, kMr), panels_n = CeilDiv(cols, kNr);
         const int64_t ldc = panels_n * kNr;
-        if (pairs == 0) std::fill(c.begin(), c.end(), 0);
-        for (int64_t p0 = 0; p0 < pairs; p0 += kKcPairs) {
-          const int64_t block = std::min(kKcPairs, pairs - p0);
+        if (quads == 0) std::fill(c.begin(), c.end(), 0);
+        for (int64_t q0 = 0; q0 < quads; q0 += kKcQuads) {
+          const int64_t block = std::min(kKcQuads, quads - q0);
           for (int64_t jn = 0; jn < panels_n; ++jn) {
-            const int16_t* b = b_all + ((n0 / kNr + jn) * pairs + p0) * 2 * kNr;
+            const int8_t* b = b_all + ((n0 / kNr + jn) * quads + q0) * kNr * kQuad;
             for (int64_t im = 0; im < panels_m; ++im) {
-              const int32_t* a = a_all + ((m0 / kMr + im) * pairs + p0) * kMr;
-              prim.micro(a, b, block, c.data() + im * kMr * ldc + jn * kNr, ldc, p0 > 0);
+              const int32_t* a = a_all + ((m0 / kMr + im) * quads + q0) * kMr;
+              prim.micro(a, b, block, c.data() + im * kMr * ldc + jn * kNr, ldc, q0 > 0);
             }
           }
         }

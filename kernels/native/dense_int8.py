@@ -7,7 +7,7 @@ the leading axes of ``x``.
 The op quantizes each row of ``x`` as Keras does, multiplies by the int8 kernel with
 exact int32 sums, and dequantizes, adds the bias and applies a ReLU in one pass: the
 outputs are bit-equal to Keras's int8 Dense in float32. It packs the kernel once into
-int16 panels and keeps the packed form (a kernel assigned since is packed again; see
+int8 panels and keeps the packed form (a kernel assigned since is packed again; see
 the source). Its gradient with respect to ``x`` is Keras's straight-through one,
 ``dy · (kernel_q / kernel_scale)ᵀ``, and the bias has its usual one; the int8 kernel
 and its scales get none, as in Keras.

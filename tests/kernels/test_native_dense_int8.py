@@ -56,7 +56,7 @@ def test_bit_equal_to_the_oracle(rng, isa, m, k, n):
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_sums_past_int16_do_not_saturate(isa):
-    # Every product is 127·127: u8·s8 pair sums (vpmaddubsw) would saturate at 32767.
+    # Every product is ±127·127: pair sums reach ±32258, next to int16's limit.
     k, n = 1000, 24
     x = np.ones((8, k), np.float32)
     x[1] *= -1.0
@@ -67,6 +67,54 @@ def test_sums_past_int16_do_not_saturate(isa):
     np.testing.assert_array_equal(y, int8_oracle(x, kernel_q, kernel_scale))
     scale = np.float32(127) / (np.float32(1) + np.float32(1e-7))
     assert y[0, 0] == np.float32(127 * 127 * k) / scale
+
+
+def _extreme_case(rng, m=7, k=4099, n=40):
+    """Inputs that quantize to ±127 everywhere and a kernel of ±127 and -128 (any int8
+    a kernel can hold), signs mixed: pair sums of products reach their largest
+    magnitudes, so a product with a wrong sign or a saturated pair sum shows."""
+    x = rng.choice(np.float32([-1.0, 1.0]), (m, k))
+    x[0], x[1] = 1.0, -1.0
+    kernel_q = rng.choice(np.int8([-128, -127, 127]), (k, n))
+    kernel_q[:, 0], kernel_q[:, 1], kernel_q[:, 2] = 127, -127, -128
+    kernel_q[:, 3] = np.where(x[2] > 0, 127, -127)  # row 2 · column 3: +127·127·K
+    kernel_q[:, 4] = np.where(x[3] > 0, -128, 127)  # row 3 · column 4: all negative
+    kernel_q[:, 5] = 127
+    kernel_q[1::2, 5] = 0
+    return x, kernel_q
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_extreme_operands_are_exact(rng, isa):
+    x, kernel_q = _extreme_case(rng)
+    k = x.shape[1]
+    kernel_scale = np.ones(kernel_q.shape[1], np.float32)
+    y = native_int8.dense_int8_native(x, kernel_q, kernel_scale, epsilon=1e-7, isa=isa).numpy()
+    np.testing.assert_array_equal(y, int8_oracle(x, kernel_q, kernel_scale))
+    scale = np.float32(127) / (np.float32(1) + np.float32(1e-7))
+    negative = int((x[3] < 0).sum())
+    for (row, column), sum_ in {(0, 2): -128 * 127 * k, (1, 2): 128 * 127 * k, (2, 3): 127 * 127 * k,
+                                (3, 4): -128 * 127 * (k - negative) - 127 * 127 * negative,
+                                (0, 5): 127 * 127 * (k // 2 + 1)}.items():
+        assert y[row, column] == np.float32(sum_) / scale, (row, column)
+
+
+def test_extreme_operands_match_keras_and_the_portable_isa(rng):
+    ours = layers.Dense(40, bias_initializer="random_normal", implementation="native")
+    theirs = keras.layers.Dense(40, bias_initializer="random_normal")
+    for layer in (ours, theirs):
+        layer.build((None, 4099))
+    theirs.set_weights(ours.get_weights())
+    x, kernel_q = _extreme_case(rng)
+    for layer in (ours, theirs):
+        layer.quantize("int8")
+        layer._kernel.assign(kernel_q)
+    expected = np.asarray(theirs(x))
+    np.testing.assert_array_equal(np.asarray(ours(x)), expected)
+    portable = native_int8.dense_int8_native(
+        x, kernel_q, ours.kernel_scale, ours.bias, epsilon=ours.inputs_quantizer.epsilon, isa="portable"
+    )
+    np.testing.assert_array_equal(portable.numpy(), expected)
 
 
 @pytest.mark.parametrize("isa", ISAS)
