@@ -171,6 +171,16 @@ constexpr Primitives kPortable = {"portable", MicroPortable, AbsMaxPortable, Qua
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
+// One row's quad of inputs times the 16 units' kernel quads (w0, w1; u0, u1 their
+// magnitudes), added to the row's two accumulators: |w| · sign(xq, w) = xq · w by
+// bytes, pairs of those into int16 (exact, see the header), pairs of pairs into int32.
+inline void RowQuad(int32_t quad, __m256i u0, __m256i u1, __m256i w0, __m256i w1, __m256i ones,
+                    __m256i* c0, __m256i* c1) {
+  const __m256i x = _mm256_set1_epi32(quad);
+  *c0 = _mm256_add_epi32(*c0, _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(x, w0)), ones));
+  *c1 = _mm256_add_epi32(*c1, _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(x, w1)), ones));
+}
+
 void MicroAvx2(const int32_t* a, const int8_t* b, int64_t quads, int32_t* c, int64_t ldc,
                bool accumulate) {
   // Eight accumulators, the kernel quads and their magnitudes (four registers), the
@@ -196,21 +206,10 @@ void MicroAvx2(const int32_t* a, const int8_t* b, int64_t quads, int32_t* c, int
     const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
     const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32));
     const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
-    // |w| · sign(xq, w) = xq · w by bytes; pairs of those into int16 (exact, see the
-    // header), pairs of pairs into int32.
-    __m256i x;
-    x = _mm256_set1_epi32(a[0]);
-    c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(x, w0)), ones));
-    c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(x, w1)), ones));
-    x = _mm256_set1_epi32(a[1]);
-    c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(x, w0)), ones));
-    c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(x, w1)), ones));
-    x = _mm256_set1_epi32(a[2]);
-    c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(x, w0)), ones));
-    c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(x, w1)), ones));
-    x = _mm256_set1_epi32(a[3]);
-    c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(x, w0)), ones));
-    c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(x, w1)), ones));
+    RowQuad(a[0], u0, u1, w0, w1, ones, &c00, &c01);
+    RowQuad(a[1], u0, u1, w0, w1, ones, &c10, &c11);
+    RowQuad(a[2], u0, u1, w0, w1, ones, &c20, &c21);
+    RowQuad(a[3], u0, u1, w0, w1, ones, &c30, &c31);
     a += kMr;
     b += kNr * kQuad;
   }
