@@ -20,10 +20,10 @@
 // into a float32 accumulator rescaled by the running max. Causal key blocks wholly
 // above the diagonal are never visited.
 //
-// ISA dispatch: the primitives below come as a portable version and an
-// AVX2+FMA one (compiled with a per-function target, chosen at run time from what
-// the CPU reports). AVX-512 or AMX variants would be one more Primitives table and
-// one more test in ChoosePrimitives; none ships because none can be run here.
+// ISA dispatch: the primitives below come as a portable version, an AVX2+FMA one and
+// an AVX-512 one (each compiled with a per-function target), chosen at run time from
+// what the CPU reports (isa.h). An AMX or AVX512-BF16 variant is one more Primitives
+// table in kTables.
 
 #include <algorithm>
 #include <cmath>
@@ -563,14 +563,260 @@ void DscoreAvx2(const float* p, const float* pd, const float* dp, int64_t cols, 
 constexpr Primitives kAvx2 = {"avx2", QkAvx2, SoftmaxAvx2, PvAvx2, GemmAvx2, ProbsAvx2, DscoreAvx2};
 #endif  // FASTLAYERS_X86
 
-// The best primitives this CPU runs, or the portable ones when asked (the op's
-// `isa` attribute: tests compare the two).
-const Primitives& ChoosePrimitives(const std::string& isa = "best") {
+// ---------------------------------------------------------------------------------
+// AVX-512 primitives: one whole panel of 16 floats per register, micro-tiles of up
+// to kTileRows rows × 2 panels (24 accumulators of the 32 registers), lane masks in
+// mask registers. The three products (Q·Kᵀ, P·V and the backward's gemms) share one
+// micro-tile. Tests run them through SIMDe (isa.h) on CPUs without AVX-512.
+
 #ifdef FASTLAYERS_X86
-  if (UseAvx2(isa)) return kAvx2;
-#endif
-  return kPortable;
+FASTLAYERS_AVX512_BEGIN
+namespace avx512 {
+
+constexpr int kTileRows = 12;
+
+// Exp8 (above) on 16 lanes.
+inline __m512 Exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);
+  const __m512 magic = _mm512_set1_ps(12582912.0f + 127.0f);
+  const __m512 shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
+  const __m512 k = _mm512_sub_ps(shifted, magic);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  const __m512 p01 = _mm512_fmadd_ps(_mm512_set1_ps(1.6666665459E-1f), r, _mm512_set1_ps(5.0000001201E-1f));
+  const __m512 p23 = _mm512_fmadd_ps(_mm512_set1_ps(8.3334519073E-3f), r, _mm512_set1_ps(4.1665795894E-2f));
+  const __m512 p45 = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500E-4f), r, _mm512_set1_ps(1.3981999507E-3f));
+  const __m512 p25 = _mm512_fmadd_ps(p45, r2, p23);
+  const __m512 p05 = _mm512_fmadd_ps(p25, r2, p01);
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p05, r2, r), _mm512_set1_ps(1.0f));
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(shifted), 23)));
 }
+
+inline __m512i Mix16(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846CA68Bu)));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  return x;
+}
+
+// The lanes that are dropped (the reference's uniform < rate) for columns c..c+15.
+inline __mmask16 Dropped16(const RowContext& ctx, const Dropout& drop, int64_t c) {
+  const __m512i cols_hash = _mm512_loadu_si512(ctx.col_hash + c);
+  const __m512i bits = _mm512_srli_epi32(Mix16(_mm512_xor_si512(_mm512_set1_epi32(static_cast<int>(ctx.row_hash)),
+                                                                 cols_hash)), 8);
+  // bits < 2^24 and threshold <= 2^24: a signed compare is exact.
+  return _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(static_cast<int>(drop.threshold)), bits);
+}
+
+inline float Sum16(__m512 v) {
+  alignas(64) float lanes[16];
+  _mm512_storeu_ps(lanes, v);
+  float sum = 0.0f;
+  for (float x : lanes) sum += x;
+  return sum;
+}
+
+// Validity of columns c..c+15 as a lane mask; mask bytes are read only below
+// ctx.limit (past it every lane is invalid anyway).
+inline __mmask16 Valid16(const RowContext& ctx, int64_t c) {
+  const int64_t visible = ctx.limit - c;
+  __mmask16 valid = visible >= 16 ? 0xFFFF : visible <= 0 ? 0 : static_cast<__mmask16>((1u << visible) - 1u);
+  if (ctx.mask == nullptr || valid == 0) return valid;
+  if (ctx.mask_stride == 0) return ctx.mask[0] ? valid : 0;
+  __m128i bytes;
+  if (visible >= 16) {
+    bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ctx.mask + c));
+  } else {
+    alignas(16) bool tail[16] = {};
+    std::memcpy(tail, ctx.mask + c, visible);
+    bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
+  }
+  return valid & _mm_cmpneq_epi8_mask(bytes, _mm_setzero_si128());
+}
+
+// The bias of columns c..c+15 (ctx.bias set), never read past the row's last key.
+inline __m512 Bias16(const RowContext& ctx, int64_t c) {
+  if (ctx.bias_stride == 0) return _mm512_set1_ps(ctx.bias[0]);
+  if (c + 16 <= ctx.keys) return _mm512_loadu_ps(ctx.bias + c);
+  alignas(64) float tail[16] = {};
+  for (int64_t k = c; k < ctx.keys; ++k) tail[k - c] = ctx.bias[k];
+  return _mm512_loadu_ps(tail);
+}
+
+// c[i·ldc + 16j + l] (+)= Σ_k A(i, k) · b[j·panel_stride + k·ldb + l] for i < M rows,
+// j < P panels, l < 16, where A(i, k) is a[i·lda + k], or a[k·lda + i] when
+// Transposed (a transposed left operand, Pᵀ or dSᵀ, read in place).
+template <int M, int P, bool Transposed>
+inline void Tile(const float* a, int64_t lda, int64_t depth, const float* b, int64_t panel_stride, int64_t ldb,
+                 float* c, int64_t ldc, bool accumulate) {
+  __m512 acc[M][P];
+  _Pragma("GCC unroll 12")
+  for (int i = 0; i < M; ++i) {
+    _Pragma("GCC unroll 2")
+    for (int j = 0; j < P; ++j) {
+      acc[i][j] = accumulate ? _mm512_loadu_ps(c + i * ldc + j * kPanel) : _mm512_setzero_ps();
+    }
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    __m512 w[P];
+    _Pragma("GCC unroll 2")
+    for (int j = 0; j < P; ++j) w[j] = _mm512_loadu_ps(b + j * panel_stride + k * ldb);
+    _Pragma("GCC unroll 12")
+    for (int i = 0; i < M; ++i) {
+      const __m512 x = _mm512_set1_ps(Transposed ? a[k * lda + i] : a[i * lda + k]);
+      _Pragma("GCC unroll 2")
+      for (int j = 0; j < P; ++j) acc[i][j] = _mm512_fmadd_ps(x, w[j], acc[i][j]);
+    }
+  }
+  _Pragma("GCC unroll 12")
+  for (int i = 0; i < M; ++i) {
+    _Pragma("GCC unroll 2")
+    for (int j = 0; j < P; ++j) _mm512_storeu_ps(c + i * ldc + j * kPanel, acc[i][j]);
+  }
+}
+
+// The last rows (fewer than kTileRows) of a panel pair as one Tile<rows>.
+template <int P, bool Transposed, int M = kTileRows - 1>
+inline void LastRows(int64_t rows, const float* a, int64_t lda, int64_t depth, const float* b, int64_t panel_stride,
+                     int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  if constexpr (M > 0) {
+    if (rows == M) {
+      Tile<M, P, Transposed>(a, lda, depth, b, panel_stride, ldb, c, ldc, accumulate);
+    } else {
+      LastRows<P, Transposed, M - 1>(rows, a, lda, depth, b, panel_stride, ldb, c, ldc, accumulate);
+    }
+  }
+}
+
+// Every row of P panels (16·P output columns).
+template <int P, bool Transposed>
+inline void PanelRows(const float* a, int64_t lda, int64_t rows, int64_t depth, const float* b, int64_t panel_stride,
+                      int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  const int64_t row_step = Transposed ? 1 : lda;
+  int64_t r = 0;
+  for (; r + kTileRows <= rows; r += kTileRows) {
+    Tile<kTileRows, P, Transposed>(a + r * row_step, lda, depth, b, panel_stride, ldb, c + r * ldc, ldc, accumulate);
+  }
+  LastRows<P, Transposed>(rows - r, a + r * row_step, lda, depth, b, panel_stride, ldb, c + r * ldc, ldc, accumulate);
+}
+
+// The product over cols output columns (a multiple of 16), two panels at a time.
+template <bool Transposed>
+void Product(const float* a, int64_t lda, int64_t rows, int64_t depth, const float* b, int64_t panel_stride,
+             int64_t ldb, int64_t cols, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t n = 0; n < cols; n += 2 * kPanel) {
+    const float* panel = b + (n / kPanel) * panel_stride;
+    if (n + 2 * kPanel <= cols) {
+      PanelRows<2, Transposed>(a, lda, rows, depth, panel, panel_stride, ldb, c + n, ldc, accumulate);
+    } else {
+      PanelRows<1, Transposed>(a, lda, rows, depth, panel, panel_stride, ldb, c + n, ldc, accumulate);
+    }
+  }
+}
+
+void Qk(const float* q, int64_t rows, int64_t head_dim, const float* keys, int64_t ld_s, int64_t cols,
+        float* scores) {
+  Product<false>(q, head_dim, rows, head_dim, keys, kPanel * head_dim, kPanel, cols, scores, ld_s, false);
+}
+
+void Pv(const float* p, int64_t rows, int64_t ld_s, int64_t cols, const float* values, int64_t panel_stride,
+        int64_t ld_o, float* out) {
+  Product<false>(p, ld_s, rows, cols, values, panel_stride, kPanel, ld_o, out, ld_o, true);
+}
+
+void Gemm(const float* a, int64_t a_row, int64_t a_col, int64_t rows, int64_t depth, const float* b,
+          int64_t panel_stride, int64_t ldb, int64_t cols, float* c, int64_t ldc, bool accumulate) {
+  if (a_row == 1 && a_col != 1) {
+    Product<true>(a, a_col, rows, depth, b, panel_stride, ldb, cols, c, ldc, accumulate);
+  } else {
+    Product<false>(a, a_row, rows, depth, b, panel_stride, ldb, cols, c, ldc, accumulate);
+  }
+}
+
+// Softmax's second pass, as ExpPass above (16 columns at a time).
+template <bool kDrop>
+inline float ExpPass16(float* row, int64_t cols, int64_t clean, float max, const RowContext& ctx,
+                     const Dropout& drop) {
+  const __m512 floor = _mm512_set1_ps(kFloor);
+  const __m512 m = _mm512_set1_ps(max);
+  const __m512 keep_scale = _mm512_set1_ps(drop.keep_scale);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t c = 0; c < cols; c += kPanel) {
+    const __m512 s = _mm512_loadu_ps(row + c);
+    __m512 p = Exp16(_mm512_sub_ps(s, m));
+    if (c >= clean) p = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, floor, _CMP_NEQ_UQ), p);
+    sum = _mm512_add_ps(sum, p);
+    if (kDrop) p = _mm512_maskz_mul_ps(static_cast<__mmask16>(~Dropped16(ctx, drop, c)), p, keep_scale);
+    _mm512_storeu_ps(row + c, p);
+  }
+  return Sum16(sum);
+}
+
+float Softmax(float* row, int64_t cols, const RowContext& ctx, const Dropout& drop, float* max) {
+  // As SoftmaxAvx2, 16 columns at a time.
+  const int64_t clean = ctx.bias == nullptr && ctx.mask == nullptr ? ctx.limit / kPanel * kPanel : 0;
+  const __m512 floor = _mm512_set1_ps(kFloor);
+  __m512 peak = _mm512_set1_ps(*max);
+  int64_t c = 0;
+  for (; c < clean; c += kPanel) peak = _mm512_max_ps(peak, _mm512_loadu_ps(row + c));
+  for (; c < cols; c += kPanel) {
+    __m512 s = _mm512_loadu_ps(row + c);
+    if (ctx.bias != nullptr) s = _mm512_add_ps(s, Bias16(ctx, c));
+    s = _mm512_mask_blend_ps(Valid16(ctx, c), floor, s);
+    _mm512_storeu_ps(row + c, s);
+    peak = _mm512_max_ps(peak, s);
+  }
+  *max = _mm512_reduce_max_ps(peak);
+  return drop.on ? ExpPass16<true>(row, cols, clean, *max, ctx, drop) : ExpPass16<false>(row, cols, clean, *max, ctx, drop);
+}
+
+template <bool kDrop>
+inline void ProbsPass16(const float* scores, int64_t cols, int64_t clean, const RowContext& ctx, const Dropout& drop,
+                      float lse, float* p, float* pd) {
+  const __m512 offset = _mm512_set1_ps(lse);
+  const __m512 keep_scale = _mm512_set1_ps(drop.keep_scale);
+  for (int64_t c = 0; c < cols; c += kPanel) {
+    __m512 s = _mm512_loadu_ps(scores + c);
+    if (ctx.bias != nullptr) s = _mm512_add_ps(s, Bias16(ctx, c));
+    __m512 x = Exp16(_mm512_sub_ps(s, offset));
+    if (c >= clean) x = _mm512_maskz_mov_ps(Valid16(ctx, c), x);
+    _mm512_storeu_ps(p + c, x);
+    if (kDrop) {
+      _mm512_storeu_ps(pd + c, _mm512_maskz_mul_ps(static_cast<__mmask16>(~Dropped16(ctx, drop, c)), x, keep_scale));
+    }
+  }
+}
+
+void Probs(const float* scores, int64_t cols, const RowContext& ctx, const Dropout& drop, float lse, float* p,
+           float* pd) {
+  const int64_t clean = ctx.bias == nullptr && ctx.mask == nullptr ? ctx.limit / kPanel * kPanel : 0;
+  if (drop.on) {
+    ProbsPass16<true>(scores, cols, clean, ctx, drop, lse, p, pd);
+  } else {
+    ProbsPass16<false>(scores, cols, clean, ctx, drop, lse, p, pd);
+  }
+}
+
+void Dscore(const float* p, const float* pd, const float* dp, int64_t cols, float delta, float* ds) {
+  const __m512 d = _mm512_set1_ps(delta);
+  for (int64_t c = 0; c < cols; c += kPanel) {
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(p + c), d);
+    _mm512_storeu_ps(ds + c, _mm512_fmsub_ps(_mm512_loadu_ps(pd + c), _mm512_loadu_ps(dp + c), x));
+  }
+}
+
+}  // namespace avx512
+FASTLAYERS_AVX512_END
+
+constexpr Primitives kAvx512 = {"avx512", avx512::Qk, avx512::Softmax, avx512::Pv,
+                                avx512::Gemm, avx512::Probs, avx512::Dscore};
+constexpr const Primitives* kTables[] = {&kAvx512, &kAvx2, &kPortable};
+#else
+constexpr const Primitives* kTables[] = {&kPortable};
+#endif  // FASTLAYERS_X86
 
 // ---------------------------------------------------------------------------------
 // The op.
@@ -593,7 +839,7 @@ REGISTER_OP("FastlayersAttentionForward")
     .Attr("has_mask: bool = false")
     .Attr("block_q: int = 64")
     .Attr("block_k: int = 512")
-    .Attr("isa: {'best', 'portable'} = 'best'")
+    .Attr("isa: {'best', 'avx512', 'avx2', 'portable'} = 'best'")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       tensorflow::shape_inference::ShapeHandle q, v;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &q));
@@ -613,7 +859,7 @@ class NativeIsaOp : public OpKernel {
   void Compute(OpKernelContext* context) override {
     Tensor* out = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({}), &out));
-    out->scalar<tensorflow::tstring>()() = ChoosePrimitives().name;
+    out->scalar<tensorflow::tstring>()() = ChooseIsa(kTables, "best")->name;
   }
 };
 
@@ -695,7 +941,8 @@ class AttentionOpBase : public OpKernel {
   explicit AttentionOpBase(OpKernelConstruction* context) : OpKernel(context) {
     std::string isa;
     OP_REQUIRES_OK(context, context->GetAttr("isa", &isa));
-    primitives_ = &ChoosePrimitives(isa);
+    primitives_ = ChooseIsa(kTables, isa);
+    OP_REQUIRES(context, primitives_ != nullptr, errors::InvalidArgument(IsaError(kTables, isa)));
     OP_REQUIRES_OK(context, context->GetAttr("scale", &scale_));
     OP_REQUIRES_OK(context, context->GetAttr("is_causal", &is_causal_));
     OP_REQUIRES_OK(context, context->GetAttr("dropout_rate", &dropout_rate_));
@@ -981,7 +1228,7 @@ REGISTER_OP("FastlayersAttentionBackward")
     .Attr("block_q: int = 64")
     .Attr("block_k: int = 128")
     .Attr("bias_slot_bytes: int = 134217728")
-    .Attr("isa: {'best', 'portable'} = 'best'")
+    .Attr("isa: {'best', 'avx512', 'avx2', 'portable'} = 'best'")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       for (int i = 0; i < 4; ++i) c->set_output(i, c->input(i));
       return absl::OkStatus();

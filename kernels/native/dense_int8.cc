@@ -277,14 +277,10 @@ void EpilogueAvx2(const int32_t* acc, int64_t cols, float s, const float* kscale
 #pragma GCC pop_options
 
 constexpr Primitives kAvx2 = {"avx2", MicroAvx2, AbsMaxAvx2, QuantizeAvx2, EpilogueAvx2};
+constexpr const Primitives* kTables[] = {&kAvx2, &kPortable};
+#else
+constexpr const Primitives* kTables[] = {&kPortable};
 #endif  // FASTLAYERS_X86
-
-const Primitives& ChoosePrimitives(const std::string& isa = "best") {
-#ifdef FASTLAYERS_X86
-  if (UseAvx2(isa)) return kAvx2;
-#endif
-  return kPortable;
-}
 
 // ---------------------------------------------------------------------------------
 // The packed-kernel cache.
@@ -396,7 +392,7 @@ REGISTER_OP("FastlayersDenseInt8")
     .Attr("epsilon: float")
     .Attr("activation: {'linear', 'relu'} = 'linear'")
     .Attr("has_bias: bool = false")
-    .Attr("isa: {'best', 'portable'} = 'best'")
+    .Attr("isa: {'best', 'avx2', 'portable'} = 'best'")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       tensorflow::shape_inference::ShapeHandle x, kernel;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
@@ -420,7 +416,7 @@ class DenseInt8IsaOp : public OpKernel {
   void Compute(OpKernelContext* context) override {
     Tensor* out = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({}), &out));
-    out->scalar<tensorflow::tstring>()() = ChoosePrimitives().name;
+    out->scalar<tensorflow::tstring>()() = ChooseIsa(kTables, "best")->name;
   }
 };
 
@@ -439,7 +435,8 @@ class DenseInt8Op : public OpKernel {
   explicit DenseInt8Op(OpKernelConstruction* context) : OpKernel(context) {
     std::string isa, activation;
     OP_REQUIRES_OK(context, context->GetAttr("isa", &isa));
-    primitives_ = &ChoosePrimitives(isa);
+    primitives_ = ChooseIsa(kTables, isa);
+    OP_REQUIRES(context, primitives_ != nullptr, errors::InvalidArgument(IsaError(kTables, isa)));
     OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
     OP_REQUIRES_OK(context, context->GetAttr("activation", &activation));
     relu_ = activation == "relu";

@@ -1,6 +1,17 @@
-// The run-time ISA choice every native source makes: each ships its primitives as a
-// portable version and an AVX2+FMA one (compiled with a per-function target, so the
-// library runs on any x86-64) and takes the second where the CPU has it.
+// The run-time ISA choice every native source makes: each ships its primitives as
+// tables, one per ISA (a portable one, an AVX2+FMA one, and for some an AVX-512
+// one), each compiled with a per-function target so the library runs on any x86-64,
+// and takes the best the CPU runs.
+//
+// An op's `isa` attribute names the table to run: "best" (the default), or one by
+// name, which tests use to compare them; a table the CPU cannot run is an error.
+//
+// A source's AVX-512 primitives sit between FASTLAYERS_AVX512_BEGIN and
+// FASTLAYERS_AVX512_END. Built with -DFASTLAYERS_EMULATE_AVX512 (and SIMDe's headers
+// on the include path), the same intrinsics compile to SIMDe's portable versions
+// and every CPU "runs" them: the tests run the AVX-512 primitives that way on CPUs
+// without AVX-512. SIMDe implements a subset of the intrinsics; the AVX-512 code
+// keeps to it (no _mm512_reduce_add_ps, no _mm512_cvtepu8_epi32).
 
 #ifndef FASTLAYERS_NATIVE_ISA_H_
 #define FASTLAYERS_NATIVE_ISA_H_
@@ -12,18 +23,62 @@
 #define FASTLAYERS_X86 1
 #endif
 
+#if defined(FASTLAYERS_X86) && defined(FASTLAYERS_EMULATE_AVX512)
+// The function names of the AVX-512 intrinsics become SIMDe's; the vector types are
+// renamed below (SIMDe's own type aliases would clash with immintrin.h's).
+#define SIMDE_X86_AVX512F_ENABLE_NATIVE_ALIASES
+#define SIMDE_X86_AVX512BW_ENABLE_NATIVE_ALIASES
+#define SIMDE_X86_AVX512DQ_ENABLE_NATIVE_ALIASES
+#define SIMDE_X86_AVX512VL_ENABLE_NATIVE_ALIASES
+#define SIMDE_X86_AVX512VNNI_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#define FASTLAYERS_AVX512_BEGIN
+#define FASTLAYERS_AVX512_END
+#define __m512 simde__m512
+#define __m512i simde__m512i
+#elif defined(FASTLAYERS_X86)
+#define FASTLAYERS_AVX512_BEGIN \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512dq,avx512vl,avx2,fma\")")
+#define FASTLAYERS_AVX512_END _Pragma("GCC pop_options")
+#endif
+
 namespace fastlayers {
 
-// Whether to run the AVX2+FMA primitives: the CPU reports both and the op's `isa`
-// attribute is not "portable" (tests compare the two versions through it).
-inline bool UseAvx2(const std::string& isa) {
-  if (isa == "portable") return false;
+// Whether this CPU runs the primitives of `isa`: "portable" everywhere, "avx2" where
+// it reports AVX2 and FMA, "avx512" where it reports AVX-512 F, BW, DQ and VL (or in
+// an emulated build).
+inline bool CpuRuns(const std::string& isa) {
+  if (isa == "portable") return true;
 #ifdef FASTLAYERS_X86
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == "avx512") {
+#ifdef FASTLAYERS_EMULATE_AVX512
+    return true;
 #else
-  return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
 #endif
+  }
+#endif
+  return false;
+}
+
+// The table an op runs for its `isa` attribute: with "best", the first of `tables`
+// (best first, each with a `name`) the CPU runs; with a name, that table, or nullptr
+// when the CPU does not run it (IsaError says so).
+template <typename Table, int N>
+const Table* ChooseIsa(const Table* const (&tables)[N], const std::string& isa) {
+  for (const Table* table : tables) {
+    if ((isa == "best" || isa == table->name) && CpuRuns(table->name)) return table;
+  }
+  return nullptr;
+}
+
+template <typename Table, int N>
+std::string IsaError(const Table* const (&tables)[N], const std::string& isa) {
+  return "isa='" + isa + "' needs a CPU that runs it; this one runs '" +
+         ChooseIsa(tables, "best")->name + "' at best";
 }
 
 }  // namespace fastlayers

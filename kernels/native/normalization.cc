@@ -161,14 +161,10 @@ void ApplyAvx2(const float* x, int64_t d, float shift, float scale, const float*
 #pragma GCC pop_options
 
 constexpr RowPrimitives kAvx2 = {"avx2", SumAvx2, SumSquaresAvx2, ApplyAvx2};
+constexpr const RowPrimitives* kTables[] = {&kAvx2, &kPortable};
+#else
+constexpr const RowPrimitives* kTables[] = {&kPortable};
 #endif  // FASTLAYERS_X86
-
-const RowPrimitives& ChooseRowPrimitives(const std::string& isa) {
-#ifdef FASTLAYERS_X86
-  if (UseAvx2(isa)) return kAvx2;
-#endif
-  return kPortable;
-}
 
 REGISTER_OP("FastlayersNormalization")
     .Input("x: T")
@@ -179,7 +175,7 @@ REGISTER_OP("FastlayersNormalization")
     .Attr("epsilon: float")
     .Attr("centered: bool")
     .Attr("subtract_mean: bool")
-    .Attr("isa: {'best', 'portable'} = 'best'")
+    .Attr("isa: {'best', 'avx2', 'portable'} = 'best'")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       tensorflow::shape_inference::ShapeHandle x;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
@@ -193,7 +189,8 @@ class NormalizationOp : public OpKernel {
   explicit NormalizationOp(OpKernelConstruction* context) : OpKernel(context) {
     std::string isa;
     OP_REQUIRES_OK(context, context->GetAttr("isa", &isa));
-    primitives_ = &ChooseRowPrimitives(isa);
+    primitives_ = ChooseIsa(kTables, isa);
+    OP_REQUIRES(context, primitives_ != nullptr, errors::InvalidArgument(IsaError(kTables, isa)));
     OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
     OP_REQUIRES_OK(context, context->GetAttr("centered", &centered_));
     OP_REQUIRES_OK(context, context->GetAttr("subtract_mean", &subtract_mean_));

@@ -46,7 +46,7 @@ def test_the_bench_extra_has_the_tooling_and_the_test_extra_holds_it(setup_cfg):
     test_lines = {line.strip() for line in extras["test"].splitlines() if line.strip()}
     bench_lines = {line.strip() for line in extras["bench"].splitlines() if line.strip()}
     assert bench_lines <= test_lines, "the test extra pins bench's packages differently"
-    assert _requirements(extras["test"]) - bench == {"hypothesis", "pytest-xdist"}
+    assert _requirements(extras["test"]) - bench == {"hypothesis", "pytest-xdist", "simde-py"}
 
 
 # Blocks the tooling packages as if they were not installed (Keras imports matplotlib

@@ -1,0 +1,112 @@
+"""The native ops' AVX-512 primitives, run on any CPU: the library built against
+SIMDe's portable versions of the AVX-512 intrinsics (``-DFASTLAYERS_EMULATE_AVX512``,
+``isa.h``), in processes of their own, where "best" is AVX-512. Their results are
+compared with the portable primitives of the same library and with the reference,
+forward and backward, on sizes that reach every micro-tile shape (12-row tiles and
+the rows left over, panel pairs and a single panel last)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import simde_py
+
+EMULATED_FLAGS = f"-DFASTLAYERS_EMULATE_AVX512 -I{simde_py.get_include()} -Wno-psabi"
+TESTS = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def emulated_env(tmp_path_factory):
+    """The environment of a process that builds (once for the module) and loads the
+    emulated library."""
+    return {
+        **os.environ,
+        "FASTLAYERS_CACHE_DIR": str(tmp_path_factory.mktemp("emulated-avx512")),
+        "FASTLAYERS_NATIVE_CXXFLAGS": EMULATED_FLAGS,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+
+
+def run(script, env, *args):
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-3000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+ATTENTION_SCRIPT = """
+import numpy as np, tensorflow as tf
+from fastlayers import kernels
+from fastlayers.kernels.native import attention as native_attention
+
+available, isa = native_attention.build_status()
+assert (available, isa) == (True, "avx512"), (available, isa)
+library = native_attention.load_library()
+rng = np.random.default_rng(0)
+none_f, none_b = tf.zeros([0, 0, 0, 0]), tf.zeros([0, 0, 0, 0], tf.bool)
+
+def raw(q, k, v, bias, mask, isa, **attrs):
+    '''The forward and backward ops with one ISA's primitives.'''
+    scale = float(1 / np.sqrt(q.shape[-1]))
+    flags = dict(scale=scale, has_bias=bias is not None, has_mask=mask is not None, isa=isa, **attrs)
+    b = none_f if bias is None else bias
+    m = none_b if mask is None else mask
+    seed = tf.zeros([0], tf.uint32)
+    out, lse = library.fastlayers_attention_forward(q, k, v, b, m, seed, **flags)
+    d_out = tf.constant(np.cos(np.arange(np.prod(out.shape))).reshape(out.shape), out.dtype)
+    grads = library.fastlayers_attention_backward(q, k, v, b, m, seed, out, lse, d_out, **flags)
+    return [out, lse, *grads]
+
+# (b, t, s, n, kv, h, d): T=13 is one 12-row tile and a row left over; S=203 pads to
+# 13 panels (six pairs and one); head dims 40 and 80 end on a single panel.
+for (b, t, s, n, kv, h, d) in [(1, 1, 1, 1, 1, 8, 8), (2, 13, 203, 4, 2, 40, 40),
+                                (1, 113, 19, 2, 1, 80, 24), (1, 70, 150, 2, 2, 64, 64)]:
+    for dtype in (tf.float32, tf.bfloat16):
+        q = tf.constant(rng.standard_normal((b, t, n, h)), dtype)
+        k = tf.constant(rng.standard_normal((b, s, kv, h)), dtype)
+        v = tf.constant(rng.standard_normal((b, s, kv, d)), dtype)
+        mask = tf.constant(rng.random((b, 1, t, s)) > 0.3)
+        bias = tf.constant(rng.standard_normal((1, n, 1, s)), dtype)
+        for kwargs in (dict(), dict(mask=mask, is_causal=True), dict(bias=bias, dropout_rate=0.3, seed=1),
+                       dict(mask=mask[..., :1, :], block_sizes=kernels.BlockSizes(7, 17))):
+            what = f"{dtype.name} {(b, t, s, n, kv, h, d)} {sorted(kwargs)}"
+            results = []
+            for implementation in ("native", "reference"):
+                inputs = [q, k, v] + ([kwargs["bias"]] if "bias" in kwargs else [])
+                with tf.GradientTape() as tape:
+                    tape.watch(inputs)
+                    out = kernels.dot_product_attention(q, k, v, implementation=implementation, **kwargs)
+                    loss = tf.reduce_sum(tf.cast(out, tf.float32) ** 2)
+                results.append([out] + tape.gradient(loss, inputs))
+            kernels.tolerance(dtype).check(results[0][0].numpy(), results[1][0].numpy(), what=what)
+            for grad, expected in zip(results[0][1:], results[1][1:]):
+                kernels.tolerance(dtype, grad=True).check(grad.numpy(), expected.numpy(), what=what)
+        # The same ops with the portable primitives: the same numbers up to rounding.
+        bias32 = tf.cast(bias, tf.float32)
+        for bias_in, mask_in, attrs in ((None, None, {}), (bias32, mask, dict(is_causal=True)),
+                                        (None, mask[..., :1, :], dict(block_q=5, block_k=40))):
+            fast = raw(q, k, v, bias_in, mask_in, "avx512", **attrs)
+            slow = raw(q, k, v, bias_in, mask_in, "portable", **attrs)
+            for name, x, y in zip(("output", "logsumexp", "dq", "dk", "dv", "dbias"), fast, slow):
+                kernels.tolerance(dtype, grad=name.startswith("d")).check(
+                    x.numpy(), y.numpy(), what=f"avx512 vs portable {name} {(b, t, s, n, kv, h, d)} {attrs}")
+print("ok")
+"""
+
+
+def test_attention_primitives_match_the_portable_ones_and_the_reference(emulated_env):
+    run(ATTENTION_SCRIPT, emulated_env)
+
+
+@pytest.mark.slow
+def test_the_native_attention_tests_pass_on_the_emulated_build(emulated_env):
+    """Every test of the native attention op, with AVX-512 as the best ISA."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TESTS / "kernels" / "test_native_attention.py")],
+        env=emulated_env, capture_output=True, text=True, cwd=TESTS.parent,
+    )
+    assert result.returncode == 0, result.stdout[-6000:]
