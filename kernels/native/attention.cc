@@ -31,6 +31,7 @@
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "tensorflow/core/framework/common_shape_fns.h"
@@ -121,6 +122,21 @@ struct Primitives {
   void (*probs)(const float* scores, int64_t cols, const RowContext& ctx, const Dropout& drop, float lse,
                 float* p, float* pd);
   void (*dscore)(const float* p, const float* pd, const float* dp, int64_t cols, float delta, float* ds);
+  // The forward's bfloat16 products, in tables whose CPU multiplies pairs of bfloat16
+  // (nullptr elsewhere: bfloat16 inputs then take the float32 primitives after one
+  // conversion). Operands are pairs of bfloat16 in a uint32, the lower half first:
+  //   qk_pairs: scores[r*ld_s + c] = scale · sum_i q[r*pairs + i] · K[c][i], i < pairs,
+  //             with keys a [cols/16][pairs][16] array of pairs of head dims
+  //   to_pairs: pairs[i] = (bf16(p[2i]), bf16(p[2i+1])), 2i < cols, rounded to nearest
+  //             even
+  //   pv_pairs: out[r*ld_o + d] += sum_c p_r[c] · V[c][d] for c < keys (p rows of ld_p
+  //             pairs), with values panels of 16 dims, [S/2][16] pairs of keys, panel i
+  //             at values + i*panel_stride; a pair's key past `keys` is never read
+  void (*qk_pairs)(const uint32_t* q, int64_t rows, int64_t pairs, const uint32_t* keys, int64_t ld_s,
+                   int64_t cols, float scale, float* scores);
+  void (*to_pairs)(const float* p, int64_t cols, uint32_t* pairs);
+  void (*pv_pairs)(const uint32_t* p, int64_t rows, int64_t ld_p, int64_t keys, const uint32_t* values,
+                   int64_t panel_stride, int64_t ld_o, float* out);
 };
 
 // ---------------------------------------------------------------------------------
@@ -813,7 +829,147 @@ FASTLAYERS_AVX512_END
 
 constexpr Primitives kAvx512 = {"avx512", avx512::Qk, avx512::Softmax, avx512::Pv,
                                 avx512::Gemm, avx512::Probs, avx512::Dscore};
-constexpr const Primitives* kTables[] = {&kAvx512, &kAvx2, &kPortable};
+
+// ---------------------------------------------------------------------------------
+// AVX512-BF16 products for bfloat16 inputs: vdpbf16ps multiplies 16 lanes of
+// bfloat16 pairs and adds both products to float32 accumulators, twice the
+// multiply-adds of an FMA on float32. Q·Kᵀ takes pairs of head dims (the inputs'
+// own values, so its products are exact and only the float32 sums round, as in
+// the float32 primitives); P·V takes pairs of keys, P rounded to bfloat16 first.
+// The softmax between them stays in float32. Same micro-tile shape as above.
+
+FASTLAYERS_AVX512_BF16_BEGIN
+namespace avx512_bf16 {
+
+using avx512::kTileRows;
+
+inline __m512bh Pairs(__m512i v) { return (__m512bh)v; }
+
+// c[i·ldc + 16j + l] (+)= scale · sum_k dot(a[i·lda + k], b[j·panel_stride + 16k + l])
+// for i < M, j < P, k < depth pairs; with odd_tail, one more pair whose upper half
+// of b (a key past the block) is not read.
+template <int M, int P>
+inline void PairTile(const uint32_t* a, int64_t lda, int64_t depth, bool odd_tail, const uint32_t* b,
+                     int64_t panel_stride, float* c, int64_t ldc, bool accumulate, float scale) {
+  __m512 acc[M][P];
+  _Pragma("GCC unroll 12")
+  for (int i = 0; i < M; ++i) {
+    _Pragma("GCC unroll 2")
+    for (int j = 0; j < P; ++j) {
+      acc[i][j] = accumulate ? _mm512_loadu_ps(c + i * ldc + j * kPanel) : _mm512_setzero_ps();
+    }
+  }
+  const int64_t steps = depth + (odd_tail ? 1 : 0);
+  for (int64_t k = 0; k < steps; ++k) {
+    __m512i w[P];
+    _Pragma("GCC unroll 2")
+    for (int j = 0; j < P; ++j) w[j] = _mm512_loadu_si512(b + j * panel_stride + k * kPanel);
+    if (k == depth) {
+      // A zero upper half, not a zero p: 0 · NaN would still be NaN.
+      _Pragma("GCC unroll 2")
+      for (int j = 0; j < P; ++j) w[j] = _mm512_and_si512(w[j], _mm512_set1_epi32(0xFFFF));
+    }
+    _Pragma("GCC unroll 12")
+    for (int i = 0; i < M; ++i) {
+      const __m512bh x = Pairs(_mm512_set1_epi32(static_cast<int>(a[i * lda + k])));
+      _Pragma("GCC unroll 2")
+      for (int j = 0; j < P; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], x, Pairs(w[j]));
+    }
+  }
+  const __m512 factor = _mm512_set1_ps(scale);
+  _Pragma("GCC unroll 12")
+  for (int i = 0; i < M; ++i) {
+    _Pragma("GCC unroll 2")
+    for (int j = 0; j < P; ++j) _mm512_storeu_ps(c + i * ldc + j * kPanel, _mm512_mul_ps(acc[i][j], factor));
+  }
+}
+
+template <int P, int M = kTileRows - 1>
+inline void LastPairRows(int64_t rows, const uint32_t* a, int64_t lda, int64_t depth, bool odd_tail,
+                         const uint32_t* b, int64_t panel_stride, float* c, int64_t ldc, bool accumulate,
+                         float scale) {
+  if constexpr (M > 0) {
+    if (rows == M) {
+      PairTile<M, P>(a, lda, depth, odd_tail, b, panel_stride, c, ldc, accumulate, scale);
+    } else {
+      LastPairRows<P, M - 1>(rows, a, lda, depth, odd_tail, b, panel_stride, c, ldc, accumulate, scale);
+    }
+  }
+}
+
+// The product over cols output columns (a multiple of 16), two panels at a time.
+void PairProduct(const uint32_t* a, int64_t lda, int64_t rows, int64_t depth, bool odd_tail, const uint32_t* b,
+                 int64_t panel_stride, int64_t cols, float* c, int64_t ldc, bool accumulate, float scale) {
+  for (int64_t n = 0; n < cols; n += 2 * kPanel) {
+    const uint32_t* panel = b + (n / kPanel) * panel_stride;
+    const bool pair = n + 2 * kPanel <= cols;
+    int64_t r = 0;
+    for (; r + kTileRows <= rows; r += kTileRows) {
+      if (pair) {
+        PairTile<kTileRows, 2>(a + r * lda, lda, depth, odd_tail, panel, panel_stride, c + r * ldc + n, ldc,
+                               accumulate, scale);
+      } else {
+        PairTile<kTileRows, 1>(a + r * lda, lda, depth, odd_tail, panel, panel_stride, c + r * ldc + n, ldc,
+                               accumulate, scale);
+      }
+    }
+    if (pair) {
+      LastPairRows<2>(rows - r, a + r * lda, lda, depth, odd_tail, panel, panel_stride, c + r * ldc + n, ldc,
+                      accumulate, scale);
+    } else {
+      LastPairRows<1>(rows - r, a + r * lda, lda, depth, odd_tail, panel, panel_stride, c + r * ldc + n, ldc,
+                      accumulate, scale);
+    }
+  }
+}
+
+void QkPairs(const uint32_t* q, int64_t rows, int64_t pairs, const uint32_t* keys, int64_t ld_s, int64_t cols,
+             float scale, float* scores) {
+  PairProduct(q, pairs, rows, pairs, false, keys, kPanel * pairs, cols, scores, ld_s, false, scale);
+}
+
+void PvPairs(const uint32_t* p, int64_t rows, int64_t ld_p, int64_t keys, const uint32_t* values,
+             int64_t panel_stride, int64_t ld_o, float* out) {
+  PairProduct(p, ld_p, rows, keys / 2, keys % 2 != 0, values, panel_stride, ld_o, out, ld_o, true, 1.0f);
+}
+
+// 16 floats' bits plus what rounds them to bfloat16 in their upper halves (nearest
+// even; probabilities are finite or NaN, and NaN stays NaN).
+inline __m512i RoundedBits(const float* x) {
+  const __m512i bits = _mm512_castps_si512(_mm512_loadu_ps(x));
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+}
+
+// Rounds floats to bfloat16 and keeps their upper halves in order, 32 at a time.
+void ToPairs(const float* p, int64_t cols, uint32_t* pairs) {
+  // Word w of the result is the upper half of float w: word 2w + 1 of the two inputs.
+  alignas(64) static constexpr uint16_t kUpper[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21,
+                                                      23, 25, 27, 29, 31, 33, 35, 37, 39, 41, 43,
+                                                      45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
+  const __m512i upper = _mm512_loadu_si512(kUpper);
+  int64_t c = 0;
+  for (; c + 2 * kPanel <= cols; c += 2 * kPanel) {
+    _mm512_storeu_si512(pairs + c / 2, _mm512_permutex2var_epi16(RoundedBits(p + c), upper, RoundedBits(p + c + kPanel)));
+  }
+  for (; c < cols; c += 2) {
+    uint32_t halves[2];
+    for (int h = 0; h < 2; ++h) {
+      uint32_t bits;
+      std::memcpy(&bits, p + c + h, sizeof(bits));
+      halves[h] = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    }
+    pairs[c / 2] = halves[0] | (halves[1] << 16);
+  }
+}
+
+}  // namespace avx512_bf16
+FASTLAYERS_AVX512_BF16_END
+
+constexpr Primitives kAvx512Bf16 = {"avx512bf16", avx512::Qk, avx512::Softmax, avx512::Pv,
+                                    avx512::Gemm, avx512::Probs, avx512::Dscore,
+                                    avx512_bf16::QkPairs, avx512_bf16::ToPairs, avx512_bf16::PvPairs};
+constexpr const Primitives* kTables[] = {&kAvx512Bf16, &kAvx512, &kAvx2, &kPortable};
 #else
 constexpr const Primitives* kTables[] = {&kPortable};
 #endif  // FASTLAYERS_X86
@@ -839,7 +995,7 @@ REGISTER_OP("FastlayersAttentionForward")
     .Attr("has_mask: bool = false")
     .Attr("block_q: int = 64")
     .Attr("block_k: int = 512")
-    .Attr("isa: {'best', 'avx512', 'avx2', 'portable'} = 'best'")
+    .Attr("isa: {'best', 'avx512bf16', 'avx512', 'avx2', 'portable'} = 'best'")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       tensorflow::shape_inference::ShapeHandle q, v;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &q));
@@ -986,6 +1142,18 @@ KeptPanels& SharedPanels() {
   return *panels;
 }
 
+// A bfloat16's bits (the pairs' halves); the other types never take that path.
+template <typename Scalar>
+uint32_t Bits(const Scalar& x) {
+  if constexpr (std::is_same<Scalar, Eigen::bfloat16>::value) {
+    uint16_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    return bits;
+  } else {
+    return 0;
+  }
+}
+
 template <typename Scalar>
 class AttentionForwardOp : public AttentionOpBase {
  public:
@@ -1062,8 +1230,14 @@ class AttentionForwardOp : public AttentionOpBase {
     for (int64_t s = 0; drop.on && s < s_pad; ++s) col_hash[s] = Mix(static_cast<uint32_t>(s) ^ drop.seed1);
 
     auto* workers = context->device()->tensorflow_cpu_worker_threads();
+    const Primitives& prim = *primitives_;
+    // bfloat16 inputs on a CPU that multiplies bfloat16 pairs: the panels hold pairs
+    // (of head dims for keys, of keys for values) in the same buffer.
+    const bool pairs = std::is_same<Scalar, Eigen::bfloat16>::value && prim.qk_pairs != nullptr;
+    const int64_t h_pairs = (H + 1) / 2;
     // Packing: per (b, k) head, keys as [s_pad/16][H][16] and values as
-    // [d_pad/16][s_pad][16] panels (kPanel), both in float32.
+    // [d_pad/16][s_pad][16] panels (kPanel), both in float32; or, with pairs, keys as
+    // [s_pad/16][h_pairs][16] and values as [d_pad/16][s_pad/2][16] pairs.
     auto pack = [&](int64_t begin, int64_t end) {
       for (int64_t bk = begin; bk < end; ++bk) {
         const int64_t b = bk / K, k = bk % K;
@@ -1072,10 +1246,23 @@ class AttentionForwardOp : public AttentionOpBase {
         const uint8_t* seen = has_mask_ ? key_seen.data() + (mask_layout.dims[0] == 1 ? 0 : b) * S : nullptr;
         for (int64_t s = 0; s < s_pad; ++s) {
           const bool keep = s < S && (seen == nullptr || seen[s]);
-          float* k_lane = kt + (s / kPanel) * H * kPanel + (s % kPanel);
-          float* v_lane = v + s * kPanel;
           const Scalar* k_src = k_data + ((b * S + s) * K + k) * H;
           const Scalar* v_src = v_data + ((b * S + s) * K + k) * D;
+          if (pairs) {
+            uint32_t* k_lane = reinterpret_cast<uint32_t*>(kt) + (s / kPanel) * h_pairs * kPanel + (s % kPanel);
+            for (int64_t i = 0; i < h_pairs; ++i) {
+              const uint32_t low = keep ? Bits(k_src[2 * i]) : 0;
+              const uint32_t high = keep && 2 * i + 1 < H ? Bits(k_src[2 * i + 1]) : 0;
+              k_lane[i * kPanel] = low | (high << 16);
+            }
+            uint16_t* v_half = reinterpret_cast<uint16_t*>(v) + ((s / 2) * kPanel) * 2 + s % 2;
+            for (int64_t d = 0; d < d_pad; ++d) {
+              v_half[((d / kPanel) * (s_pad / 2) * kPanel + d % kPanel) * 2] = keep && d < D ? Bits(v_src[d]) : 0;
+            }
+            continue;
+          }
+          float* k_lane = kt + (s / kPanel) * H * kPanel + (s % kPanel);
+          float* v_lane = v + s * kPanel;
           for (int64_t h = 0; h < H; ++h) k_lane[h * kPanel] = keep ? static_cast<float>(k_src[h]) : 0.0f;
           for (int64_t d = 0; d < d_pad; ++d) {
             v_lane[(d / kPanel) * s_pad * kPanel + d % kPanel] = keep && d < D ? static_cast<float>(v_src[d]) : 0.0f;
@@ -1087,7 +1274,6 @@ class AttentionForwardOp : public AttentionOpBase {
 
     Scalar* out_data = output->flat<Scalar>().data();
     float* lse_data = logsumexp->flat<float>().data();
-    const Primitives& prim = *primitives_;
     const float scale = scale_;
     const bool causal = is_causal_;
 
@@ -1095,6 +1281,7 @@ class AttentionForwardOp : public AttentionOpBase {
     // key/value head.
     auto attend = [&](int64_t begin, int64_t end) {
       std::vector<float> q_tile(block_q * std::max<int64_t>(H, 1));
+      std::vector<uint32_t> q_pairs(pairs ? block_q * h_pairs : 0), p_pairs(pairs ? block_q * block_k / 2 : 0);
       std::vector<float> scores(block_q * block_k);
       std::vector<float> acc(block_q * d_pad);
       std::vector<float> row_max(block_q), row_sum(block_q);
@@ -1108,7 +1295,14 @@ class AttentionForwardOp : public AttentionOpBase {
         const int64_t rows = std::min(block_q, T - t0);
         for (int64_t r = 0; r < rows; ++r) {
           const Scalar* src = q_data + ((b * T + t0 + r) * N + n) * H;
-          for (int64_t h = 0; h < H; ++h) q_tile[r * H + h] = static_cast<float>(src[h]) * scale;
+          if (pairs) {
+            for (int64_t i = 0; i < h_pairs; ++i) {
+              const uint32_t high = 2 * i + 1 < H ? Bits(src[2 * i + 1]) : 0;
+              q_pairs[r * h_pairs + i] = Bits(src[2 * i]) | (high << 16);
+            }
+          } else {
+            for (int64_t h = 0; h < H; ++h) q_tile[r * H + h] = static_cast<float>(src[h]) * scale;
+          }
           if (drop.on) {
             const uint32_t position = static_cast<uint32_t>((b * N + n) * T + t0 + r);
             row_hash[r] = Mix(position ^ drop.seed0_mixed);
@@ -1125,7 +1319,12 @@ class AttentionForwardOp : public AttentionOpBase {
           const int64_t c0 = j * block_k;
           const int64_t keys = std::min(block_k, key_end - c0);
           const int64_t cols = RoundUp(keys, kPanel);
-          prim.qk(q_tile.data(), rows, H, kt_head + c0 * H, block_k, cols, scores.data());
+          if (pairs) {
+            prim.qk_pairs(q_pairs.data(), rows, h_pairs, reinterpret_cast<const uint32_t*>(kt_head) + c0 * h_pairs,
+                          block_k, cols, scale, scores.data());
+          } else {
+            prim.qk(q_tile.data(), rows, H, kt_head + c0 * H, block_k, cols, scores.data());
+          }
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t t = t0 + r;
             RowContext row;
@@ -1146,8 +1345,15 @@ class AttentionForwardOp : public AttentionOpBase {
               float* o = acc.data() + r * d_pad;
               for (int64_t d = 0; d < d_pad; ++d) o[d] *= correction;
             }
+            if (pairs) prim.to_pairs(scores.data() + r * block_k, cols, p_pairs.data() + r * (block_k / 2));
           }
-          prim.pv(scores.data(), rows, block_k, keys, v_head + c0 * kPanel, s_pad * kPanel, d_pad, acc.data());
+          if (pairs) {
+            prim.pv_pairs(p_pairs.data(), rows, block_k / 2, keys,
+                          reinterpret_cast<const uint32_t*>(v_head) + (c0 / 2) * kPanel, (s_pad / 2) * kPanel, d_pad,
+                          acc.data());
+          } else {
+            prim.pv(scores.data(), rows, block_k, keys, v_head + c0 * kPanel, s_pad * kPanel, d_pad, acc.data());
+          }
         }
         for (int64_t r = 0; r < rows; ++r) {
           // A row that saw no key has sum 0 and a zero accumulator: dividing by 1 keeps it 0.
@@ -1228,7 +1434,7 @@ REGISTER_OP("FastlayersAttentionBackward")
     .Attr("block_q: int = 64")
     .Attr("block_k: int = 128")
     .Attr("bias_slot_bytes: int = 134217728")
-    .Attr("isa: {'best', 'avx512', 'avx2', 'portable'} = 'best'")
+    .Attr("isa: {'best', 'avx512bf16', 'avx512', 'avx2', 'portable'} = 'best'")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       for (int i = 0; i < 4; ++i) c->set_output(i, c->input(i));
       return absl::OkStatus();

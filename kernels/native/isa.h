@@ -7,11 +7,12 @@
 // name, which tests use to compare them; a table the CPU cannot run is an error.
 //
 // A source's AVX-512 primitives sit between FASTLAYERS_AVX512_BEGIN and
-// FASTLAYERS_AVX512_END. Built with -DFASTLAYERS_EMULATE_AVX512 (and SIMDe's headers
-// on the include path), the same intrinsics compile to SIMDe's portable versions
-// and every CPU "runs" them: the tests run the AVX-512 primitives that way on CPUs
-// without AVX-512. SIMDe implements a subset of the intrinsics; the AVX-512 code
-// keeps to it (no _mm512_reduce_add_ps, no _mm512_cvtepu8_epi32).
+// FASTLAYERS_AVX512_END (FASTLAYERS_AVX512_BF16_BEGIN and _END with AVX512-BF16).
+// Built with -DFASTLAYERS_EMULATE_AVX512 (and SIMDe's headers on the include path),
+// the same intrinsics compile to SIMDe's portable versions and every CPU "runs"
+// them: the tests run the AVX-512 primitives that way on CPUs without AVX-512.
+// SIMDe implements a subset of the intrinsics; the AVX-512 code keeps to it (no
+// _mm512_reduce_add_ps, no _mm512_cvtepu8_epi32, no _mm512_cvtne2ps_pbh).
 
 #ifndef FASTLAYERS_NATIVE_ISA_H_
 #define FASTLAYERS_NATIVE_ISA_H_
@@ -31,22 +32,31 @@
 #define SIMDE_X86_AVX512DQ_ENABLE_NATIVE_ALIASES
 #define SIMDE_X86_AVX512VL_ENABLE_NATIVE_ALIASES
 #define SIMDE_X86_AVX512VNNI_ENABLE_NATIVE_ALIASES
+#define SIMDE_X86_AVX512BF16_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
 #define FASTLAYERS_AVX512_BEGIN
 #define FASTLAYERS_AVX512_END
+#define FASTLAYERS_AVX512_BF16_BEGIN
+#define FASTLAYERS_AVX512_BF16_END
 #define __m512 simde__m512
 #define __m512i simde__m512i
+#define __m512bh simde__m512bh
 #elif defined(FASTLAYERS_X86)
 #define FASTLAYERS_AVX512_BEGIN \
   _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512dq,avx512vl,avx2,fma\")")
 #define FASTLAYERS_AVX512_END _Pragma("GCC pop_options")
+#define FASTLAYERS_AVX512_BF16_BEGIN \
+  _Pragma("GCC push_options")       \
+      _Pragma("GCC target(\"avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma\")")
+#define FASTLAYERS_AVX512_BF16_END _Pragma("GCC pop_options")
 #endif
 
 namespace fastlayers {
 
 // Whether this CPU runs the primitives of `isa`: "portable" everywhere, "avx2" where
-// it reports AVX2 and FMA, "avx512" where it reports AVX-512 F, BW, DQ and VL (or in
-// an emulated build).
+// it reports AVX2 and FMA, "avx512" where it reports AVX-512 F, BW, DQ and VL,
+// "avx512bf16" where it also reports AVX512-BF16 (the AVX-512 ones in an emulated
+// build).
 inline bool CpuRuns(const std::string& isa) {
   if (isa == "portable") return true;
 #ifdef FASTLAYERS_X86
@@ -58,6 +68,13 @@ inline bool CpuRuns(const std::string& isa) {
 #else
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#endif
+  }
+  if (isa == "avx512bf16") {
+#ifdef FASTLAYERS_EMULATE_AVX512
+    return true;
+#else
+    return CpuRuns("avx512") && __builtin_cpu_supports("avx512bf16");
 #endif
   }
 #endif

@@ -250,14 +250,18 @@ def cpu_flags():
         return set(next(line for line in f if line.startswith("flags")).split())
 
 
+ISAS = ["avx512bf16", "avx512", "avx2", "portable"]  # best first
+
+
 def best_isa():
-    """The ISA the op should choose here: AVX-512 in a build that emulates it
-    (test_native_avx512.py runs this file so) or on a CPU with it, else AVX2."""
+    """The ISA the op should choose here: AVX-512 with bfloat16 pairs in a build that
+    emulates AVX-512 (test_native_avx512.py runs this file so), else the best the
+    CPU reports."""
     flags = cpu_flags()
     if "-DFASTLAYERS_EMULATE_AVX512" in os.environ.get("FASTLAYERS_NATIVE_CXXFLAGS", ""):
-        return "avx512"
+        return "avx512bf16"
     if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
-        return "avx512"
+        return "avx512bf16" if "avx512_bf16" in flags else "avx512"
     return "avx2" if {"avx2", "fma"} <= flags else "portable"
 
 
@@ -267,16 +271,16 @@ def test_reports_its_isa():
     assert detail == best_isa()
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2"])
-def test_an_isa_is_run_by_name_or_refused_by_name(rng, isa):
-    """isa="avx512" or "avx2" runs those primitives where the CPU has them (the same
-    output as the portable ones) and is refused, naming what the CPU runs, where not."""
-    q, k, v, _ = make_case(rng, "gqa", "float32", t=29, s=45, h=40)
-    tensors = [tf.constant(a, tf.float32) for a in (q, k, v)]
-    order = ["avx512", "avx2", "portable"]
-    if order.index(isa) >= order.index(best_isa()):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("isa", ISAS[:-1])
+def test_an_isa_is_run_by_name_or_refused_by_name(rng, isa, dtype):
+    """An ISA by name runs its primitives where the CPU has them (the same output as
+    the portable ones) and is refused, naming what the CPU runs, where not."""
+    q, k, v, _ = make_case(rng, "gqa", dtype, t=29, s=45, h=40)
+    tensors = [tf.constant(a, dtype) for a in (q, k, v)]
+    if ISAS.index(isa) >= ISAS.index(best_isa()):
         out, _ = raw_forward(*tensors, isa=isa)
-        tolerance("float32").check(out.numpy(), raw_forward(*tensors, isa="portable")[0].numpy())
+        tolerance(dtype).check(out.numpy(), raw_forward(*tensors, isa="portable")[0].numpy())
     else:
         expected = f"isa='{isa}' needs a CPU that runs it; this one runs '{best_isa()}' at best"
         with pytest.raises(tf.errors.InvalidArgumentError, match=expected):
