@@ -7,7 +7,10 @@
 // name, which tests use to compare them; a table the CPU cannot run is an error.
 //
 // A source's AVX-512 primitives sit between FASTLAYERS_AVX512_BEGIN and
-// FASTLAYERS_AVX512_END. Built with -DFASTLAYERS_EMULATE_AVX512 (and SIMDe's headers
+// FASTLAYERS_AVX512_END; those that also use AVX512-VNNI (vpdpbusd) between
+// FASTLAYERS_AVX512VNNI_BEGIN and FASTLAYERS_AVX512VNNI_END, a target of their own
+// so the compiler never puts a VNNI instruction into code an AVX-512 CPU without
+// VNNI runs. Built with -DFASTLAYERS_EMULATE_AVX512 (and SIMDe's headers
 // on the include path), the same intrinsics compile to SIMDe's portable versions
 // and every CPU "runs" them: the tests run the AVX-512 primitives that way on CPUs
 // without AVX-512. SIMDe implements a subset of the intrinsics; the AVX-512 code
@@ -34,30 +37,37 @@
 #include <simde/x86/avx512.h>
 #define FASTLAYERS_AVX512_BEGIN
 #define FASTLAYERS_AVX512_END
+#define FASTLAYERS_AVX512VNNI_BEGIN
+#define FASTLAYERS_AVX512VNNI_END
 #define __m512 simde__m512
 #define __m512i simde__m512i
 #elif defined(FASTLAYERS_X86)
 #define FASTLAYERS_AVX512_BEGIN \
   _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512dq,avx512vl,avx2,fma\")")
 #define FASTLAYERS_AVX512_END _Pragma("GCC pop_options")
+#define FASTLAYERS_AVX512VNNI_BEGIN  \
+  _Pragma("GCC push_options")        \
+      _Pragma("GCC target(\"avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma\")")
+#define FASTLAYERS_AVX512VNNI_END _Pragma("GCC pop_options")
 #endif
 
 namespace fastlayers {
 
 // Whether this CPU runs the primitives of `isa`: "portable" everywhere, "avx2" where
-// it reports AVX2 and FMA, "avx512" where it reports AVX-512 F, BW, DQ and VL (or in
-// an emulated build).
+// it reports AVX2 and FMA, "avx512" where it reports AVX-512 F, BW, DQ and VL, and
+// "avx512vnni" where it reports those and AVX512-VNNI (both in an emulated build).
 inline bool CpuRuns(const std::string& isa) {
   if (isa == "portable") return true;
 #ifdef FASTLAYERS_X86
   __builtin_cpu_init();
   if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (isa == "avx512") {
+  if (isa == "avx512" || isa == "avx512vnni") {
 #ifdef FASTLAYERS_EMULATE_AVX512
     return true;
 #else
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    return avx512 && (isa == "avx512" || __builtin_cpu_supports("avx512vnni"));
 #endif
   }
 #endif
