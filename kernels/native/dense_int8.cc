@@ -36,19 +36,27 @@
 // against a copy of the kernel on every call (a byte compare, cheaper than a
 // packing): a kernel assigned since it was packed is packed again, never used stale.
 // The inputs are quantized per call into row panels of kMr = 4 rows, [Q][4] int32
-// (each an int8 quad), the broadcast operand of the micro-kernel. Features past K
-// are zeros on both sides, which adds nothing.
+// (each an int8 quad), the broadcast operand of the micro-kernel, which takes a
+// kernel panel and a tile's row panels, as many at once as its ISA's registers hold.
+// Features past K are zeros on both sides, which adds nothing.
 //
 // Work: tiles of kMc rows by kNc units, shared out over TensorFlow's intra-op pool.
 // A tile walks the features in blocks of kKcQuads quads (the kernel's micro-panel
 // stays in L1 while every row panel of the tile passes over it) into an int32 tile,
 // then runs the epilogue on it.
 //
-// ISA dispatch: the micro-kernel comes as a portable loop and an AVX2 one (compiled
-// with a per-function target, chosen at run time from what the CPU reports); both
-// read the same packed layout. A CPU with VNNI (AVX-VNNI or AVX512-VNNI vpdpbusd)
-// would take one more Primitives entry on the same quads, vpdpbusd(|w|, sign(xq, w))
-// in place of vpmaddubsw + vpmaddwd + vpaddd; none ships because none can be run here.
+// ISA dispatch: the micro-kernel comes as a portable loop, an AVX2 one and an
+// AVX512-VNNI one (each compiled with a per-function target, chosen at run time from
+// what the CPU reports); all read the same packed layout and give the same int32
+// sums. The VNNI one multiplies the same |w| and sign(xq, w) with vpdpbusd, which
+// adds four u8 · s8 products into each int32 lane without saturating, in place of
+// vpmaddubsw + vpmaddwd + vpaddd; one kernel row of a panel is one zmm register,
+// and AVX-512 having no vpsignb, sign(xq, w) is xq negated under the mask of w's
+// sign bits (vpmovb2m once per kernel row, a masked vpsubb per row quad). It takes
+// four row panels (16 rows, 16 accumulators) per kernel panel, enough independent
+// chains to cover vpdpbusd's latency. No CPU here has VNNI: the tests run it through
+// SIMDe's portable intrinsics (isa.h), which checks its sums bit for bit; its speed
+// is unmeasured.
 
 #include <algorithm>
 #include <cmath>
@@ -97,13 +105,15 @@ constexpr int64_t kCacheBytes = int64_t{1} << 30;
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// c[r * ldc + n] (+)= sum over quads q and h < 4 of xq[r][4q + h] · w[4q + h][n], for
-// r < kMr, n < kNr: a[q * kMr + r] holds row r's quad q (four int8), b[(q * kNr + n)
-// * 4 + h] the kernel's. `accumulate` false starts from zero.
+// One kernel panel against `panels` row panels: for each row panel p,
+// c[(p * kMr + r) * ldc + n] (+)= sum over quads q and h < 4 of xq[p][r][4q + h] ·
+// w[4q + h][n], for r < kMr, n < kNr: a[p * a_stride + q * kMr + r] holds row r's quad q
+// (four int8), b[(q * kNr + n) * 4 + h] the kernel's. `accumulate` false starts from
+// zero. Each ISA groups the row panels as its registers allow.
 struct Primitives {
   const char* name;
-  void (*micro)(const int32_t* a, const int8_t* b, int64_t quads, int32_t* c, int64_t ldc,
-                bool accumulate);
+  void (*micro)(const int32_t* a, int64_t a_stride, int64_t panels, const int8_t* b, int64_t quads,
+                int32_t* c, int64_t ldc, bool accumulate);
   // One row: its abs-max (as TensorFlow's reduce_max: -inf for no element).
   float (*abs_max)(const float* x, int64_t k);
   // q[i] = clip(round_half_even(x[i] * scale), -127, 127), i < k.
@@ -117,7 +127,8 @@ struct Primitives {
 // ---------------------------------------------------------------------------------
 // Portable primitives.
 
-void MicroPortable(const int32_t* a, const int8_t* b, int64_t quads, int32_t* c, int64_t ldc,
+// The micro-kernel for one row panel (a kMr x kNr tile of c).
+void PanelPortable(const int32_t* a, const int8_t* b, int64_t quads, int32_t* c, int64_t ldc,
                    bool accumulate) {
   int32_t acc[kMr][kNr];
   for (int64_t r = 0; r < kMr; ++r)
@@ -135,6 +146,13 @@ void MicroPortable(const int32_t* a, const int8_t* b, int64_t quads, int32_t* c,
   }
   for (int64_t r = 0; r < kMr; ++r)
     for (int64_t n = 0; n < kNr; ++n) c[r * ldc + n] = acc[r][n];
+}
+
+// The micro-kernel of a table whose tiles are one row panel: the row panels in turn.
+template <void (*Panel)(const int32_t*, const int8_t*, int64_t, int32_t*, int64_t, bool)>
+void EachPanel(const int32_t* a, int64_t a_stride, int64_t panels, const int8_t* b, int64_t quads,
+               int32_t* c, int64_t ldc, bool accumulate) {
+  for (int64_t p = 0; p < panels; ++p) Panel(a + p * a_stride, b, quads, c + p * kMr * ldc, ldc, accumulate);
 }
 
 float AbsMaxPortable(const float* x, int64_t k) {
@@ -161,8 +179,8 @@ void EpiloguePortable(const int32_t* acc, int64_t cols, float s, const float* ks
   }
 }
 
-constexpr Primitives kPortable = {"portable", MicroPortable, AbsMaxPortable, QuantizePortable,
-                                  EpiloguePortable};
+constexpr Primitives kPortable = {"portable", EachPanel<PanelPortable>, AbsMaxPortable,
+                                  QuantizePortable, EpiloguePortable};
 
 // ---------------------------------------------------------------------------------
 // AVX2 primitives.
@@ -181,7 +199,7 @@ inline void RowQuad(int32_t quad, __m256i u0, __m256i u1, __m256i w0, __m256i w1
   *c1 = _mm256_add_epi32(*c1, _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(x, w1)), ones));
 }
 
-void MicroAvx2(const int32_t* a, const int8_t* b, int64_t quads, int32_t* c, int64_t ldc,
+void PanelAvx2(const int32_t* a, const int8_t* b, int64_t quads, int32_t* c, int64_t ldc,
                bool accumulate) {
   // Eight accumulators, the kernel quads and their magnitudes (four registers), the
   // broadcast row quad, a product and the ones: 15 of the 16 ymm registers, so
@@ -276,8 +294,74 @@ void EpilogueAvx2(const int32_t* acc, int64_t cols, float s, const float* kscale
 
 #pragma GCC pop_options
 
-constexpr Primitives kAvx2 = {"avx2", MicroAvx2, AbsMaxAvx2, QuantizeAvx2, EpilogueAvx2};
-constexpr const Primitives* kTables[] = {&kAvx2, &kPortable};
+constexpr Primitives kAvx2 = {"avx2", EachPanel<PanelAvx2>, AbsMaxAvx2, QuantizeAvx2, EpilogueAvx2};
+
+// ---------------------------------------------------------------------------------
+// AVX512-VNNI primitives: vpdpbusd adds the four u8 · s8 products of each int32 lane
+// into it in one instruction, with no intermediate saturation, so it takes |w| and
+// sign(xq, w) as vpmaddubsw does and replaces vpmaddubsw + vpmaddwd + vpaddd. One
+// 64-byte row of a kernel panel (16 units x a quad) is one zmm register. Tests run
+// them through SIMDe (isa.h) on CPUs without AVX-512.
+
+FASTLAYERS_AVX512VNNI_BEGIN
+namespace vnni {
+
+// Row panels per tile: 4 x kMr = 16 rows, one accumulator each. vpdpbusd has a
+// latency of about 5 cycles and up to two issue per cycle, so at least 10 independent
+// chains keep it busy; 16 leave room. The tile's 16 accumulators, |w|, the zero and a
+// broadcast row quad and its signed copy take 20 of the 32 zmm registers (the sign
+// mask lives in a mask register). Grouping rows rather than kernel panels keeps the
+// kernel's micro-panel the only operand that must stay in L1 (as in the AVX2 path);
+// a tile's rows stream one 64-byte line per quad.
+constexpr int kPanels = 4;
+
+// The tile of `R` row panels (R · kMr rows) by one kernel panel.
+template <int R>
+inline void Tile(const int32_t* a, int64_t a_stride, const int8_t* b, int64_t quads, int32_t* c,
+                 int64_t ldc, bool accumulate) {
+  constexpr int kRows = R * kMr;
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i acc[kRows];
+#pragma GCC unroll 16
+  for (int r = 0; r < kRows; ++r) acc[r] = accumulate ? _mm512_loadu_si512(c + r * ldc) : zero;
+  for (int64_t q = 0; q < quads; ++q) {
+    const __m512i w = _mm512_loadu_si512(b + q * kNr * kQuad);
+    // vpabsb gives -128 as 128, right as an unsigned byte; xq (never -128) negated
+    // where w < 0 is sign(xq, w) but for w = 0, where |w| = 0 makes it not matter.
+    const __m512i magnitude = _mm512_abs_epi8(w);
+    const __mmask64 negative = _mm512_movepi8_mask(w);
+#pragma GCC unroll 16
+    for (int r = 0; r < kRows; ++r) {
+      const __m512i x = _mm512_set1_epi32(a[(r / kMr) * a_stride + q * kMr + r % kMr]);
+      acc[r] = _mm512_dpbusd_epi32(acc[r], magnitude, _mm512_mask_sub_epi8(x, negative, zero, x));
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kRows; ++r) _mm512_storeu_si512(c + r * ldc, acc[r]);
+}
+
+void Micro(const int32_t* a, int64_t a_stride, int64_t panels, const int8_t* b, int64_t quads,
+           int32_t* c, int64_t ldc, bool accumulate) {
+  int64_t p = 0;
+  for (; p + kPanels <= panels; p += kPanels)
+    Tile<kPanels>(a + p * a_stride, a_stride, b, quads, c + p * kMr * ldc, ldc, accumulate);
+  const int32_t* a_rest = a + p * a_stride;
+  int32_t* c_rest = c + p * kMr * ldc;
+  switch (panels - p) {
+    case 3: Tile<3>(a_rest, a_stride, b, quads, c_rest, ldc, accumulate); break;
+    case 2: Tile<2>(a_rest, a_stride, b, quads, c_rest, ldc, accumulate); break;
+    case 1: Tile<1>(a_rest, a_stride, b, quads, c_rest, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+}  // namespace vnni
+FASTLAYERS_AVX512VNNI_END
+
+// The other primitives are AVX2's: they run once per input or output element, not per
+// product (K + N against K · N per row), so wider registers would gain them little.
+constexpr Primitives kAvx512Vnni = {"avx512vnni", vnni::Micro, AbsMaxAvx2, QuantizeAvx2, EpilogueAvx2};
+constexpr const Primitives* kTables[] = {&kAvx512Vnni, &kAvx2, &kPortable};
 #else
 constexpr const Primitives* kTables[] = {&kPortable};
 #endif  // FASTLAYERS_X86
@@ -392,7 +476,7 @@ REGISTER_OP("FastlayersDenseInt8")
     .Attr("epsilon: float")
     .Attr("activation: {'linear', 'relu'} = 'linear'")
     .Attr("has_bias: bool = false")
-    .Attr("isa: {'best', 'avx2', 'portable'} = 'best'")
+    .Attr("isa: {'best', 'avx512vnni', 'avx2', 'portable'} = 'best'")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       tensorflow::shape_inference::ShapeHandle x, kernel;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
@@ -522,12 +606,10 @@ class DenseInt8Op : public OpKernel {
         if (quads == 0) std::fill(c.begin(), c.end(), 0);
         for (int64_t q0 = 0; q0 < quads; q0 += kKcQuads) {
           const int64_t block = std::min(kKcQuads, quads - q0);
+          const int32_t* a = a_all + ((m0 / kMr) * quads + q0) * kMr;
           for (int64_t jn = 0; jn < panels_n; ++jn) {
             const int8_t* b = b_all + ((n0 / kNr + jn) * quads + q0) * kNr * kQuad;
-            for (int64_t im = 0; im < panels_m; ++im) {
-              const int32_t* a = a_all + ((m0 / kMr + im) * quads + q0) * kMr;
-              prim.micro(a, b, block, c.data() + im * kMr * ldc + jn * kNr, ldc, q0 > 0);
-            }
+            prim.micro(a, quads * kMr, panels_m, b, block, c.data() + jn * kNr, ldc, q0 > 0);
           }
         }
         for (int64_t r = 0; r < rows; ++r) {

@@ -32,7 +32,8 @@ def load_library():
 
 @tf.autograph.experimental.do_not_convert
 def isa() -> str:
-    """The instruction set the int8 op runs on this CPU: ``"avx2"`` or ``"portable"``.
+    """The instruction set the int8 op runs on this CPU: ``"avx512vnni"``, ``"avx2"``
+    or ``"portable"``.
     Raises ``build.BuildError`` when the op does not build."""
     library = load_library()
     with tf.init_scope():
@@ -102,8 +103,9 @@ NATIVE = NativeDenseInt8()
 def dense_int8_native(x, kernel_q, kernel_scale, bias=None, *, epsilon, activation=None, isa="best"):
     """The native op with ``kernels.dense_int8_reference``'s semantics (float32).
 
-    ``isa="portable"`` runs the portable micro-kernels instead of the best this CPU
-    has (tests compare the two).
+    ``isa`` names the primitives to run (``"avx512vnni"``, ``"avx2"``, ``"portable"``)
+    instead of the best this CPU has (tests compare them); one the CPU cannot run
+    raises ``tf.errors.InvalidArgumentError``.
     """
     library = load_library()
     x, kernel_q, kernel_scale = (tf.convert_to_tensor(t) for t in (x, kernel_q, kernel_scale))

@@ -7,12 +7,15 @@
 // name, which tests use to compare them; a table the CPU cannot run is an error.
 //
 // A source's AVX-512 primitives sit between FASTLAYERS_AVX512_BEGIN and
-// FASTLAYERS_AVX512_END (FASTLAYERS_AVX512_BF16_BEGIN and _END with AVX512-BF16).
-// Built with -DFASTLAYERS_EMULATE_AVX512 (and SIMDe's headers on the include path),
-// the same intrinsics compile to SIMDe's portable versions and every CPU "runs"
-// them: the tests run the AVX-512 primitives that way on CPUs without AVX-512.
-// SIMDe implements a subset of the intrinsics; the AVX-512 code keeps to it (no
-// _mm512_reduce_add_ps, no _mm512_cvtepu8_epi32, no _mm512_cvtne2ps_pbh).
+// FASTLAYERS_AVX512_END; those that also use AVX512-BF16 or AVX512-VNNI between
+// FASTLAYERS_AVX512_BF16_BEGIN / _END or FASTLAYERS_AVX512VNNI_BEGIN / _END, targets of
+// their own, so the compiler never puts those instructions into code that an AVX-512
+// CPU without them runs. Built with -DFASTLAYERS_EMULATE_AVX512 (and SIMDe's headers
+// on the include path), the same intrinsics compile to SIMDe's portable versions and
+// every CPU "runs" them: the tests run the AVX-512 primitives that way on CPUs
+// without AVX-512. SIMDe implements a subset of the intrinsics; the AVX-512 code
+// keeps to it (no _mm512_reduce_add_ps, no _mm512_cvtepu8_epi32, no
+// _mm512_cvtne2ps_pbh).
 
 #ifndef FASTLAYERS_NATIVE_ISA_H_
 #define FASTLAYERS_NATIVE_ISA_H_
@@ -38,6 +41,8 @@
 #define FASTLAYERS_AVX512_END
 #define FASTLAYERS_AVX512_BF16_BEGIN
 #define FASTLAYERS_AVX512_BF16_END
+#define FASTLAYERS_AVX512VNNI_BEGIN
+#define FASTLAYERS_AVX512VNNI_END
 #define __m512 simde__m512
 #define __m512i simde__m512i
 #define __m512bh simde__m512bh
@@ -49,32 +54,32 @@
   _Pragma("GCC push_options")       \
       _Pragma("GCC target(\"avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma\")")
 #define FASTLAYERS_AVX512_BF16_END _Pragma("GCC pop_options")
+#define FASTLAYERS_AVX512VNNI_BEGIN  \
+  _Pragma("GCC push_options")        \
+      _Pragma("GCC target(\"avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma\")")
+#define FASTLAYERS_AVX512VNNI_END _Pragma("GCC pop_options")
 #endif
 
 namespace fastlayers {
 
 // Whether this CPU runs the primitives of `isa`: "portable" everywhere, "avx2" where
-// it reports AVX2 and FMA, "avx512" where it reports AVX-512 F, BW, DQ and VL,
-// "avx512bf16" where it also reports AVX512-BF16 (the AVX-512 ones in an emulated
-// build).
+// it reports AVX2 and FMA, "avx512" where it reports AVX-512 F, BW, DQ and VL, and
+// "avx512bf16" or "avx512vnni" where it reports those and AVX512-BF16 or AVX512-VNNI
+// (all of them in an emulated build).
 inline bool CpuRuns(const std::string& isa) {
   if (isa == "portable") return true;
 #ifdef FASTLAYERS_X86
   __builtin_cpu_init();
   if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (isa == "avx512") {
+  if (isa == "avx512" || isa == "avx512bf16" || isa == "avx512vnni") {
 #ifdef FASTLAYERS_EMULATE_AVX512
     return true;
 #else
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-#endif
-  }
-  if (isa == "avx512bf16") {
-#ifdef FASTLAYERS_EMULATE_AVX512
-    return true;
-#else
-    return CpuRuns("avx512") && __builtin_cpu_supports("avx512bf16");
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    if (isa == "avx512bf16") return avx512 && __builtin_cpu_supports("avx512bf16");
+    if (isa == "avx512vnni") return avx512 && __builtin_cpu_supports("avx512vnni");
+    return avx512;
 #endif
   }
 #endif

@@ -3,7 +3,9 @@ SIMDe's portable versions of the AVX-512 intrinsics (``-DFASTLAYERS_EMULATE_AVX5
 ``isa.h``), in processes of their own, where "best" is AVX-512. Their results are
 compared with the portable primitives of the same library and with the reference,
 forward and backward, on sizes that reach every micro-tile shape (12-row tiles and
-the rows left over, panel pairs and a single panel last)."""
+the rows left over, panel pairs and a single panel last). The int8 Dense op's
+AVX512-VNNI micro-kernel is compared bit for bit with the portable and AVX2 ones
+(which run natively in that library too)."""
 
 import os
 import subprocess
@@ -117,6 +119,71 @@ print("ok")
 
 def test_attention_primitives_match_the_portable_ones_and_the_reference(emulated_env):
     run(ATTENTION_SCRIPT, emulated_env)
+
+
+DENSE_INT8_SCRIPT = """
+import itertools
+import numpy as np, tensorflow as tf
+from fastlayers.kernels.native import dense_int8
+
+assert dense_int8.isa() == "avx512vnni", dense_int8.isa()
+library = dense_int8.load_library()
+rng = np.random.default_rng(0)
+
+def run(x, kernel_q, kernel_scale, bias, relu, isa):
+    return library.fastlayers_dense_int8(
+        x, kernel_q, kernel_scale, tf.zeros([0]) if bias is None else bias, epsilon=1e-7,
+        activation="relu" if relu else "linear", has_bias=bias is not None, isa=isa).numpy()
+
+# Keras's int8 Dense without bias, each float32 step as TensorFlow rounds it.
+def oracle(x, kernel_q, kernel_scale):
+    f32 = np.float32
+    scale = f32(127) / (np.abs(x).max(axis=-1, keepdims=True) + f32(1e-7))
+    x_q = np.clip(np.round(x * scale), -127, 127).astype(np.int64)
+    return (x_q @ kernel_q.astype(np.int64)).astype(f32) / (kernel_scale * scale)
+
+def check(x, kernel_q, kernel_scale, bias, what):
+    for with_bias, relu in itertools.product((False, True), (False, True)):
+        args = (x, kernel_q, kernel_scale, bias if with_bias else None, relu)
+        fast = run(*args, "avx512vnni")
+        for other in ("portable", "avx2", "best"):
+            np.testing.assert_array_equal(fast, run(*args, other),
+                                          err_msg=f"avx512vnni vs {other} {what} bias={with_bias} relu={relu}")
+
+# M: one row panel (1, 3), two (5), three (11), four (13), four and two (21), and past
+# one 96-row tile (101); K: quad tails (1, 3, 5), one quad (4), one feature block of
+# 256 quads or less (255), two (1027) and five (4099); N: kernel panels of 16 units
+# and tails, and past one 256-unit tile (300).
+shapes = list(itertools.product((1, 3, 5, 11, 13, 21), (1, 3, 4, 5, 255, 1027, 4099), (1, 15, 16, 17, 40, 100)))
+shapes += [(101, 1027, 300), (101, 4, 17)]
+for m, k, n in shapes:
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    kernel_q = rng.integers(-128, 128, (k, n)).astype(np.int8)
+    kernel_scale = rng.uniform(0.5, 200.0, n).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    check(x, kernel_q, kernel_scale, bias, (m, k, n))
+
+# Extreme operands: inputs that quantize to ±127 everywhere, kernels of ±127 and -128
+# (and some zeros) with mixed signs, so every product has its largest magnitude and a
+# wrong sign or a saturated sum shows; against the int64 oracle too.
+for m, k, n in [(13, 4099, 40), (5, 1027, 17), (21, 255, 100), (3, 5, 16)]:
+    x = rng.choice(np.float32([-1.0, 1.0]), (m, k))
+    x[0], x[1] = 1.0, -1.0
+    kernel_q = rng.choice(np.int8([-128, -127, 127]), (k, n))
+    kernel_q[:, 0], kernel_q[:, 1], kernel_q[:, 2] = 127, -127, -128
+    kernel_q[:, 3] = np.where(x[2] > 0, -128, 127)  # row 2 · unit 3: all negative
+    kernel_q[1::2, 4] = 0
+    kernel_scale = np.ones(n, np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    check(x, kernel_q, kernel_scale, bias, ("extreme", m, k, n))
+    np.testing.assert_array_equal(run(x, kernel_q, kernel_scale, None, False, "avx512vnni"),
+                                  oracle(x, kernel_q, kernel_scale), err_msg=f"oracle {(m, k, n)}")
+print("ok")
+"""
+
+
+def test_dense_int8_vnni_sums_match_the_portable_and_avx2_ones(emulated_env):
+    run(DENSE_INT8_SCRIPT, emulated_env)
 
 
 @pytest.mark.slow

@@ -235,8 +235,38 @@ def test_native_is_refused_inside_an_xla_cluster(rng):
     np.testing.assert_allclose(auto(x).numpy(), int8_oracle(x, kernel_q, kernel_scale, bias), rtol=1e-6)
 
 
+def best_isa():
+    """The ISA the op should choose here, from what /proc/cpuinfo reports: AVX512-VNNI
+    in a build that emulates AVX-512 or on a CPU with it, else AVX2 where there is."""
+    with open("/proc/cpuinfo") as f:
+        flags = set(next(line for line in f if line.startswith("flags")).split())
+    if "-DFASTLAYERS_EMULATE_AVX512" in os.environ.get("FASTLAYERS_NATIVE_CXXFLAGS", ""):
+        return "avx512vnni"
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"} <= flags:
+        return "avx512vnni"
+    return "avx2" if {"avx2", "fma"} <= flags else "portable"
+
+
 def test_the_isa_is_reported():
-    assert native_int8.isa() in ("avx2", "portable")
+    assert native_int8.isa() == best_isa()
+
+
+@pytest.mark.parametrize("isa", ["avx512vnni", "avx2"])
+def test_an_isa_is_run_by_name_or_refused_by_name(rng, isa):
+    """isa="avx512vnni" or "avx2" runs those primitives where the CPU has them (the
+    same output as the portable ones, bit for bit) and is refused, naming what the CPU
+    runs, where not."""
+    x, kernel_q, kernel_scale, bias = _case(rng, 13, 1027, 40)
+    kernel_q[::3] = -128
+    order = ["avx512vnni", "avx2", "portable"]
+    if order.index(isa) >= order.index(best_isa()):
+        y = native_int8.dense_int8_native(x, kernel_q, kernel_scale, bias, epsilon=1e-7, isa=isa)
+        portable = native_int8.dense_int8_native(x, kernel_q, kernel_scale, bias, epsilon=1e-7, isa="portable")
+        np.testing.assert_array_equal(y.numpy(), portable.numpy())
+    else:
+        expected = f"isa='{isa}' needs a CPU that runs it; this one runs '{best_isa()}' at best"
+        with pytest.raises(tf.errors.InvalidArgumentError, match=expected):
+            native_int8.dense_int8_native(x, kernel_q, kernel_scale, bias, epsilon=1e-7, isa=isa)
 
 
 def test_layer_runs_native_bit_equal_to_keras(rng):
