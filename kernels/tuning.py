@@ -410,8 +410,9 @@ def measure(candidates, run, *, budget: float, clock=time.perf_counter) -> dict[
 
     Candidates are warmed up (traced, compiled) in order while the budget lasts;
     those it does not reach are not timed (``_warm_up``: where implementations have
-    variants, only those of the implementations whose default runs within
-    ``SCREEN_MARGIN`` of the fastest are tried). Then rounds: each times every candidate
+    variants, each default is timed once, an implementation whose default took more
+    than ``1 + FIRST_ROUND_MARGIN`` times the fastest one's is left out, and only
+    the variants of those within ``SCREEN_MARGIN`` of the fastest are tried). Then rounds: each times every candidate
     still in the race once, in a balanced order (``round_order``) so that no candidate
     always runs first or right after the same neighbour. After each round the clear losers leave the race (see
     ``_still_racing``), so the rounds that follow, and the round-by-round ratios that
@@ -423,8 +424,9 @@ def measure(candidates, run, *, budget: float, clock=time.perf_counter) -> dict[
     dropped (it cannot serve the call).
     """
     start = clock()
-    live = _warm_up(candidates, run, start=start, budget=budget, clock=clock)
+    live, screened_out = _warm_up(candidates, run, start=start, budget=budget, clock=clock)
     times: dict[str, list[float]] = {c.label: [] for c in live}
+    times.update(screened_out)
     racing = list(live)
     for round_index in range(MAX_ROUNDS if racing else 0):
         round_start = clock()
@@ -450,7 +452,8 @@ SCREEN_MARGIN = 0.5
 
 def _warm_up(candidates, run, *, start, budget, clock):
     """The candidates that ran once (traced, compiled), in order, while the budget
-    lasts (the first that runs always does); a candidate that raises is left out."""
+    lasts (the first that runs always does), to race; a candidate that raises is left
+    out. Also returns the screened-out defaults' labels → their one timed call."""
 
     def warmed(candidate) -> bool:
         try:
@@ -477,12 +480,21 @@ def _warm_up(candidates, run, *, start, budget, clock):
             run(candidate)
             screen[candidate.implementation] = clock() - before
     fastest = min(screen.values(), default=math.inf)
+    # An implementation whose default took more than the first round's margin over
+    # the fastest would leave the race after round one: it leaves now, a call sooner,
+    # with its screening time as its only one.
+    slow = {
+        c.label: [screen[c.implementation]]
+        for c in live
+        if screen.get(c.implementation, 0.0) > fastest * (1 + FIRST_ROUND_MARGIN)
+    }
+    live = [c for c in live if c.label not in slow]
     for candidate in variants:
         if clock() - start > budget:
             break
         if screen.get(candidate.implementation, math.inf) <= fastest * (1 + SCREEN_MARGIN) and warmed(candidate):
             live.append(candidate)
-    return live
+    return live, slow
 
 
 # The machine's speed drifts (other work, frequency) over seconds, so a candidate is

@@ -1,5 +1,7 @@
 """Attention inputs and gradient checks shared by the attention test modules."""
 
+import textwrap
+
 import numpy as np
 import tensorflow as tf
 from helpers import round_to
@@ -75,3 +77,42 @@ def check_gradients_match_reference(implementation, tensors, kwargs, weights, bl
     for name, source in sources.items():
         assert actual[name].shape == source.shape, (implementation, name)
         tolerance("float32", grad=True).check(actual[name], expected[name], what=f"{implementation} d{name}")
+
+
+def native_against_reference_script(sizes, dtypes):
+    """Python source that runs implementation="native" against "reference", output
+    and gradients, for each (b, t, s, n, kv, h, d) of ``sizes`` and each dtype name
+    of ``dtypes``, without options, masked and causal, with bias and dropout, and with
+    a broadcast mask and odd tiles: for a process of its own, whose library was built
+    with other flags (sanitizers, emulated ISAs). Defines ``rng`` for what follows."""
+    return textwrap.dedent(
+        f"""
+        import numpy as np, tensorflow as tf
+        from fastlayers import kernels
+        rng = np.random.default_rng(0)
+        for (b, t, s, n, kv, h, d) in {sizes!r}:
+            for dtype in [tf.as_dtype(name) for name in {dtypes!r}]:
+        """
+    ) + textwrap.indent(textwrap.dedent(
+        """
+        q = tf.constant(rng.standard_normal((b, t, n, h)), dtype)
+        k = tf.constant(rng.standard_normal((b, s, kv, h)), dtype)
+        v = tf.constant(rng.standard_normal((b, s, kv, d)), dtype)
+        mask = tf.constant(rng.random((b, 1, t, s)) > 0.3)
+        bias = tf.constant(rng.standard_normal((1, n, 1, s)), dtype)
+        for kwargs in (dict(), dict(mask=mask, is_causal=True), dict(bias=bias, dropout_rate=0.3, seed=1),
+                       dict(mask=mask[..., :1, :], block_sizes=kernels.BlockSizes(7, 17))):
+            what = f"{dtype.name} {(b, t, s, n, kv, h, d)} {sorted(kwargs)}"
+            results = []
+            for implementation in ("native", "reference"):
+                inputs = [q, k, v] + ([kwargs["bias"]] if "bias" in kwargs else [])
+                with tf.GradientTape() as tape:
+                    tape.watch(inputs)
+                    out = kernels.dot_product_attention(q, k, v, implementation=implementation, **kwargs)
+                    loss = tf.reduce_sum(tf.cast(out, tf.float32) ** 2)
+                results.append([out] + tape.gradient(loss, inputs))
+            kernels.tolerance(dtype).check(results[0][0].numpy(), results[1][0].numpy(), what=what)
+            for grad, expected in zip(results[0][1:], results[1][1:]):
+                kernels.tolerance(dtype, grad=True).check(grad.numpy(), expected.numpy(), what=what)
+        """
+    ), " " * 8)

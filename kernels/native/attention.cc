@@ -20,10 +20,11 @@
 // into a float32 accumulator rescaled by the running max. Causal key blocks wholly
 // above the diagonal are never visited.
 //
-// ISA dispatch: the primitives below come as a portable version, an AVX2+FMA one and
-// an AVX-512 one (each compiled with a per-function target), chosen at run time from
-// what the CPU reports (isa.h). An AMX or AVX512-BF16 variant is one more Primitives
-// table in kTables.
+// ISA dispatch: the primitives below come as tables (kTables, best first), chosen at
+// run time from what the CPU reports (isa.h), each compiled with a per-function
+// target: portable, AVX2+FMA, AVX-512, and for bfloat16 inputs AVX512-BF16 and AMX,
+// whose forward multiplies pairs of bfloat16 (keys and values packed as pairs
+// instead of float32 panels; the softmax and the backward stay in float32).
 
 #include <algorithm>
 #include <cmath>
@@ -60,14 +61,27 @@ constexpr int64_t kPanel = 16;
 // row with every key masked never computes inf - inf.
 constexpr float kFloor = -0.7f * 3.4028234663852886e38f;
 
+// The vector exps' constants (Exp8, Exp16): Cephes' expf, ln 2 in two parts for the
+// range reduction, the polynomial's coefficients from r^5 down to r^2, and the shift
+// that rounds x·log2(e) and leaves k + 127 in the low bits.
+namespace exp_constants {
+constexpr float kLowest = -88.0f, kLog2e = 1.44269504088896341f, kShift = 12582912.0f + 127.0f;
+constexpr float kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
+constexpr float kC5 = 1.9875691500E-4f, kC4 = 1.3981999507E-3f, kC3 = 8.3334519073E-3f, kC2 = 4.1665795894E-2f,
+                kC1 = 1.6666665459E-1f, kC0 = 5.0000001201E-1f;
+}  // namespace exp_constants
+
 // ---------------------------------------------------------------------------------
 // Dropout: the position hash of kernels/attention.py (`_mix`, `_dropout_multiplier`).
 
+// The hash's multipliers (Mix, Mix8, Mix16).
+constexpr uint32_t kMixA = 0x7FEB352Du, kMixB = 0x846CA68Bu;
+
 inline uint32_t Mix(uint32_t x) {
   x ^= x >> 16;
-  x *= 0x7FEB352Du;
+  x *= kMixA;
   x ^= x >> 15;
-  x *= 0x846CA68Bu;
+  x *= kMixB;
   x ^= x >> 16;
   return x;
 }
@@ -137,6 +151,10 @@ struct Primitives {
   void (*to_pairs)(const float* p, int64_t cols, uint32_t* pairs);
   void (*pv_pairs)(const uint32_t* p, int64_t rows, int64_t ld_p, int64_t keys, const uint32_t* values,
                    int64_t panel_stride, int64_t ld_o, float* out);
+  // What the pairs products need of their operands' sizes (0 as 1): the head dim's
+  // pairs, the rows of q, p, scores and out, and a p row's pairs come in whole
+  // multiples of it, the padding zeros (p rows past cols/2 too).
+  int64_t pair_quantum;
 };
 
 // ---------------------------------------------------------------------------------
@@ -251,16 +269,17 @@ constexpr Primitives kPortable = {"portable", QkPortable, SoftmaxPortable, PvPor
 // floor and a conversion takes seventeen, and half the dependency chain. Below -88,
 // k + 127 <= 0 and the result is 0 (exp(-88) is 6e-39, under float32's normal range).
 inline __m256 Exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-88.0f), x);
-  const __m256 magic = _mm256_set1_ps(12582912.0f + 127.0f);
-  const __m256 shifted = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  using namespace exp_constants;
+  x = _mm256_max_ps(_mm256_set1_ps(kLowest), x);
+  const __m256 magic = _mm256_set1_ps(kShift);
+  const __m256 shifted = _mm256_fmadd_ps(x, _mm256_set1_ps(kLog2e), magic);
   const __m256 k = _mm256_sub_ps(shifted, magic);
-  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2High), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Low), r);
   const __m256 r2 = _mm256_mul_ps(r, r);
-  const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(1.6666665459E-1f), r, _mm256_set1_ps(5.0000001201E-1f));
-  const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(8.3334519073E-3f), r, _mm256_set1_ps(4.1665795894E-2f));
-  const __m256 p45 = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500E-4f), r, _mm256_set1_ps(1.3981999507E-3f));
+  const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(kC1), r, _mm256_set1_ps(kC0));
+  const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(kC3), r, _mm256_set1_ps(kC2));
+  const __m256 p45 = _mm256_fmadd_ps(_mm256_set1_ps(kC5), r, _mm256_set1_ps(kC4));
   const __m256 p25 = _mm256_fmadd_ps(p45, r2, p23);
   const __m256 p05 = _mm256_fmadd_ps(p25, r2, p01);
   const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p05, r2, r), _mm256_set1_ps(1.0f));
@@ -269,9 +288,9 @@ inline __m256 Exp8(__m256 x) {
 
 inline __m256i Mix8(__m256i x) {
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7FEB352D));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(kMixA)));
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x846CA68Bu)));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(kMixB)));
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
   return x;
 }
@@ -593,16 +612,17 @@ constexpr int kTileRows = 12;
 
 // Exp8 (above) on 16 lanes.
 inline __m512 Exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);
-  const __m512 magic = _mm512_set1_ps(12582912.0f + 127.0f);
-  const __m512 shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
+  using namespace exp_constants;
+  x = _mm512_max_ps(_mm512_set1_ps(kLowest), x);
+  const __m512 magic = _mm512_set1_ps(kShift);
+  const __m512 shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), magic);
   const __m512 k = _mm512_sub_ps(shifted, magic);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2High), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Low), r);
   const __m512 r2 = _mm512_mul_ps(r, r);
-  const __m512 p01 = _mm512_fmadd_ps(_mm512_set1_ps(1.6666665459E-1f), r, _mm512_set1_ps(5.0000001201E-1f));
-  const __m512 p23 = _mm512_fmadd_ps(_mm512_set1_ps(8.3334519073E-3f), r, _mm512_set1_ps(4.1665795894E-2f));
-  const __m512 p45 = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500E-4f), r, _mm512_set1_ps(1.3981999507E-3f));
+  const __m512 p01 = _mm512_fmadd_ps(_mm512_set1_ps(kC1), r, _mm512_set1_ps(kC0));
+  const __m512 p23 = _mm512_fmadd_ps(_mm512_set1_ps(kC3), r, _mm512_set1_ps(kC2));
+  const __m512 p45 = _mm512_fmadd_ps(_mm512_set1_ps(kC5), r, _mm512_set1_ps(kC4));
   const __m512 p25 = _mm512_fmadd_ps(p45, r2, p23);
   const __m512 p05 = _mm512_fmadd_ps(p25, r2, p01);
   const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p05, r2, r), _mm512_set1_ps(1.0f));
@@ -611,9 +631,9 @@ inline __m512 Exp16(__m512 x) {
 
 inline __m512i Mix16(__m512i x) {
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(kMixA)));
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846CA68Bu)));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(kMixB)));
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
   return x;
 }
@@ -966,10 +986,146 @@ void ToPairs(const float* p, int64_t cols, uint32_t* pairs) {
 }  // namespace avx512_bf16
 FASTLAYERS_AVX512_BF16_END
 
+// ---------------------------------------------------------------------------------
+// AMX-BF16 products for bfloat16 inputs: the same pairs as above, in tiles of 16
+// rows of 64 bytes (16 pairs, or 16 floats), multiplied by the tile unit. The pairs
+// layouts are already what its operands want: keys [cols/16][pairs][16] and values
+// [S/2][16] are right-hand tiles as they lie, q and p rows left-hand ones. Every
+// size comes in whole tiles (pair_quantum 16, the op pads with zeros); the last
+// step of P·V, whose pairs run past the block's keys, multiplies a copy of the
+// values with those keys zeroed (a zero probability times a NaN would still be NaN).
+// Tiles: 0 and 1 accumulate two panels of 16 columns, 2 holds the left operand,
+// 4 and 5 the right ones.
+
+FASTLAYERS_AMX_BEGIN
+namespace amx {
+
+constexpr int64_t kTile = 16;  // rows of a tile, and pairs (or floats) of a row
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-7 all 16 rows of 64 bytes.
+inline const TileConfig& Config() {
+  static const TileConfig config = [] {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = kTile;
+    return c;
+  }();
+  return config;
+}
+
+// The tile instructions read memory the compiler does not know they read: what was
+// written before them must be written by then.
+inline void WrittenBefore() { asm volatile("" ::: "memory"); }
+
+void QkPairs(const uint32_t* q, int64_t rows, int64_t pairs, const uint32_t* keys, int64_t ld_s, int64_t cols,
+             float scale, float* scores) {
+  const int64_t stride_q = pairs * 4, stride_k = kPanel * 4, stride_s = ld_s * 4;
+  WrittenBefore();
+  _tile_loadconfig(&Config());
+  for (int64_t r = 0; r < rows; r += kTile) {
+    const uint32_t* a = q + r * pairs;
+    float* c = scores + r * ld_s;
+    int64_t n = 0;
+    for (; n + 2 * kPanel <= cols; n += 2 * kPanel) {
+      const uint32_t* b = keys + n * pairs;  // panel n / 16, then the next
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t k = 0; k < pairs; k += kTile) {
+        _tile_loadd(2, a + k, stride_q);
+        _tile_loadd(4, b + k * kPanel, stride_k);
+        _tile_loadd(5, b + kPanel * pairs + k * kPanel, stride_k);
+        _tile_dpbf16ps(0, 2, 4);
+        _tile_dpbf16ps(1, 2, 5);
+      }
+      _tile_stored(0, c + n, stride_s);
+      _tile_stored(1, c + n + kPanel, stride_s);
+    }
+    if (n < cols) {
+      const uint32_t* b = keys + n * pairs;
+      _tile_zero(0);
+      for (int64_t k = 0; k < pairs; k += kTile) {
+        _tile_loadd(2, a + k, stride_q);
+        _tile_loadd(4, b + k * kPanel, stride_k);
+        _tile_dpbf16ps(0, 2, 4);
+      }
+      _tile_stored(0, c + n, stride_s);
+    }
+  }
+  _tile_release();
+  const __m512 factor = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; c += kPanel) {
+      _mm512_storeu_ps(scores + r * ld_s + c, _mm512_mul_ps(_mm512_loadu_ps(scores + r * ld_s + c), factor));
+    }
+  }
+}
+
+// Pairs step·16 .. step·16 + 15 of a values panel, with every key from `keys` on zero.
+inline void LastValues(const uint32_t* panel, int64_t step, int64_t keys, uint32_t* tile) {
+  for (int64_t i = 0; i < kTile; ++i) {
+    const int64_t pair = step * kTile + i;
+    const uint32_t keep = 2 * pair + 1 < keys ? 0xFFFFFFFFu : (2 * pair < keys ? 0xFFFFu : 0u);
+    for (int64_t l = 0; l < kPanel; ++l) tile[i * kPanel + l] = keep != 0 ? panel[pair * kPanel + l] & keep : 0u;
+  }
+}
+
+void PvPairs(const uint32_t* p, int64_t rows, int64_t ld_p, int64_t keys, const uint32_t* values,
+             int64_t panel_stride, int64_t ld_o, float* out) {
+  const int64_t steps = (keys + 2 * kTile - 1) / (2 * kTile);  // 16 pairs of keys a step
+  const int64_t whole = keys / (2 * kTile);                   // steps whose keys all exist
+  const int64_t stride_p = ld_p * 4, stride_v = kPanel * 4, stride_o = ld_o * 4;
+  alignas(64) uint32_t last[2][kTile * kPanel];
+  for (int64_t d = 0; d < ld_o; d += 2 * kPanel) {
+    const bool two = d + 2 * kPanel <= ld_o;
+    const uint32_t* v0 = values + (d / kPanel) * panel_stride;
+    const uint32_t* v1 = v0 + panel_stride;
+    if (whole < steps) {
+      LastValues(v0, whole, keys, last[0]);
+      if (two) LastValues(v1, whole, keys, last[1]);
+    }
+    WrittenBefore();
+    _tile_loadconfig(&Config());
+    for (int64_t r = 0; r < rows; r += kTile) {
+      const uint32_t* a = p + r * ld_p;
+      float* c = out + r * ld_o + d;
+      _tile_loadd(0, c, stride_o);
+      if (two) _tile_loadd(1, c + kPanel, stride_o);
+      for (int64_t k = 0; k < steps; ++k) {
+        _tile_loadd(2, a + k * kTile, stride_p);
+        if (k < whole) {
+          _tile_loadd(4, v0 + k * kTile * kPanel, stride_v);
+          if (two) _tile_loadd(5, v1 + k * kTile * kPanel, stride_v);
+        } else {
+          _tile_loadd(4, last[0], stride_v);
+          if (two) _tile_loadd(5, last[1], stride_v);
+        }
+        _tile_dpbf16ps(0, 2, 4);
+        if (two) _tile_dpbf16ps(1, 2, 5);
+      }
+      _tile_stored(0, c, stride_o);
+      if (two) _tile_stored(1, c + kPanel, stride_o);
+    }
+    _tile_release();
+  }
+}
+
+}  // namespace amx
+FASTLAYERS_AMX_END
+
 constexpr Primitives kAvx512Bf16 = {"avx512bf16", avx512::Qk, avx512::Softmax, avx512::Pv,
                                     avx512::Gemm, avx512::Probs, avx512::Dscore,
                                     avx512_bf16::QkPairs, avx512_bf16::ToPairs, avx512_bf16::PvPairs};
-constexpr const Primitives* kTables[] = {&kAvx512Bf16, &kAvx512, &kAvx2, &kPortable};
+constexpr Primitives kAmx = {"amx", avx512::Qk, avx512::Softmax, avx512::Pv,
+                             avx512::Gemm, avx512::Probs, avx512::Dscore,
+                             amx::QkPairs, avx512_bf16::ToPairs, amx::PvPairs, amx::kTile};
+constexpr const Primitives* kTables[] = {&kAmx, &kAvx512Bf16, &kAvx512, &kAvx2, &kPortable};
 #else
 constexpr const Primitives* kTables[] = {&kPortable};
 #endif  // FASTLAYERS_X86
@@ -995,7 +1151,7 @@ REGISTER_OP("FastlayersAttentionForward")
     .Attr("has_mask: bool = false")
     .Attr("block_q: int = 64")
     .Attr("block_k: int = 512")
-    .Attr("isa: {'best', 'avx512bf16', 'avx512', 'avx2', 'portable'} = 'best'")
+    .Attr("isa: {'best', 'amx', 'avx512bf16', 'avx512', 'avx2', 'portable'} = 'best'")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       tensorflow::shape_inference::ShapeHandle q, v;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &q));
@@ -1209,7 +1365,16 @@ class AttentionForwardOp : public AttentionOpBase {
           }
     }
 
-    const int64_t key_floats = B * K * s_pad * H, value_floats = B * K * s_pad * d_pad;
+    const Primitives& prim = *primitives_;
+    // bfloat16 inputs on a CPU that multiplies bfloat16 pairs: the panels hold pairs
+    // (of head dims for keys, of keys for values) in the same buffer.
+    const bool pairs = std::is_same<Scalar, Eigen::bfloat16>::value && prim.qk_pairs != nullptr;
+    const int64_t quantum = pairs ? std::max<int64_t>(1, prim.pair_quantum) : 1;
+    const int64_t h_pairs = RoundUp((H + 1) / 2, quantum);
+    const int64_t rows_pad = RoundUp(block_q, quantum);  // rows of the tiles
+    const int64_t p_stride = RoundUp(block_k / 2, quantum);  // pairs of a p row
+    const int64_t key_stride = pairs ? s_pad * h_pairs : s_pad * H;  // one head's key panels, in words
+    const int64_t key_floats = B * K * key_stride, value_floats = B * K * s_pad * d_pad;
     Tensor packed, column_hashes;
     float* kt_all = nullptr;
     std::unique_lock<std::mutex> kept(SharedPanels().mutex, std::try_to_lock);
@@ -1230,18 +1395,13 @@ class AttentionForwardOp : public AttentionOpBase {
     for (int64_t s = 0; drop.on && s < s_pad; ++s) col_hash[s] = Mix(static_cast<uint32_t>(s) ^ drop.seed1);
 
     auto* workers = context->device()->tensorflow_cpu_worker_threads();
-    const Primitives& prim = *primitives_;
-    // bfloat16 inputs on a CPU that multiplies bfloat16 pairs: the panels hold pairs
-    // (of head dims for keys, of keys for values) in the same buffer.
-    const bool pairs = std::is_same<Scalar, Eigen::bfloat16>::value && prim.qk_pairs != nullptr;
-    const int64_t h_pairs = (H + 1) / 2;
     // Packing: per (b, k) head, keys as [s_pad/16][H][16] and values as
     // [d_pad/16][s_pad][16] panels (kPanel), both in float32; or, with pairs, keys as
     // [s_pad/16][h_pairs][16] and values as [d_pad/16][s_pad/2][16] pairs.
     auto pack = [&](int64_t begin, int64_t end) {
       for (int64_t bk = begin; bk < end; ++bk) {
         const int64_t b = bk / K, k = bk % K;
-        float* kt = kt_all + bk * s_pad * H;
+        float* kt = kt_all + bk * key_stride;
         float* v = v_all + bk * s_pad * d_pad;
         const uint8_t* seen = has_mask_ ? key_seen.data() + (mask_layout.dims[0] == 1 ? 0 : b) * S : nullptr;
         for (int64_t s = 0; s < s_pad; ++s) {
@@ -1251,7 +1411,7 @@ class AttentionForwardOp : public AttentionOpBase {
           if (pairs) {
             uint32_t* k_lane = reinterpret_cast<uint32_t*>(kt) + (s / kPanel) * h_pairs * kPanel + (s % kPanel);
             for (int64_t i = 0; i < h_pairs; ++i) {
-              const uint32_t low = keep ? Bits(k_src[2 * i]) : 0;
+              const uint32_t low = keep && 2 * i < H ? Bits(k_src[2 * i]) : 0;
               const uint32_t high = keep && 2 * i + 1 < H ? Bits(k_src[2 * i + 1]) : 0;
               k_lane[i * kPanel] = low | (high << 16);
             }
@@ -1281,9 +1441,10 @@ class AttentionForwardOp : public AttentionOpBase {
     // key/value head.
     auto attend = [&](int64_t begin, int64_t end) {
       std::vector<float> q_tile(block_q * std::max<int64_t>(H, 1));
-      std::vector<uint32_t> q_pairs(pairs ? block_q * h_pairs : 0), p_pairs(pairs ? block_q * block_k / 2 : 0);
-      std::vector<float> scores(block_q * block_k);
-      std::vector<float> acc(block_q * d_pad);
+      // Zero-initialized: the pairs products may read the padding.
+      std::vector<uint32_t> q_pairs(pairs ? rows_pad * h_pairs : 0), p_pairs(pairs ? rows_pad * p_stride : 0);
+      std::vector<float> scores(rows_pad * block_k);
+      std::vector<float> acc(rows_pad * d_pad);
       std::vector<float> row_max(block_q), row_sum(block_q);
       std::vector<uint32_t> row_hash(block_q);
       for (int64_t item = begin; item < end; ++item) {
@@ -1297,8 +1458,9 @@ class AttentionForwardOp : public AttentionOpBase {
           const Scalar* src = q_data + ((b * T + t0 + r) * N + n) * H;
           if (pairs) {
             for (int64_t i = 0; i < h_pairs; ++i) {
+              const uint32_t low = 2 * i < H ? Bits(src[2 * i]) : 0;
               const uint32_t high = 2 * i + 1 < H ? Bits(src[2 * i + 1]) : 0;
-              q_pairs[r * h_pairs + i] = Bits(src[2 * i]) | (high << 16);
+              q_pairs[r * h_pairs + i] = low | (high << 16);
             }
           } else {
             for (int64_t h = 0; h < H; ++h) q_tile[r * H + h] = static_cast<float>(src[h]) * scale;
@@ -1311,7 +1473,7 @@ class AttentionForwardOp : public AttentionOpBase {
         std::fill(acc.begin(), acc.begin() + rows * d_pad, 0.0f);
         std::fill(row_max.begin(), row_max.begin() + rows, kFloor);
         std::fill(row_sum.begin(), row_sum.begin() + rows, 0.0f);
-        const float* kt_head = kt_all + (b * K + k) * s_pad * H;
+        const float* kt_head = kt_all + (b * K + k) * key_stride;
         const float* v_head = v_all + (b * K + k) * s_pad * d_pad;
         // Causal: the block's last row sees keys up to t0 + rows - 1.
         const int64_t key_end = causal ? std::min(S, t0 + rows) : S;
@@ -1345,10 +1507,14 @@ class AttentionForwardOp : public AttentionOpBase {
               float* o = acc.data() + r * d_pad;
               for (int64_t d = 0; d < d_pad; ++d) o[d] *= correction;
             }
-            if (pairs) prim.to_pairs(scores.data() + r * block_k, cols, p_pairs.data() + r * (block_k / 2));
+            if (pairs) {
+              uint32_t* p_row = p_pairs.data() + r * p_stride;
+              prim.to_pairs(scores.data() + r * block_k, cols, p_row);
+              std::fill(p_row + cols / 2, p_row + RoundUp(cols / 2, quantum), 0u);
+            }
           }
           if (pairs) {
-            prim.pv_pairs(p_pairs.data(), rows, block_k / 2, keys,
+            prim.pv_pairs(p_pairs.data(), rows, p_stride, keys,
                           reinterpret_cast<const uint32_t*>(v_head) + (c0 / 2) * kPanel, (s_pad / 2) * kPanel, d_pad,
                           acc.data());
           } else {
@@ -1434,7 +1600,7 @@ REGISTER_OP("FastlayersAttentionBackward")
     .Attr("block_q: int = 64")
     .Attr("block_k: int = 128")
     .Attr("bias_slot_bytes: int = 134217728")
-    .Attr("isa: {'best', 'avx512bf16', 'avx512', 'avx2', 'portable'} = 'best'")
+    .Attr("isa: {'best', 'amx', 'avx512bf16', 'avx512', 'avx2', 'portable'} = 'best'")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       for (int i = 0; i < 4; ++i) c->set_output(i, c->input(i));
       return absl::OkStatus();

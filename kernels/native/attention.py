@@ -34,7 +34,8 @@ def load_library():
 @tf.autograph.experimental.do_not_convert
 def build_status() -> tuple[bool, str]:
     """``(available, detail)``: whether the native op loads in this process, and
-    its best ISA (``"avx512"``, ``"avx2"`` or ``"portable"``) or why it does not."""
+    its best ISA (``"amx"``, ``"avx512bf16"``, ``"avx512"``, ``"avx2"`` or
+    ``"portable"``) or why it does not."""
     try:
         library = load_library()
     except build_lib.BuildError as error:

@@ -528,5 +528,22 @@ def test_only_the_variants_of_implementations_near_the_fastest_are_tried():
     clock = FakeClock(costs)
     record = _tune(kernel, clock, budget=1e9)
     assert all(clock.calls[label] == 0 for label in xla[1:])  # never tried, however fast
-    assert clock.calls[xla[0]] == 3  # warm-up, the screening call, the first round
+    # Over twice the fastest default at its screening call: out before the rounds
+    # (round one would drop it by the same margin), after its warm-up and that call.
+    assert clock.calls[xla[0]] == 2
+    assert record["seconds"][xla[0]] == 3.0  # that call, for the record
     assert record["label"] == graph[1]
+
+
+def test_a_default_within_the_first_rounds_margin_races_without_its_variants():
+    kernel = _variant_kernel("tiled_double_near")
+    labels = [c.label for c in kernel.tuning_candidates(platform=dispatch.cpu_platform(), dtype=tf.float32)]
+    graph, xla = [label for label in labels if label.startswith("graph")], [label for label in labels if label.startswith("xla")]
+    costs = {label: 1.0 for label in labels}
+    costs.update({xla[0]: 1.8})  # past the variants' screen (1.5x), within round one's (2x)
+    clock = FakeClock(costs)
+    record = _tune(kernel, clock, budget=1e9)
+    assert all(clock.calls[label] == 0 for label in xla[1:])
+    # Warm-up, the screening call, and two rounds: out once it lost both by more than a tie.
+    assert clock.calls[xla[0]] == 4
+    assert record["label"] == graph[0]

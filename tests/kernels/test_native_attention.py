@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import round_to
-from attention_cases import make_case, to_tensors
+from attention_cases import make_case, native_against_reference_script, to_tensors
 from oracles import attention_oracle
 
 from fastlayers import kernels
@@ -250,18 +250,20 @@ def cpu_flags():
         return set(next(line for line in f if line.startswith("flags")).split())
 
 
-ISAS = ["avx512bf16", "avx512", "avx2", "portable"]  # best first
+ISAS = ["amx", "avx512bf16", "avx512", "avx2", "portable"]  # best first
 
 
 def best_isa():
-    """The ISA the op should choose here: AVX-512 with bfloat16 pairs in a build that
-    emulates AVX-512 (test_native_avx512.py runs this file so), else the best the
-    CPU reports."""
+    """The ISA the op should choose here: AMX in a build that emulates AVX-512 and
+    AMX (test_native_avx512.py runs this file so), else the best the CPU reports
+    (AMX only where Linux grants its tile data, which the op asks for itself)."""
     flags = cpu_flags()
     if "-DFASTLAYERS_EMULATE_AVX512" in os.environ.get("FASTLAYERS_NATIVE_CXXFLAGS", ""):
-        return "avx512bf16"
+        return "amx"
     if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
-        return "avx512bf16" if "avx512_bf16" in flags else "avx512"
+        if "avx512_bf16" not in flags:
+            return "avx512"
+        return "amx" if {"amx_tile", "amx_bf16"} <= flags else "avx512bf16"
     return "avx2" if {"avx2", "fma"} <= flags else "portable"
 
 
@@ -530,39 +532,8 @@ def test_address_sanitizer_build_runs_the_cases(tmp_path):
         subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
         for name in ("libasan.so", "libstdc++.so")
     )
-    script = textwrap.dedent(
-        """
-        import numpy as np, tensorflow as tf
-        from fastlayers import kernels
-        from fastlayers.kernels.native import attention as native_attention
-        assert native_attention.build_status()[0], native_attention.build_status()
-        rng = np.random.default_rng(0)
-        for (b, t, s, n, kv, h, d) in [(1, 1, 1, 1, 1, 8, 8), (2, 13, 203, 4, 2, 40, 40),
-                                        (1, 113, 19, 2, 1, 80, 24), (1, 65, 33, 2, 2, 16, 16)]:
-            for dtype in (tf.float32, tf.float16, tf.bfloat16):
-                q = tf.constant(rng.standard_normal((b, t, n, h)), dtype)
-                k = tf.constant(rng.standard_normal((b, s, kv, h)), dtype)
-                v = tf.constant(rng.standard_normal((b, s, kv, d)), dtype)
-                mask = tf.constant(rng.random((b, 1, t, s)) > 0.3)
-                bias = tf.constant(rng.standard_normal((1, n, 1, s)), dtype)
-                for kwargs in (dict(), dict(mask=mask, is_causal=True), dict(bias=bias, dropout_rate=0.3, seed=1),
-                               dict(mask=mask[..., :1, :], block_sizes=kernels.BlockSizes(7, 17))):
-                    results = []
-                    for implementation in ("native", "reference"):
-                        inputs = [q, k, v] + ([kwargs["bias"]] if "bias" in kwargs else [])
-                        with tf.GradientTape() as tape:
-                            tape.watch(inputs)
-                            out = kernels.dot_product_attention(
-                                q, k, v, implementation=implementation, **kwargs)
-                            loss = tf.reduce_sum(tf.cast(out, tf.float32) ** 2)
-                        results.append([out] + tape.gradient(loss, inputs))
-                    kernels.tolerance(dtype).check(results[0][0].numpy(), results[1][0].numpy())
-                    for grad, expected in zip(results[0][1:], results[1][1:]):
-                        kernels.tolerance(dtype, grad=True).check(
-                            grad.numpy(), expected.numpy(), what=f"{dtype} {sorted(kwargs)}")
-        print("ok")
-        """
-    )
+    sizes = [(1, 1, 1, 1, 1, 8, 8), (2, 13, 203, 4, 2, 40, 40), (1, 113, 19, 2, 1, 80, 24), (1, 65, 33, 2, 2, 16, 16)]
+    script = native_against_reference_script(sizes, ["float32", "float16", "bfloat16"]) + 'print("ok")\n'
     env = {
         **os.environ,
         "FASTLAYERS_CACHE_DIR": str(tmp_path),

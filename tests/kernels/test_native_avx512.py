@@ -1,6 +1,7 @@
-"""The native ops' AVX-512 primitives, run on any CPU: the library built against
-SIMDe's portable versions of the AVX-512 intrinsics (``-DFASTLAYERS_EMULATE_AVX512``,
-``isa.h``), in processes of their own, where "best" is AVX-512. Their results are
+"""The native ops' AVX-512 and AMX primitives, run on any CPU: the library built
+against SIMDe's portable versions of the AVX-512 intrinsics and plain loops for AMX's
+(``-DFASTLAYERS_EMULATE_AVX512``, ``isa.h``), in processes of their own, where "best"
+is AMX. Their results are
 compared with the portable primitives of the same library and with the reference,
 forward and backward, on sizes that reach every micro-tile shape (12-row tiles and
 the rows left over, panel pairs and a single panel last). The int8 Dense op's
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import simde_py
+from attention_cases import native_against_reference_script
 
 EMULATED_FLAGS = f"-DFASTLAYERS_EMULATE_AVX512 -I{simde_py.get_include()} -Wno-psabi"
 TESTS = Path(__file__).resolve().parents[1]
@@ -40,15 +42,16 @@ def run(script, env, *args):
     return result.stdout
 
 
-ATTENTION_SCRIPT = """
-import numpy as np, tensorflow as tf
-from fastlayers import kernels
+# (b, t, s, n, kv, h, d): T=13 is one 12-row tile and a row left over; S=203 pads to
+# 13 panels (six pairs and one); head dims 40 and 80 end on a single panel.
+SIZES = [(1, 1, 1, 1, 1, 8, 8), (2, 13, 203, 4, 2, 40, 40), (1, 113, 19, 2, 1, 80, 24), (1, 70, 150, 2, 2, 64, 64)]
+
+ATTENTION_SCRIPT = native_against_reference_script(SIZES, ["float32", "bfloat16"]) + f"SIZES = {SIZES!r}\n" + """
 from fastlayers.kernels.native import attention as native_attention
 
 available, isa = native_attention.build_status()
-assert (available, isa) == (True, "avx512bf16"), (available, isa)
+assert (available, isa) == (True, "amx"), (available, isa)
 library = native_attention.load_library()
-rng = np.random.default_rng(0)
 none_f, none_b = tf.zeros([0, 0, 0, 0]), tf.zeros([0, 0, 0, 0], tf.bool)
 
 def raw(q, k, v, bias, mask, isa, **attrs):
@@ -63,36 +66,20 @@ def raw(q, k, v, bias, mask, isa, **attrs):
     grads = library.fastlayers_attention_backward(q, k, v, b, m, seed, out, lse, d_out, **flags)
     return [out, lse, *grads]
 
-# (b, t, s, n, kv, h, d): T=13 is one 12-row tile and a row left over; S=203 pads to
-# 13 panels (six pairs and one); head dims 40 and 80 end on a single panel.
-for (b, t, s, n, kv, h, d) in [(1, 1, 1, 1, 1, 8, 8), (2, 13, 203, 4, 2, 40, 40),
-                                (1, 113, 19, 2, 1, 80, 24), (1, 70, 150, 2, 2, 64, 64)]:
+# The same ops with each AVX-512 or AMX table and with the portable one: the same
+# numbers up to rounding.
+for (b, t, s, n, kv, h, d) in SIZES:
     for dtype in (tf.float32, tf.bfloat16):
         q = tf.constant(rng.standard_normal((b, t, n, h)), dtype)
         k = tf.constant(rng.standard_normal((b, s, kv, h)), dtype)
         v = tf.constant(rng.standard_normal((b, s, kv, d)), dtype)
         mask = tf.constant(rng.random((b, 1, t, s)) > 0.3)
         bias = tf.constant(rng.standard_normal((1, n, 1, s)), dtype)
-        for kwargs in (dict(), dict(mask=mask, is_causal=True), dict(bias=bias, dropout_rate=0.3, seed=1),
-                       dict(mask=mask[..., :1, :], block_sizes=kernels.BlockSizes(7, 17))):
-            what = f"{dtype.name} {(b, t, s, n, kv, h, d)} {sorted(kwargs)}"
-            results = []
-            for implementation in ("native", "reference"):
-                inputs = [q, k, v] + ([kwargs["bias"]] if "bias" in kwargs else [])
-                with tf.GradientTape() as tape:
-                    tape.watch(inputs)
-                    out = kernels.dot_product_attention(q, k, v, implementation=implementation, **kwargs)
-                    loss = tf.reduce_sum(tf.cast(out, tf.float32) ** 2)
-                results.append([out] + tape.gradient(loss, inputs))
-            kernels.tolerance(dtype).check(results[0][0].numpy(), results[1][0].numpy(), what=what)
-            for grad, expected in zip(results[0][1:], results[1][1:]):
-                kernels.tolerance(dtype, grad=True).check(grad.numpy(), expected.numpy(), what=what)
-        # The same ops with the portable primitives: the same numbers up to rounding.
         bias32 = tf.cast(bias, tf.float32)
         for bias_in, mask_in, attrs in ((None, None, {}), (bias32, mask, dict(is_causal=True)),
                                         (None, mask[..., :1, :], dict(block_q=5, block_k=40))):
             slow = raw(q, k, v, bias_in, mask_in, "portable", **attrs)
-            for isa in ("avx512bf16", "avx512"):
+            for isa in ("amx", "avx512bf16", "avx512"):
                 fast = raw(q, k, v, bias_in, mask_in, isa, **attrs)
                 for name, x, y in zip(("output", "logsumexp", "dq", "dk", "dv", "dbias"), fast, slow):
                     kernels.tolerance(dtype, grad=name.startswith("d")).check(
