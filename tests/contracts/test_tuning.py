@@ -101,11 +101,25 @@ def test_candidates_whose_timings_overlap_race_until_the_budget():
 def test_a_candidate_slower_on_every_call_than_the_leader_leaves_after_two_rounds():
     clock = FakeClock({"graph": 1.08, "xla": 1.0, "reference": [1.1, 0.95, 1.3]})
     record = _tune(_kernel(), clock, budget=1e9)
-    # graph is 8% slower every time: out after the second round (it lost both by more
-    # than a tie); reference wins a round in three, so it races on, and loses on its
-    # median ratio to xla (1.1)
-    assert clock.calls["graph"] == 1 + 2
+    # graph, the table's choice, is 8% slower every time: within the spread of a
+    # kernel against itself, so it races OFF_TABLE_ROUNDS rounds, then is out (it lost
+    # them all by more than a tie); reference wins a round in three, so it races on,
+    # and loses on its median ratio to xla (1.1)
+    assert clock.calls["graph"] == 1 + tuning.OFF_TABLE_ROUNDS
     assert record["implementation"] == "xla"
+
+
+def test_a_challenger_ahead_by_less_than_the_spread_needs_more_rounds_to_be_chosen():
+    # xla leads graph, the table's choice, by 10-12% in each of three rounds, and the
+    # budget ends the race there: too few rounds to leave the table for that.
+    clock = FakeClock({"graph": 1.1, "xla": [1.0, 1.0, 0.98], "reference": 50.0})
+    record = _tune(_kernel(), clock, budget=10.0)
+    assert record["rounds"] == tuning.MIN_ROUNDS < tuning.OFF_TABLE_ROUNDS
+    assert record["implementation"] == "graph"
+    # With the rounds to show it, the same lead wins.
+    clock = FakeClock({"graph": 1.1, "xla": [1.0, 1.0, 0.98], "reference": 50.0})
+    record = _tune(_kernel("tuned_double_again"), clock, budget=1e9)
+    assert record["rounds"] >= tuning.OFF_TABLE_ROUNDS and record["implementation"] == "xla"
 
 
 def test_rounds_rotate_the_order_the_candidates_run_in():
