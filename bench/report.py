@@ -87,9 +87,18 @@ def peak_gflops(results: Sequence[Result]) -> float | None:
     return max(rates) if has_peak else None
 
 
+def speedup(baseline: Result, result: Result) -> float:
+    """``baseline``'s time over ``result``'s: the median of their round-by-round ratios
+    when both ran every round (each round times every row close together, so what the
+    machine did to both cancels, as in the tuner), else the ratio of their medians."""
+    if len(baseline.seconds) == len(result.seconds) > 0:
+        return statistics.median(b / r for b, r in zip(baseline.seconds, result.seconds))
+    return baseline.median / result.median
+
+
 def derive_ratios(results: Sequence[Result]) -> None:
     """Fraction of the peak (:func:`peak_gflops`) and speed-up over the fastest baseline
-    row, within one group."""
+    row (:func:`speedup`), within one group."""
     measured = [r for r in results if r.median is not None]
     peak = peak_gflops(measured)
     baseline = min((r for r in measured if r.case.provider.role == BASELINE),
@@ -101,7 +110,7 @@ def derive_ratios(results: Sequence[Result]) -> None:
             result.fraction_of_peak = result.gflops / peak
         # A row of another problem (the attention suites' matmul peak) has no speed-up.
         if baseline is not None and result.case.provider.flops is None:
-            result.speedup_over_baseline = baseline.median / result.median
+            result.speedup_over_baseline = speedup(baseline, result)
 
 # --- comparison with an earlier run ------------------------------------------
 

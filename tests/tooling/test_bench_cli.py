@@ -80,6 +80,18 @@ def test_ratios_are_taken_within_the_group():
     assert peak.fraction_of_peak == pytest.approx(1.0)
 
 
+def test_the_speed_up_is_the_median_of_round_by_round_ratios():
+    # In the second round the machine slowed down for keras's call alone: a is 2x
+    # keras in every round but that one, which the ratio of medians (6 / 1) would take.
+    suite = fake_suite([])
+    a, keras_row = (report.Result(cases.Case(suite, 1, "float32", "eager", "cpu", p))
+                    for p in (suite.provider("a"), suite.provider("keras")))
+    a.seconds, keras_row.seconds = [1.0, 1.0, 3.0], [2.0, 6.0, 6.0]
+    report.derive_ratios([a, keras_row])
+    assert a.speedup_over_baseline == pytest.approx(2.0)
+    assert keras_row.speedup_over_baseline == pytest.approx(1.0)
+
+
 def test_the_peak_is_the_fastest_row_so_no_fraction_exceeds_one():
     suite = fake_suite([])
     a, keras_row, peak = (report.Result(cases.Case(suite, 1, "float32", "eager", "cpu", p))
