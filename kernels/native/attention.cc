@@ -71,11 +71,47 @@ constexpr float kC5 = 1.9875691500E-4f, kC4 = 1.3981999507E-3f, kC3 = 8.33345190
                 kC1 = 1.6666665459E-1f, kC0 = 5.0000001201E-1f;
 }  // namespace exp_constants
 
+// The body of the vector exp on W-bit vectors (Exp8, Exp16: W = 256, 512), spelled once
+// for both widths from their `_mm<W>_` intrinsics: each width is defined inside its own
+// target region, which a shared template cannot be.
+//
+// exp(x) for x < 88 (a softmax's shifted scores are <= 0), or NaN (passed through).
+// Cephes' polynomial (about 1.4 ulp) in Estrin's order, and k = round(x·log2 e) by
+// adding 1.5·2^23 + 127, which leaves k + 127 in the low bits: shifted into the
+// exponent field, that is 2^k. Thirteen instructions where Horner's order with a floor
+// and a conversion takes seventeen, and half the dependency chain. Below -88,
+// k + 127 <= 0 and the result is 0 (exp(-88) is 6e-39, under float32's normal range).
+#define FASTLAYERS_VECTOR_EXP(W, x)                                                                  \
+  using namespace exp_constants;                                                                     \
+  x = _mm##W##_max_ps(_mm##W##_set1_ps(kLowest), x);                                                 \
+  const auto magic = _mm##W##_set1_ps(kShift);                                                       \
+  const auto shifted = _mm##W##_fmadd_ps(x, _mm##W##_set1_ps(kLog2e), magic);                        \
+  const auto k = _mm##W##_sub_ps(shifted, magic);                                                    \
+  auto r = _mm##W##_fnmadd_ps(k, _mm##W##_set1_ps(kLn2High), x);                                     \
+  r = _mm##W##_fnmadd_ps(k, _mm##W##_set1_ps(kLn2Low), r);                                           \
+  const auto r2 = _mm##W##_mul_ps(r, r);                                                             \
+  const auto p01 = _mm##W##_fmadd_ps(_mm##W##_set1_ps(kC1), r, _mm##W##_set1_ps(kC0));               \
+  const auto p23 = _mm##W##_fmadd_ps(_mm##W##_set1_ps(kC3), r, _mm##W##_set1_ps(kC2));               \
+  const auto p45 = _mm##W##_fmadd_ps(_mm##W##_set1_ps(kC5), r, _mm##W##_set1_ps(kC4));               \
+  const auto p25 = _mm##W##_fmadd_ps(p45, r2, p23);                                                  \
+  const auto p05 = _mm##W##_fmadd_ps(p25, r2, p01);                                                  \
+  const auto y = _mm##W##_add_ps(_mm##W##_fmadd_ps(p05, r2, r), _mm##W##_set1_ps(1.0f));             \
+  return _mm##W##_mul_ps(y, _mm##W##_castsi##W##_ps(_mm##W##_slli_epi32(_mm##W##_castps_si##W(shifted), 23)));
+
 // ---------------------------------------------------------------------------------
 // Dropout: the position hash of kernels/attention.py (`_mix`, `_dropout_multiplier`).
 
 // The hash's multipliers (Mix, Mix8, Mix16).
 constexpr uint32_t kMixA = 0x7FEB352Du, kMixB = 0x846CA68Bu;
+
+// The body of Mix on W-bit vectors of 32-bit lanes (Mix8, Mix16), as FASTLAYERS_VECTOR_EXP.
+#define FASTLAYERS_VECTOR_MIX(W, x)                                     \
+  x = _mm##W##_xor_si##W(x, _mm##W##_srli_epi32(x, 16));                \
+  x = _mm##W##_mullo_epi32(x, _mm##W##_set1_epi32(static_cast<int>(kMixA))); \
+  x = _mm##W##_xor_si##W(x, _mm##W##_srli_epi32(x, 15));                \
+  x = _mm##W##_mullo_epi32(x, _mm##W##_set1_epi32(static_cast<int>(kMixB))); \
+  x = _mm##W##_xor_si##W(x, _mm##W##_srli_epi32(x, 16));                \
+  return x;
 
 inline uint32_t Mix(uint32_t x) {
   x ^= x >> 16;
@@ -262,38 +298,9 @@ constexpr Primitives kPortable = {"portable", QkPortable, SoftmaxPortable, PvPor
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
-// exp on 8 floats for x < 88 (a softmax's shifted scores are <= 0), or NaN (passed
-// through). Cephes' polynomial (about 1.4 ulp) in Estrin's order, and k = round(x·log2 e)
-// by adding 1.5·2^23 + 127, which leaves k + 127 in the low bits: shifted into the
-// exponent field, that is 2^k. Thirteen instructions where Horner's order with a
-// floor and a conversion takes seventeen, and half the dependency chain. Below -88,
-// k + 127 <= 0 and the result is 0 (exp(-88) is 6e-39, under float32's normal range).
-inline __m256 Exp8(__m256 x) {
-  using namespace exp_constants;
-  x = _mm256_max_ps(_mm256_set1_ps(kLowest), x);
-  const __m256 magic = _mm256_set1_ps(kShift);
-  const __m256 shifted = _mm256_fmadd_ps(x, _mm256_set1_ps(kLog2e), magic);
-  const __m256 k = _mm256_sub_ps(shifted, magic);
-  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2High), x);
-  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Low), r);
-  const __m256 r2 = _mm256_mul_ps(r, r);
-  const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(kC1), r, _mm256_set1_ps(kC0));
-  const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(kC3), r, _mm256_set1_ps(kC2));
-  const __m256 p45 = _mm256_fmadd_ps(_mm256_set1_ps(kC5), r, _mm256_set1_ps(kC4));
-  const __m256 p25 = _mm256_fmadd_ps(p45, r2, p23);
-  const __m256 p05 = _mm256_fmadd_ps(p25, r2, p01);
-  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p05, r2, r), _mm256_set1_ps(1.0f));
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(shifted), 23)));
-}
+inline __m256 Exp8(__m256 x) { FASTLAYERS_VECTOR_EXP(256, x) }
 
-inline __m256i Mix8(__m256i x) {
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(kMixA)));
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(kMixB)));
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-  return x;
-}
+inline __m256i Mix8(__m256i x) { FASTLAYERS_VECTOR_MIX(256, x) }
 
 inline float HorizontalMax(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -610,33 +617,9 @@ namespace avx512 {
 
 constexpr int kTileRows = 12;
 
-// Exp8 (above) on 16 lanes.
-inline __m512 Exp16(__m512 x) {
-  using namespace exp_constants;
-  x = _mm512_max_ps(_mm512_set1_ps(kLowest), x);
-  const __m512 magic = _mm512_set1_ps(kShift);
-  const __m512 shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), magic);
-  const __m512 k = _mm512_sub_ps(shifted, magic);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2High), x);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Low), r);
-  const __m512 r2 = _mm512_mul_ps(r, r);
-  const __m512 p01 = _mm512_fmadd_ps(_mm512_set1_ps(kC1), r, _mm512_set1_ps(kC0));
-  const __m512 p23 = _mm512_fmadd_ps(_mm512_set1_ps(kC3), r, _mm512_set1_ps(kC2));
-  const __m512 p45 = _mm512_fmadd_ps(_mm512_set1_ps(kC5), r, _mm512_set1_ps(kC4));
-  const __m512 p25 = _mm512_fmadd_ps(p45, r2, p23);
-  const __m512 p05 = _mm512_fmadd_ps(p25, r2, p01);
-  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p05, r2, r), _mm512_set1_ps(1.0f));
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(shifted), 23)));
-}
+inline __m512 Exp16(__m512 x) { FASTLAYERS_VECTOR_EXP(512, x) }
 
-inline __m512i Mix16(__m512i x) {
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(kMixA)));
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(kMixB)));
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  return x;
-}
+inline __m512i Mix16(__m512i x) { FASTLAYERS_VECTOR_MIX(512, x) }
 
 // The lanes that are dropped (the reference's uniform < rate) for columns c..c+15.
 inline __mmask16 Dropped16(const RowContext& ctx, const Dropout& drop, int64_t c) {
