@@ -47,6 +47,7 @@ MODES = ("eager", "function")
 DEVICES = ("cpu", "gpu")
 PEAK = "peak"
 BASELINE = "baseline"
+AUTO = "auto"  # Provider.implementation of the line that lets fastlayers choose
 
 Shape = Mapping[str, int]
 Step = Callable[[], object]
@@ -87,6 +88,10 @@ class Provider:
             problem than its suite's (a peak row's matmul); None counts the suite's.
         tf_function: whether function mode wraps the step in a ``tf.function``;
             False for another framework's call, timed as it is in both modes.
+        implementation: the fastlayers implementation the line runs: ``AUTO`` for
+            ``implementation=None``, else the one it fixes (``"xla"``, ``"native"``);
+            None for any other line. The report sets auto against the fastest
+            fixed one of its group.
     """
 
     name: str
@@ -95,6 +100,7 @@ class Provider:
     note: Callable[[Shape, str, str], str] | None = None
     flops: Callable[[Shape], float] | None = None
     tf_function: bool = True
+    implementation: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,9 +315,10 @@ def _dense_kernel_providers(fastlayers_build, keras_build, activation=None):
     """Auto and each implementation of a dense-kernel problem, Keras's baseline and the
     ``tf.matmul`` peak; ``fastlayers_build(implementation)`` makes a provider's build."""
     return (
-        Provider("fastlayers", fastlayers_build(None), note=_dense_auto_choice(activation)),
+        Provider("fastlayers", fastlayers_build(None), note=_dense_auto_choice(activation),
+                 implementation=AUTO),
         *(
-            Provider(f"fastlayers-{impl}", fastlayers_build(impl))
+            Provider(f"fastlayers-{impl}", fastlayers_build(impl), implementation=impl)
             for impl in dispatch.IMPLEMENTATIONS
         ),
         Provider("keras", keras_build, role=BASELINE),
@@ -384,9 +391,10 @@ DENSE_INT8 = Suite(
     flops=lambda s: flops_lib.dense_flops(s["M"], s["K"], s["N"]),
     label=lambda s: f"{s['M']}x{s['K']} -> {s['N']} int8",
     providers=(
-        Provider("fastlayers", _fastlayers_int8_dense(None), note=_int8_auto_choice),
+        Provider("fastlayers", _fastlayers_int8_dense(None), note=_int8_auto_choice,
+                 implementation=AUTO),
         *(
-            Provider(f"fastlayers-{impl}", _fastlayers_int8_dense(impl))
+            Provider(f"fastlayers-{impl}", _fastlayers_int8_dense(impl), implementation=impl)
             for impl in (*dispatch.IMPLEMENTATIONS, dispatch.NATIVE)
         ),
         # Our float32 Dense on the same problem: the int8 path must beat it.
@@ -527,9 +535,10 @@ def _attention_suite(backward: bool) -> Suite:
         label=lambda s: f"B={s['B']} T=S={s['T']} N={s['N']} H={s['H']}",
         providers=(
             Provider("fastlayers", _fastlayers_attention(None, backward),
-                     note=_attention_auto_choice(backward)),
+                     note=_attention_auto_choice(backward), implementation=AUTO),
             *(
-                Provider(f"fastlayers-{impl}", _fastlayers_attention(impl, backward))
+                Provider(f"fastlayers-{impl}", _fastlayers_attention(impl, backward),
+                         implementation=impl)
                 for impl in dispatch.ALL_IMPLEMENTATIONS
             ),
             # keras.ops.dot_product_attention as called (eagerly or in the tf.function
@@ -564,7 +573,7 @@ SUITES: dict[str, Suite] = {
 
 # --- one layer: `fastlayers bench --layer` ------------------------------------------
 
-LAYER_PROVIDERS = ("auto", *dispatch.IMPLEMENTATIONS)
+LAYER_PROVIDERS = (AUTO, *dispatch.IMPLEMENTATIONS)
 
 
 def _layer_step(spec, implementation):
@@ -640,13 +649,14 @@ def layer_suite(spec) -> Suite:
         # FastLayer against its own reference. A class whose kernel has a native
         # implementation says so in its ``implementations``.
         peer = keras_peer(spec.cls)
-        names = ("auto", *getattr(spec.cls, "implementations", dispatch.IMPLEMENTATIONS))
+        names = (AUTO, *getattr(spec.cls, "implementations", dispatch.IMPLEMENTATIONS))
         providers = tuple(
             Provider(
                 name,
-                _layer_step(spec, None if name == "auto" else name),
+                _layer_step(spec, None if name == AUTO else name),
                 role=BASELINE if name == "reference" and peer is None else "",
-                note=_layer_auto_choice(spec) if name == "auto" else None,
+                note=_layer_auto_choice(spec) if name == AUTO else None,
+                implementation=name,
             )
             for name in names
         )

@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Sequence
 
 from fastlayers.bench import flops as flops_lib
-from fastlayers.bench.cases import BASELINE, PEAK, Case
+from fastlayers.bench.cases import AUTO, BASELINE, PEAK, Case
 
 
 @dataclasses.dataclass
@@ -25,6 +25,10 @@ class Result:
     error: str | None = None
     fraction_of_peak: float | None = None
     speedup_over_baseline: float | None = None
+    # The auto row's: the fastest fixed implementation of its group, and auto's
+    # speed-up over it (below 1: auto chose slower than that row ran).
+    best_implementation: str | None = None
+    speedup_over_best_implementation: float | None = None
     old_gflops: float | None = None
     old_seconds: float | None = None
 
@@ -70,6 +74,8 @@ class Result:
             "gflops": self.gflops,
             "fraction_of_peak": self.fraction_of_peak,
             "speedup_over_baseline": self.speedup_over_baseline,
+            "best_implementation": self.best_implementation,
+            "speedup_over_best_implementation": self.speedup_over_best_implementation,
             "error": self.error,
         }
 
@@ -98,11 +104,17 @@ def speedup(baseline: Result, result: Result) -> float:
 
 def derive_ratios(results: Sequence[Result]) -> None:
     """Fraction of the peak (:func:`peak_gflops`) and speed-up over the fastest baseline
-    row (:func:`speedup`), within one group."""
+    row (:func:`speedup`), within one group; for the auto row, its speed-up over the
+    fastest row of a fixed implementation."""
+    for result in results:
+        result.fraction_of_peak = result.speedup_over_baseline = None
+        result.best_implementation = result.speedup_over_best_implementation = None
     measured = [r for r in results if r.median is not None]
     peak = peak_gflops(measured)
     baseline = min((r for r in measured if r.case.provider.role == BASELINE),
                    key=lambda r: r.median, default=None)
+    fixed = min((r for r in measured if r.case.provider.implementation not in (None, AUTO)),
+                key=lambda r: r.median, default=None)
     for result in results:
         if result.median is None:
             continue
@@ -111,6 +123,9 @@ def derive_ratios(results: Sequence[Result]) -> None:
         # A row of another problem (the attention suites' matmul peak) has no speed-up.
         if baseline is not None and result.case.provider.flops is None:
             result.speedup_over_baseline = speedup(baseline, result)
+        if fixed is not None and result.case.provider.implementation == AUTO:
+            result.best_implementation = fixed.case.provider.name
+            result.speedup_over_best_implementation = speedup(fixed, result)
 
 # --- comparison with an earlier run ------------------------------------------
 
@@ -179,6 +194,23 @@ def flop_notes(results: Sequence[Result]) -> list[str]:
     return lines
 
 
+def auto_note(results: Sequence[Result]) -> str | None:
+    """One line on how auto fared against the fastest fixed implementation of each
+    group it ran in: the range of its speed-ups and the group where it was lowest."""
+    rows = [r for r in results if r.speedup_over_best_implementation is not None]
+    if not rows:
+        return None
+    low = min(rows, key=lambda r: r.speedup_over_best_implementation)
+    high = max(r.speedup_over_best_implementation for r in rows)
+    case = low.case
+    return (
+        f"auto vs the fastest fixed implementation (the median of round-by-round ratios): "
+        f"{low.speedup_over_best_implementation:.2f}x to {high:.2f}x over {len(rows)} "
+        f"group{'s' if len(rows) > 1 else ''}; lowest: {case.suite.name} "
+        f"{case.suite.label(case.shape)} {case.mode} {case.policy} against {low.best_implementation}"
+    )
+
+
 PEAK_NOTE = ("% of peak: of the fastest GFLOP/s measured for the same case, dtype and mode "
              "(tf.matmul's, or a row's that beat it)")
 
@@ -230,6 +262,8 @@ def table(results: Sequence[Result]) -> str:
     notes = flop_notes(results)
     if any(r.fraction_of_peak is not None for r in results):
         notes.append(PEAK_NOTE)
+    if (line := auto_note(results)) is not None:
+        notes.append(line)
     if header[6] == "vs baseline":
         over: dict[str, list[str]] = {}
         for suite in {r.case.suite.name: r.case.suite for r in results}.values():

@@ -5,6 +5,7 @@ import dataclasses
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -90,6 +91,43 @@ def test_the_speed_up_is_the_median_of_round_by_round_ratios():
     report.derive_ratios([a, keras_row])
     assert a.speedup_over_baseline == pytest.approx(2.0)
     assert keras_row.speedup_over_baseline == pytest.approx(1.0)
+
+
+def test_auto_is_set_against_the_fastest_fixed_implementation_of_its_group():
+    def provider(name, implementation=None, role=""):
+        return cases.Provider(name, lambda shape, policy: None, role=role,
+                              implementation=implementation)
+
+    providers = (provider("fastlayers", cases.AUTO), provider("fastlayers-xla", "xla"),
+                 provider("fastlayers-graph", "graph"), provider("fastlayers-float"),
+                 provider("keras", role=cases.BASELINE))
+    suite = dataclasses.replace(fake_suite([]), providers=providers)
+    groups = []
+    for mode, (auto, xla, graph) in {"function": ([1.0, 1.0, 1.2], [0.9, 1.0, 1.2], [2.0] * 3),
+                                     "eager": ([1.0, 1.1, 1.0], [3.0] * 3, [1.2, 1.1, 1.2])}.items():
+        rows = [report.Result(cases.Case(suite, 1, "float32", mode, "cpu", p)) for p in providers]
+        # fastlayers-float (no implementation of this problem) is the fastest row: not fixed.
+        for row, seconds in zip(rows, (auto, xla, graph, [0.1] * 3, [4.0] * 3)):
+            row.seconds = seconds
+        report.derive_ratios(rows)
+        groups.append(rows)
+    (auto_f, *others_f), (auto_e, *_) = groups
+    # function: xla is the faster fixed row; the round-by-round ratios 0.9, 1.0, 1.0
+    assert (auto_f.best_implementation, auto_f.speedup_over_best_implementation) == (
+        "fastlayers-xla", pytest.approx(1.0))
+    assert all(r.best_implementation is None for r in others_f)
+    # eager: graph; ratios 1.2, 1.0, 1.2
+    assert (auto_e.best_implementation, auto_e.speedup_over_best_implementation) == (
+        "fastlayers-graph", pytest.approx(1.2))
+    groups[0][0].seconds = [1.0, 1.25, 1.2]  # now 0.9, 0.8, 1.0: a median of 0.9
+    report.derive_ratios(groups[0])
+    assert report.table(groups[0] + groups[1]).splitlines()[-1] == (
+        "auto vs the fastest fixed implementation (the median of round-by-round ratios): "
+        "0.90x to 1.20x over 2 groups; lowest: fake 1 function float32 against fastlayers-xla")
+    # Without an auto row, or without a fixed one, there is no such line.
+    for rows in (groups[0][1:], [groups[0][0], groups[0][4]]):
+        report.derive_ratios(rows)
+        assert "auto vs" not in report.table(rows)
 
 
 def test_the_peak_is_the_fastest_row_so_no_fraction_exceeds_one():
@@ -191,7 +229,12 @@ def test_bench_end_to_end_writes_table_json_and_plot(capsys, tmp_path):
     assert lines[0].split() == ["case", "mode", "provider", "dtype", "GFLOP/s", "%", "of",
                                 "peak", "vs", "keras"]
     assert len(lines) == 2 + len(cases.DENSE.providers) * len(cases.MODES)
-    assert notes.strip() == report.PEAK_NOTE
+    peak_note, auto_note = notes.strip().splitlines()
+    assert peak_note == report.PEAK_NOTE
+    assert re.fullmatch(
+        r"auto vs the fastest fixed implementation \(the median of round-by-round ratios\): "
+        r"\d+\.\d\dx to \d+\.\d\dx over 2 groups; lowest: dense 8x1024 -> 4096 "
+        r"(function|eager) float32 against fastlayers-(reference|graph|xla)", auto_note), auto_note
     assert "fastlayers (auto: " in out
     document = json.loads(json_path.read_text())
     assert document["format"] == files.FORMAT
@@ -208,6 +251,11 @@ def test_bench_end_to_end_writes_table_json_and_plot(capsys, tmp_path):
         assert 0 < row["fraction_of_peak"] <= 1
         if row["provider"] == "keras":
             assert row["speedup_over_baseline"] == pytest.approx(1.0)
+        if row["provider"] == "fastlayers":
+            assert row["best_implementation"].startswith("fastlayers-")
+            assert row["speedup_over_best_implementation"] > 0
+        else:
+            assert row["best_implementation"] is row["speedup_over_best_implementation"] is None
     for mode in cases.MODES:  # the fastest row of each group is the peak
         assert max(r["fraction_of_peak"] for r in rows if r["mode"] == mode) == 1.0
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

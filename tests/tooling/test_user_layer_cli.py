@@ -125,11 +125,16 @@ def test_bench_a_user_layer_end_to_end(capsys, tmp_path, user):
     assert f"auto ({auto_choice()})" in out
     # No peak row in a layer suite: "-" for % of peak.
     assert all(row.split()[-2] == "-" for row in rows)
-    assert lines[-2:] == [
+    assert lines[-3:-1] == [
         "FLOPs per call, counted by TensorFlow's op counter (tf.compat.v1.profiler, "
         "float_operation) on one traced call:",
         f"  {MODULE}:MyDense at 4x8: {MY_DENSE_FLOPS}",
     ]
+    # auto against the fastest of reference, graph and xla, in each mode
+    assert re.fullmatch(
+        r"auto vs the fastest fixed implementation \(the median of round-by-round ratios\): "
+        rf"\d+\.\d\dx to \d+\.\d\dx over 2 groups; lowest: {re.escape(MODULE)}:MyDense 4x8 "
+        r"(function|eager) float32 against (reference|graph|xla)", lines[-1]), lines[-1]
     document = json.loads(path.read_text())
     assert document["settings"]["layer"] == {
         "name": f"{MODULE}:MyDense", "args": {"units": 4, "activation": "relu"},
@@ -145,6 +150,7 @@ def test_bench_a_user_layer_end_to_end(capsys, tmp_path, user):
         assert row["fraction_of_peak"] is None and row["speedup_over_baseline"] > 0
         if row["provider"] == "reference":
             assert row["speedup_over_baseline"] == pytest.approx(1.0)
+        assert (row["best_implementation"] in ("reference", "graph", "xla")) == (row["provider"] == "auto")
     assert os.listdir(tmp_path) == ["run.json"]
 
 
@@ -166,9 +172,10 @@ def test_a_layer_with_no_counted_flops_reports_time_per_call(exp_run, capsys):
     assert code == 0, err
     rows = out.splitlines()[2:2 + len(cases.LAYER_PROVIDERS)]
     assert all(re.search(r"  [0-9.]+ (ns|us|ms|s)/call  ", row) for row in rows), out
-    assert out.splitlines()[-1] == (
+    assert out.splitlines()[-2] == (
         f"  {MODULE}:Exp at 4x8: none (no op it knows the FLOPs of), so time per call is "
         "shown instead of GFLOP/s")
+    assert out.splitlines()[-1].startswith("auto vs the fastest fixed implementation")
 
 
 def test_compare_uses_time_per_call_when_there_are_no_flops(exp_run, capsys, tmp_path):
