@@ -316,47 +316,69 @@ inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
-// M query rows × 16 key columns, accumulated over the head dim in 2·M registers.
-template <int M>
-inline void QkTile(const float* q, int64_t head_dim, const float* panel, int64_t ld_s,
-                   float* scores) {
+// M rows × 16 columns of a product, accumulated over depth in 2·M registers: Q·Kᵀ,
+// P·V and the backward's gemms. Transposed: a's rows are adjacent (a_row == 1), so
+// one step's M values are contiguous.
+template <int M, bool Transposed>
+inline void GemmTile(const float* a, int64_t a_row, int64_t a_col, int64_t depth, const float* panel,
+                     int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   __m256 acc[M][2];
   _Pragma("GCC unroll 8")
-  for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-  for (int64_t h = 0; h < head_dim; ++h) {
-    const __m256 b0 = _mm256_loadu_ps(panel + h * kPanel);
-    const __m256 b1 = _mm256_loadu_ps(panel + h * kPanel + 8);
+  for (int i = 0; i < M; ++i) {
+    acc[i][0] = accumulate ? _mm256_loadu_ps(c + i * ldc) : _mm256_setzero_ps();
+    acc[i][1] = accumulate ? _mm256_loadu_ps(c + i * ldc + 8) : _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(panel + k * ldb);
+    const __m256 b1 = _mm256_loadu_ps(panel + k * ldb + 8);
     _Pragma("GCC unroll 8")
     for (int i = 0; i < M; ++i) {
-      const __m256 a = _mm256_broadcast_ss(q + i * head_dim + h);
-      acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
+      const __m256 x = _mm256_broadcast_ss(Transposed ? a + k * a_col + i : a + i * a_row + k);
+      acc[i][0] = _mm256_fmadd_ps(x, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(x, b1, acc[i][1]);
     }
   }
   _Pragma("GCC unroll 8")
   for (int i = 0; i < M; ++i) {
-    _mm256_storeu_ps(scores + i * ld_s, acc[i][0]);
-    _mm256_storeu_ps(scores + i * ld_s + 8, acc[i][1]);
+    _mm256_storeu_ps(c + i * ldc, acc[i][0]);
+    _mm256_storeu_ps(c + i * ldc + 8, acc[i][1]);
   }
 }
 
-void QkAvx2(const float* q, int64_t rows, int64_t head_dim, const float* keys, int64_t ld_s,
-            int64_t cols, float* scores) {
-  for (int64_t c = 0; c < cols; c += kPanel) {
-    const float* panel = keys + c * head_dim;
+template <bool Transposed>
+void GemmRows(const float* a, int64_t a_row, int64_t a_col, int64_t rows, int64_t depth, const float* b,
+              int64_t panel_stride, int64_t ldb, int64_t cols, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t n = 0; n < cols; n += kPanel) {
+    const float* panel = b + (n / kPanel) * panel_stride;
     int64_t r = 0;
-    for (; r + 6 <= rows; r += 6) QkTile<6>(q + r * head_dim, head_dim, panel, ld_s, scores + r * ld_s + c);
-    const float* qr = q + r * head_dim;
-    float* sr = scores + r * ld_s + c;
+    for (; r + 6 <= rows; r += 6) {
+      GemmTile<6, Transposed>(a + r * a_row, a_row, a_col, depth, panel, ldb, c + r * ldc + n, ldc, accumulate);
+    }
+    const float* ar = a + r * a_row;
+    float* cr = c + r * ldc + n;
     switch (rows - r) {
-      case 5: QkTile<5>(qr, head_dim, panel, ld_s, sr); break;
-      case 4: QkTile<4>(qr, head_dim, panel, ld_s, sr); break;
-      case 3: QkTile<3>(qr, head_dim, panel, ld_s, sr); break;
-      case 2: QkTile<2>(qr, head_dim, panel, ld_s, sr); break;
-      case 1: QkTile<1>(qr, head_dim, panel, ld_s, sr); break;
+      case 5: GemmTile<5, Transposed>(ar, a_row, a_col, depth, panel, ldb, cr, ldc, accumulate); break;
+      case 4: GemmTile<4, Transposed>(ar, a_row, a_col, depth, panel, ldb, cr, ldc, accumulate); break;
+      case 3: GemmTile<3, Transposed>(ar, a_row, a_col, depth, panel, ldb, cr, ldc, accumulate); break;
+      case 2: GemmTile<2, Transposed>(ar, a_row, a_col, depth, panel, ldb, cr, ldc, accumulate); break;
+      case 1: GemmTile<1, Transposed>(ar, a_row, a_col, depth, panel, ldb, cr, ldc, accumulate); break;
       default: break;
     }
   }
+}
+
+// Q·Kᵀ: the head dim is the depth, each key panel holds 16 keys' head dims contiguously.
+void QkAvx2(const float* q, int64_t rows, int64_t head_dim, const float* keys, int64_t ld_s,
+            int64_t cols, float* scores) {
+  GemmRows<false>(q, head_dim, 1, rows, head_dim, keys, kPanel * head_dim, kPanel, cols, scores, ld_s,
+                  /*accumulate=*/false);
+}
+
+// P·V added to out: the key block is the depth; `values` holds, per panel of 16 output
+// columns, those columns of every key contiguously.
+void PvAvx2(const float* p, int64_t rows, int64_t ld_s, int64_t cols, const float* values,
+            int64_t panel_stride, int64_t ld_o, float* out) {
+  GemmRows<false>(p, ld_s, 1, rows, cols, values, panel_stride, kPanel, ld_o, out, ld_o, /*accumulate=*/true);
 }
 
 // Validity of columns c..c+7 as a lane mask (all ones where valid).
@@ -449,103 +471,6 @@ float SoftmaxAvx2(float* row, int64_t cols, const RowContext& ctx, const Dropout
   *max = HorizontalMax(peak);
   return drop.on ? ExpPass<true>(row, cols, clean, *max, ctx, drop)
                  : ExpPass<false>(row, cols, clean, *max, ctx, drop);
-}
-
-// M rows × 16 output columns of P·V, accumulated over the key block in registers;
-// `panel` holds the 16 columns of every key contiguously.
-template <int M>
-inline void PvTile(const float* p, int64_t ld_s, int64_t cols, const float* panel, int64_t ld_o,
-                   float* out) {
-  __m256 acc[M][2];
-  _Pragma("GCC unroll 8")
-  for (int i = 0; i < M; ++i) {
-    acc[i][0] = _mm256_loadu_ps(out + i * ld_o);
-    acc[i][1] = _mm256_loadu_ps(out + i * ld_o + 8);
-  }
-  for (int64_t c = 0; c < cols; ++c) {
-    const __m256 b0 = _mm256_loadu_ps(panel + c * kPanel);
-    const __m256 b1 = _mm256_loadu_ps(panel + c * kPanel + 8);
-    _Pragma("GCC unroll 8")
-    for (int i = 0; i < M; ++i) {
-      const __m256 a = _mm256_broadcast_ss(p + i * ld_s + c);
-      acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
-    }
-  }
-  _Pragma("GCC unroll 8")
-  for (int i = 0; i < M; ++i) {
-    _mm256_storeu_ps(out + i * ld_o, acc[i][0]);
-    _mm256_storeu_ps(out + i * ld_o + 8, acc[i][1]);
-  }
-}
-
-void PvAvx2(const float* p, int64_t rows, int64_t ld_s, int64_t cols, const float* values,
-            int64_t panel_stride, int64_t ld_o, float* out) {
-  for (int64_t d = 0; d < ld_o; d += kPanel) {
-    const float* panel = values + (d / kPanel) * panel_stride;
-    int64_t r = 0;
-    for (; r + 6 <= rows; r += 6) PvTile<6>(p + r * ld_s, ld_s, cols, panel, ld_o, out + r * ld_o + d);
-    const float* pr = p + r * ld_s;
-    float* o = out + r * ld_o + d;
-    switch (rows - r) {
-      case 5: PvTile<5>(pr, ld_s, cols, panel, ld_o, o); break;
-      case 4: PvTile<4>(pr, ld_s, cols, panel, ld_o, o); break;
-      case 3: PvTile<3>(pr, ld_s, cols, panel, ld_o, o); break;
-      case 2: PvTile<2>(pr, ld_s, cols, panel, ld_o, o); break;
-      case 1: PvTile<1>(pr, ld_s, cols, panel, ld_o, o); break;
-      default: break;
-    }
-  }
-}
-
-// M rows × 16 columns of a gemm, accumulated over depth in 2·M registers. Transposed:
-// a's rows are adjacent (a_row == 1), so one step's M values are contiguous.
-template <int M, bool Transposed>
-inline void GemmTile(const float* a, int64_t a_row, int64_t a_col, int64_t depth, const float* panel,
-                     int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  __m256 acc[M][2];
-  _Pragma("GCC unroll 8")
-  for (int i = 0; i < M; ++i) {
-    acc[i][0] = accumulate ? _mm256_loadu_ps(c + i * ldc) : _mm256_setzero_ps();
-    acc[i][1] = accumulate ? _mm256_loadu_ps(c + i * ldc + 8) : _mm256_setzero_ps();
-  }
-  for (int64_t k = 0; k < depth; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(panel + k * ldb);
-    const __m256 b1 = _mm256_loadu_ps(panel + k * ldb + 8);
-    _Pragma("GCC unroll 8")
-    for (int i = 0; i < M; ++i) {
-      const __m256 x = _mm256_broadcast_ss(Transposed ? a + k * a_col + i : a + i * a_row + k);
-      acc[i][0] = _mm256_fmadd_ps(x, b0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(x, b1, acc[i][1]);
-    }
-  }
-  _Pragma("GCC unroll 8")
-  for (int i = 0; i < M; ++i) {
-    _mm256_storeu_ps(c + i * ldc, acc[i][0]);
-    _mm256_storeu_ps(c + i * ldc + 8, acc[i][1]);
-  }
-}
-
-template <bool Transposed>
-void GemmRows(const float* a, int64_t a_row, int64_t a_col, int64_t rows, int64_t depth, const float* b,
-              int64_t panel_stride, int64_t ldb, int64_t cols, float* c, int64_t ldc, bool accumulate) {
-  for (int64_t n = 0; n < cols; n += kPanel) {
-    const float* panel = b + (n / kPanel) * panel_stride;
-    int64_t r = 0;
-    for (; r + 6 <= rows; r += 6) {
-      GemmTile<6, Transposed>(a + r * a_row, a_row, a_col, depth, panel, ldb, c + r * ldc + n, ldc, accumulate);
-    }
-    const float* ar = a + r * a_row;
-    float* cr = c + r * ldc + n;
-    switch (rows - r) {
-      case 5: GemmTile<5, Transposed>(ar, a_row, a_col, depth, panel, ldb, cr, ldc, accumulate); break;
-      case 4: GemmTile<4, Transposed>(ar, a_row, a_col, depth, panel, ldb, cr, ldc, accumulate); break;
-      case 3: GemmTile<3, Transposed>(ar, a_row, a_col, depth, panel, ldb, cr, ldc, accumulate); break;
-      case 2: GemmTile<2, Transposed>(ar, a_row, a_col, depth, panel, ldb, cr, ldc, accumulate); break;
-      case 1: GemmTile<1, Transposed>(ar, a_row, a_col, depth, panel, ldb, cr, ldc, accumulate); break;
-      default: break;
-    }
-  }
 }
 
 void GemmAvx2(const float* a, int64_t a_row, int64_t a_col, int64_t rows, int64_t depth, const float* b,
@@ -1148,17 +1073,7 @@ REGISTER_OP("FastlayersNativeIsa")
     .Output("isa: string")
     .SetShapeFn(tensorflow::shape_inference::ScalarShape);
 
-class NativeIsaOp : public OpKernel {
- public:
-  explicit NativeIsaOp(OpKernelConstruction* context) : OpKernel(context) {}
-  void Compute(OpKernelContext* context) override {
-    Tensor* out = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({}), &out));
-    out->scalar<tensorflow::tstring>()() = ChooseIsa(kTables, "best")->name;
-  }
-};
-
-REGISTER_KERNEL_BUILDER(Name("FastlayersNativeIsa").Device(tensorflow::DEVICE_CPU), NativeIsaOp);
+REGISTER_KERNEL_BUILDER(Name("FastlayersNativeIsa").Device(tensorflow::DEVICE_CPU), BestIsaOp<kTables>);
 
 // A rank-4 [b, n, t, s] bias or mask, each axis 1 (broadcast) or full.
 struct Broadcast4 {
@@ -1169,6 +1084,31 @@ struct Broadcast4 {
     return ((bb * dims[1] + nn) * dims[2] + tt) * dims[3];
   }
   int64_t Stride() const { return dims[3] == 1 ? 0 : 1; }
+};
+
+// Where each query row's bias and mask rows lie, and its dropout hashes: the RowContext
+// of a (row, key block) for the fused passes, built the same in the forward and backward.
+struct RowSource {
+  const float* bias;         // nullptr without a bias
+  Broadcast4 bias_layout;
+  const bool* mask;          // nullptr without a mask
+  Broadcast4 mask_layout;
+  bool causal;
+  const uint32_t* col_hash;  // the columns' hashes; nullptr without dropout
+
+  // Row t of batch b, head n, in the key block of `keys` keys from c0.
+  RowContext Row(int64_t b, int64_t n, int64_t t, int64_t c0, int64_t keys, uint32_t row_hash) const {
+    RowContext row;
+    row.bias = bias != nullptr ? bias + bias_layout.Row(b, n, t) + c0 * bias_layout.Stride() : nullptr;
+    row.bias_stride = bias_layout.Stride();
+    row.mask = mask != nullptr ? mask + mask_layout.Row(b, n, t) + c0 * mask_layout.Stride() : nullptr;
+    row.mask_stride = mask_layout.Stride();
+    row.keys = keys;
+    row.limit = causal ? std::min(keys, t - c0 + 1) : keys;
+    row.row_hash = col_hash != nullptr ? row_hash : 0;
+    row.col_hash = col_hash != nullptr ? col_hash + c0 : nullptr;
+    return row;
+  }
 };
 
 // The op's dropout from its attributes and seed words (two uint32 when rate > 0).
@@ -1419,6 +1359,7 @@ class AttentionForwardOp : public AttentionOpBase {
     float* lse_data = logsumexp->flat<float>().data();
     const float scale = scale_;
     const bool causal = is_causal_;
+    const RowSource rows_of{bias_data, bias_layout, mask_data, mask_layout, causal, drop.on ? col_hash : nullptr};
 
     // One work item: (b, k, g, query block), numbered so that neighbours share a
     // key/value head.
@@ -1471,16 +1412,7 @@ class AttentionForwardOp : public AttentionOpBase {
             prim.qk(q_tile.data(), rows, H, kt_head + c0 * H, block_k, cols, scores.data());
           }
           for (int64_t r = 0; r < rows; ++r) {
-            const int64_t t = t0 + r;
-            RowContext row;
-            row.bias = has_bias_ ? bias_data + bias_layout.Row(b, n, t) + c0 * bias_layout.Stride() : nullptr;
-            row.bias_stride = bias_layout.Stride();
-            row.mask = has_mask_ ? mask_data + mask_layout.Row(b, n, t) + c0 * mask_layout.Stride() : nullptr;
-            row.mask_stride = mask_layout.Stride();
-            row.keys = keys;
-            row.limit = causal ? std::min(keys, t - c0 + 1) : keys;
-            row.row_hash = drop.on ? row_hash[r] : 0;
-            row.col_hash = drop.on ? col_hash + c0 : nullptr;
+            const RowContext row = rows_of.Row(b, n, t0 + r, c0, keys, row_hash[r]);
             float peak = row_max[r];
             const float sum = prim.softmax(scores.data() + r * block_k, cols, row, drop, &peak);
             const float correction = std::exp(row_max[r] - peak);
@@ -1698,6 +1630,8 @@ class AttentionBackwardOp : public AttentionOpBase {
     const Primitives& prim = *primitives_;
     const float scale = scale_;
     const bool causal = is_causal_;
+    const RowSource rows_of{bias_data, bias_layout, mask_data, mask_layout, causal,
+                            drop.on ? col_hash.data() : nullptr};
 
     auto work = [&](int64_t begin, int64_t end) {
       std::vector<float> kt(s_pad * H), k_rows(s_pad * h_pad), vt(s_pad * D);
@@ -1769,16 +1703,7 @@ class AttentionBackwardOp : public AttentionOpBase {
               prim.gemm(q_tile.data(), h_pad, 1, rows, H, kt.data() + c0 * H, kPanel * H, kPanel, cols,
                         probs.data(), block_k, false);
               for (int64_t r = 0; r < rows; ++r) {
-                const int64_t t = t0 + r;
-                RowContext row;
-                row.bias = has_bias_ ? bias_data + bias_layout.Row(b, n, t) + c0 * bias_layout.Stride() : nullptr;
-                row.bias_stride = bias_layout.Stride();
-                row.mask = has_mask_ ? mask_data + mask_layout.Row(b, n, t) + c0 * mask_layout.Stride() : nullptr;
-                row.mask_stride = mask_layout.Stride();
-                row.keys = keys;
-                row.limit = causal ? std::min(keys, t - c0 + 1) : keys;
-                row.row_hash = drop.on ? row_hash[r] : 0;
-                row.col_hash = drop.on ? col_hash.data() + c0 : nullptr;
+                const RowContext row = rows_of.Row(b, n, t0 + r, c0, keys, row_hash[r]);
                 prim.probs(probs.data() + r * block_k, cols, row, drop, lse[r], probs.data() + r * block_k,
                            drop.on ? dropped.data() + r * block_k : nullptr);
               }

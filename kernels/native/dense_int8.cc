@@ -494,16 +494,6 @@ REGISTER_OP("FastlayersDenseInt8CachedKernels")
     .SetIsStateful()
     .SetShapeFn(tensorflow::shape_inference::ScalarShape);
 
-class DenseInt8IsaOp : public OpKernel {
- public:
-  explicit DenseInt8IsaOp(OpKernelConstruction* context) : OpKernel(context) {}
-  void Compute(OpKernelContext* context) override {
-    Tensor* out = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({}), &out));
-    out->scalar<tensorflow::tstring>()() = ChooseIsa(kTables, "best")->name;
-  }
-};
-
 class CachedKernelsOp : public OpKernel {
  public:
   explicit CachedKernelsOp(OpKernelConstruction* context) : OpKernel(context) {}
@@ -630,7 +620,7 @@ class DenseInt8Op : public OpKernel {
 };
 
 REGISTER_KERNEL_BUILDER(Name("FastlayersDenseInt8").Device(tensorflow::DEVICE_CPU), DenseInt8Op);
-REGISTER_KERNEL_BUILDER(Name("FastlayersDenseInt8Isa").Device(tensorflow::DEVICE_CPU), DenseInt8IsaOp);
+REGISTER_KERNEL_BUILDER(Name("FastlayersDenseInt8Isa").Device(tensorflow::DEVICE_CPU), BestIsaOp<kTables>);
 REGISTER_KERNEL_BUILDER(Name("FastlayersDenseInt8CachedKernels").Device(tensorflow::DEVICE_CPU),
                         CachedKernelsOp);
 

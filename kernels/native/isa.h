@@ -25,6 +25,8 @@
 #include <cstring>
 #include <string>
 
+#include "tensorflow/core/framework/op_kernel.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define FASTLAYERS_X86 1
@@ -215,6 +217,19 @@ std::string IsaError(const Table* const (&tables)[N], const std::string& isa) {
   return "isa='" + isa + "' needs a CPU that runs it; this one runs '" +
          ChooseIsa(tables, "best")->name + "' at best";
 }
+
+// The op that names the table of `kTables` "best" picks on this CPU (FastlayersNativeIsa,
+// FastlayersDenseInt8Isa): a string scalar.
+template <const auto& kTables>
+class BestIsaOp : public tensorflow::OpKernel {
+ public:
+  explicit BestIsaOp(tensorflow::OpKernelConstruction* context) : OpKernel(context) {}
+  void Compute(tensorflow::OpKernelContext* context) override {
+    tensorflow::Tensor* out = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, tensorflow::TensorShape({}), &out));
+    out->scalar<tensorflow::tstring>()() = ChooseIsa(kTables, "best")->name;
+  }
+};
 
 }  // namespace fastlayers
 
