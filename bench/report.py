@@ -25,10 +25,10 @@ class Result:
     error: str | None = None
     fraction_of_peak: float | None = None
     speedup_over_baseline: float | None = None
-    # The auto row's: the fastest fixed implementation of its group, and auto's
-    # speed-up over it (below 1: auto chose slower than that row ran).
-    best_implementation: str | None = None
-    speedup_over_best_implementation: float | None = None
+    # The auto row's: the provider of the fastest fixed implementation in its group,
+    # and auto's speed-up over it (below 1: auto chose slower than that row ran).
+    best_fixed_provider: str | None = None
+    speedup_over_best_fixed: float | None = None
     old_gflops: float | None = None
     old_seconds: float | None = None
 
@@ -74,8 +74,8 @@ class Result:
             "gflops": self.gflops,
             "fraction_of_peak": self.fraction_of_peak,
             "speedup_over_baseline": self.speedup_over_baseline,
-            "best_implementation": self.best_implementation,
-            "speedup_over_best_implementation": self.speedup_over_best_implementation,
+            "best_fixed_provider": self.best_fixed_provider,
+            "speedup_over_best_fixed": self.speedup_over_best_fixed,
             "error": self.error,
         }
 
@@ -108,7 +108,7 @@ def derive_ratios(results: Sequence[Result]) -> None:
     fastest row of a fixed implementation."""
     for result in results:
         result.fraction_of_peak = result.speedup_over_baseline = None
-        result.best_implementation = result.speedup_over_best_implementation = None
+        result.best_fixed_provider = result.speedup_over_best_fixed = None
     measured = [r for r in results if r.median is not None]
     peak = peak_gflops(measured)
     baseline = min((r for r in measured if r.case.provider.role == BASELINE),
@@ -124,8 +124,8 @@ def derive_ratios(results: Sequence[Result]) -> None:
         if baseline is not None and result.case.provider.flops is None:
             result.speedup_over_baseline = speedup(baseline, result)
         if fixed is not None and result.case.provider.implementation == AUTO:
-            result.best_implementation = fixed.case.provider.name
-            result.speedup_over_best_implementation = speedup(fixed, result)
+            result.best_fixed_provider = fixed.case.provider.name
+            result.speedup_over_best_fixed = speedup(fixed, result)
 
 # --- comparison with an earlier run ------------------------------------------
 
@@ -194,20 +194,26 @@ def flop_notes(results: Sequence[Result]) -> list[str]:
     return lines
 
 
+SPEEDUP_TEXT = "the median of round-by-round ratios"
+
+
 def auto_note(results: Sequence[Result]) -> str | None:
     """One line on how auto fared against the fastest fixed implementation of each
     group it ran in: the range of its speed-ups and the group where it was lowest."""
-    rows = [r for r in results if r.speedup_over_best_implementation is not None]
+    rows = [r for r in results if r.speedup_over_best_fixed is not None]
     if not rows:
         return None
-    low = min(rows, key=lambda r: r.speedup_over_best_implementation)
-    high = max(r.speedup_over_best_implementation for r in rows)
+    low = min(rows, key=lambda r: r.speedup_over_best_fixed)
+    high = max(r.speedup_over_best_fixed for r in rows)
     case = low.case
+    where = f"{case.suite.name} {case.suite.label(case.shape)}" + (
+        "" if case.device == "cpu" else f" [{case.device}]")
+    what = f"{where} {case.mode} {case.policy} against {low.best_fixed_provider}"
+    if len(rows) == 1:
+        return f"auto vs the fastest fixed implementation ({SPEEDUP_TEXT}): {high:.2f}x in {what}"
     return (
-        f"auto vs the fastest fixed implementation (the median of round-by-round ratios): "
-        f"{low.speedup_over_best_implementation:.2f}x to {high:.2f}x over {len(rows)} "
-        f"group{'s' if len(rows) > 1 else ''}; lowest: {case.suite.name} "
-        f"{case.suite.label(case.shape)} {case.mode} {case.policy} against {low.best_implementation}"
+        f"auto vs the fastest fixed implementation ({SPEEDUP_TEXT}): "
+        f"{low.speedup_over_best_fixed:.2f}x to {high:.2f}x over {len(rows)} groups; lowest: {what}"
     )
 
 
@@ -262,8 +268,6 @@ def table(results: Sequence[Result]) -> str:
     notes = flop_notes(results)
     if any(r.fraction_of_peak is not None for r in results):
         notes.append(PEAK_NOTE)
-    if (line := auto_note(results)) is not None:
-        notes.append(line)
     if header[6] == "vs baseline":
         over: dict[str, list[str]] = {}
         for suite in {r.case.suite.name: r.case.suite for r in results}.values():
@@ -271,4 +275,7 @@ def table(results: Sequence[Result]) -> str:
                 over.setdefault(suite.baseline_text, []).append(suite.name)
         notes.append("vs baseline: speed-up over " + "; ".join(
             f"{text} for {', '.join(names)}" for text, names in over.items()))
+    # The last line: how auto's choices fared.
+    if (note := auto_note(results)) is not None:
+        notes.append(note)
     return "\n".join(lines + ([""] + notes if notes else []))

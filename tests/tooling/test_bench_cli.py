@@ -12,6 +12,7 @@ import sys
 
 import pytest
 from fastlayers.bench import cases, cli, errors, files, flops, plot, report, runner
+from fastlayers.kernels import dispatch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--sizes", "8", "--repeats", "2", "--quiet"]
@@ -113,21 +114,37 @@ def test_auto_is_set_against_the_fastest_fixed_implementation_of_its_group():
         groups.append(rows)
     (auto_f, *others_f), (auto_e, *_) = groups
     # function: xla is the faster fixed row; the round-by-round ratios 0.9, 1.0, 1.0
-    assert (auto_f.best_implementation, auto_f.speedup_over_best_implementation) == (
+    assert (auto_f.best_fixed_provider, auto_f.speedup_over_best_fixed) == (
         "fastlayers-xla", pytest.approx(1.0))
-    assert all(r.best_implementation is None for r in others_f)
+    assert all(r.best_fixed_provider is None for r in others_f)
     # eager: graph; ratios 1.2, 1.0, 1.2
-    assert (auto_e.best_implementation, auto_e.speedup_over_best_implementation) == (
+    assert (auto_e.best_fixed_provider, auto_e.speedup_over_best_fixed) == (
         "fastlayers-graph", pytest.approx(1.2))
     groups[0][0].seconds = [1.0, 1.25, 1.2]  # now 0.9, 0.8, 1.0: a median of 0.9
     report.derive_ratios(groups[0])
     assert report.table(groups[0] + groups[1]).splitlines()[-1] == (
         "auto vs the fastest fixed implementation (the median of round-by-round ratios): "
         "0.90x to 1.20x over 2 groups; lowest: fake 1 function float32 against fastlayers-xla")
+    assert report.table(groups[1]).splitlines()[-1] == (
+        "auto vs the fastest fixed implementation (the median of round-by-round ratios): "
+        "1.20x in fake 1 eager float32 against fastlayers-graph")
     # Without an auto row, or without a fixed one, there is no such line.
     for rows in (groups[0][1:], [groups[0][0], groups[0][4]]):
         report.derive_ratios(rows)
         assert "auto vs" not in report.table(rows)
+
+
+def test_each_suites_rows_say_which_implementation_they_run():
+    implementations = {suite.name: [p.implementation for p in suite.providers]
+                       for suite in cases.SUITES.values()}
+    fixed = list(dispatch.IMPLEMENTATIONS)
+    assert implementations["dense"] == implementations["matmul"] == [cases.AUTO, *fixed, None, None]
+    # The int8 suite's float Dense computes another problem: not one of its implementations.
+    assert implementations["dense-int8"] == [cases.AUTO, *fixed, dispatch.NATIVE, None, None]
+    for name in ("attention", "attention-backward"):
+        assert implementations[name][:1 + len(dispatch.ALL_IMPLEMENTATIONS)] == [
+            cases.AUTO, *dispatch.ALL_IMPLEMENTATIONS]
+        assert set(implementations[name][1 + len(dispatch.ALL_IMPLEMENTATIONS):]) == {None}
 
 
 def test_the_peak_is_the_fastest_row_so_no_fraction_exceeds_one():
@@ -252,10 +269,10 @@ def test_bench_end_to_end_writes_table_json_and_plot(capsys, tmp_path):
         if row["provider"] == "keras":
             assert row["speedup_over_baseline"] == pytest.approx(1.0)
         if row["provider"] == "fastlayers":
-            assert row["best_implementation"].startswith("fastlayers-")
-            assert row["speedup_over_best_implementation"] > 0
+            assert row["best_fixed_provider"].startswith("fastlayers-")
+            assert row["speedup_over_best_fixed"] > 0
         else:
-            assert row["best_implementation"] is row["speedup_over_best_implementation"] is None
+            assert row["best_fixed_provider"] is row["speedup_over_best_fixed"] is None
     for mode in cases.MODES:  # the fastest row of each group is the peak
         assert max(r["fraction_of_peak"] for r in rows if r["mode"] == mode) == 1.0
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -279,6 +296,11 @@ def test_attention_suite_writes_table_json_and_plot(capsys, tmp_path):
                   f"tf.matmul ({side}x{side} @ {side}x{side})"):
         assert any(label in row for row in rows), label
     assert "speed-up over the fastest of keras, keras-xla for attention" in out
+    # One group: auto against the fastest of the fixed rows, on the table's last line.
+    assert re.fullmatch(
+        r"auto vs the fastest fixed implementation \(the median of round-by-round ratios\): "
+        r"\d+\.\d\dx in attention B=4 T=S=64 N=8 H=64 function float32 against "
+        r"fastlayers-(reference|graph|xla|native)", lines[-1]), lines[-1]
     document = json.loads(json_path.read_text())
     results = {row["provider"]: row for row in document["results"]}
     assert set(results) == set(cases.ATTENTION.provider_names)

@@ -150,7 +150,7 @@ def test_bench_a_user_layer_end_to_end(capsys, tmp_path, user):
         assert row["fraction_of_peak"] is None and row["speedup_over_baseline"] > 0
         if row["provider"] == "reference":
             assert row["speedup_over_baseline"] == pytest.approx(1.0)
-        assert (row["best_implementation"] in ("reference", "graph", "xla")) == (row["provider"] == "auto")
+        assert (row["best_fixed_provider"] in ("reference", "graph", "xla")) == (row["provider"] == "auto")
     assert os.listdir(tmp_path) == ["run.json"]
 
 
